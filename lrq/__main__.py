@@ -1,0 +1,5 @@
+import sys
+
+from lrq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,144 @@
+"""The application object: everything built from one :class:`~lrq.config.Config`.
+
+Nothing is created at import time; engines and tables are made on first use and belong to
+the App, so tests and processes can hold several side by side.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy.engine import Engine
+
+from lrq import sources
+from lrq.config import Config, QueueConfig, load_handler
+from lrq.db import make_engine
+from lrq.errors import ConfigError
+from lrq.sink import Sink
+from lrq.sniffer import Sniffer
+from lrq.spool import Spool, State
+from lrq.worker import Worker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Verification:
+    queue: str
+    source: int
+    results: int
+    missing: int
+    duplicated: int
+    extra: int
+    failed_batches: int
+    missing_sample: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.missing == 0 and self.duplicated == 0 and self.extra == 0
+
+
+class App:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.base = cfg.path.parent
+        self._engine: Engine | None = None
+        self._sinks: dict[str, Sink] = {}
+        self._sources: dict[str, sources.Source] = {}
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            self._engine = make_engine(self.cfg.db_url)
+        return self._engine
+
+    def queues(self, name: str | None = None) -> list[QueueConfig]:
+        return self.cfg.queue(name)
+
+    def spool(self, q: QueueConfig) -> Spool:
+        return Spool(self.cfg.data_dir, q.name).ensure()
+
+    def sink(self, q: QueueConfig) -> Sink:
+        if q.name not in self._sinks:
+            self._sinks[q.name] = Sink(self.engine, q, self.base).prepare()
+        return self._sinks[q.name]
+
+    def source(self, q: QueueConfig) -> sources.Source:
+        if q.name not in self._sources:
+            self._sources[q.name] = sources.build(q.source)
+        return self._sources[q.name]
+
+    def worker(self, q: QueueConfig, stop: threading.Event | None = None) -> Worker:
+        return Worker(q, self.spool(q), self.sink(q), load_handler(q, self.base), stop=stop)
+
+    def sniffer(self, q: QueueConfig) -> Sniffer:
+        return Sniffer(q, self.spool(q), self.source(q))
+
+    def check(self) -> None:
+        """Build every queue's parts once, so a bad handler, model or URL fails up front."""
+        for q in self.queues():
+            load_handler(q, self.base)
+            self.sink(q)
+            self.source(q)
+
+    # -- reports -------------------------------------------------------------------------
+    def status(self, name: str | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {"data_dir": str(self.cfg.data_dir), "queues": {}}
+        total = 0
+        for q in self.queues(name):
+            sp = self.spool(q)
+            counts = sp.counts().as_dict()
+            total += counts["bytes"]
+            batches, items = self.sink(q).ledger_stats()
+            out["queues"][q.name] = {**counts, "position": sp.read_position(),
+                                     "ledger_batches": batches, "ledger_items": items}
+        out["bytes"] = total
+        return out
+
+    def verify(self, q: QueueConfig, sample: int = 10) -> Verification:
+        """Every source key has exactly one result row."""
+        sink = self.sink(q)
+        stored: set[str] = set()
+        for k in sink.keys():
+            stored.add(k)
+        n_results = sink.count()
+        seen: set[str] = set()
+        missing: list[str] = []
+        n_missing = 0
+        for k in self.source(q).keys(q.key):
+            seen.add(k)
+            if k not in stored:
+                n_missing += 1
+                if len(missing) < sample:
+                    missing.append(k)
+        return Verification(
+            queue=q.name, source=len(seen), results=n_results, missing=n_missing,
+            duplicated=sink.duplicates(), extra=len(stored - seen),
+            failed_batches=self.spool(q).counts().failed, missing_sample=missing)
+
+    def show(self, name: str) -> dict[str, Any]:
+        for q in self.queues():
+            sp = self.spool(q)
+            state = sp.state(name)
+            if state is State.MISSING:
+                continue
+            info: dict[str, Any] = {"queue": q.name, "name": name, "state": state.value}
+            claim = sp.read_claim(name)
+            if claim is not None:
+                info["claim"] = claim.__dict__
+            try:
+                batch = sp.load(name)
+                info["items"] = len(batch.items)
+                info["keys"] = [str(i.get(q.key)) for i in batch.items[:10]]
+                info["position"] = batch.position
+            except Exception as e:  # show what we can of a broken batch
+                info["load_error"] = str(e)
+            error = sp.read_error(name)
+            if error is not None:
+                info["error"] = error
+            info["recorded"] = self.sink(q).is_recorded(name)
+            return info
+        raise ConfigError(f"no batch named {name!r} in {self.cfg.data_dir} "
+                          f"(queues: {', '.join(self.cfg.queues)})")

@@ -1,0 +1,227 @@
+"""``lrq``: the command line. Each command is a few lines calling the library.
+
+Exit codes: 0 ok, 1 the command ran and found a problem (verify mismatch, failed batch),
+2 bad usage or configuration, 3 another process holds the lock (scheduler, sniffer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import logging.handlers
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from lrq import config
+from lrq.errors import AlreadyRunning, ConfigError, LrqError
+
+EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+log = logging.getLogger("lrq")
+
+EXAMPLES = """\
+examples:
+  lrq init                      write a commented starter lrq.toml
+  lrq run --until-idle          scheduler until the sources are drained and the queue is empty
+  nohup lrq run &               the scheduler, unattended (logs rotate under data/)
+  lrq work docs --burst         process every pending batch of queue docs, then exit
+  lrq status --json             counts per queue
+  lrq verify docs               every source item stored exactly once?
+"""
+
+
+def _app(args: argparse.Namespace) -> Any:
+    from lrq.app import App
+
+    return App(config.load(args.config))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from lrq import schedule
+
+    app = _app(args)
+    _log_to_file(app.cfg)
+    app.cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return schedule.run(app, until_idle=args.until_idle)
+
+
+def cmd_sniff(args: argparse.Namespace) -> int:
+    app = _app(args)
+    for q in app.queues(args.queue):
+        sniffer = app.sniffer(q)
+        total = 0
+        with sniffer.spool.lock("sniff"):
+            while True:
+                n = sniffer.tick(max_batches=1 if args.once else None)
+                total += n
+                if args.once or n == 0 or sniffer.drained or sniffer.paused:
+                    break
+        state = "drained" if sniffer.drained else "paused (max_pending)" if sniffer.paused else "more to fetch"
+        print(f"{q.name}: published {total} batches; source {state}")
+    return EXIT_OK
+
+
+def cmd_work(args: argparse.Namespace) -> int:
+    app = _app(args)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    failed = 0
+    for q in app.queues(args.queue):
+        worker = app.worker(q, stop=stop)
+        if args.batch:
+            if not worker.run_named(args.batch):
+                print(f"lrq: batch {args.batch} is {worker.spool.state(args.batch).value}, "
+                      "not pending", file=sys.stderr)
+                return EXIT_PROBLEM
+        elif args.once:
+            if not worker.run_once():
+                log.info("idle queue=%s nothing pending", q.name)
+        else:
+            worker.run(burst=args.burst, max_seconds=args.max_seconds, progress=True)
+        s = worker.stats
+        failed += s.failed
+        log.info("finished queue=%s batches=%d items=%d failed=%d seconds=%.1f rate=%.0f/s",
+                 q.name, s.batches, s.items, s.failed, s.seconds, s.rate)
+    return EXIT_PROBLEM if failed else EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = _app(args).status(args.queue)
+    if args.json:
+        print(json.dumps(st, indent=2, default=str))
+        return EXIT_OK
+    rows = [("queue", "pending", "claimed", "done", "failed", "disk", "stored items", "position")]
+    for name, s in st["queues"].items():
+        rows.append((name, s["pending"], s["claimed"], s["done"], s["failed"],
+                     _human(s["bytes"]), s["ledger_items"], s["position"]))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    print(f"data dir {st['data_dir']}: {_human(st['bytes'])}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    app = _app(args)
+    bad = False
+    for q in app.queues(args.queue):
+        v = app.verify(q)
+        print(f"{q.name}: source {v.source}, results {v.results}, missing {v.missing}, "
+              f"duplicated {v.duplicated}, not in source {v.extra}, failed batches {v.failed_batches}")
+        if v.missing_sample:
+            print(f"  missing keys (first {len(v.missing_sample)}): {', '.join(v.missing_sample)}")
+        bad |= not v.ok
+    return EXIT_PROBLEM if bad else EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    print(json.dumps(_app(args).show(args.name), indent=2, default=str))
+    return EXIT_OK
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from lrq.starter import STARTER
+
+    path = Path(args.config or os.environ.get("LRQ_CONFIG") or config.DEFAULT_CONFIG)
+    if path.exists() and not args.force:
+        raise ConfigError(f"{path} exists; pass --force to overwrite it")
+    path.write_text(STARTER)
+    print(f"wrote {path}; edit the [queues.*] tables, then run `lrq run`")
+    return EXIT_OK
+
+
+def _human(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lrq", description=__doc__.splitlines()[0].strip("`: "),
+                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-c", "--config", help="config file (default ./lrq.toml, env LRQ_CONFIG)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=func)
+        return sp
+
+    r = add("run", cmd_run, "run the scheduler in the foreground (same as python scheduler.py)")
+    r.add_argument("--until-idle", action="store_true",
+                   help="exit once sources are drained and nothing is pending or claimed")
+    s = add("sniff", cmd_sniff, "prefetch batches from the source now")
+    s.add_argument("queue", nargs="?")
+    s.add_argument("--once", action="store_true", help="publish at most one batch")
+    w = add("work", cmd_work, "process batches by hand")
+    w.add_argument("queue", nargs="?")
+    mode = w.add_mutually_exclusive_group()
+    mode.add_argument("--once", action="store_true", help="process one batch")
+    mode.add_argument("--burst", action="store_true", help="process every pending batch, then exit")
+    mode.add_argument("--batch", metavar="NAME", help="process the named batch")
+    w.add_argument("--max-seconds", type=float, help="stop claiming after this long")
+    st = add("status", cmd_status, "pending, claimed, done and failed batches per queue")
+    st.add_argument("queue", nargs="?")
+    st.add_argument("--json", action="store_true")
+    v = add("verify", cmd_verify, "check every source item has exactly one result")
+    v.add_argument("queue", nargs="?")
+    sh = add("show", cmd_show, "inspect one batch")
+    sh.add_argument("name")
+    i = add("init", cmd_init, "write a commented starter lrq.toml")
+    i.add_argument("--force", action="store_true", help="overwrite an existing file")
+    return p
+
+
+def _setup_logging(verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("LRQ_CHILD"):
+        # A scheduler's worker process: the parent adds the time and re-logs each line.
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+
+
+def _log_to_file(cfg: config.Config) -> None:
+    if cfg.log_file is None:
+        return
+    cfg.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    h = logging.handlers.RotatingFileHandler(cfg.log_file, maxBytes=cfg.log_max_bytes,
+                                             backupCount=cfg.log_backups)
+    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except AlreadyRunning as e:
+        print(f"lrq: {e}", file=sys.stderr)
+        return EXIT_BUSY
+    except ConfigError as e:
+        print(f"lrq: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except LrqError as e:
+        print(f"lrq: {e}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except SQLAlchemyError as e:
+        print(f"lrq: database error: {getattr(e, 'orig', None) or e}", file=sys.stderr)
+        return EXIT_PROBLEM
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,297 @@
+"""Configuration: one TOML file, defaults here and nowhere else.
+
+Relative paths (``data_dir``, SQLite URLs) are resolved against the folder of the config
+file, so ``nohup python scheduler.py &`` behaves the same from any working directory.
+Environment overrides: ``LRQ_CONFIG`` (the file), ``LRQ_DATA_DIR``, ``LRQ_DB_URL``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import re
+import sys
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from lrq.errors import ConfigError
+
+DEFAULT_CONFIG = "lrq.toml"
+QUEUE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """Where a queue's items come from. ``kind = "sql"``: keyset paging over ``table``."""
+
+    kind: str = "sql"
+    url: str = ""
+    table: str = ""
+    order_by: str = "id"
+    #: Column names, or a table ``{item_field = "column"}``; empty means every column.
+    columns: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """One pipeline: a source, a handler, a sink and its own spool folders."""
+
+    name: str
+    handler: str
+    source: SourceConfig
+    #: When set, ``handler`` names a factory called with these keyword arguments.
+    handler_options: dict[str, Any] | None = None
+    batch_size: int = 100
+    chunk_size: int = 10
+    workers: int = 2
+    key: str = "id"
+    result_table: str | None = None
+    model: str | None = None
+    #: Which pending batch a worker takes: "random" (the original system) or "fifo".
+    order: str = "random"
+    #: The sniffer stops prefetching while this many batches are pending.
+    max_pending: int = 50
+    #: A scheduled worker process exits after this long, so a slow leak cannot grow forever.
+    run_seconds: float = 300.0
+
+    @property
+    def result_target(self) -> str:
+        return self.model or self.result_table or f"lrq_results"
+
+
+@dataclass(frozen=True)
+class CleanupConfig:
+    keep_done: float = 7 * 86400.0
+    keep_failed: float = 30 * 86400.0
+    max_bytes: int = 10 * 10**9
+    min_free: str = "10%"
+
+
+@dataclass(frozen=True)
+class Config:
+    path: Path
+    data_dir: Path
+    db_url: str
+    queues: dict[str, QueueConfig]
+    cleanup: CleanupConfig = field(default_factory=CleanupConfig)
+    #: Seconds between scheduler ticks of the sniffer and worker jobs.
+    interval: float = 1.0
+    #: Seconds a stopping worker gets to finish its batch before it is killed.
+    grace: float = 30.0
+    log_file: Path | None = None
+    log_max_bytes: int = 10 * 2**20
+    log_backups: int = 5
+
+    def queue(self, name: str | None) -> list[QueueConfig]:
+        """The named queue (or every queue when ``name`` is None)."""
+        if name is None:
+            return list(self.queues.values())
+        if name not in self.queues:
+            raise ConfigError(
+                f"{self.path}: no queue named {name!r} (queues: {', '.join(self.queues) or 'none'})"
+            )
+        return [self.queues[name]]
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_bytes(value: int | str, where: str) -> int:
+    """``10GB``, ``512MiB`` or a plain integer of bytes."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"{where}: {value!r} is not a size; write e.g. 10GB or 512MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def parse_duration(value: int | float | str, where: str) -> float:
+    """``7d``, ``12h``, ``30m``, ``45s`` or a number of seconds."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]?)\s*", str(value))
+    if not m or m.group(2) not in _SECONDS:
+        raise ConfigError(f"{where}: {value!r} is not a duration; write e.g. 7d, 12h or 30m")
+    return float(m.group(1)) * _SECONDS[m.group(2)]
+
+
+def check_url(url: str, where: str) -> str:
+    try:
+        make_url(url)
+    except ArgumentError as e:
+        raise ConfigError(
+            f"{where}: {url!r} is not a database URL; write e.g. sqlite:///data/results.db"
+        ) from e
+    return url
+
+
+def _absolute_sqlite(url: str, base: Path) -> str:
+    """Make a relative SQLite path absolute against ``base`` (the config's folder)."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" \
+            and not u.database.startswith("file:") and not os.path.isabs(u.database):
+        return u.set(database=str(base / u.database)).render_as_string(hide_password=False)
+    return url
+
+
+def _take(table: dict[str, Any], known: dict[str, type | tuple[type, ...]], where: str) -> dict[str, Any]:
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})"
+        )
+    for k, v in table.items():
+        if not isinstance(v, known[k]) or (isinstance(v, bool) and bool not in _tuple(known[k])):
+            raise ConfigError(f"{where}.{k}: expected {_typename(known[k])}, got {v!r}")
+    return table
+
+
+def _tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
+    return t if isinstance(t, tuple) else (t,)
+
+
+def _typename(t: type | tuple[type, ...]) -> str:
+    return " or ".join(x.__name__ for x in _tuple(t))
+
+
+def _source(table: dict[str, Any], base: Path, where: str) -> SourceConfig:
+    _take(table, {"kind": str, "url": str, "table": str, "order_by": str,
+                  "columns": (list, dict)}, where)
+    kind = table.get("kind", "sql")
+    if kind != "sql":
+        raise ConfigError(f"{where}.kind: unknown source kind {kind!r} (known: sql)")
+    for required in ("url", "table"):
+        if not table.get(required):
+            raise ConfigError(f"{where}: missing {required!r}")
+    cols = table.get("columns", [])
+    if isinstance(cols, list):
+        pairs = tuple((str(c), str(c)) for c in cols)
+    else:
+        pairs = tuple((str(k), str(v)) for k, v in cols.items())
+    url = _absolute_sqlite(check_url(table["url"], f"{where}.url"), base)
+    return SourceConfig(kind=kind, url=url, table=table["table"],
+                        order_by=table.get("order_by", "id"), columns=pairs)
+
+
+_QUEUE_KEYS: dict[str, type | tuple[type, ...]] = {
+    "handler": str, "handler_options": dict, "batch_size": int, "chunk_size": int,
+    "workers": int, "key": str, "result_table": str, "model": str, "order": str,
+    "max_pending": int, "run_seconds": (int, float, str), "source": dict,
+}
+
+
+def _queue(name: str, table: dict[str, Any], base: Path, where: str) -> QueueConfig:
+    if not QUEUE_NAME.match(name):
+        raise ConfigError(f"{where}: queue name {name!r} must be letters, digits, _ . -")
+    _take(table, _QUEUE_KEYS, where)
+    if "handler" not in table:
+        raise ConfigError(f"{where}: missing 'handler' (e.g. handler = \"workers.wordcount:handle\")")
+    if "source" not in table:
+        raise ConfigError(f"{where}: missing [{where}.source] table")
+    if "result_table" in table and "model" in table:
+        raise ConfigError(f"{where}: set result_table or model, not both")
+    values = {k: v for k, v in table.items() if k != "source"}
+    if "run_seconds" in values:
+        values["run_seconds"] = parse_duration(values["run_seconds"], f"{where}.run_seconds")
+    for k in ("batch_size", "chunk_size", "workers", "max_pending"):
+        if k in values and values[k] < 1:
+            raise ConfigError(f"{where}.{k}: must be at least 1, got {values[k]}")
+    if values.get("order", "random") not in ("random", "fifo"):
+        raise ConfigError(f"{where}.order: must be \"random\" or \"fifo\", got {values['order']!r}")
+    return QueueConfig(name=name, source=_source(table["source"], base, f"{where}.source"), **values)
+
+
+def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:
+    """Read and validate a config file; raise :class:`ConfigError` naming what is wrong."""
+    env = os.environ if env is None else env
+    p = Path(path or env.get("LRQ_CONFIG") or DEFAULT_CONFIG)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {p} not found; write one with `lrq init` or pass -c FILE") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {p} cannot be read: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from e
+    return from_dict(raw, p.resolve(), env)
+
+
+def from_dict(raw: dict[str, Any], path: Path, env: dict[str, str] | None = None) -> Config:
+    env = {} if env is None else env
+    where = str(path)
+    _take(raw, {"data_dir": str, "db_url": str, "queues": dict, "cleanup": dict,
+                "interval": (int, float), "grace": (int, float), "log_file": str,
+                "log_max_bytes": (int, str), "log_backups": int}, where)
+    base = path.parent
+    data_dir = base / env.get("LRQ_DATA_DIR", raw.get("data_dir", "data"))
+    db_url = env.get("LRQ_DB_URL") or raw.get("db_url") or f"sqlite:///{data_dir / 'results.db'}"
+    db_url = _absolute_sqlite(check_url(db_url, f"{where}: db_url"), base)
+    queues = {name: _queue(name, t, base, f"queues.{name}") if isinstance(t, dict) else
+              _bad(f"queues.{name} must be a table") for name, t in raw.get("queues", {}).items()}
+    if not queues:
+        raise ConfigError(f"{where}: no queues; add a [queues.NAME] table (see `lrq init`)")
+    c = _take(dict(raw.get("cleanup", {})), {"keep_done": (int, float, str),
+              "keep_failed": (int, float, str), "max_bytes": (int, str), "min_free": str}, "cleanup")
+    cleanup = CleanupConfig(
+        keep_done=parse_duration(c.get("keep_done", CleanupConfig.keep_done), "cleanup.keep_done"),
+        keep_failed=parse_duration(c.get("keep_failed", CleanupConfig.keep_failed), "cleanup.keep_failed"),
+        max_bytes=parse_bytes(c.get("max_bytes", CleanupConfig.max_bytes), "cleanup.max_bytes"),
+        min_free=c.get("min_free", CleanupConfig.min_free),
+    )
+    log_file = Path(base / raw["log_file"]) if "log_file" in raw else data_dir / "lrq.log"
+    return Config(
+        path=path, data_dir=data_dir, db_url=db_url, queues=queues, cleanup=cleanup,
+        interval=float(raw.get("interval", Config.interval)),
+        grace=float(raw.get("grace", Config.grace)), log_file=log_file,
+        log_max_bytes=parse_bytes(raw.get("log_max_bytes", Config.log_max_bytes), "log_max_bytes"),
+        log_backups=raw.get("log_backups", Config.log_backups),
+    )
+
+
+def _bad(message: str) -> Any:
+    raise ConfigError(message)
+
+
+def load_object(spec: str, where: str, base: Path | None = None) -> Any:
+    """Import ``"package.module:attribute"``; the config's folder is searched first."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"{where}: {spec!r} must look like \"package.module:name\"")
+    if base is not None and str(base) not in sys.path:
+        sys.path.insert(0, str(base))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"{where}: cannot import {module_name!r} for {spec!r}: {e}") from e
+    try:
+        obj: Any = module
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except AttributeError:
+        raise ConfigError(f"{where}: module {module_name!r} has no {attr!r}") from None
+    return obj
+
+
+def load_handler(queue: QueueConfig, base: Path | None = None) -> Callable[[list[dict]], list[dict]]:
+    where = f"queues.{queue.name}.handler"
+    target = load_object(queue.handler, where, base)
+    if queue.handler_options is not None:
+        try:
+            target = target(**queue.handler_options)
+        except TypeError as e:
+            raise ConfigError(f"{where}: {queue.handler} rejected handler_options: {e}") from e
+    if not callable(target):
+        raise ConfigError(f"{where}: {queue.handler!r} is not callable")
+    return target
+
+
+def replace(cfg: Config, **changes: Any) -> Config:
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,107 @@
+"""Engines: pre-ping, bounded connect waits, SQLite in WAL with immediate transactions."""
+from __future__ import annotations
+
+from typing import Any
+
+import json
+import os
+
+from sqlalchemy import Table, create_engine, event, literal_column
+from sqlalchemy.dialects import mysql, postgresql, sqlite
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+from lrq.errors import ConfigError
+
+CONNECT_TIMEOUT = 10  # seconds, for network databases
+SQLITE_BUSY_MS = 60_000
+
+_DRIVERS = {"postgresql": "psycopg (pip install 'lrq[postgres]')",
+            "mysql": "pymysql (pip install 'lrq[mysql]')",
+            "mariadb": "pymysql (pip install 'lrq[mysql]')"}
+
+
+def sqlite_path(url: str) -> str | None:
+    """The file of a SQLite URL, or None (not SQLite, or in memory)."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:"):
+        return None
+    return u.database
+
+
+def make_engine(url: str, what: str = "db_url", *, create: bool = True, **kw: Any) -> Engine:
+    """An engine for ``url``. ``create=False``: a missing SQLite file is an error, not created."""
+    try:
+        u = make_url(url)
+    except ArgumentError as e:
+        raise ConfigError(f"{what} {url!r} is not a database URL") from e
+    backend = u.get_backend_name()
+    path = sqlite_path(url)
+    if path is not None and not path.startswith("file:"):
+        if not create and not os.path.exists(path):
+            raise ConfigError(f"{what}: SQLite file {path} does not exist")
+        os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    if backend == "postgresql" and u.drivername == "postgresql":
+        u = u.set(drivername="postgresql+psycopg")
+    if backend in ("mysql", "mariadb") and "+" not in u.drivername:
+        u = u.set(drivername=f"{backend}+pymysql")
+    args: dict[str, Any] = {}
+    if backend == "sqlite":
+        args["timeout"] = SQLITE_BUSY_MS / 1000
+    elif backend == "postgresql":
+        args["connect_timeout"] = CONNECT_TIMEOUT
+    elif backend in ("mysql", "mariadb"):
+        args.update(connect_timeout=CONNECT_TIMEOUT, read_timeout=300, write_timeout=300)
+    try:
+        engine = create_engine(u, pool_pre_ping=True, connect_args=args,
+                               json_serializer=_dumps, **kw)
+    except NoSuchModuleError as e:
+        raise ConfigError(f"{what}: no SQLAlchemy dialect for {u.drivername!r}") from e
+    except ImportError as e:
+        need = _DRIVERS.get(backend, "its driver")
+        raise ConfigError(f"{what}: the {backend} driver is not installed; install {need}") from e
+    if backend == "sqlite":
+        _sqlite_setup(engine)
+    return engine
+
+
+def _sqlite_setup(engine: Engine) -> None:
+    """WAL so readers never block the writer; BEGIN IMMEDIATE so concurrent writers queue on
+    the busy timeout instead of failing on a read-to-write upgrade."""
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_conn: Any, _record: Any) -> None:
+        dbapi_conn.isolation_level = None
+        cur = dbapi_conn.cursor()
+        cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_MS}")
+        if engine.url.database not in (None, "", ":memory:"):
+            cur.execute("PRAGMA journal_mode = WAL")
+        cur.execute("PRAGMA synchronous = NORMAL")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _begin(conn: Any) -> None:
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=str, ensure_ascii=False)
+
+
+def insert_ignore(engine: Engine, table: Table, unique: list[str]) -> Insert:
+    """``INSERT`` that skips rows whose ``unique`` columns already exist, in the dialect's form.
+
+    MySQL/MariaDB get ``ON DUPLICATE KEY UPDATE k = k``, spelled with ``literal_column``
+    because PyMySQL's executemany rejects bound parameters after that clause.
+    """
+    name = engine.dialect.name
+    if name == "sqlite":
+        return sqlite.insert(table).on_conflict_do_nothing(index_elements=unique)
+    if name == "postgresql":
+        return postgresql.insert(table).on_conflict_do_nothing(index_elements=unique)
+    if name in ("mysql", "mariadb"):
+        k = unique[0]
+        return mysql.insert(table).on_duplicate_key_update({k: literal_column(f"`{k}`")})
+    raise ConfigError(f"db_url: lrq cannot store results in {name!r} "
+                      "(supported: sqlite, postgresql, mysql, mariadb)")

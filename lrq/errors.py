@@ -1,0 +1,48 @@
+"""Every error lrq raises on purpose derives from :class:`LrqError`.
+
+The class docstring is the default message; fields carry what callers need to act.
+"""
+from __future__ import annotations
+
+
+class LrqError(Exception):
+    """lrq failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip().splitlines()[0])
+
+
+class ConfigError(LrqError):
+    """The configuration is invalid."""
+
+
+class HandlerError(LrqError):
+    """The handler failed or returned something lrq cannot store."""
+
+
+class BatchCorrupt(LrqError):
+    """A batch file cannot be read."""
+
+    def __init__(self, path: object, reason: str) -> None:
+        self.path = path
+        super().__init__(f"batch file {path} is corrupt: {reason}")
+
+
+class ClaimLost(LrqError):
+    """A worker no longer owns the batch it is processing."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"claim on batch {name} was lost")
+
+
+class SourceError(LrqError):
+    """The source cannot be read."""
+
+
+class SinkError(LrqError):
+    """The results database cannot be written."""
+
+
+class AlreadyRunning(LrqError):
+    """Another process holds this lock."""

@@ -1,0 +1,165 @@
+"""The scheduler: sniffers in-process, worker runs as child processes, on APScheduler 3.
+
+Each queue gets a sniffer job (max_instances=1) and a worker job (max_instances=workers),
+both coalesced, firing every ``interval`` seconds. A worker job only spawns a process when
+something is pending; that process (``lrq work QUEUE --burst``) drains batches until none is
+left or ``run_seconds`` pass, so interpreter start-up is paid per run, not per batch, and
+CPU-bound handlers use every core.
+
+Signals only set a flag. A supervisor job sees it (or, with ``until_idle``, sees that the
+sources are drained and nothing is pending, claimed or running) and stops the scheduler;
+children are then asked to stop with SIGTERM and killed after ``grace`` seconds.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any
+
+from apscheduler.executors.pool import ThreadPoolExecutor
+from apscheduler.schedulers.blocking import BlockingScheduler
+
+from lrq.app import App
+from lrq.config import QueueConfig
+from lrq.errors import AlreadyRunning, LrqError
+from lrq.spool import flock
+
+log = logging.getLogger(__name__)
+child_log = logging.getLogger("lrq.child")
+
+SUPERVISE_EVERY = 0.25  # seconds
+CHILD_ENV = "LRQ_CHILD"
+
+
+class Runner:
+    def __init__(self, app: App, *, until_idle: bool = False) -> None:
+        self.app = app
+        self.until_idle = until_idle
+        self.stop = threading.Event()
+        self.children: dict[int, tuple[str, subprocess.Popen[str]]] = {}
+        self._lock = threading.Lock()
+        self.sniffers = {q.name: app.sniffer(q) for q in app.queues()}
+        self.spools = {q.name: app.spool(q) for q in app.queues()}
+        slots = sum(1 + q.workers for q in app.queues()) + 2
+        self.scheduler = BlockingScheduler(
+            executors={"default": ThreadPoolExecutor(slots)},
+            job_defaults={"coalesce": True, "misfire_grace_time": None},
+        )
+
+    # -- jobs ----------------------------------------------------------------------------
+    def sniff(self, q: QueueConfig) -> None:
+        if self.stop.is_set():
+            return
+        try:
+            with self.spools[q.name].lock("sniff"):
+                self.sniffers[q.name].tick(max_seconds=5.0)
+        except AlreadyRunning as e:
+            log.debug("skipped %s", e)
+        except LrqError as e:
+            log.error("sniff-failed queue=%s error=%s", q.name, e)
+
+    def work(self, q: QueueConfig) -> None:
+        if self.stop.is_set() or not self.spools[q.name].has_pending():
+            return
+        cmd = [sys.executable, "-m", "lrq", "-c", str(self.app.cfg.path), "work", q.name,
+               "--burst", "--max-seconds", str(q.run_seconds)]
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True,
+                                env={**os.environ, CHILD_ENV: "1"})
+        with self._lock:
+            self.children[proc.pid] = (q.name, proc)
+        log.debug("spawned queue=%s pid=%d", q.name, proc.pid)
+        try:
+            assert proc.stderr is not None
+            for line in proc.stderr:  # ends when the child exits
+                level, _, rest = line.rstrip("\n").partition(" ")
+                child_log.log(logging.getLevelName(level) if level.isupper() else logging.INFO,
+                              "[%s %d] %s", q.name, proc.pid, rest if level.isupper() else line.rstrip())
+            code = proc.wait(timeout=self.app.cfg.grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        finally:
+            with self._lock:
+                self.children.pop(proc.pid, None)
+        if code != 0:
+            log.error("worker-exit queue=%s pid=%d code=%d", q.name, proc.pid, code)
+
+    def supervise(self) -> None:
+        if self.stop.is_set() or (self.until_idle and self.idle()):
+            if not self.stop.is_set():
+                log.info("idle: sources drained, nothing pending or claimed; stopping")
+            self.stop.set()
+            self.scheduler.shutdown(wait=False)
+
+    def idle(self) -> bool:
+        with self._lock:
+            if self.children:
+                return False
+        for name, sniffer in self.sniffers.items():
+            sp = self.spools[name]
+            if not sniffer.drained or sp.has_pending() or sp.claimed():
+                return False
+        return True
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop.set()
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._on_signal)
+        interval = self.app.cfg.interval
+        for q in self.app.queues():
+            self.scheduler.add_job(self.sniff, "interval", args=[q], seconds=interval,
+                                   max_instances=1, id=f"sniff:{q.name}", next_run_time=_now())
+            self.scheduler.add_job(self.work, "interval", args=[q], seconds=interval,
+                                   max_instances=q.workers, id=f"work:{q.name}",
+                                   next_run_time=_now())
+        self.scheduler.add_job(self.supervise, "interval", seconds=SUPERVISE_EVERY,
+                               max_instances=1, id="supervise")
+        log.info("started data_dir=%s queues=%s pid=%d", self.app.cfg.data_dir,
+                 ",".join(q.name for q in self.app.queues()), os.getpid())
+        self.scheduler.start()  # returns after supervise() shuts it down
+        self._stop_children()
+        log.info("stopped")
+        return 0
+
+    def _stop_children(self) -> None:
+        with self._lock:
+            procs = [p for _, p in self.children.values()]
+        for p in procs:
+            _signal(p, signal.SIGTERM)
+        deadline = time.monotonic() + self.app.cfg.grace
+        for p in procs:
+            try:
+                p.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("killing worker pid=%d after %.0fs grace", p.pid, self.app.cfg.grace)
+                _signal(p, signal.SIGKILL)
+                p.wait()
+
+
+def _signal(p: subprocess.Popen[str], sig: int) -> None:
+    try:
+        p.send_signal(sig)
+    except ProcessLookupError:
+        pass
+
+
+def _now() -> Any:
+    from datetime import datetime
+
+    return datetime.now().astimezone()
+
+
+def run(app: App, *, until_idle: bool = False) -> int:
+    """Run the scheduler in the foreground; one per data dir."""
+    app.check()
+    with flock(app.cfg.data_dir / "scheduler.lock", f"a scheduler for {app.cfg.data_dir}"):
+        return Runner(app, until_idle=until_idle).run()

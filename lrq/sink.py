@@ -1,0 +1,183 @@
+"""The sink: results, and the batch ledger row that makes a batch *done*, in one transaction.
+
+Result rows are unique by ``(queue, key)`` (generic table) or by the model's key column, and
+are inserted with the dialect's on-conflict form, so replaying a batch, or a batch holding
+items another batch already stored, adds nothing. The ledger's primary key
+``(queue, name)`` lets exactly one transaction record a batch.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from sqlalchemy import (JSON, BigInteger, Column, DateTime, Integer, MetaData, String, Table,
+                        UniqueConstraint, func, select)
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+
+from lrq.config import QueueConfig, load_object
+from lrq.db import insert_ignore
+from lrq.errors import ConfigError, HandlerError, SinkError
+
+log = logging.getLogger(__name__)
+
+LEDGER = "lrq_batches"
+
+
+def ledger_table(metadata: MetaData) -> Table:
+    return Table(
+        LEDGER, metadata,
+        Column("queue", String(64), primary_key=True),
+        Column("name", String(64), primary_key=True),
+        Column("items", Integer, nullable=False),
+        Column("results", Integer, nullable=False),
+        Column("attempt", Integer, nullable=False, default=1),
+        Column("finished_at", DateTime, nullable=False, server_default=func.now()),
+    )
+
+
+def generic_table(metadata: MetaData, name: str) -> Table:
+    return Table(
+        name, metadata,
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+               autoincrement=True),
+        Column("queue", String(64), nullable=False),
+        Column("key", String(255), nullable=False),
+        Column("batch", String(64), nullable=False),
+        Column("value", JSON, nullable=False),
+        Column("created_at", DateTime, nullable=False, server_default=func.now(), index=True),
+        UniqueConstraint("queue", "key", name=f"uq_{name}_queue_key"),
+    )
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What one :meth:`Sink.store` did. ``recorded`` is False when the ledger already had it."""
+
+    recorded: bool
+    results: int
+
+
+class Sink:
+    """Where one queue's results go."""
+
+    def __init__(self, engine: Engine, queue: QueueConfig, base: Path | None = None) -> None:
+        self.engine = engine
+        self.queue = queue
+        self.key = queue.key
+        self.metadata = MetaData()
+        self.ledger = ledger_table(self.metadata)
+        if queue.model:
+            model = load_object(queue.model, f"queues.{queue.name}.model", base)
+            table = getattr(model, "__table__", None)
+            if not isinstance(table, Table):
+                raise ConfigError(f"queues.{queue.name}.model: {queue.model!r} is not an ORM model")
+            if self.key not in table.c:
+                raise ConfigError(f"queues.{queue.name}.model: {queue.model} has no column "
+                                  f"{self.key!r} (the queue's key)")
+            if not _is_unique(table, self.key):
+                raise ConfigError(f"queues.{queue.name}.model: column {table.name}.{self.key} "
+                                  "must be unique (unique=True) so replays add nothing")
+            self.table = table
+            self.generic = False
+            self.unique = [self.key]
+            self._columns = {c.name for c in table.c}
+        else:
+            self.table = generic_table(self.metadata, queue.result_table or "lrq_results")
+            self.generic = True
+            self.unique = ["queue", "key"]
+        self._insert = insert_ignore(engine, self.table, self.unique)
+
+    def prepare(self) -> "Sink":
+        """Create the ledger and the results table if they are missing."""
+        try:
+            self.ledger.create(self.engine, checkfirst=True)
+            self.table.create(self.engine, checkfirst=True)
+        except OperationalError as e:
+            raise SinkError(f"cannot reach results database {self.engine.url!r}: {e.orig}") from e
+        except IntegrityError:
+            pass  # another process created it between the check and the create
+        return self
+
+    def is_recorded(self, name: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(select(self.ledger.c.name).where(
+                self.ledger.c.queue == self.queue.name, self.ledger.c.name == name)).first() is not None
+
+    def rows(self, batch: str, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.generic:
+            try:
+                return [{"queue": self.queue.name, "key": str(r[self.key]), "batch": batch,
+                         "value": r} for r in results]
+            except KeyError:
+                raise HandlerError(f"a result has no {self.key!r} field (the queue's key)") from None
+        extra = set().union(*(r.keys() for r in results)) - self._columns if results else set()
+        if extra:
+            raise HandlerError(f"results have fields {sorted(extra)} that model "
+                               f"{self.queue.model} has no columns for")
+        return results
+
+    def store(self, batch: str, items: int, results: list[dict[str, Any]], attempt: int = 1) -> Stored:
+        """Commit results and the ledger row together; a batch already in the ledger is left as is."""
+        rows = self.rows(batch, results)
+        try:
+            with self.engine.begin() as conn:
+                if conn.execute(select(self.ledger.c.name).where(
+                        self.ledger.c.queue == self.queue.name,
+                        self.ledger.c.name == batch)).first() is not None:
+                    return Stored(recorded=False, results=0)
+                conn.execute(self.ledger.insert().values(
+                    queue=self.queue.name, name=batch, items=items, results=len(rows), attempt=attempt))
+                if rows:
+                    conn.execute(self._insert, rows)
+        except IntegrityError as e:
+            if self.is_recorded(batch):
+                return Stored(recorded=False, results=0)
+            raise SinkError(f"storing batch {batch} into {self.table.name} failed: {e.orig}") from e
+        except SQLAlchemyError as e:
+            raise SinkError(f"storing batch {batch} into {self.table.name} failed: "
+                            f"{getattr(e, 'orig', None) or e}") from e
+        return Stored(recorded=True, results=len(rows))
+
+    def _key_column(self) -> Any:
+        return self.table.c.key if self.generic else self.table.c[self.key]
+
+    def _scoped(self, q: Any) -> Any:
+        return q.where(self.table.c.queue == self.queue.name) if self.generic else q
+
+    def keys(self) -> Iterator[str]:
+        with self.engine.connect() as conn:
+            for (k,) in conn.execution_options(yield_per=10_000).execute(
+                    self._scoped(select(self._key_column()))):
+                yield str(k)
+
+    def duplicates(self) -> int:
+        """Keys stored more than once (non-zero only if the unique constraint was dropped)."""
+        col = self._key_column()
+        q = self._scoped(select(col)).group_by(col).having(func.count() > 1)
+        with self.engine.connect() as conn:
+            return len(conn.execute(q).all())
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(self._scoped(select(func.count()).select_from(self.table))).scalar_one()
+
+    def ledger_stats(self) -> tuple[int, int]:
+        """(batches recorded, items recorded) for this queue."""
+        q = select(func.count(), func.coalesce(func.sum(self.ledger.c["items"]), 0)).where(
+            self.ledger.c.queue == self.queue.name)
+        with self.engine.connect() as conn:
+            n, items = conn.execute(q).one()
+        return int(n), int(items)
+
+
+def _is_unique(table: Table, column: str) -> bool:
+    col = table.c[column]
+    if col.unique or (col.primary_key and len(table.primary_key.columns) == 1):
+        return True
+    for c in table.constraints:
+        if isinstance(c, UniqueConstraint) and [x.name for x in c.columns] == [column]:
+            return True
+    return any(ix.unique and [x.name for x in ix.columns] == [column] for ix in table.indexes)

@@ -1,0 +1,35 @@
+"""The commented starter config ``lrq init`` writes."""
+
+STARTER = '''\
+# lrq configuration. Relative paths are relative to this file's folder.
+# Environment overrides: LRQ_CONFIG (this file), LRQ_DATA_DIR, LRQ_DB_URL.
+
+data_dir = "data"                          # left/ right/ tmp/ failed/ per queue, logs
+db_url   = "sqlite:///data/results.db"     # results + batch ledger (postgresql://, mysql://)
+# interval = 1.0                           # seconds between scheduler ticks
+# grace    = 30                            # seconds a stopping worker gets to finish
+
+[queues.docs]
+handler    = "workers.wordcount:handle"    # callable(items: list[dict]) -> list[dict]
+batch_size = 100                           # items per left/ file
+chunk_size = 10                            # items per handler call
+workers    = 2                             # concurrent worker processes
+key        = "doc_id"                      # item field that identifies it (dedupe, verify)
+result_table = "doc_results"               # generic table (queue, key, value JSON) ...
+# model = "workers.models:DocEntMap"       # ... or your own ORM model with a unique key column
+# order = "random"                         # or "fifo"
+# max_pending = 50                         # sniffer pauses while this many batches wait
+# run_seconds = 300                        # a scheduled worker process exits after this long
+
+[queues.docs.source]
+kind     = "sql"
+url      = "sqlite:///data/source.db"
+table    = "source_data"
+order_by = "id"                            # keyset paging column: must only grow
+columns  = { id = "id", doc_id = "mid", content = "content" }   # item field = column
+
+[cleanup]
+keep_done = "7d"
+max_bytes = "10GB"
+min_free  = "10%"
+'''
