@@ -69,6 +69,18 @@ def write_documents(url: str, n: int, *, words: int = 40, seed: int = 0,
     return n
 
 
+def peek(url: str, table: str, rows: int = 5) -> int:
+    """Print a few rows of a results table (the end of ``make demo``)."""
+    engine = make_engine(url, what="peek url", create=False)
+    t = Table(table, MetaData(), autoload_with=engine)
+    with engine.connect() as conn:
+        total = conn.execute(select(func.count()).select_from(t)).scalar_one()
+        print(f"{table}: {total} rows; the first {rows}:")
+        for r in conn.execute(select(t).order_by(t.c[t.primary_key.columns.keys()[0]]).limit(rows)).mappings():
+            print("  " + ", ".join(f"{k}={str(v)[:60]}" for k, v in r.items()))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="write deterministic sample documents")
     p.add_argument("--docs", type=int, default=30_000)
@@ -76,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--url", default="sqlite:///data/source.db")
     p.add_argument("--table", default="source_data")
+    p.add_argument("--peek", nargs=2, metavar=("URL", "TABLE"),
+                   help="print the first rows of TABLE at URL instead")
     a = p.parse_args(argv)
+    if a.peek:
+        return peek(*a.peek)
     n = write_documents(a.url, a.docs, words=a.words, seed=a.seed, table=a.table)
     print(f"{a.url}: {a.docs} documents in {a.table}" + ("" if n else " (already there)"))
     return 0

@@ -1,0 +1,44 @@
+# lrq: `make demo` runs the main job on the embedded default; `make test` passes the tests.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+LRQ    := $(VENV)/bin/lrq
+DOCS   ?= 30000
+
+.PHONY: venv demo test test-slow test-all services bench bench-quick clean
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+# The main job: sample documents -> entities worker -> data/results.db, scheduler until idle.
+demo: venv
+	$(PY) -m lrq.sample --docs $(DOCS) --url sqlite:///data/source.db
+	$(LRQ) -c lrq.toml run --until-idle
+	$(LRQ) -c lrq.toml status
+	$(LRQ) -c lrq.toml verify
+	$(PY) -m lrq.sample --peek sqlite:///data/results.db doc_ent_map
+
+# Real PostgreSQL and MariaDB servers for the sink tests (Debian packages; needs root).
+services:
+	bash tests/services/install.sh
+
+test: venv services
+	$(PY) -m pytest -q
+
+test-slow: venv services
+	$(PY) -m pytest -q -m slow
+
+test-all: test test-slow
+
+bench: venv
+	$(PY) bench/run.py
+
+bench-quick: venv
+	$(PY) bench/run.py --quick
+
+clean:
+	rm -rf data/*/ data/*.db data/*.db-* data/lrq.log* .pytest_cache

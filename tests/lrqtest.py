@@ -1,0 +1,63 @@
+"""Helpers shared by lrq's test tiers: configs in tmp dirs, sample sources, subprocess CLI."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from lrq import config
+from lrq.sample import write_documents
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_config(folder: Path, *, docs: int | None = 1000, queue: str = "docs",
+                 top: dict[str, Any] | None = None, source: dict[str, Any] | None = None,
+                 **queue_keys: Any) -> Path:
+    """An lrq.toml in ``folder`` for one queue over ``docs`` sample documents (None: no source db)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if docs is not None:
+        write_documents(f"sqlite:///{folder / 'source.db'}", docs)
+    q = {"handler": "workers.wordcount:handle", "key": "doc_id", "batch_size": 100,
+         "chunk_size": 50, "workers": 2, "result_table": "doc_results", **queue_keys}
+    src = {"kind": "sql", "url": "sqlite:///source.db", "table": "source_data",
+           "order_by": "id", "columns": {"id": "id", "doc_id": "mid", "content": "content"},
+           **(source or {})}
+    top = {"data_dir": "data", "db_url": "sqlite:///results.db", "interval": 0.2,
+           "grace": 10, **(top or {})}
+    lines = [f"{k} = {toml_value(v)}" for k, v in top.items()]
+    lines += [f"[queues.{queue}]"] + [f"{k} = {toml_value(v)}" for k, v in q.items() if v is not None]
+    lines += [f"[queues.{queue}.source]"] + [f"{k} = {toml_value(v)}" for k, v in src.items()]
+    path = folder / "lrq.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def load_app(path: Path) -> Any:
+    from lrq.app import App
+
+    return App(config.load(path))
+
+
+def lrq(*args: str, cwd: Path | None = None, timeout: float = 120, env: dict[str, str] | None = None,
+        check: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run the real ``lrq`` command line in a subprocess."""
+    p = subprocess.run([sys.executable, "-m", "lrq", *args], cwd=cwd or ROOT, capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check and p.returncode != 0:
+        raise AssertionError(f"lrq {' '.join(args)} exited {p.returncode}:\n{p.stderr}")
+    return p

@@ -1,0 +1,121 @@
+"""The SQL source's keyset paging and the watermark: it moves only after a durable publish."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import MetaData, insert
+
+from lrq.config import SourceConfig
+from lrq.errors import ConfigError
+from lrq.sample import documents, source_table, write_documents
+from lrq.sniffer import Sniffer
+from lrq.sources.sql import SqlSource
+from lrq.spool import Spool
+from lrq.testing import MemorySource
+from lrqtest import load_app, write_config
+
+
+def sql_source(tmp_path: Path, n: int, **kw) -> SqlSource:
+    url = f"sqlite:///{tmp_path / 'src.db'}"
+    write_documents(url, n)
+    return SqlSource(SourceConfig(url=url, table="source_data", order_by="id",
+                                  columns=(("id", "id"), ("doc_id", "mid"), ("content", "content")), **kw))
+
+
+def test_keyset_paging_reads_each_row_once_in_order(tmp_path: Path) -> None:
+    src = sql_source(tmp_path, 250)
+    seen, pos = [], None
+    while True:
+        f = src.fetch(pos, 100)
+        if not f.items:
+            break
+        seen += [i["id"] for i in f.items]
+        pos = f.position
+    assert seen == list(range(1, 251))
+    assert set(src.fetch(None, 1).items[0]) == {"id", "doc_id", "content"}
+
+
+def test_paging_is_not_disturbed_by_gaps_or_late_rows(tmp_path: Path) -> None:
+    src = sql_source(tmp_path, 10)
+    t = source_table(MetaData())
+    with src.engine.begin() as conn:
+        conn.execute(t.delete().where(t.c.id.in_([3, 4, 5])))
+    f = src.fetch(None, 4)
+    assert [i["id"] for i in f.items] == [1, 2, 6, 7]
+    with src.engine.begin() as conn:  # rows appended after the first pages
+        conn.execute(insert(t), documents(5, start=11))
+    rest = src.fetch(f.position, 100)
+    assert [i["id"] for i in rest.items] == [8, 9, 10, 11, 12, 13, 14, 15]
+
+
+def test_unknown_column_is_a_config_error(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'src.db'}"
+    write_documents(url, 1)
+    with pytest.raises(ConfigError, match="no column 'nope'"):
+        SqlSource(SourceConfig(url=url, table="source_data", columns=(("x", "nope"),)))
+    with pytest.raises(ConfigError, match="not found"):
+        SqlSource(SourceConfig(url=url, table="missing"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        SqlSource(SourceConfig(url=f"sqlite:///{tmp_path / 'absent.db'}", table="t"))
+    assert not (tmp_path / "absent.db").exists()
+
+
+def make_sniffer(tmp_path: Path, source, batch_size: int = 100, max_pending: int = 1000) -> Sniffer:
+    cfg = write_config(tmp_path / "cfg", docs=None, batch_size=batch_size, max_pending=max_pending)
+    app = load_app(cfg)
+    q = app.queues("docs")[0]
+    return Sniffer(q, Spool(tmp_path / "data", "docs").ensure(), source)
+
+
+def test_watermark_advances_only_after_the_batch_is_durable(tmp_path: Path, monkeypatch) -> None:
+    src = sql_source(tmp_path, 300)
+    sn = make_sniffer(tmp_path, src)
+    assert sn.tick(max_batches=1) == 1
+    assert sn.spool.read_position() == 100
+
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(sn.spool, "publish", disk_full)
+    with pytest.raises(OSError):
+        sn.tick(max_batches=1)
+    assert sn.spool.read_position() == 100  # nothing acknowledged
+    monkeypatch.undo()
+    # A fresh sniffer (a restarted process) resumes from the saved position.
+    again = make_sniffer(tmp_path, src)
+    assert again.tick() == 2
+    ids = [i["id"] for n in again.spool.pending() for i in again.spool.load(n).items]
+    assert ids == list(range(1, 301))
+    assert again.drained  # the fetch after the last full page came back empty
+    assert again.tick() == 0 and again.spool.read_position() == 300
+
+
+def test_crash_between_rename_and_watermark_republishes_the_same_items(tmp_path: Path, monkeypatch) -> None:
+    src = sql_source(tmp_path, 100)
+    sn = make_sniffer(tmp_path, src)
+
+    def crash(position):
+        raise KeyboardInterrupt("killed before the watermark was saved")
+
+    monkeypatch.setattr(sn.spool, "write_position", crash)
+    with pytest.raises(KeyboardInterrupt):
+        sn.tick(max_batches=1)
+    monkeypatch.undo()
+    assert sn.spool.read_position() is None
+    assert make_sniffer(tmp_path, src).tick() == 1
+    batches = [sn.spool.load(n).items for n in sn.spool.pending()]
+    assert len(batches) == 2 and batches[0] == batches[1]  # a replay, absorbed by the sink
+
+
+def test_sniffer_pauses_at_max_pending_and_logs_once(tmp_path: Path, caplog) -> None:
+    sn = make_sniffer(tmp_path, MemorySource([{"doc_id": i} for i in range(1000)]),
+                      batch_size=10, max_pending=3)
+    caplog.set_level("INFO", logger="lrq.sniffer")
+    assert sn.tick() == 3 and sn.paused
+    assert sn.tick() == 0 and sn.tick() == 0
+    assert [r.message.split()[0] for r in caplog.records] == ["paused"]
+    c = sn.spool.claim(sn.spool.pending()[0])
+    sn.spool.mark_done(c)
+    assert sn.tick() == 1
+    assert [r.message.split()[0] for r in caplog.records] == ["paused", "resumed", "paused"]
