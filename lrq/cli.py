@@ -147,12 +147,17 @@ def _human(n: int) -> str:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lrq", description=__doc__.splitlines()[0].strip("`: "),
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS,
+                        help="config file (default ./lrq.toml, env LRQ_CONFIG)")
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging")
     p.add_argument("-c", "--config", help="config file (default ./lrq.toml, env LRQ_CONFIG)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help, description=help)
+        sp = sub.add_parser(name, help=help, description=help, parents=[common])
         sp.set_defaults(func=func)
         return sp
 

@@ -1,0 +1,107 @@
+"""The scheduler as users run it: a subprocess, stopped by idleness or by signals."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from lrqtest import ROOT, lrq, write_config
+
+SLOW = '''
+import time
+def handle(items):
+    time.sleep(0.05)  # a slow model call
+    return [{"doc_id": i["doc_id"], "n": len(i["content"])} for i in items]
+'''
+
+
+def status(cfg: Path) -> dict:
+    return json.loads(lrq("-c", str(cfg), "status", "--json", check=True).stdout)["queues"]["docs"]
+
+
+def spawn(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "lrq", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def wait_for(predicate, timeout: float = 60.0, every: float = 0.1) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        time.sleep(every)
+
+
+def test_run_until_idle_stores_20k_documents_exactly_once(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, docs=20_000, batch_size=200, chunk_size=50, workers=2)
+    p = subprocess.run([sys.executable, "-m", "lrq", "-c", str(cfg), "run", "--until-idle"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "idle: sources drained" in p.stderr
+    pids = {line.split("[docs ")[1].split("]")[0] for line in p.stderr.splitlines() if "[docs " in line}
+    assert len(pids) >= 2, "expected at least two worker processes"
+    v = lrq("-c", str(cfg), "verify")
+    assert v.returncode == 0, v.stdout
+    assert "source 20000, results 20000, missing 0, duplicated 0" in v.stdout
+    st = status(cfg)
+    assert (st["pending"], st["claimed"], st["done"], st["failed"]) == (0, 0, 100, 0)
+    with create_engine(f"sqlite:///{tmp_path / 'results.db'}").connect() as c:
+        assert c.execute(text("SELECT count(DISTINCT key) FROM doc_results")).scalar_one() == 20_000
+    log = (tmp_path / "data" / "lrq.log").read_text()
+    assert "started" in log and "stopped" in log and "done queue=docs" in log
+
+
+def test_scheduler_py_is_lrq_run(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, docs=300)
+    p = subprocess.run([sys.executable, "scheduler.py", "-c", str(cfg), "--until-idle"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert lrq("-c", str(cfg), "verify").returncode == 0
+
+
+def test_second_scheduler_refuses_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text(SLOW)
+    cfg = write_config(tmp_path, docs=3000, batch_size=100, chunk_size=10, handler="slow:handle")
+    first = spawn("-c", str(cfg), "run")
+    try:
+        wait_for(lambda: status(cfg)["done"] >= 2)
+        second = lrq("-c", str(cfg), "run", timeout=60)
+        assert second.returncode == 3 and "already running" in second.stderr
+        assert second.stderr.count("\n") == 1
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    st = status(cfg)
+    assert st["claimed"] == 0, "a stopped worker left a claim behind"
+    assert 2 <= st["done"] < 30
+    # Restarting picks up where it stopped; nothing lost, nothing doubled.
+    p = subprocess.run([sys.executable, "-m", "lrq", "-c", str(cfg), "run", "--until-idle"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    v = lrq("-c", str(cfg), "verify")
+    assert v.returncode == 0, v.stdout
+
+
+def test_manual_worker_sigterm_finishes_its_batch_and_exits_0(tmp_path: Path) -> None:
+    (tmp_path / "slow.py").write_text(SLOW)
+    cfg = write_config(tmp_path, docs=2000, batch_size=100, chunk_size=10, handler="slow:handle")
+    lrq("-c", str(cfg), "sniff", check=True)
+    w = spawn("-c", str(cfg), "work", "--burst")
+    try:
+        wait_for(lambda: status(cfg)["done"] >= 1)
+        w.send_signal(signal.SIGTERM)
+        assert w.wait(timeout=60) == 0
+    finally:
+        if w.poll() is None:
+            w.kill()
+            w.wait()
+    st = status(cfg)
+    assert st["claimed"] == 0 and st["pending"] > 0 and st["done"] + st["pending"] == 20
