@@ -1,0 +1,395 @@
+"""The sink's contract on every backend (SQLite file, real PostgreSQL, real MariaDB).
+
+A batch is done once its ledger row exists; results and ledger row commit together, so a
+replayed batch adds nothing, an overlapping batch adds only new keys, and of two writers of
+the same batch exactly one records it.
+"""
+from __future__ import annotations
+
+import socket
+import threading
+from typing import Any, Callable, Iterator
+
+import pytest
+from sqlalchemy import Integer, String, Text, func, select, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from lrq.config import QueueConfig, SourceConfig
+from lrq.db import make_engine
+from lrq.errors import ConfigError, HandlerError, SinkError
+from lrq.sink import LEDGER, Sink
+
+MODEL = "workers.models:DocEntMap"
+JOIN_TIMEOUT = 60.0  # bound on any thread a test starts; the engines' own timeouts are shorter
+
+
+# ---------------------------------------------------------------- helpers and fixtures
+
+
+def queue(name: str = "docs", **kw: Any) -> QueueConfig:
+    kw.setdefault("key", "doc_id")
+    return QueueConfig(name=name, handler="workers.wordcount:handle",
+                       source=SourceConfig(url="sqlite:///unused.db", table="source_data"), **kw)
+
+
+def results(*ids: int, tag: str = "") -> list[dict[str, Any]]:
+    """Results shaped like DocEntMap rows (so they fit the generic table and the model)."""
+    return [{"doc_id": f"doc-{i}", "ent_list_str": f"ent {i}{tag}",
+             "mapped_list_str": f"mapped {i}{tag}"} for i in ids]
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Engine]:
+    e = make_engine(db_url)
+    try:
+        yield e
+    finally:
+        e.dispose()
+
+
+@pytest.fixture(params=["generic", "model"])
+def target(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Where results go: the generic table, or the user's ORM model keyed by doc_id."""
+    if request.param == "generic":
+        return {"result_table": "doc_results"}
+    return {"model": MODEL}
+
+
+def stored_value(sink: Sink, key: str) -> Any:
+    """What the sink holds for ``key``: the JSON value (generic) or the ORM row (model)."""
+    with sink.engine.connect() as conn:
+        if sink.generic:
+            return conn.execute(select(sink.table.c.value).where(
+                sink.table.c.queue == sink.queue.name, sink.table.c.key == key)).scalar_one()
+        row = conn.execute(select(sink.table).where(sink.table.c.doc_id == key)).one()
+        return {"doc_id": row.doc_id, "ent_list_str": row.ent_list_str,
+                "mapped_list_str": row.mapped_list_str}
+
+
+def run_threads(targets: list[Callable[[], Any]]) -> list[Any]:
+    """Run each callable in its own thread, released together; their results or exceptions."""
+    barrier = threading.Barrier(len(targets), timeout=JOIN_TIMEOUT)
+    out: list[Any] = [None] * len(targets)
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            out[i] = targets[i]()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(targets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(JOIN_TIMEOUT)
+    assert not any(t.is_alive() for t in threads), f"a thread did not finish in {JOIN_TIMEOUT} s"
+    return out
+
+
+# ---------------------------------------------------------------- replay, overlap, reading
+
+
+def test_replay_adds_nothing_and_overlap_adds_only_new_keys(engine: Engine,
+                                                            target: dict[str, Any]) -> None:
+    sink = Sink(engine, queue(**target)).prepare()
+    assert sink.count() == 0 and sink.ledger_stats() == (0, 0)
+
+    first = sink.store("b1", items=3, results=results(1, 2, 3))
+    assert first.recorded and first.results == 3
+    assert sink.count() == 3
+    assert sink.is_recorded("b1") and not sink.is_recorded("b2")
+
+    # The same batch again, even with other content, is already done: nothing changes.
+    again = sink.store("b1", items=3, results=results(1, 2, 3, tag=" replay"))
+    assert not again.recorded and again.results == 0
+    again = sink.store("b1", items=2, results=results(8, 9))
+    assert not again.recorded
+    assert sink.count() == 3
+    assert stored_value(sink, "doc-1")["ent_list_str"] == "ent 1"
+
+    # Another batch holding items b1 stored: only doc-4 and doc-5 are new; doc-2 keeps b1's row.
+    other = sink.store("b2", items=4, results=results(2, 3, 4, 5, tag=" b2"))
+    assert other.recorded
+    assert sink.count() == 5
+    assert sorted(sink.keys()) == [f"doc-{i}" for i in range(1, 6)]
+    assert stored_value(sink, "doc-2")["ent_list_str"] == "ent 2"
+    assert stored_value(sink, "doc-5")["ent_list_str"] == "ent 5 b2"
+    assert sink.duplicates() == 0
+    assert sink.ledger_stats() == (2, 7)
+
+    # A batch whose handler returned nothing is still recorded (its items are done).
+    empty = sink.store("b3", items=2, results=[])
+    assert empty.recorded and empty.results == 0
+    assert sink.ledger_stats() == (3, 9) and sink.count() == 5
+
+    # prepare() again (another worker starting) keeps everything.
+    again_sink = Sink(engine, queue(**target)).prepare()
+    assert again_sink.count() == 5 and again_sink.ledger_stats() == (3, 9)
+
+
+def test_queues_sharing_a_generic_table_do_not_collide(engine: Engine) -> None:
+    alpha = Sink(engine, queue("alpha", result_table="doc_results")).prepare()
+    beta = Sink(engine, queue("beta", result_table="doc_results")).prepare()
+
+    # Equal keys and even equal batch names: the table is unique by (queue, key), the
+    # ledger by (queue, name).
+    assert alpha.store("b1", 3, results(1, 2, 3, tag=" alpha")).recorded
+    assert beta.store("b1", 3, results(1, 2, 3, tag=" beta")).recorded
+    assert beta.store("b2", 2, results(3, 4, tag=" beta")).recorded
+
+    assert alpha.count() == 3 and beta.count() == 4
+    assert sorted(alpha.keys()) == ["doc-1", "doc-2", "doc-3"]
+    assert sorted(beta.keys()) == ["doc-1", "doc-2", "doc-3", "doc-4"]
+    assert alpha.ledger_stats() == (1, 3) and beta.ledger_stats() == (2, 5)
+    assert alpha.duplicates() == 0 and beta.duplicates() == 0
+    assert stored_value(alpha, "doc-1")["ent_list_str"] == "ent 1 alpha"
+    assert stored_value(beta, "doc-1")["ent_list_str"] == "ent 1 beta"
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(alpha.table)).scalar_one() == 7
+
+
+# ---------------------------------------------------------------- concurrency
+
+
+def test_concurrent_writers_of_one_batch_record_it_once(db_url: str,
+                                                        target: dict[str, Any]) -> None:
+    """Two workers (own engines, as two processes would have) store the same batch at once."""
+    engines = [make_engine(db_url), make_engine(db_url)]
+    try:
+        sinks = [Sink(e, queue(**target)).prepare() for e in engines]
+        rounds, size = 5, 200
+        for r in range(rounds):
+            batch = results(*range(r * size, (r + 1) * size))
+            outcomes = run_threads([lambda s=s: s.store(f"b{r}", size, batch) for s in sinks])
+            errors = [o for o in outcomes if isinstance(o, BaseException)]
+            assert not errors, errors
+            assert sorted(o.recorded for o in outcomes) == [False, True], outcomes
+        assert sinks[0].ledger_stats() == (rounds, rounds * size)
+        assert sinks[0].count() == rounds * size
+        assert sinks[0].duplicates() == 0
+        with engines[0].connect() as conn:
+            ledger = sinks[0].ledger
+            assert conn.execute(select(func.count()).select_from(ledger).where(
+                ledger.c.queue == "docs")).scalar_one() == rounds
+    finally:
+        for e in engines:
+            e.dispose()
+
+
+# Sink.prepare() creates a table with checkfirst but only tolerates IntegrityError when
+# another worker created it after the check (and then skips the results table): PostgreSQL
+# raises ProgrammingError (DuplicateTable/DuplicateObject), which escapes as is; MySQL/MariaDB
+# and SQLite raise OperationalError ("already exists"), reported as "cannot reach results
+# database". Remove these markers once prepare() rechecks after a failed create.
+PREPARE_RACE = pytest.mark.xfail(
+    strict=True,
+    reason="lrq.sink.Sink.prepare: a table created by another worker between the check and "
+           "the create is an error (PostgreSQL ProgrammingError, MySQL/SQLite 'cannot reach')")
+
+
+@PREPARE_RACE
+def test_prepare_when_another_worker_created_the_tables_after_the_check(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministic form of the first-start race: the existence check answers "missing"
+    once per table (as it would just before another worker's CREATE commits)."""
+    Sink(engine, queue(result_table="doc_results")).prepare()  # the other worker
+    asked: set[str] = set()
+    dialect = engine.dialect
+    real_one = dialect.has_table
+    real_multi = getattr(dialect, "has_multi_table", None)  # SQLAlchemy 2.1's checkfirst
+
+    def stale_one(connection: Any, table_name: str, *args: Any, **kw: Any) -> bool:
+        if table_name not in asked:
+            asked.add(table_name)
+            return False
+        return real_one(connection, table_name, *args, **kw)
+
+    def stale_multi(connection: Any, table_names: Any, *args: Any, **kw: Any) -> Any:
+        out = []
+        for key, exists in real_multi(connection, table_names, *args, **kw):
+            if key[1] not in asked:
+                asked.add(key[1])
+                exists = False
+            out.append((key, exists))
+        return out
+
+    monkeypatch.setattr(dialect, "has_table", stale_one)
+    if real_multi is not None:
+        monkeypatch.setattr(dialect, "has_multi_table", stale_multi)
+    sink = Sink(engine, queue(result_table="doc_results")).prepare()
+    assert asked == {LEDGER, "doc_results"}
+    assert sink.store("b1", 1, results(1)).recorded and sink.count() == 1
+
+
+@pytest.mark.xfail(strict=False, reason=PREPARE_RACE.kwargs["reason"] + " (racy: may pass)")
+def test_concurrent_first_prepare(db_url: str) -> None:
+    """Workers starting together on an empty database all get their tables."""
+    for _ in range(3):
+        engines = [make_engine(db_url) for _ in range(3)]
+        try:
+            with engines[0].begin() as conn:  # start each round from an empty database
+                for name in ("doc_results", LEDGER):
+                    conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
+            outcomes = run_threads([lambda e=e: Sink(e, queue(result_table="doc_results")).prepare()
+                                    for e in engines])
+            errors = [o for o in outcomes if isinstance(o, BaseException)]
+            assert not errors, errors
+            assert outcomes[0].store("b1", 1, results(1)).recorded
+            assert outcomes[1].count() == 1
+        finally:
+            for e in engines:
+                e.dispose()
+
+
+# ---------------------------------------------------------------- refusals
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class NotUnique(_Base):
+    """The original system's table: doc_id only indexed, so replays would duplicate rows."""
+
+    __tablename__ = "doc_ent_map_not_unique"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    doc_id: Mapped[str] = mapped_column(String(50), index=True)
+    ent_list_str: Mapped[str] = mapped_column(Text, default="")
+
+
+def test_model_without_unique_key_column_is_refused(engine: Engine) -> None:
+    with pytest.raises(ConfigError, match=r"doc_ent_map_not_unique\.doc_id must be unique"):
+        Sink(engine, queue(model=f"{__name__}:NotUnique"))
+    with pytest.raises(ConfigError, match=r"has no column 'mid'"):
+        Sink(engine, queue(model=MODEL, key="mid"))
+    with pytest.raises(ConfigError, match=r"is not an ORM model"):
+        Sink(engine, queue(model=f"{__name__}:queue"))
+
+
+def test_result_field_the_model_lacks_is_a_handler_error(engine: Engine) -> None:
+    sink = Sink(engine, queue(model=MODEL)).prepare()
+    bad = results(1, 2)
+    bad[1]["score"] = 0.5
+    with pytest.raises(HandlerError, match=r"\['score'\]"):
+        sink.store("b1", 2, bad)
+    assert sink.count() == 0 and sink.ledger_stats() == (0, 0)
+    assert not sink.is_recorded("b1")
+    assert sink.store("b1", 2, results(1, 2)).recorded  # the batch is not poisoned
+
+
+def test_result_without_the_key_is_a_handler_error(engine: Engine) -> None:
+    sink = Sink(engine, queue(result_table="doc_results")).prepare()
+    with pytest.raises(HandlerError, match=r"no 'doc_id' field"):
+        sink.store("b1", 2, [{"doc_id": "a"}, {"other": "b"}])
+    assert sink.count() == 0 and sink.ledger_stats() == (0, 0)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "lrq.sink.Sink.rows: for a model, a result without the key field is not checked; the "
+    "insert then fails on NOT NULL and store() reports a database failure (SinkError)"))
+def test_model_result_without_the_key_is_a_handler_error(engine: Engine) -> None:
+    sink = Sink(engine, queue(model=MODEL)).prepare()
+    with pytest.raises(HandlerError, match=r"doc_id"):
+        sink.store("b1", 1, [{"ent_list_str": "no key"}])
+    assert sink.count() == 0 and sink.ledger_stats() == (0, 0)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "lrq.sink.Sink.store: executemany takes its columns from the first result, so a field "
+    "only later results have is silently dropped, and a field a later result lacks fails "
+    "the batch with SinkError"))
+def test_results_with_different_fields_are_stored_as_given(engine: Engine) -> None:
+    """A handler may leave out fields the model has defaults for, in some results only."""
+    sink = Sink(engine, queue(model=MODEL)).prepare()
+    rows = [{"doc_id": "a"},
+            {"doc_id": "b", "ent_list_str": "B"},
+            {"doc_id": "c", "mapped_list_str": "C"}]
+    assert sink.store("b1", 3, rows).recorded
+    assert stored_value(sink, "b") == {"doc_id": "b", "ent_list_str": "B", "mapped_list_str": ""}
+    assert stored_value(sink, "c") == {"doc_id": "c", "ent_list_str": "", "mapped_list_str": "C"}
+    assert stored_value(sink, "a") == {"doc_id": "a", "ent_list_str": "", "mapped_list_str": ""}
+
+
+# ---------------------------------------------------------------- an unreachable database
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A loopback port bound by this test but not listening: connecting is refused at once,
+    and no other process can start listening there meanwhile."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql", "mariadb"])
+def test_unreachable_database_is_a_sink_error(backend: str, closed_port: int, tmp_path) -> None:
+    if backend == "sqlite":
+        (tmp_path / "results.db").mkdir()  # a folder where the file should be: cannot open
+        url = f"sqlite:///{tmp_path / 'results.db'}"
+    elif backend == "postgresql":
+        url = f"postgresql+psycopg://lrq:secret@127.0.0.1:{closed_port}/lrq"
+    else:
+        url = f"mysql+pymysql://lrq:secret@127.0.0.1:{closed_port}/lrq"
+    engine = make_engine(url)
+    try:
+        sink = Sink(engine, queue(result_table="doc_results"))  # builds without connecting
+        prepare, store = run_threads([sink.prepare, lambda: sink.store("b1", 1, results(1))])
+        assert isinstance(prepare, SinkError), prepare
+        assert "cannot reach results database" in str(prepare)
+        assert isinstance(store, SinkError), store
+        assert "storing batch b1" in str(store)
+    finally:
+        engine.dispose()
+
+
+# ---------------------------------------------------------------- values round-trip
+
+
+UNICODE = ("Grüße, Ελληνικά, русский, 中文字符, 日本語, العربية, עברית, हिन्दी, "
+           "emoji 🙂🚀👩‍💻🇩🇪, combining é, zero-width\u200bspace, "
+           "quotes ' \" ` backslash \\ percent %s %(x)s %% newline\nand tab\t; DROP TABLE x; --")
+
+
+def test_unicode_and_long_text_round_trip(engine: Engine, target: dict[str, Any]) -> None:
+    sink = Sink(engine, queue(**target)).prepare()
+    # MySQL/MariaDB TEXT (the model's Text columns) holds 65,535 bytes: stay under it there.
+    long_text = ("lorem ipsum dolor sit amet 🙂 Ω ü 中 " * 1200)[:40_000]
+    assert len(long_text.encode()) < 65_535
+    rows = [
+        {"doc_id": "döc-Ω-🙂-1", "ent_list_str": UNICODE, "mapped_list_str": long_text},
+        {"doc_id": "doc-'\"-%s-2", "ent_list_str": "", "mapped_list_str": UNICODE[::-1]},
+        {"doc_id": "doc-3", "ent_list_str": long_text[::-1], "mapped_list_str": "x"},
+    ]
+    assert sink.store("b1", 3, rows).recorded
+    assert sink.store("b1", 3, rows).recorded is False
+    assert sorted(sink.keys()) == sorted(r["doc_id"] for r in rows)
+    for r in rows:
+        assert stored_value(sink, r["doc_id"]) == r
+
+
+def test_generic_values_keep_json_types_and_large_text(engine: Engine) -> None:
+    sink = Sink(engine, queue(result_table="doc_results")).prepare()
+    big = UNICODE * 2_000  # ~ 0.3 MB in one JSON value
+    value = {"doc_id": 7, "n": 3, "f": 0.25, "ok": True, "none": None,
+             "list": [1, "två", {"ß": "🙂"}], "big": big}
+    assert sink.store("b1", 1, [value]).recorded
+    assert list(sink.keys()) == ["7"]  # the key is stored as text
+    assert stored_value(sink, "7") == value
+
+
+# ---------------------------------------------------------------- the shared ledger
+
+
+def test_ledger_rows_are_per_queue(engine: Engine) -> None:
+    a = Sink(engine, queue("a", result_table="a_results")).prepare()
+    b = Sink(engine, queue("b", model=MODEL)).prepare()
+    assert a.store("same-name", 2, results(1, 2)).recorded
+    assert b.store("same-name", 5, results(1, 2, 3)).recorded
+    assert a.ledger_stats() == (1, 2) and b.ledger_stats() == (1, 5)
+    with engine.connect() as conn:
+        rows = conn.execute(text(f"SELECT queue, name, items, results FROM {LEDGER} "
+                                 "ORDER BY queue")).all()
+    assert [tuple(r) for r in rows] == [("a", "same-name", 2, 2), ("b", "same-name", 5, 3)]
