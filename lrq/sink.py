@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sqlalchemy import (JSON, BigInteger, Column, DateTime, Integer, MetaData, String, Table,
-                        Text, UniqueConstraint, func, select)
+                        Text, UniqueConstraint, func, inspect, select)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
@@ -114,14 +114,20 @@ class Sink:
         self._insert = insert_ignore(engine, self.table, self.unique)
 
     def prepare(self) -> "Sink":
-        """Create the ledger and the results table if they are missing."""
-        try:
-            for table in (self.ledger, self.dead, self.table):
+        """Create the ledger, dead-letter and results tables if they are missing. Safe when
+        several processes start at once: losing the race to create a table is fine."""
+        for table in (self.ledger, self.dead, self.table):
+            try:
                 table.create(self.engine, checkfirst=True)
-        except OperationalError as e:
-            raise SinkError(f"cannot reach results database {self.engine.url!r}: {e.orig}") from e
-        except IntegrityError:
-            pass  # another process created it between the check and the create
+            except SQLAlchemyError as e:
+                try:
+                    if inspect(self.engine).has_table(table.name):
+                        continue  # another process created it between the check and the create
+                except OperationalError as again:
+                    raise SinkError(f"cannot reach results database {self.engine.url!r}: "
+                                    f"{again.orig}") from again
+                raise SinkError(f"cannot create table {table.name} in {self.engine.url!r}: "
+                                f"{getattr(e, 'orig', None) or e}") from e
         return self
 
     def is_recorded(self, name: str) -> bool:
@@ -140,6 +146,8 @@ class Sink:
         if extra:
             raise HandlerError(f"results have fields {sorted(extra)} that model "
                                f"{self.queue.model} has no columns for")
+        if any(r.get(self.key) is None for r in results):
+            raise HandlerError(f"a result has no {self.key!r} (the key column of {self.queue.model})")
         return results
 
     def store(self, batch: str, items: int, results: list[dict[str, Any]], attempt: int = 1, *,
@@ -158,8 +166,8 @@ class Sink:
                 conn.execute(self.ledger.insert().values(
                     queue=self.queue.name, name=batch, items=items, results=len(rows),
                     dead=len(dead_rows), attempt=attempt))
-                if rows:
-                    conn.execute(self._insert, rows)
+                for group in _same_fields(rows):
+                    conn.execute(self._insert, group)
                 if dead_rows:
                     conn.execute(self._insert_dead, dead_rows)
                 failpoints.hit("during-txn")
@@ -221,6 +229,15 @@ class Sink:
         q = select(func.count()).select_from(self.dead).where(self.dead.c.queue == self.queue.name)
         with self.engine.connect() as conn:
             return int(conn.execute(q).scalar_one())
+
+
+def _same_fields(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Rows grouped by their set of fields: an executemany takes its columns from the first
+    row, so mixing shapes would drop fields silently or fail the batch."""
+    groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(frozenset(r), []).append(r)
+    return list(groups.values())
 
 
 def _is_unique(table: Table, column: str) -> bool:
