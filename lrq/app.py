@@ -91,7 +91,10 @@ class App:
     def check(self) -> None:
         """Build every queue's parts once, so a bad handler, model or URL fails up front."""
         for q in self.queues():
-            load_handler(q, self.base)
+            handler = load_handler(q, self.base)
+            close = getattr(handler, "close", None)
+            if callable(close):
+                close()  # built only to check it; workers build their own
             self.sink(q)
             self.source(q)
 

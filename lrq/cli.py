@@ -132,24 +132,26 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
+    from lrq.spool import State
+
     app = _app(args)
     if not args.names and not args.failed:
         raise ConfigError("name batches to requeue, or pass --failed for every failed batch")
-    done = 0
-    for q in app.queues(args.queue):
-        sp = app.spool(q)
-        names = args.names if not args.failed else \
-            sorted(p.stem for p in sp.failed.glob("*.pkl"))
-        for name in names:
-            if sp.state(name).value == "missing":
-                continue
-            print(f"{q.name}: {name}: {sp.requeue(name)}")
-            done += 1
-    missing = set(args.names) - {n for q in app.queues(args.queue) for n in args.names
-                                  if app.spool(q).state(n).value != "missing"}
-    for name in sorted(missing):
+    spools = [app.spool(q) for q in app.queues(args.queue)]
+    todo = [(sp, p.stem) for sp in spools for p in sorted(sp.failed.glob("*.pkl"))] \
+        if args.failed else []
+    missing = []
+    for name in args.names:
+        sp = next((sp for sp in spools if sp.state(name) is not State.MISSING), None)
+        if sp is None:
+            missing.append(name)
+        else:
+            todo.append((sp, name))
+    for sp, name in todo:
+        print(f"{sp.queue}: {name}: {sp.requeue(name)}")
+    for name in missing:
         print(f"lrq: no batch named {name}", file=sys.stderr)
-    print(f"requeued {done} batches")
+    print(f"requeued {len(todo)} batches")
     return EXIT_PROBLEM if missing else EXIT_OK
 
 

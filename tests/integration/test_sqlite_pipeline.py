@@ -105,3 +105,19 @@ def test_a_corrupt_batch_fails_and_can_be_requeued_once_fixed(tmp_path: Path) ->
     assert (st["done"], st["quarantined"]) == (1, 1)
     v = lrq("-c", str(cfg), "verify")
     assert v.returncode == 1 and "missing 100" in v.stdout
+
+
+def test_requeue_puts_failed_batches_back(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, docs=200, batch_size=100, key="nokey")
+    lrq("-c", str(cfg), "sniff", check=True)
+    r = lrq("-c", str(cfg), "work", "--burst")
+    assert r.returncode == 1 and "have no 'nokey' field" in r.stderr
+    assert status(cfg)["failed"] == 2
+    cfg.write_text(cfg.read_text().replace('key = "nokey"', 'key = "doc_id"'))  # the fix
+    r = lrq("-c", str(cfg), "requeue", "--failed", check=True)
+    assert "requeued 2 batches" in r.stdout
+    assert (status(cfg)["failed"], status(cfg)["pending"]) == (0, 2)
+    lrq("-c", str(cfg), "work", "--burst", check=True)
+    assert lrq("-c", str(cfg), "verify").returncode == 0
+    r = lrq("-c", str(cfg), "requeue", "20260101T000000000000-nosuchbatch")
+    assert r.returncode == 1 and "no batch named" in r.stderr
