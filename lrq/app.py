@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from lrq import sources
+from lrq import signing, sources
 from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
 from lrq.errors import ConfigError
@@ -26,10 +26,14 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Verification:
+    """Source keys against result rows plus dead letters: every item exactly once."""
+
     queue: str
     source: int
     results: int
+    dead: int
     missing: int
+    #: Keys stored more than once, or both as a result and as a dead letter.
     duplicated: int
     extra: int
     failed_batches: int
@@ -47,6 +51,14 @@ class App:
         self._engine: Engine | None = None
         self._sinks: dict[str, Sink] = {}
         self._sources: dict[str, sources.Source] = {}
+        self._key: bytes | None = None
+
+    @property
+    def key(self) -> bytes:
+        """The batch-signing key (config ``secret``, env ``LRQ_SECRET`` or data_dir/secret.key)."""
+        if self._key is None:
+            self._key = signing.load_key(self.cfg.secret, self.cfg.data_dir)
+        return self._key
 
     @property
     def engine(self) -> Engine:
@@ -58,7 +70,7 @@ class App:
         return self.cfg.queue(name)
 
     def spool(self, q: QueueConfig) -> Spool:
-        return Spool(self.cfg.data_dir, q.name).ensure()
+        return Spool(self.cfg.data_dir, q.name, key=self.key).ensure()
 
     def sink(self, q: QueueConfig) -> Sink:
         if q.name not in self._sinks:
@@ -79,7 +91,10 @@ class App:
     def check(self) -> None:
         """Build every queue's parts once, so a bad handler, model or URL fails up front."""
         for q in self.queues():
-            load_handler(q, self.base)
+            handler = load_handler(q, self.base)
+            close = getattr(handler, "close", None)
+            if callable(close):
+                close()  # built only to check it; workers build their own
             self.sink(q)
             self.source(q)
 
@@ -91,19 +106,23 @@ class App:
             sp = self.spool(q)
             counts = sp.counts().as_dict()
             total += counts["bytes"]
-            batches, items = self.sink(q).ledger_stats()
-            out["queues"][q.name] = {**counts, "position": sp.read_position(),
+            sink = self.sink(q)
+            batches, items = sink.ledger_stats()
+            out["queues"][q.name] = {**counts, "stale": len(sp.stale_claims(q.lease)),
+                                     "dead_letters": sink.dead_count(),
+                                     "position": sp.read_position(),
                                      "ledger_batches": batches, "ledger_items": items}
         out["bytes"] = total
         return out
 
     def verify(self, q: QueueConfig, sample: int = 10) -> Verification:
-        """Every source key has exactly one result row."""
+        """Every source key has exactly one result row or exactly one dead letter."""
         sink = self.sink(q)
-        stored: set[str] = set()
-        for k in sink.keys():
-            stored.add(k)
+        stored = set(sink.keys())
+        dead = set(sink.dead_keys())
         n_results = sink.count()
+        both = len(stored & dead)
+        stored |= dead
         seen: set[str] = set()
         missing: list[str] = []
         n_missing = 0
@@ -114,8 +133,8 @@ class App:
                 if len(missing) < sample:
                     missing.append(k)
         return Verification(
-            queue=q.name, source=len(seen), results=n_results, missing=n_missing,
-            duplicated=sink.duplicates(), extra=len(stored - seen),
+            queue=q.name, source=len(seen), results=n_results, dead=len(dead), missing=n_missing,
+            duplicated=sink.duplicates() + both, extra=len(stored - seen),
             failed_batches=self.spool(q).counts().failed, missing_sample=missing)
 
     def show(self, name: str) -> dict[str, Any]:
@@ -128,6 +147,9 @@ class App:
             claim = sp.read_claim(name)
             if claim is not None:
                 info["claim"] = claim.__dict__
+            attempts = sp.attempts(name)
+            if attempts["attempts"]:
+                info["attempts"] = attempts
             try:
                 batch = sp.load(name)
                 info["items"] = len(batch.items)
@@ -138,7 +160,11 @@ class App:
             error = sp.read_error(name)
             if error is not None:
                 info["error"] = error
-            info["recorded"] = self.sink(q).is_recorded(name)
+            sink = self.sink(q)
+            info["recorded"] = sink.is_recorded(name)
+            dead = sink.dead_letters(batch=name)
+            if dead:
+                info["dead_letters"] = dead
             return info
         raise ConfigError(f"no batch named {name!r} in {self.cfg.data_dir} "
                           f"(queues: {', '.join(self.cfg.queues)})")

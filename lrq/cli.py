@@ -32,6 +32,8 @@ examples:
   lrq work docs --burst         process every pending batch of queue docs, then exit
   lrq status --json             counts per queue
   lrq verify docs               every source item stored exactly once?
+  lrq cleanup --dry-run         what the reaper and the tmp sweep would do
+  lrq requeue --failed          put every failed batch back
 """
 
 
@@ -66,14 +68,39 @@ def cmd_sniff(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _graceful(stop: threading.Event, grace: float, current: list[Any]) -> None:
+    """SIGTERM/SIGINT: stop claiming; after ``grace`` seconds (or a second signal) give the
+    current batch back, uncounted, and exit 0."""
+
+    def give_up() -> None:
+        for worker in current:
+            worker.abandon()
+        logging.shutdown()
+        os._exit(EXIT_OK)
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            give_up()
+        stop.set()
+        log.info("stopping signal=%s: finishing the current batch (grace %.0fs)",
+                 signal.Signals(signum).name, grace)
+        timer = threading.Timer(grace, give_up)
+        timer.daemon = True
+        timer.start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+
+
 def cmd_work(args: argparse.Namespace) -> int:
     app = _app(args)
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    current: list[Any] = []
+    _graceful(stop, app.cfg.grace, current)
     failed = 0
     for q in app.queues(args.queue):
         worker = app.worker(q, stop=stop)
+        current[:] = [worker]
         if args.batch:
             if not worker.run_named(args.batch):
                 print(f"lrq: batch {args.batch} is {worker.spool.state(args.batch).value}, "
@@ -85,10 +112,47 @@ def cmd_work(args: argparse.Namespace) -> int:
         else:
             worker.run(burst=args.burst, max_seconds=args.max_seconds, progress=True)
         s = worker.stats
-        failed += s.failed
-        log.info("finished queue=%s batches=%d items=%d failed=%d seconds=%.1f rate=%.0f/s",
-                 q.name, s.batches, s.items, s.failed, s.seconds, s.rate)
+        failed += s.failed + s.infra_errors
+        log.info("finished queue=%s batches=%d items=%d dead=%d failed=%d infra_errors=%d "
+                 "seconds=%.1f rate=%.0f/s", q.name, s.batches, s.items, s.dead, s.failed,
+                 s.infra_errors, s.seconds, s.rate)
     return EXIT_PROBLEM if failed else EXIT_OK
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from lrq import cleanup
+
+    reports = cleanup.run(_app(args), queue=args.queue, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in reports], indent=2))
+    for r in reports:
+        for line in r.lines(args.dry_run):
+            print(line)
+    return EXIT_BUSY if any(r.skipped for r in reports) else EXIT_OK
+
+
+def cmd_requeue(args: argparse.Namespace) -> int:
+    from lrq.spool import State
+
+    app = _app(args)
+    if not args.names and not args.failed:
+        raise ConfigError("name batches to requeue, or pass --failed for every failed batch")
+    spools = [app.spool(q) for q in app.queues(args.queue)]
+    todo = [(sp, p.stem) for sp in spools for p in sorted(sp.failed.glob("*.pkl"))] \
+        if args.failed else []
+    missing = []
+    for name in args.names:
+        sp = next((sp for sp in spools if sp.state(name) is not State.MISSING), None)
+        if sp is None:
+            missing.append(name)
+        else:
+            todo.append((sp, name))
+    for sp, name in todo:
+        print(f"{sp.queue}: {name}: {sp.requeue(name)}")
+    for name in missing:
+        print(f"lrq: no batch named {name}", file=sys.stderr)
+    print(f"requeued {len(todo)} batches")
+    return EXIT_PROBLEM if missing else EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -96,10 +160,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(st, indent=2, default=str))
         return EXIT_OK
-    rows = [("queue", "pending", "claimed", "done", "failed", "disk", "stored items", "position")]
+    rows = [("queue", "pending", "claimed", "stale", "done", "failed", "quarantined",
+             "dead letters", "disk", "stored items", "position")]
     for name, s in st["queues"].items():
-        rows.append((name, s["pending"], s["claimed"], s["done"], s["failed"],
-                     _human(s["bytes"]), s["ledger_items"], s["position"]))
+        rows.append((name, s["pending"], s["claimed"], s["stale"], s["done"], s["failed"],
+                     s["quarantined"], s["dead_letters"], _human(s["bytes"]), s["ledger_items"],
+                     s["position"]))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
@@ -112,8 +178,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
     bad = False
     for q in app.queues(args.queue):
         v = app.verify(q)
-        print(f"{q.name}: source {v.source}, results {v.results}, missing {v.missing}, "
-              f"duplicated {v.duplicated}, not in source {v.extra}, failed batches {v.failed_batches}")
+        print(f"{q.name}: source {v.source}, results {v.results}, dead letters {v.dead}, "
+              f"missing {v.missing}, duplicated {v.duplicated}, not in source {v.extra}, "
+              f"failed batches {v.failed_batches}")
         if v.missing_sample:
             print(f"  missing keys (first {len(v.missing_sample)}): {', '.join(v.missing_sample)}")
         bad |= not v.ok
@@ -179,6 +246,14 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     v = add("verify", cmd_verify, "check every source item has exactly one result")
     v.add_argument("queue", nargs="?")
+    c = add("cleanup", cmd_cleanup, "reap stale claims, sweep orphan tmp files; print what was done")
+    c.add_argument("queue", nargs="?")
+    c.add_argument("--dry-run", action="store_true", help="only say what would be done")
+    c.add_argument("--json", action="store_true")
+    rq = add("requeue", cmd_requeue, "put failed (or stuck claimed) batches back to pending")
+    rq.add_argument("names", nargs="*", metavar="NAME")
+    rq.add_argument("--failed", action="store_true", help="every failed batch")
+    rq.add_argument("--queue", help="only this queue")
     sh = add("show", cmd_show, "inspect one batch")
     sh.add_argument("name")
     i = add("init", cmd_init, "write a commented starter lrq.toml")

@@ -58,10 +58,16 @@ class QueueConfig:
     max_pending: int = 50
     #: A scheduled worker process exits after this long, so a slow leak cannot grow forever.
     run_seconds: float = 300.0
-
-    @property
-    def result_target(self) -> str:
-        return self.model or self.result_table or f"lrq_results"
+    #: Tries of a failing handler call before it is split (and of a single item before it is
+    #: dead-lettered); waits ``backoff * 2**n`` seconds between tries.
+    retries: int = 2
+    backoff: float = 0.5
+    #: A handler call running longer than this is interrupted and counts as failed.
+    handler_timeout: float = 300.0
+    #: A claim whose heartbeat is older than this is taken back by the reaper.
+    lease: float = 60.0
+    #: A batch whose worker died this many times moves to failed/.
+    max_attempts: int = 3
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,10 @@ class CleanupConfig:
     keep_failed: float = 30 * 86400.0
     max_bytes: int = 10 * 10**9
     min_free: str = "10%"
+    #: Orphan files in tmp/ (writers that died) are removed after this long.
+    tmp_age: float = 3600.0
+    #: Seconds between scheduled cleanup (reaper) runs.
+    every: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,8 @@ class Config:
     log_file: Path | None = None
     log_max_bytes: int = 10 * 2**20
     log_backups: int = 5
+    #: Key that signs batch files; else env LRQ_SECRET, else <data_dir>/secret.key (generated).
+    secret: str | None = None
 
     def queue(self, name: str | None) -> list[QueueConfig]:
         """The named queue (or every queue when ``name`` is None)."""
@@ -185,6 +197,8 @@ _QUEUE_KEYS: dict[str, type | tuple[type, ...]] = {
     "handler": str, "handler_options": dict, "batch_size": int, "chunk_size": int,
     "workers": int, "key": str, "result_table": str, "model": str, "order": str,
     "max_pending": int, "run_seconds": (int, float, str), "source": dict,
+    "retries": int, "backoff": (int, float), "handler_timeout": (int, float, str),
+    "lease": (int, float, str), "max_attempts": int,
 }
 
 
@@ -199,9 +213,12 @@ def _queue(name: str, table: dict[str, Any], base: Path, where: str) -> QueueCon
     if "result_table" in table and "model" in table:
         raise ConfigError(f"{where}: set result_table or model, not both")
     values = {k: v for k, v in table.items() if k != "source"}
-    if "run_seconds" in values:
-        values["run_seconds"] = parse_duration(values["run_seconds"], f"{where}.run_seconds")
-    for k in ("batch_size", "chunk_size", "workers", "max_pending"):
+    for k in ("run_seconds", "handler_timeout", "lease"):
+        if k in values:
+            values[k] = parse_duration(values[k], f"{where}.{k}")
+    if values.get("retries", 0) < 0:
+        raise ConfigError(f"{where}.retries: must be 0 or more, got {values['retries']}")
+    for k in ("batch_size", "chunk_size", "workers", "max_pending", "max_attempts"):
         if k in values and values[k] < 1:
             raise ConfigError(f"{where}.{k}: must be at least 1, got {values[k]}")
     if values.get("order", "random") not in ("random", "fifo"):
@@ -229,7 +246,7 @@ def from_dict(raw: dict[str, Any], path: Path, env: dict[str, str] | None = None
     where = str(path)
     _take(raw, {"data_dir": str, "db_url": str, "queues": dict, "cleanup": dict,
                 "interval": (int, float), "grace": (int, float), "log_file": str,
-                "log_max_bytes": (int, str), "log_backups": int}, where)
+                "log_max_bytes": (int, str), "log_backups": int, "secret": str}, where)
     base = path.parent
     data_dir = base / env.get("LRQ_DATA_DIR", raw.get("data_dir", "data"))
     db_url = env.get("LRQ_DB_URL") or raw.get("db_url") or f"sqlite:///{data_dir / 'results.db'}"
@@ -239,12 +256,15 @@ def from_dict(raw: dict[str, Any], path: Path, env: dict[str, str] | None = None
     if not queues:
         raise ConfigError(f"{where}: no queues; add a [queues.NAME] table (see `lrq init`)")
     c = _take(dict(raw.get("cleanup", {})), {"keep_done": (int, float, str),
-              "keep_failed": (int, float, str), "max_bytes": (int, str), "min_free": str}, "cleanup")
+              "keep_failed": (int, float, str), "max_bytes": (int, str), "min_free": str,
+              "tmp_age": (int, float, str), "every": (int, float, str)}, "cleanup")
     cleanup = CleanupConfig(
         keep_done=parse_duration(c.get("keep_done", CleanupConfig.keep_done), "cleanup.keep_done"),
         keep_failed=parse_duration(c.get("keep_failed", CleanupConfig.keep_failed), "cleanup.keep_failed"),
         max_bytes=parse_bytes(c.get("max_bytes", CleanupConfig.max_bytes), "cleanup.max_bytes"),
         min_free=c.get("min_free", CleanupConfig.min_free),
+        tmp_age=parse_duration(c.get("tmp_age", CleanupConfig.tmp_age), "cleanup.tmp_age"),
+        every=parse_duration(c.get("every", CleanupConfig.every), "cleanup.every"),
     )
     log_file = Path(base / raw["log_file"]) if "log_file" in raw else data_dir / "lrq.log"
     return Config(
@@ -252,7 +272,7 @@ def from_dict(raw: dict[str, Any], path: Path, env: dict[str, str] | None = None
         interval=float(raw.get("interval", Config.interval)),
         grace=float(raw.get("grace", Config.grace)), log_file=log_file,
         log_max_bytes=parse_bytes(raw.get("log_max_bytes", Config.log_max_bytes), "log_max_bytes"),
-        log_backups=raw.get("log_backups", Config.log_backups),
+        log_backups=raw.get("log_backups", Config.log_backups), secret=raw.get("secret"),
     )
 
 
@@ -286,8 +306,9 @@ def load_handler(queue: QueueConfig, base: Path | None = None) -> Callable[[list
     if queue.handler_options is not None:
         try:
             target = target(**queue.handler_options)
-        except TypeError as e:
-            raise ConfigError(f"{where}: {queue.handler} rejected handler_options: {e}") from e
+        except Exception as e:
+            raise ConfigError(f"{where}: building {queue.handler}(**handler_options) failed: "
+                              f"{type(e).__name__}: {e}") from e
     if not callable(target):
         raise ConfigError(f"{where}: {queue.handler!r} is not callable")
     return target

@@ -46,3 +46,19 @@ class SinkError(LrqError):
 
 class AlreadyRunning(LrqError):
     """Another process holds this lock."""
+
+
+class BatchUnsigned(BatchCorrupt):
+    """A batch file's signature does not match: lrq did not write it (or it was altered)."""
+
+
+class Retryable(LrqError):
+    """An infrastructure failure (service down, timeout): retry later, the items are not at fault.
+
+    Handlers may raise it themselves; lrq also treats connection errors, timeouts, HTTP 5xx
+    and 429, and database disconnects this way.
+    """
+
+
+class HandlerTimeout(LrqError):
+    """A handler call ran past ``handler_timeout``."""

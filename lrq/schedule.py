@@ -1,7 +1,8 @@
 """The scheduler: sniffers in-process, worker runs as child processes, on APScheduler 3.
 
 Each queue gets a sniffer job (max_instances=1) and a worker job (max_instances=workers),
-both coalesced, firing every ``interval`` seconds. A worker job only spawns a process when
+both coalesced, firing every ``interval`` seconds; a cleanup job (the reaper) runs every
+``cleanup.every`` seconds. A worker job only spawns a process when
 something is pending; that process (``lrq work QUEUE --burst``) drains batches until none is
 left or ``run_seconds`` pass, so interpreter start-up is paid per run, not per batch, and
 CPU-bound handlers use every core.
@@ -24,6 +25,7 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 
+from lrq import cleanup
 from lrq.app import App
 from lrq.config import QueueConfig
 from lrq.errors import AlreadyRunning, LrqError
@@ -45,7 +47,7 @@ class Runner:
         self._lock = threading.Lock()
         self.sniffers = {q.name: app.sniffer(q) for q in app.queues()}
         self.spools = {q.name: app.spool(q) for q in app.queues()}
-        slots = sum(1 + q.workers for q in app.queues()) + 2
+        slots = sum(1 + q.workers for q in app.queues()) + 3
         self.scheduler = BlockingScheduler(
             executors={"default": ThreadPoolExecutor(slots)},
             job_defaults={"coalesce": True, "misfire_grace_time": None},
@@ -80,7 +82,7 @@ class Runner:
                 level, _, rest = line.rstrip("\n").partition(" ")
                 child_log.log(logging.getLevelName(level) if level.isupper() else logging.INFO,
                               "[%s %d] %s", q.name, proc.pid, rest if level.isupper() else line.rstrip())
-            code = proc.wait(timeout=self.app.cfg.grace)
+            code = proc.wait(timeout=self.app.cfg.grace + 5)
         except subprocess.TimeoutExpired:
             proc.kill()
             code = proc.wait()
@@ -89,6 +91,14 @@ class Runner:
                 self.children.pop(proc.pid, None)
         if code != 0:
             log.error("worker-exit queue=%s pid=%d code=%d", q.name, proc.pid, code)
+
+    def clean(self) -> None:
+        try:
+            for report in cleanup.run(self.app):
+                if report.reclaimed or report.failed or report.tmp_removed:
+                    log.info("cleanup %s", report.lines(dry_run=False)[0])
+        except Exception:
+            log.exception("cleanup-failed")
 
     def supervise(self) -> None:
         if self.stop.is_set() or (self.until_idle and self.idle()):
@@ -121,6 +131,8 @@ class Runner:
             self.scheduler.add_job(self.work, "interval", args=[q], seconds=interval,
                                    max_instances=q.workers, id=f"work:{q.name}",
                                    next_run_time=_now())
+        self.scheduler.add_job(self.clean, "interval", seconds=self.app.cfg.cleanup.every,
+                               max_instances=1, id="cleanup", next_run_time=_now())
         self.scheduler.add_job(self.supervise, "interval", seconds=SUPERVISE_EVERY,
                                max_instances=1, id="supervise")
         log.info("started data_dir=%s queues=%s pid=%d", self.app.cfg.data_dir,
@@ -135,7 +147,7 @@ class Runner:
             procs = [p for _, p in self.children.values()]
         for p in procs:
             _signal(p, signal.SIGTERM)
-        deadline = time.monotonic() + self.app.cfg.grace
+        deadline = time.monotonic() + self.app.cfg.grace + 5  # children give up at grace
         for p in procs:
             try:
                 p.wait(timeout=max(0.0, deadline - time.monotonic()))

@@ -1,4 +1,5 @@
-"""The sink: results, and the batch ledger row that makes a batch *done*, in one transaction.
+"""The sink: results, dead letters and the batch ledger row that makes a batch *done*, in one
+transaction.
 
 Result rows are unique by ``(queue, key)`` (generic table) or by the model's key column, and
 are inserted with the dialect's on-conflict form, so replaying a batch, or a batch holding
@@ -13,10 +14,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from sqlalchemy import (JSON, BigInteger, Column, DateTime, Integer, MetaData, String, Table,
-                        UniqueConstraint, func, select)
+                        Text, UniqueConstraint, func, inspect, select)
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
+from lrq import failpoints
 from lrq.config import QueueConfig, load_object
 from lrq.db import insert_ignore
 from lrq.errors import ConfigError, HandlerError, SinkError
@@ -24,6 +26,7 @@ from lrq.errors import ConfigError, HandlerError, SinkError
 log = logging.getLogger(__name__)
 
 LEDGER = "lrq_batches"
+DEAD = "lrq_dead_letters"
 
 
 def ledger_table(metadata: MetaData) -> Table:
@@ -33,8 +36,25 @@ def ledger_table(metadata: MetaData) -> Table:
         Column("name", String(64), primary_key=True),
         Column("items", Integer, nullable=False),
         Column("results", Integer, nullable=False),
+        Column("dead", Integer, nullable=False, default=0),
         Column("attempt", Integer, nullable=False, default=1),
         Column("finished_at", DateTime, nullable=False, server_default=func.now()),
+    )
+
+
+def dead_letter_table(metadata: MetaData) -> Table:
+    """Items the handler failed on after retries, one row per (queue, key), with the error."""
+    return Table(
+        DEAD, metadata,
+        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+               autoincrement=True),
+        Column("queue", String(64), nullable=False),
+        Column("key", String(255), nullable=False),
+        Column("batch", String(64), nullable=False),
+        Column("error", Text, nullable=False),
+        Column("item", JSON, nullable=False),
+        Column("created_at", DateTime, nullable=False, server_default=func.now()),
+        UniqueConstraint("queue", "key", name=f"uq_{DEAD}_queue_key"),
     )
 
 
@@ -58,6 +78,7 @@ class Stored:
 
     recorded: bool
     results: int
+    dead: int = 0
 
 
 class Sink:
@@ -69,6 +90,8 @@ class Sink:
         self.key = queue.key
         self.metadata = MetaData()
         self.ledger = ledger_table(self.metadata)
+        self.dead = dead_letter_table(self.metadata)
+        self._insert_dead = insert_ignore(engine, self.dead, ["queue", "key"])
         if queue.model:
             model = load_object(queue.model, f"queues.{queue.name}.model", base)
             table = getattr(model, "__table__", None)
@@ -91,14 +114,20 @@ class Sink:
         self._insert = insert_ignore(engine, self.table, self.unique)
 
     def prepare(self) -> "Sink":
-        """Create the ledger and the results table if they are missing."""
-        try:
-            self.ledger.create(self.engine, checkfirst=True)
-            self.table.create(self.engine, checkfirst=True)
-        except OperationalError as e:
-            raise SinkError(f"cannot reach results database {self.engine.url!r}: {e.orig}") from e
-        except IntegrityError:
-            pass  # another process created it between the check and the create
+        """Create the ledger, dead-letter and results tables if they are missing. Safe when
+        several processes start at once: losing the race to create a table is fine."""
+        for table in (self.ledger, self.dead, self.table):
+            try:
+                table.create(self.engine, checkfirst=True)
+            except SQLAlchemyError as e:
+                try:
+                    if inspect(self.engine).has_table(table.name):
+                        continue  # another process created it between the check and the create
+                except OperationalError as again:
+                    raise SinkError(f"cannot reach results database {self.engine.url!r}: "
+                                    f"{again.orig}") from again
+                raise SinkError(f"cannot create table {table.name} in {self.engine.url!r}: "
+                                f"{getattr(e, 'orig', None) or e}") from e
         return self
 
     def is_recorded(self, name: str) -> bool:
@@ -117,11 +146,17 @@ class Sink:
         if extra:
             raise HandlerError(f"results have fields {sorted(extra)} that model "
                                f"{self.queue.model} has no columns for")
+        if any(r.get(self.key) is None for r in results):
+            raise HandlerError(f"a result has no {self.key!r} (the key column of {self.queue.model})")
         return results
 
-    def store(self, batch: str, items: int, results: list[dict[str, Any]], attempt: int = 1) -> Stored:
-        """Commit results and the ledger row together; a batch already in the ledger is left as is."""
+    def store(self, batch: str, items: int, results: list[dict[str, Any]], attempt: int = 1, *,
+              dead: list[tuple[dict[str, Any], str]] = ()) -> Stored:
+        """Commit results, dead letters ``(item, error)`` and the ledger row together; a batch
+        already in the ledger is left as is."""
         rows = self.rows(batch, results)
+        dead_rows = [{"queue": self.queue.name, "key": str(item.get(self.key)), "batch": batch,
+                      "error": error, "item": item} for item, error in dead]
         try:
             with self.engine.begin() as conn:
                 if conn.execute(select(self.ledger.c.name).where(
@@ -129,9 +164,13 @@ class Sink:
                         self.ledger.c.name == batch)).first() is not None:
                     return Stored(recorded=False, results=0)
                 conn.execute(self.ledger.insert().values(
-                    queue=self.queue.name, name=batch, items=items, results=len(rows), attempt=attempt))
-                if rows:
-                    conn.execute(self._insert, rows)
+                    queue=self.queue.name, name=batch, items=items, results=len(rows),
+                    dead=len(dead_rows), attempt=attempt))
+                for group in _same_fields(rows):
+                    conn.execute(self._insert, group)
+                if dead_rows:
+                    conn.execute(self._insert_dead, dead_rows)
+                failpoints.hit("during-txn")
         except IntegrityError as e:
             if self.is_recorded(batch):
                 return Stored(recorded=False, results=0)
@@ -139,7 +178,7 @@ class Sink:
         except SQLAlchemyError as e:
             raise SinkError(f"storing batch {batch} into {self.table.name} failed: "
                             f"{getattr(e, 'orig', None) or e}") from e
-        return Stored(recorded=True, results=len(rows))
+        return Stored(recorded=True, results=len(rows), dead=len(dead_rows))
 
     def _key_column(self) -> Any:
         return self.table.c.key if self.generic else self.table.c[self.key]
@@ -152,6 +191,20 @@ class Sink:
             for (k,) in conn.execution_options(yield_per=10_000).execute(
                     self._scoped(select(self._key_column()))):
                 yield str(k)
+
+    def dead_keys(self) -> Iterator[str]:
+        with self.engine.connect() as conn:
+            for (k,) in conn.execution_options(yield_per=10_000).execute(
+                    select(self.dead.c.key).where(self.dead.c.queue == self.queue.name)):
+                yield str(k)
+
+    def dead_letters(self, batch: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
+        q = select(self.dead.c.key, self.dead.c.batch, self.dead.c.error, self.dead.c.created_at)
+        q = q.where(self.dead.c.queue == self.queue.name)
+        if batch is not None:
+            q = q.where(self.dead.c.batch == batch)
+        with self.engine.connect() as conn:
+            return [dict(r) for r in conn.execute(q.order_by(self.dead.c.id).limit(limit)).mappings()]
 
     def duplicates(self) -> int:
         """Keys stored more than once (non-zero only if the unique constraint was dropped)."""
@@ -171,6 +224,20 @@ class Sink:
         with self.engine.connect() as conn:
             n, items = conn.execute(q).one()
         return int(n), int(items)
+
+    def dead_count(self) -> int:
+        q = select(func.count()).select_from(self.dead).where(self.dead.c.queue == self.queue.name)
+        with self.engine.connect() as conn:
+            return int(conn.execute(q).scalar_one())
+
+
+def _same_fields(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Rows grouped by their set of fields: an executemany takes its columns from the first
+    row, so mixing shapes would drop fields silently or fail the batch."""
+    groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(frozenset(r), []).append(r)
+    return list(groups.values())
 
 
 def _is_unique(table: Table, column: str) -> bool:

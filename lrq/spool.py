@@ -4,11 +4,13 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
 
     tmp/<name>.pkl       a batch being written; never read; orphans are swept by cleanup
     left/<name>.pkl      a published batch: tmp write, fsync, rename here, fsync left/
-    right/<name>         the claim (the ack): exclusive create (O_CREAT|O_EXCL), one winner;
+    right/<name>         the claim (the ack): exclusive create (link(2) of a written file), one winner;
                          holds the owner record as JSON (host, pid, process start, attempt, token)
     right/<name>.done    the done marker, written after the database commit; the batch ledger
                          in the results database is the truth it can be rebuilt from
+    right/<name>.attempt attempts so far and why they ended, for a batch that was reclaimed
     failed/<name>.pkl    a batch that could not be processed, beside failed/<name>.error
+    quarantine/<name>.pkl a file whose signature did not verify: never unpickled
     position.json        the source position, advanced only after the batch file is durable
     <job>.lock           flock files making the sniffer (and the scheduler) single per folder
 
@@ -20,8 +22,16 @@ A batch is *pending* when ``left/<name>.pkl`` exists and ``right/<name>`` does n
 when ``right/<name>`` exists without ``right/<name>.done``, *done* with both, *failed* when it
 sits in ``failed/``.
 
-Batch file: the magic ``LRQ1\\n`` followed by a pickle of ``{"name", "queue", "created",
-"position", "items"}``. Only files this module wrote are read back.
+Batch file: the magic ``LRQ2\\n``, an HMAC-SHA256 of the rest (32 bytes), then a pickle of
+``{"name", "queue", "created", "position", "items"}``. The signature is checked before
+unpickling, so only files written with this data dir's key are ever unpickled.
+
+Leases: the owner of a claim touches ``right/<name>`` (its mtime is the heartbeat) while it
+works. :meth:`Spool.stale_claims` finds claims whose owner is dead (same host, pid gone or
+reused) or whose heartbeat is older than the lease; :meth:`Spool.reap` moves such a claim
+aside with one atomic rename (the batch is pending again, attempt + 1) or, past
+``max_attempts``, moves the batch to ``failed/``. An owner that finds its claim gone has
+lost its lease and must not commit; the ledger's primary key stops it if it tries anyway.
 
 Crash windows and what covers them:
 
@@ -29,8 +39,9 @@ Crash windows and what covers them:
   so the same items are fetched again.
 * killed after the rename, before the position is saved: the items are published again in a
   later batch; the results table's unique keys absorb the replay.
-* killed after the claim: the batch stays claimed; the claim names its owner so a reaper can
-  tell a dead owner from a live one.
+* killed after the claim: the claim (written aside and linked into place, so never empty)
+  names its owner, so the reaper sees the owner is dead and makes the batch pending again,
+  counting the attempt.
 * killed after the database commit, before the done marker: the next claimer finds the batch
   in the ledger and only writes the marker.
 """
@@ -54,12 +65,14 @@ from typing import Any, Callable, Iterator
 
 import shortuuid
 
-from lrq.errors import AlreadyRunning, BatchCorrupt
+from lrq import failpoints, signing
+from lrq.errors import AlreadyRunning, BatchCorrupt, BatchUnsigned, LrqError
 
-MAGIC = b"LRQ1\n"
+MAGIC = b"LRQ2\n"
 SUFFIX = ".pkl"
 DONE = ".done"
 ERROR = ".error"
+ATTEMPT = ".attempt"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 _uuid = shortuuid.ShortUUID()
@@ -70,6 +83,7 @@ class State(enum.Enum):
     CLAIMED = "claimed"
     DONE = "done"
     FAILED = "failed"
+    QUARANTINED = "quarantined"
     MISSING = "missing"
 
 
@@ -96,11 +110,21 @@ class Batch:
 
 
 @dataclass(frozen=True)
+class Stale:
+    """A claim the reaper may take back, and why."""
+
+    name: str
+    reason: str
+    attempt: int
+
+
+@dataclass(frozen=True)
 class Counts:
     pending: int
     claimed: int
     done: int
     failed: int
+    quarantined: int
     bytes: int
 
     def as_dict(self) -> dict[str, int]:
@@ -115,6 +139,20 @@ def process_start() -> int:
         return int(stat.rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+def owner_alive(pid: int, start: int) -> bool:
+    """Is the process ``pid`` (started at ``start`` ticks) still running on this host?"""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    except OSError:
+        return True  # cannot tell: let the lease decide
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):  # a zombie is dead
+        return False
+    return start == 0 or int(fields[19]) == start
 
 
 def fsync_dir(path: Path) -> None:
@@ -137,7 +175,8 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
         try:
             view = memoryview(data)
             while view:
-                view = view[os.write(fd, view):]
+                view = view[os.write(fd, view[:1 << 20]):]
+                failpoints.hit("sniff-mid-write")
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -152,23 +191,32 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
 class Spool:
     """One queue's folders. Safe to use from many processes at once."""
 
-    def __init__(self, data_dir: Path, queue: str, *, clock: Callable[[], float] = time.time,
-                 rng: random.Random | None = None) -> None:
+    def __init__(self, data_dir: Path, queue: str, *, key: bytes | None = None,
+                 clock: Callable[[], float] = time.time, rng: random.Random | None = None) -> None:
         self.queue = queue
         self.root = Path(data_dir) / queue
         self.left = self.root / "left"
         self.right = self.root / "right"
         self.tmp = self.root / "tmp"
         self.failed = self.root / "failed"
+        self.quarantine = self.root / "quarantine"
+        self._key = key
         self.clock = clock
         self.rng = rng or random.Random()
         self._last_us = 0
         self._candidates: list[str] = []
 
     def ensure(self) -> "Spool":
-        for d in (self.root.parent, self.root, self.left, self.right, self.tmp, self.failed):
+        for d in (self.root.parent, self.root, self.left, self.right, self.tmp, self.failed,
+                  self.quarantine):
             d.mkdir(mode=DIR_MODE, exist_ok=True)
         return self
+
+    @property
+    def key(self) -> bytes:
+        if self._key is None:
+            self._key = signing.load_key(None, self.root.parent)
+        return self._key
 
     # -- names ---------------------------------------------------------------------------
     def new_name(self) -> str:
@@ -183,8 +231,10 @@ class Spool:
         name = self.new_name()
         body = {"name": name, "queue": self.queue, "created": self.clock(),
                 "position": position, "items": items}
-        data = MAGIC + pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
+        payload = pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL)
+        data = MAGIC + signing.sign(self.key, payload) + payload
         write_atomic(self.left / f"{name}{SUFFIX}", data, self.tmp)
+        failpoints.hit("sniff-after-rename")
         return name
 
     def read_position(self) -> Any:
@@ -205,12 +255,15 @@ class Spool:
         except FileNotFoundError:
             return set()
 
+    def _claims(self) -> set[str]:
+        return {n for n in self._names(self.right, "") if "." not in n}
+
     def pending(self) -> list[str]:
         """Names in ``left/`` without a claim in ``right/``, oldest first."""
-        return sorted(self._names(self.left, SUFFIX) - self._names(self.right, ""))
+        return sorted(self._names(self.left, SUFFIX) - self._claims())
 
     def has_pending(self) -> bool:
-        claimed = self._names(self.right, "")
+        claimed = self._claims()
         try:
             with os.scandir(self.left) as it:
                 return any(e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claimed
@@ -220,30 +273,30 @@ class Spool:
 
     def claimed(self) -> list[str]:
         right = self._names(self.right, "")
-        return sorted(n for n in right if not n.endswith(DONE) and f"{n}{DONE}" not in right)
+        return sorted(n for n in right if "." not in n and f"{n}{DONE}" not in right)
 
     def counts(self) -> Counts:
         size = 0
         left: set[str] = set()
         right: set[str] = set()
-        failed = 0
-        for folder, into in ((self.left, left), (self.right, right), (self.failed, None),
-                             (self.tmp, None)):
+        failed: set[str] = set()
+        quarantined: set[str] = set()
+        for folder, into in ((self.left, left), (self.right, right), (self.failed, failed),
+                             (self.quarantine, quarantined), (self.tmp, None)):
             try:
                 with os.scandir(folder) as it:
                     for e in it:
                         size += e.stat(follow_symlinks=False).st_size
                         if into is not None:
                             into.add(e.name)
-                        elif folder == self.failed and e.name.endswith(SUFFIX):
-                            failed += 1
             except FileNotFoundError:
                 pass
         left_names = {n[: -len(SUFFIX)] for n in left if n.endswith(SUFFIX)}
         done = {n[: -len(DONE)] for n in right if n.endswith(DONE)}
-        claims = {n for n in right if not n.endswith(DONE)}
+        claims = {n for n in right if "." not in n}
         return Counts(pending=len(left_names - claims), claimed=len(claims - done),
-                      done=len(done), failed=failed, bytes=size)
+                      done=len(done), failed=sum(n.endswith(SUFFIX) for n in failed),
+                      quarantined=sum(n.endswith(SUFFIX) for n in quarantined), bytes=size)
 
     def state(self, name: str) -> State:
         if (self.right / f"{name}{DONE}").exists():
@@ -254,26 +307,67 @@ class Spool:
             return State.PENDING
         if (self.failed / f"{name}{SUFFIX}").exists():
             return State.FAILED
+        if (self.quarantine / f"{name}{SUFFIX}").exists():
+            return State.QUARANTINED
         return State.MISSING
 
     # -- claiming ------------------------------------------------------------------------
-    def claim(self, name: str, attempt: int = 1) -> Claim | None:
+    def claim(self, name: str) -> Claim | None:
         """Claim ``name`` with an exclusive create; None when someone else has it."""
+        attempt = self.attempts(name)["attempts"] + 1
         c = Claim(name=name, token=_uuid.random(16), attempt=attempt, host=socket.gethostname(),
                   pid=os.getpid(), start=process_start(), claimed_at=self.clock())
-        try:
-            fd = os.open(self.right / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-        except FileExistsError:
-            return None
+        # Write the owner record aside, then link it into place: link(2) is an exclusive,
+        # atomic create, so a claim is never seen half-written.
+        tmp = self.tmp / f"{name}.claim.{c.token}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             os.write(fd, json.dumps(asdict(c)).encode())
         finally:
             os.close(fd)
+        try:
+            os.link(tmp, self.right / name)
+        except FileExistsError:
+            return None
+        finally:
+            os.unlink(tmp)
         if not (self.left / f"{name}{SUFFIX}").exists():
             # Cleanup removed the batch after our listing: undo and report no claim.
             os.unlink(self.right / name)
             return None
+        failpoints.hit("after-claim")
         return c
+
+    def attempts(self, name: str) -> dict[str, Any]:
+        """``{"attempts": n, "history": [...]}``: attempts that ended without finishing."""
+        try:
+            return json.loads((self.right / f"{name}{ATTEMPT}").read_text())
+        except (FileNotFoundError, ValueError):
+            return {"attempts": 0, "history": []}
+
+    def _record_attempt(self, claim: Claim, reason: str) -> dict[str, Any]:
+        record = self.attempts(claim.name)
+        record["attempts"] = max(record["attempts"], claim.attempt)
+        record["history"] = (record["history"] + [{
+            "attempt": claim.attempt, "host": claim.host, "pid": claim.pid,
+            "claimed_at": claim.claimed_at, "ended_at": self.clock(), "reason": reason}])[-20:]
+        write_atomic(self.right / f"{claim.name}{ATTEMPT}", json.dumps(record).encode(), self.tmp)
+        return record
+
+    def heartbeat(self, claim: Claim) -> bool:
+        """Refresh the lease; False when the claim is no longer ours (reaped, released)."""
+        current = self.read_claim(claim.name)
+        if current is None or current.token != claim.token:
+            return False
+        try:
+            os.utime(self.right / claim.name)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def owns(self, claim: Claim) -> bool:
+        current = self.read_claim(claim.name)
+        return current is not None and current.token == claim.token
 
     def read_claim(self, name: str) -> Claim | None:
         try:
@@ -309,7 +403,7 @@ class Spool:
 
     # -- reading -------------------------------------------------------------------------
     def load(self, name: str) -> Batch:
-        for folder in (self.left, self.failed):
+        for folder in (self.left, self.failed, self.quarantine):
             path = folder / f"{name}{SUFFIX}"
             try:
                 data = path.read_bytes()
@@ -317,11 +411,15 @@ class Spool:
             except FileNotFoundError:
                 continue
         else:
-            raise FileNotFoundError(f"batch {name} is not in {self.left} or {self.failed}")
+            raise FileNotFoundError(f"batch {name} is not in {self.left}, {self.failed} or {self.quarantine}")
         if not data.startswith(MAGIC):
-            raise BatchCorrupt(path, "not an lrq batch file (bad magic)")
+            raise BatchUnsigned(path, "not an lrq batch file (bad magic); not unpickled")
+        view = memoryview(data)
+        start = len(MAGIC) + signing.SIZE
+        if len(data) < start or not signing.valid(self.key, view[start:], data[len(MAGIC):start]):
+            raise BatchUnsigned(path, "signature does not match this data dir's key; not unpickled")
         try:
-            body = pickle.loads(data[len(MAGIC):])
+            body = pickle.loads(view[start:])
             return Batch(name=body["name"], queue=body["queue"], created=body["created"],
                          position=body["position"], items=body["items"])
         except Exception as e:  # a truncated or foreign pickle can raise almost anything
@@ -344,25 +442,105 @@ class Spool:
         os.unlink(self.right / claim.name)
         return True
 
-    def fail(self, claim: Claim, error: str) -> Path:
-        """Move a claimed batch to ``failed/`` with an error file; return the error file."""
-        err = self.failed / f"{claim.name}{ERROR}"
+    def fail(self, claim: Claim, error: str, folder: Path | None = None) -> Path:
+        """Move a claimed batch to ``failed/`` (or ``folder``) with an error file beside it."""
+        folder = folder or self.failed
+        err = folder / f"{claim.name}{ERROR}"
         record = {"name": claim.name, "queue": self.queue, "attempt": claim.attempt,
                   "claimed_at": claim.claimed_at, "failed_at": self.clock(),
-                  "host": claim.host, "pid": claim.pid, "error": error}
+                  "host": claim.host, "pid": claim.pid, "error": error,
+                  "history": self.attempts(claim.name)["history"]}
         write_atomic(err, json.dumps(record, indent=2).encode(), self.tmp)
-        os.rename(self.left / f"{claim.name}{SUFFIX}", self.failed / f"{claim.name}{SUFFIX}")
-        fsync_dir(self.failed)
+        os.rename(self.left / f"{claim.name}{SUFFIX}", folder / f"{claim.name}{SUFFIX}")
+        fsync_dir(folder)
         fsync_dir(self.left)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.right / claim.name)
+        for leftover in (claim.name, f"{claim.name}{ATTEMPT}"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.right / leftover)
         return err
 
-    def read_error(self, name: str) -> dict[str, Any] | None:
+    def quarantine_batch(self, claim: Claim, error: str) -> Path:
+        """Set aside a file that failed its signature check; it is never unpickled."""
+        return self.fail(claim, error, self.quarantine)
+
+    def stale_claims(self, lease: float, now: float | None = None) -> list[Stale]:
+        """Claims whose owner is dead (this host) or whose heartbeat is older than ``lease``."""
+        now = self.clock() if now is None else now
+        host = socket.gethostname()
+        out = []
+        for name in self.claimed():
+            try:
+                beat = (self.right / name).stat().st_mtime
+            except FileNotFoundError:
+                continue
+            c = self.read_claim(name)
+            if c is None:
+                # Not written by this lrq (claims are linked in whole): wait out the lease.
+                if now - beat > lease:
+                    out.append(Stale(name, "unreadable claim", self.attempts(name)["attempts"] + 1))
+            elif c.host == host and not owner_alive(c.pid, c.start):
+                out.append(Stale(name, f"owner pid {c.pid} is dead", c.attempt))
+            elif now - beat > lease:
+                out.append(Stale(name, f"no heartbeat for {now - beat:.0f}s (lease {lease:.0f}s)",
+                                 c.attempt))
+        return out
+
+    def reap(self, stale: Stale, max_attempts: int) -> str:
+        """Take back one stale claim: pending again, or ``failed/`` past ``max_attempts``.
+
+        The claim is first renamed into ``tmp/`` (atomic: one reaper wins, and its owner's next
+        heartbeat sees the lease is gone). Returns "requeued", "failed" or "gone".
+        """
+        aside = self.tmp / f"{stale.name}.reaped.{_uuid.random(8)}"
         try:
-            return json.loads((self.failed / f"{name}{ERROR}").read_text())
+            os.rename(self.right / stale.name, aside)
         except FileNotFoundError:
+            return "gone"
+        claim = self.read_claim_file(aside) or Claim(
+            name=stale.name, token="", attempt=stale.attempt, host="?", pid=0, start=0,
+            claimed_at=0.0)
+        record = self._record_attempt(claim, stale.reason)
+        os.unlink(aside)
+        if (self.right / f"{stale.name}{DONE}").exists() or record["attempts"] < max_attempts:
+            return "requeued"
+        if not (self.left / f"{stale.name}{SUFFIX}").exists():
+            return "gone"
+        held = self.claim(stale.name)  # hold it while moving, so no worker takes it meanwhile
+        if held is None:
+            return "requeued"
+        self.fail(held, f"gave up after {record['attempts']} attempts; the last: {stale.reason}")
+        return "failed"
+
+    def read_claim_file(self, path: Path) -> Claim | None:
+        try:
+            return Claim(**json.loads(path.read_text()))
+        except (FileNotFoundError, ValueError, TypeError):
             return None
+
+    def requeue(self, name: str) -> str:
+        """Put a failed batch back into ``left/`` (attempts reset), or release a stuck claim."""
+        failed = self.failed / f"{name}{SUFFIX}"
+        if failed.exists():
+            os.rename(failed, self.left / f"{name}{SUFFIX}")
+            fsync_dir(self.left)
+            for leftover in (self.failed / f"{name}{ERROR}", self.right / f"{name}{ATTEMPT}"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+            return "requeued from failed/"
+        state = self.state(name)
+        if state is State.CLAIMED:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.right / name)
+            return "claim released"
+        raise LrqError(f"batch {name} is {state.value}; only failed or claimed batches can be requeued")
+
+    def read_error(self, name: str) -> dict[str, Any] | None:
+        for folder in (self.failed, self.quarantine):
+            try:
+                return json.loads((folder / f"{name}{ERROR}").read_text())
+            except FileNotFoundError:
+                continue
+        return None
 
     # -- singletons ----------------------------------------------------------------------
     @contextlib.contextmanager

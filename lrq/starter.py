@@ -8,6 +8,7 @@ data_dir = "data"                          # left/ right/ tmp/ failed/ per queue
 db_url   = "sqlite:///data/results.db"     # results + batch ledger (postgresql://, mysql://)
 # interval = 1.0                           # seconds between scheduler ticks
 # grace    = 30                            # seconds a stopping worker gets to finish
+# secret   = "..."                         # batch-signing key (else LRQ_SECRET, else data/secret.key)
 
 [queues.docs]
 handler    = "workers.wordcount:handle"    # callable(items: list[dict]) -> list[dict]
@@ -20,6 +21,11 @@ result_table = "doc_results"               # generic table (queue, key, value JS
 # order = "random"                         # or "fifo"
 # max_pending = 50                         # sniffer pauses while this many batches wait
 # run_seconds = 300                        # a scheduled worker process exits after this long
+# retries = 2                              # tries of a failing handler call before splitting it
+# backoff = 0.5                            # seconds between tries, doubled each time (max 60)
+# handler_timeout = 300                    # a handler call running longer counts as failed
+# lease = 60                               # a claim without heartbeat this long is reclaimed
+# max_attempts = 3                         # a batch whose worker died this often -> failed/
 
 [queues.docs.source]
 kind     = "sql"
@@ -29,6 +35,8 @@ order_by = "id"                            # keyset paging column: must only gro
 columns  = { id = "id", doc_id = "mid", content = "content" }   # item field = column
 
 [cleanup]
+# every   = "15s"                          # how often the scheduler runs the reaper
+# tmp_age = "1h"                           # orphan tmp/ files older than this are removed
 keep_done = "7d"
 max_bytes = "10GB"
 min_free  = "10%"

@@ -1,26 +1,50 @@
 """The worker: claim a pending batch, run the handler over it in chunks, store, mark done.
 
+What can go wrong, and what the worker does:
+
+* **A handler call raises** (or returns something unusable): it is tried ``1 + retries``
+  times with exponential backoff; a chunk that keeps failing is split in halves until the
+  failing items are alone; each of those gets its own retries and is then *dead-lettered*
+  with its error. Everything else in the batch is stored.
+* **Infrastructure fails** (database unreachable, service timeout, connection refused, HTTP
+  5xx/429, or the handler raises :class:`~lrq.errors.Retryable`): the items are not at fault.
+  The claim is released without counting an attempt and the worker backs off.
+* **A handler call hangs**: ``handler_timeout`` interrupts it (SIGALRM, in the main thread)
+  and the call counts as failed.
+* **The lease is lost** (the reaper took the claim back): the worker does not commit.
+* **SIGTERM/SIGINT**: see :meth:`Worker.abandon`.
+
 Log lines start with a stable event name (``claimed``, ``done``, ``finalized``, ``failed``,
-``released``, ``progress``) followed by ``key=value`` fields.
+``quarantined``, ``dead-lettered``, ``released``, ``lease-lost``, ``backoff``, ``progress``)
+followed by ``key=value`` fields.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
+from sqlalchemy.exc import SQLAlchemyError
+
+from lrq import failpoints
 from lrq.config import QueueConfig
-from lrq.errors import BatchCorrupt, HandlerError, SinkError
+from lrq.errors import (BatchCorrupt, BatchUnsigned, ClaimLost, HandlerError, HandlerTimeout,
+                        Retryable, SinkError)
 from lrq.sink import Sink
 from lrq.spool import Claim, Spool
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
+Item = dict[str, Any]
 PROGRESS_EVERY = 5.0  # seconds between progress lines on long runs
+MAX_BACKOFF = 60.0  # seconds, the longest wait between tries
+INFRA_TRIES = 6  # consecutive infrastructure failures before a run gives up
 
 
 @dataclass
@@ -28,6 +52,8 @@ class RunStats:
     batches: int = 0
     items: int = 0
     failed: int = 0
+    dead: int = 0
+    infra_errors: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -39,15 +65,65 @@ class RunStats:
         return self.items / self.seconds if self.seconds > 0 else 0.0
 
 
+class Poison(Exception):
+    """A handler call failed on every try (internal: triggers the split)."""
+
+    def __init__(self, error: str) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+def is_infrastructure(exc: BaseException) -> bool:
+    """Is ``exc`` (or anything in its ``__cause__`` chain) a failure of something other than
+    the items: a database, a network, a service that is down or overloaded?"""
+    import requests
+
+    seen: set[int] = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, (Retryable, SinkError, ConnectionError, TimeoutError, SQLAlchemyError,
+                          requests.ConnectionError, requests.Timeout,
+                          requests.exceptions.RetryError)):
+            return True
+        if isinstance(e, requests.HTTPError) and e.response is not None and (
+                e.response.status_code >= 500 or e.response.status_code == 429):
+            return True
+        e = e.__cause__  # explicit `raise ... from`, not whatever was being handled
+    return False
+
+
+@contextlib.contextmanager
+def soft_timeout(seconds: float) -> Iterator[None]:
+    """Raise :class:`HandlerTimeout` in the block after ``seconds`` (main thread only)."""
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expired(_sig: int, _frame: Any) -> None:
+        raise HandlerTimeout(f"handler call ran past handler_timeout ({seconds:g}s)")
+
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 class Worker:
     def __init__(self, queue: QueueConfig, spool: Spool, sink: Sink, handler: Handler, *,
-                 stop: threading.Event | None = None) -> None:
+                 stop: threading.Event | None = None,
+                 sleep: Callable[[float], Any] | None = None) -> None:
         self.queue = queue
         self.spool = spool
         self.sink = sink
         self.handler = handler
         self.stop = stop or threading.Event()
+        self.sleep = sleep or time.sleep
         self.stats = RunStats()
+        self.current: Claim | None = None
 
     # -- one batch -----------------------------------------------------------------------
     def run_once(self) -> bool:
@@ -55,7 +131,7 @@ class Worker:
         claim = self.spool.pick(self.queue.order)
         if claim is None:
             return False
-        log.debug("claimed queue=%s batch=%s", self.queue.name, claim.name)
+        log.debug("claimed queue=%s batch=%s attempt=%d", self.queue.name, claim.name, claim.attempt)
         self.process(claim)
         return True
 
@@ -68,6 +144,27 @@ class Worker:
         return True
 
     def process(self, claim: Claim) -> None:
+        """Process a claimed batch. Raises :class:`Retryable` after releasing the claim when
+        infrastructure failed; every other outcome ends with the batch done, failed or
+        quarantined."""
+        self.current = claim
+        try:
+            with self._lease(claim) as lost:
+                self._process(claim, lost)
+        except ClaimLost:
+            log.warning("lease-lost queue=%s batch=%s: another worker may take it; not committing",
+                        self.queue.name, claim.name)
+        except Exception as e:
+            if not is_infrastructure(e):
+                raise
+            self.spool.release(claim)
+            log.warning("released queue=%s batch=%s reason=%s: %s", self.queue.name, claim.name,
+                        type(e).__name__, e)
+            raise e if isinstance(e, Retryable) else Retryable(f"{type(e).__name__}: {e}") from e
+        finally:
+            self.current = None
+
+    def _process(self, claim: Claim, lost: threading.Event) -> None:
         q = self.queue.name
         if self.sink.is_recorded(claim.name):
             # Killed after the commit, before the marker: the ledger says done.
@@ -77,29 +174,58 @@ class Worker:
         t0 = time.monotonic()
         try:
             batch = self.spool.load(claim.name)
-            results = self.handle(batch.items)
-        except (BatchCorrupt, HandlerError) as e:
+        except BatchUnsigned as e:
+            self.spool.quarantine_batch(claim, str(e))
+            self.stats.failed += 1
+            log.error("quarantined queue=%s batch=%s error=%s", q, claim.name, e)
+            return
+        except BatchCorrupt as e:
             self._fail(claim, str(e), "".join(traceback.format_exception(e)))
             return
-        except Exception as e:
-            self._fail(claim, f"handler {self.queue.handler} raised {type(e).__name__}: {e}",
-                       "".join(traceback.format_exception(e)))
-            return
-        try:
-            stored = self.sink.store(claim.name, len(batch.items), results, claim.attempt)
-        except HandlerError as e:
-            self._fail(claim, str(e), "".join(traceback.format_exception(e)))
-            return
-        except SinkError:
-            # The database is the problem, not the batch: give it back untouched.
+        except FileNotFoundError:
             self.spool.release(claim)
-            log.warning("released queue=%s batch=%s reason=sink-error", q, claim.name)
-            raise
-        self.spool.mark_done(claim, {"items": len(batch.items), "results": stored.results})
+            log.warning("released queue=%s batch=%s reason=file-vanished", q, claim.name)
+            return
+        keyless = sum(1 for it in batch.items if self.queue.key not in it)
+        if keyless:
+            self._fail(claim, f"{keyless} of {len(batch.items)} items have no {self.queue.key!r} "
+                       "field (the queue's key); fix `key` or the source columns", "")
+            return
+        results, dead = self.handle(batch.items)
+        if lost.is_set() or not self.spool.owns(claim):
+            raise ClaimLost(claim.name)
+        try:
+            stored = self.sink.store(claim.name, len(batch.items), results, claim.attempt, dead=dead)
+        except HandlerError as e:  # results the sink cannot take: the handler's fault
+            self._fail(claim, str(e), "".join(traceback.format_exception(e)))
+            return
+        failpoints.hit("after-commit")
+        self.spool.mark_done(claim, {"items": len(batch.items), "results": stored.results,
+                                     "dead": stored.dead})
         self.stats.batches += 1
         self.stats.items += len(batch.items)
-        log.info("done queue=%s batch=%s items=%d stored=%d seconds=%.3f", q, claim.name,
-                 len(batch.items), stored.results, time.monotonic() - t0)
+        self.stats.dead += stored.dead
+        log.info("done queue=%s batch=%s items=%d stored=%d dead=%d seconds=%.3f", q, claim.name,
+                 len(batch.items), stored.results, stored.dead, time.monotonic() - t0)
+
+    @contextlib.contextmanager
+    def _lease(self, claim: Claim) -> Iterator[threading.Event]:
+        """Heartbeat the claim every lease/4 while the block runs; the event is set if lost."""
+        lost, finished = threading.Event(), threading.Event()
+
+        def beat() -> None:
+            while not finished.wait(self.queue.lease / 4):
+                if not self.spool.heartbeat(claim):
+                    lost.set()
+                    return
+
+        t = threading.Thread(target=beat, name=f"heartbeat-{claim.name}", daemon=True)
+        t.start()
+        try:
+            yield lost
+        finally:
+            finished.set()
+            t.join(timeout=5)
 
     def _fail(self, claim: Claim, message: str, detail: str) -> None:
         self.spool.fail(claim, f"{message}\n\n{detail}")
@@ -107,49 +233,107 @@ class Worker:
         log.error("failed queue=%s batch=%s error=%s (details: lrq show %s)",
                   self.queue.name, claim.name, message, claim.name)
 
-    def handle(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Call the handler on chunks of ``chunk_size``; check one result per item."""
-        key = self.queue.key
-        out: list[dict[str, Any]] = []
+    # -- the handler ---------------------------------------------------------------------
+    def handle(self, items: list[Item]) -> tuple[list[Item], list[tuple[Item, str]]]:
+        """Run the handler over ``items`` in chunks; return (results, dead letters)."""
+        results: list[Item] = []
+        dead: list[tuple[Item, str]] = []
         size = self.queue.chunk_size
         for i in range(0, len(items), size):
-            chunk = items[i:i + size]
-            results = self.handler(chunk)
-            if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-                raise HandlerError(f"handler {self.queue.handler} must return a list of dicts, "
-                                   f"got {type(results).__name__}")
+            self._isolate(items[i:i + size], self.queue.retries, results, dead)
+        return results, dead
+
+    def _isolate(self, chunk: list[Item], retries: int, results: list[Item],
+                 dead: list[tuple[Item, str]]) -> None:
+        try:
+            results.extend(self._call(chunk, retries))
+            return
+        except Poison as e:
+            if len(chunk) == 1:
+                dead.append((chunk[0], e.error))
+                log.warning("dead-lettered queue=%s key=%s error=%s", self.queue.name,
+                            chunk[0].get(self.queue.key), e.error.splitlines()[0])
+                return
+        mid = len(chunk) // 2
+        for half in (chunk[:mid], chunk[mid:]):
+            # Halves get one try; a lone item gets the full retries before it is dead-lettered.
+            self._isolate(half, self.queue.retries if len(half) == 1 else 0, results, dead)
+
+    def _call(self, chunk: list[Item], retries: int) -> list[Item]:
+        error = ""
+        for attempt in range(retries + 1):
+            if attempt:
+                self.sleep(min(self.queue.backoff * 2 ** (attempt - 1), MAX_BACKOFF))
             try:
-                want = sorted(str(it[key]) for it in chunk)
-            except KeyError:
-                raise HandlerError(f"an item has no {key!r} field (the queue's key); "
-                                   f"item fields: {sorted(chunk[0])}") from None
-            got = sorted(str(r.get(key)) for r in results)
-            if got != want:
-                raise HandlerError(f"handler {self.queue.handler} returned {len(results)} results "
-                                   f"for {len(chunk)} items; each item needs one result carrying "
-                                   f"its {key!r}")
-            out.extend(results)
-        return out
+                with soft_timeout(self.queue.handler_timeout):
+                    out = self.handler(chunk)
+                return self._check(chunk, out)
+            except Exception as e:
+                if is_infrastructure(e):
+                    raise
+                error = "".join(traceback.format_exception(e))[-4000:]
+                error = f"{type(e).__name__}: {e}\n{error}"
+        raise Poison(error)
+
+    def _check(self, chunk: list[Item], results: Any) -> list[Item]:
+        key = self.queue.key
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            raise HandlerError(f"handler {self.queue.handler} must return a list of dicts, "
+                               f"got {type(results).__name__}")
+        want = sorted(str(it[key]) for it in chunk)
+        got = sorted(str(r.get(key)) for r in results)
+        if got != want:
+            raise HandlerError(f"handler {self.queue.handler} returned {len(results)} results "
+                               f"for {len(chunk)} items; each item needs one result carrying "
+                               f"its {key!r}")
+        return results
+
+    # -- stopping ------------------------------------------------------------------------
+    def abandon(self) -> bool:
+        """Give the current batch back without counting an attempt (shutdown past the grace
+        period). Safe against a commit racing it: the ledger decides, a later claimer only
+        finalizes."""
+        claim = self.current
+        if claim is None or not self.spool.release(claim):
+            return False
+        log.warning("released queue=%s batch=%s reason=shutdown", self.queue.name, claim.name)
+        return True
 
     # -- many batches --------------------------------------------------------------------
     def run(self, *, burst: bool = True, max_batches: int | None = None,
             max_seconds: float | None = None, idle_wait: float = 1.0,
             progress: bool = False) -> RunStats:
-        """Process batches until none is pending (``burst``), a limit is hit, or ``stop`` is set."""
+        """Process batches until none is pending (``burst``), a limit is hit, ``stop`` is set,
+        or infrastructure keeps failing (``INFRA_TRIES`` times in a row, with backoff)."""
         self.stats = RunStats()
         next_report = time.monotonic() + PROGRESS_EVERY
+        failures = 0
         while not self.stop.is_set():
             if max_batches is not None and self.stats.batches + self.stats.failed >= max_batches:
                 break
             if max_seconds is not None and self.stats.seconds >= max_seconds:
                 break
-            if not self.run_once():
+            try:
+                worked = self.run_once()
+                failures = 0
+            except Retryable as e:
+                failures += 1
+                self.stats.infra_errors += 1
+                if failures >= INFRA_TRIES:
+                    log.error("giving up queue=%s after %d infrastructure failures: %s",
+                              self.queue.name, failures, e)
+                    break
+                wait = min(self.queue.backoff * 2 ** failures, MAX_BACKOFF)
+                log.warning("backoff queue=%s seconds=%.1f error=%s", self.queue.name, wait, e)
+                self.stop.wait(wait)
+                continue
+            if not worked:
                 if burst:
                     break
                 self.stop.wait(idle_wait)
             if progress and time.monotonic() >= next_report:
                 next_report = time.monotonic() + PROGRESS_EVERY
-                log.info("progress queue=%s batches=%d items=%d rate=%.0f/s pending=%d",
-                         self.queue.name, self.stats.batches, self.stats.items, self.stats.rate,
-                         len(self.spool.pending()))
+                log.info("progress queue=%s batches=%d items=%d dead=%d rate=%.0f/s pending=%d",
+                         self.queue.name, self.stats.batches, self.stats.items, self.stats.dead,
+                         self.stats.rate, len(self.spool.pending()))
         return self.stats

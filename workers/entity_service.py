@@ -80,9 +80,12 @@ class EntityService:
         self.url = url.rstrip("/") + PATH
         self.timeout = (connect_timeout, read_timeout)
         self.batch = batch
+        # Retry-After is ignored: a service asking for an hour would stall a worker that long;
+        # our own backoff is bounded, and lrq backs off further on infrastructure errors.
         retry = Retry(total=retries, connect=retries, read=retries, status=retries,
-                      backoff_factor=backoff, status_forcelist=RETRY_STATUSES,
-                      allowed_methods=frozenset({"POST"}), raise_on_status=True)
+                      backoff_factor=backoff, backoff_max=30, status_forcelist=RETRY_STATUSES,
+                      allowed_methods=frozenset({"POST"}), raise_on_status=True,
+                      respect_retry_after_header=False)
         self.session = requests.Session()
         adapter = HTTPAdapter(max_retries=retry)
         self.session.mount("http://", adapter)

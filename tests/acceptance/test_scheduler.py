@@ -47,7 +47,7 @@ def test_run_until_idle_stores_20k_documents_exactly_once(tmp_path: Path) -> Non
     assert len(pids) >= 2, "expected at least two worker processes"
     v = lrq("-c", str(cfg), "verify")
     assert v.returncode == 0, v.stdout
-    assert "source 20000, results 20000, missing 0, duplicated 0" in v.stdout
+    assert "source 20000, results 20000, dead letters 0, missing 0, duplicated 0" in v.stdout
     st = status(cfg)
     assert (st["pending"], st["claimed"], st["done"], st["failed"]) == (0, 0, 100, 0)
     with create_engine(f"sqlite:///{tmp_path / 'results.db'}").connect() as c:

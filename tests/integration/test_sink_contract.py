@@ -18,7 +18,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from lrq.config import QueueConfig, SourceConfig
 from lrq.db import make_engine
 from lrq.errors import ConfigError, HandlerError, SinkError
-from lrq.sink import LEDGER, Sink
+from lrq.sink import DEAD, LEDGER, Sink
 
 MODEL = "workers.models:DocEntMap"
 JOIN_TIMEOUT = 60.0  # bound on any thread a test starts; the engines' own timeouts are shorter
@@ -178,18 +178,6 @@ def test_concurrent_writers_of_one_batch_record_it_once(db_url: str,
             e.dispose()
 
 
-# Sink.prepare() creates a table with checkfirst but only tolerates IntegrityError when
-# another worker created it after the check (and then skips the results table): PostgreSQL
-# raises ProgrammingError (DuplicateTable/DuplicateObject), which escapes as is; MySQL/MariaDB
-# and SQLite raise OperationalError ("already exists"), reported as "cannot reach results
-# database". Remove these markers once prepare() rechecks after a failed create.
-PREPARE_RACE = pytest.mark.xfail(
-    strict=True,
-    reason="lrq.sink.Sink.prepare: a table created by another worker between the check and "
-           "the create is an error (PostgreSQL ProgrammingError, MySQL/SQLite 'cannot reach')")
-
-
-@PREPARE_RACE
 def test_prepare_when_another_worker_created_the_tables_after_the_check(
         engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
     """Deterministic form of the first-start race: the existence check answers "missing"
@@ -219,18 +207,17 @@ def test_prepare_when_another_worker_created_the_tables_after_the_check(
     if real_multi is not None:
         monkeypatch.setattr(dialect, "has_multi_table", stale_multi)
     sink = Sink(engine, queue(result_table="doc_results")).prepare()
-    assert asked == {LEDGER, "doc_results"}
+    assert asked == {LEDGER, DEAD, "doc_results"}
     assert sink.store("b1", 1, results(1)).recorded and sink.count() == 1
 
 
-@pytest.mark.xfail(strict=False, reason=PREPARE_RACE.kwargs["reason"] + " (racy: may pass)")
 def test_concurrent_first_prepare(db_url: str) -> None:
     """Workers starting together on an empty database all get their tables."""
     for _ in range(3):
         engines = [make_engine(db_url) for _ in range(3)]
         try:
             with engines[0].begin() as conn:  # start each round from an empty database
-                for name in ("doc_results", LEDGER):
+                for name in ("doc_results", LEDGER, DEAD):
                     conn.execute(text(f"DROP TABLE IF EXISTS {name}"))
             outcomes = run_threads([lambda e=e: Sink(e, queue(result_table="doc_results")).prepare()
                                     for e in engines])
@@ -286,9 +273,6 @@ def test_result_without_the_key_is_a_handler_error(engine: Engine) -> None:
     assert sink.count() == 0 and sink.ledger_stats() == (0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lrq.sink.Sink.rows: for a model, a result without the key field is not checked; the "
-    "insert then fails on NOT NULL and store() reports a database failure (SinkError)"))
 def test_model_result_without_the_key_is_a_handler_error(engine: Engine) -> None:
     sink = Sink(engine, queue(model=MODEL)).prepare()
     with pytest.raises(HandlerError, match=r"doc_id"):
@@ -296,10 +280,6 @@ def test_model_result_without_the_key_is_a_handler_error(engine: Engine) -> None
     assert sink.count() == 0 and sink.ledger_stats() == (0, 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lrq.sink.Sink.store: executemany takes its columns from the first result, so a field "
-    "only later results have is silently dropped, and a field a later result lacks fails "
-    "the batch with SinkError"))
 def test_results_with_different_fields_are_stored_as_given(engine: Engine) -> None:
     """A handler may leave out fields the model has defaults for, in some results only."""
     sink = Sink(engine, queue(model=MODEL)).prepare()
@@ -393,3 +373,15 @@ def test_ledger_rows_are_per_queue(engine: Engine) -> None:
         rows = conn.execute(text(f"SELECT queue, name, items, results FROM {LEDGER} "
                                  "ORDER BY queue")).all()
     assert [tuple(r) for r in rows] == [("a", "same-name", 2, 2), ("b", "same-name", 5, 3)]
+
+
+def test_dead_letters_commit_with_the_batch_and_replay_adds_nothing(engine: Engine) -> None:
+    sink = Sink(engine, queue(result_table="doc_results")).prepare()
+    bad = [({"doc_id": "x1", "content": "Пекин 😀"}, "ValueError: cannot map"),
+           ({"doc_id": "x2", "content": "b"}, "HandlerTimeout: ran past 300s")]
+    stored = sink.store("b1", 5, results(1, 2, 3), dead=bad)
+    assert stored.recorded and (stored.results, stored.dead) == (3, 2)
+    assert sorted(sink.dead_keys()) == ["x1", "x2"] and sink.dead_count() == 2
+    again = sink.store("b2", 2, [], dead=bad)  # the same items dead again in a replayed batch
+    assert again.recorded and sink.dead_count() == 2
+    assert [d["error"] for d in sink.dead_letters(batch="b1")] == [e for _, e in bad]

@@ -35,7 +35,7 @@ def test_sql_source_into_the_generic_table(tmp_path: Path) -> None:
     assert st["ledger_items"] == 1234 and st["position"] == 1234
     v = lrq("-c", str(cfg), "verify")
     assert v.returncode == 0, v.stdout
-    assert "source 1234, results 1234, missing 0, duplicated 0" in v.stdout
+    assert "source 1234, results 1234, dead letters 0, missing 0, duplicated 0" in v.stdout
     with create_engine(f"sqlite:///{tmp_path / 'results.db'}").connect() as c:
         key, value = c.execute(text("SELECT key, value FROM doc_results WHERE key = 'm000000001'")).one()
     value = json.loads(value)
@@ -70,20 +70,54 @@ def test_verify_reports_missing_items_and_exits_1(tmp_path: Path) -> None:
     assert "missing 200" in v.stdout and "missing keys (first 10)" in v.stdout
 
 
-def test_a_failing_handler_is_reported_not_swallowed(tmp_path: Path) -> None:
+def test_poison_items_are_dead_lettered_and_counted_by_verify(tmp_path: Path) -> None:
     (tmp_path / "flaky.py").write_text(
         "def handle(items):\n"
-        "    if any(i['id'] == 150 for i in items):\n"
-        "        raise RuntimeError('cannot map doc 150')\n"
+        "    if any(i['id'] in (150, 151) for i in items):\n"
+        "        raise RuntimeError('cannot map this doc')\n"
         "    return [{'doc_id': i['doc_id']} for i in items]\n")
-    cfg = write_config(tmp_path, docs=300, batch_size=100, handler="flaky:handle")
+    cfg = write_config(tmp_path, docs=300, batch_size=100, chunk_size=10, handler="flaky:handle",
+                       backoff=0)
+    lrq("-c", str(cfg), "sniff", check=True)
+    r = lrq("-c", str(cfg), "work", "--burst", check=True)
+    assert r.stderr.count("dead-lettered queue=docs") == 2
+    st = status(cfg)
+    assert (st["done"], st["failed"], st["dead_letters"]) == (3, 0, 2)
+    v = lrq("-c", str(cfg), "verify")
+    assert v.returncode == 0, v.stdout
+    assert "results 298, dead letters 2, missing 0, duplicated 0" in v.stdout
+    batch = next(p.stem for p in (tmp_path / "data/docs/left").glob("*.pkl")
+                 if json.loads(lrq("-c", str(cfg), "show", p.stem, check=True).stdout).get("dead_letters"))
+    shown = json.loads(lrq("-c", str(cfg), "show", batch, check=True).stdout)
+    assert {d["key"] for d in shown["dead_letters"]} == {"m000000150", "m000000151"}
+    assert "RuntimeError: cannot map this doc" in shown["dead_letters"][0]["error"]
+
+
+def test_a_corrupt_batch_fails_and_can_be_requeued_once_fixed(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, docs=200, batch_size=100)
+    lrq("-c", str(cfg), "sniff", check=True)
+    left = sorted((tmp_path / "data/docs/left").glob("*.pkl"))
+    good = left[0].read_bytes()
+    left[0].write_bytes(good[:-20])  # truncated on disk: the signature no longer matches
+    r = lrq("-c", str(cfg), "work", "--burst")
+    assert r.returncode == 1 and "quarantined" in r.stderr
+    st = status(cfg)
+    assert (st["done"], st["quarantined"]) == (1, 1)
+    v = lrq("-c", str(cfg), "verify")
+    assert v.returncode == 1 and "missing 100" in v.stdout
+
+
+def test_requeue_puts_failed_batches_back(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, docs=200, batch_size=100, key="nokey")
     lrq("-c", str(cfg), "sniff", check=True)
     r = lrq("-c", str(cfg), "work", "--burst")
-    assert r.returncode == 1 and "cannot map doc 150" in r.stderr
-    st = status(cfg)
-    assert (st["done"], st["failed"]) == (2, 1)
-    failed = next((tmp_path / "data" / "docs" / "failed").glob("*.pkl")).stem
-    shown = json.loads(lrq("-c", str(cfg), "show", failed, check=True).stdout)
-    assert shown["state"] == "failed" and "RuntimeError: cannot map doc 150" in shown["error"]["error"]
-    v = lrq("-c", str(cfg), "verify")
-    assert v.returncode == 1 and "missing 100" in v.stdout and "failed batches 1" in v.stdout
+    assert r.returncode == 1 and "have no 'nokey' field" in r.stderr
+    assert status(cfg)["failed"] == 2
+    cfg.write_text(cfg.read_text().replace('key = "nokey"', 'key = "doc_id"'))  # the fix
+    r = lrq("-c", str(cfg), "requeue", "--failed", check=True)
+    assert "requeued 2 batches" in r.stdout
+    assert (status(cfg)["failed"], status(cfg)["pending"]) == (0, 2)
+    lrq("-c", str(cfg), "work", "--burst", check=True)
+    assert lrq("-c", str(cfg), "verify").returncode == 0
+    r = lrq("-c", str(cfg), "requeue", "20260101T000000000000-nosuchbatch")
+    assert r.returncode == 1 and "no batch named" in r.stderr

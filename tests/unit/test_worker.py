@@ -1,35 +1,47 @@
-"""The worker on a SQLite sink: store, replay, finalize, and failures that say what went wrong."""
+"""The worker on a SQLite sink: store, replay, finalize, retries, poison isolation, leases."""
 from __future__ import annotations
 
+import os
+import pickle
+import time
 from pathlib import Path
 
 import pytest
+import requests
 from sqlalchemy import func, select
 
-from lrq.errors import HandlerError
-from lrq.spool import State
+from lrq.errors import Retryable
+from lrq.spool import MAGIC, State
 from lrqtest import load_app, write_config
 
 
 @pytest.fixture
 def app(tmp_path: Path):
-    return load_app(write_config(tmp_path, docs=None, chunk_size=3))
+    return load_app(write_config(tmp_path, docs=None, chunk_size=4, backoff=0, retries=2))
+
+
+def queue(app):
+    return app.queues("docs")[0]
 
 
 def publish(app, n: int, start: int = 0) -> str:
-    q = app.queues("docs")[0]
-    return app.spool(q).publish([{"doc_id": f"d{i}", "content": f"w{i} x y"} for i in range(start, start + n)])
+    return app.spool(queue(app)).publish(
+        [{"doc_id": f"d{i}", "content": f"w{i} x y"} for i in range(start, start + n)])
 
 
 def rows(app) -> int:
-    sink = app.sink(app.queues("docs")[0])
+    sink = app.sink(queue(app))
     with sink.engine.connect() as c:
         return c.execute(select(func.count()).select_from(sink.table)).scalar_one()
 
 
+def echo(items):
+    return [{"doc_id": i["doc_id"]} for i in items]
+
+
 def test_worker_stores_a_batch_and_marks_it_done(app) -> None:
     name = publish(app, 10)
-    w = app.worker(app.queues("docs")[0])
+    w = app.worker(queue(app))
     assert w.run_once() and not w.run_once()
     assert rows(app) == 10
     assert w.spool.state(name) is State.DONE
@@ -37,59 +49,190 @@ def test_worker_stores_a_batch_and_marks_it_done(app) -> None:
 
 
 def test_replaying_a_batch_adds_no_rows(app) -> None:
-    q = app.queues("docs")[0]
     first, replay = publish(app, 10), publish(app, 10)  # the sniffer re-published the same items
-    w = app.worker(q)
+    w = app.worker(queue(app))
     w.run(burst=True)
     assert rows(app) == 10
     assert w.spool.state(first) is State.DONE and w.spool.state(replay) is State.DONE
-    stored = w.sink.store(first, 10, w.handle(w.spool.load(first).items))
-    assert not stored.recorded and rows(app) == 10
+    results, dead = w.handle(w.spool.load(first).items)
+    assert not w.sink.store(first, 10, results, dead=dead).recorded and rows(app) == 10
 
 
 def test_killed_after_commit_the_next_claimer_only_finalizes(app, caplog) -> None:
-    q = app.queues("docs")[0]
     name = publish(app, 4)
-    w = app.worker(q)
+    w = app.worker(queue(app))
     claim = w.spool.claim(name)
-    w.sink.store(name, 4, w.handle(w.spool.load(name).items))  # committed, then "killed"
-    w.spool.release(claim)  # (what a reaper does with a dead owner's claim)
+    w.sink.store(name, 4, w.handle(w.spool.load(name).items)[0])  # committed, then "killed"
+    w.spool.release(claim)
     caplog.set_level("INFO", logger="lrq.worker")
     assert w.run_once()
     assert w.spool.state(name) is State.DONE and rows(app) == 4
     assert any(r.message.startswith("finalized") for r in caplog.records)
 
 
-def test_handler_exception_moves_the_batch_to_failed_with_the_traceback(app, caplog) -> None:
-    q = app.queues("docs")[0]
-    name = publish(app, 5)
+def test_poison_items_are_isolated_and_dead_lettered(app) -> None:
+    calls: list[int] = []
 
-    def boom(items):
-        raise ValueError("model said no")
+    def picky(items):
+        calls.append(len(items))
+        bad = [i["doc_id"] for i in items if i["doc_id"] in ("d3", "d6")]
+        if bad:
+            raise ValueError(f"cannot map {bad}")
+        return echo(items)
 
-    w = app.worker(q)
-    w.handler = boom
+    name = publish(app, 10)
+    w = app.worker(queue(app))
+    w.handler = picky
     assert w.run_once()
-    assert w.spool.state(name) is State.FAILED and rows(app) == 0
-    err = w.spool.read_error(name)["error"]
-    assert "ValueError: model said no" in err and "Traceback" in err
-    assert any(r.levelname == "ERROR" and name in r.message for r in caplog.records)
-    assert w.stats.failed == 1
+    assert w.spool.state(name) is State.DONE
+    assert rows(app) == 8
+    dead = {d["key"]: d["error"] for d in w.sink.dead_letters()}
+    assert set(dead) == {"d3", "d6"}
+    assert "ValueError: cannot map ['d3']" in dead["d3"] and "Traceback" in dead["d3"]
+    # chunk [d0..d3]: 3 tries, halves [d0,d1] ok and [d2,d3] once, then d2 ok and d3 3 tries.
+    assert calls[:8] == [4, 4, 4, 2, 2, 1, 1, 1] and calls.count(1) == 8
+    assert w.stats.dead == 2
 
 
-@pytest.mark.parametrize("result, message", [
-    (lambda items: items[:-1], "returned 2 results for 3 items"),
-    (lambda items: "oops", "must return a list of dicts"),
-    (lambda items: [{"doc_id": "other"} for _ in items], "returned 3 results for 3 items"),
-])
-def test_bad_handler_results_fail_the_batch_clearly(app, result, message) -> None:
-    name = publish(app, 3)
-    w = app.worker(app.queues("docs")[0])
+def test_a_flaky_call_succeeds_on_retry(app) -> None:
+    tries = []
+
+    def flaky(items):
+        tries.append(1)
+        if len(tries) < 3:
+            raise RuntimeError("transient model glitch")
+        return echo(items)
+
+    sleeps: list[float] = []
+    publish(app, 4)
+    w = app.worker(queue(app))
+    w.handler, w.sleep = flaky, sleeps.append
+    w.run_once()
+    assert rows(app) == 4 and w.sink.dead_count() == 0 and len(tries) == 3
+    assert len(sleeps) == 2
+
+
+@pytest.mark.parametrize("result", [lambda items: items[:-1], lambda items: "oops",
+                                    lambda items: [{"doc_id": "other"} for _ in items]])
+def test_bad_handler_results_are_dead_lettered_with_the_reason(app, result) -> None:
+    publish(app, 3)
+    w = app.worker(queue(app))
     w.handler = result
     w.run_once()
-    assert message in w.spool.read_error(name)["error"]
-    with pytest.raises(HandlerError, match=message):
-        w.handle([{"doc_id": f"d{i}"} for i in range(3)])
+    dead = w.sink.dead_letters()
+    assert len(dead) == 3 and all("HandlerError" in d["error"] for d in dead)
+
+
+@pytest.mark.parametrize("error", [
+    requests.ConnectionError("connection refused"),
+    requests.ReadTimeout("read timed out"),
+    ConnectionResetError("reset by peer"),
+    Retryable("model service overloaded"),
+])
+def test_infrastructure_errors_release_the_batch_without_counting(app, error) -> None:
+    def down(items):
+        raise error
+
+    name = publish(app, 4)
+    w = app.worker(queue(app))
+    w.handler = down
+    with pytest.raises(Retryable):
+        w.run_once()
+    assert w.spool.state(name) is State.PENDING
+    assert w.spool.attempts(name)["attempts"] == 0 and w.sink.dead_count() == 0
+    w.handler = echo
+    assert w.run_once() and rows(app) == 4
+
+
+def test_http_5xx_is_infrastructure_but_4xx_is_poison(app) -> None:
+    from lrq.worker import is_infrastructure
+
+    def http_error(code: int) -> requests.HTTPError:
+        r = requests.Response()
+        r.status_code = code
+        return requests.HTTPError(f"{code}", response=r)
+
+    assert is_infrastructure(http_error(503)) and is_infrastructure(http_error(429))
+    assert not is_infrastructure(http_error(400)) and not is_infrastructure(ValueError("x"))
+    try:
+        try:
+            raise ConnectionRefusedError("db")
+        except OSError as e:
+            raise RuntimeError("wrapped") from e
+    except RuntimeError as wrapped:
+        assert is_infrastructure(wrapped)
+
+
+def test_run_backs_off_then_gives_up_on_persistent_infrastructure_failure(app) -> None:
+    def down(items):
+        raise requests.ConnectionError("refused")
+
+    publish(app, 4)
+    w = app.worker(queue(app))
+    w.handler = down
+    stats = w.run(burst=True)
+    assert stats.infra_errors == 6 and stats.batches == 0
+    assert w.spool.counts().pending == 1
+
+
+def test_a_hung_handler_call_is_cut_by_the_soft_timeout(tmp_path: Path) -> None:
+    app = load_app(write_config(tmp_path, docs=None, chunk_size=10, backoff=0, retries=0,
+                                handler_timeout=0.2))
+
+    def hang(items):
+        if any(i["doc_id"] == "d1" for i in items):
+            time.sleep(60)  # the hang being cut, not synchronisation
+        return echo(items)
+
+    publish(app, 2)
+    w = app.worker(queue(app))
+    w.handler = hang
+    w.run_once()
+    dead = w.sink.dead_letters()
+    assert [d["key"] for d in dead] == ["d1"] and "handler_timeout" in dead[0]["error"]
+    assert rows(app) == 1
+
+
+def test_a_worker_that_lost_its_lease_does_not_commit(app) -> None:
+    name = publish(app, 4)
+    w = app.worker(queue(app))
+
+    def slow_then_reaped(items):
+        os.unlink(w.spool.right / name)  # the reaper took the claim meanwhile
+        return echo(items)
+
+    w.handler = slow_then_reaped
+    w.run_once()
+    assert rows(app) == 0 and not w.sink.is_recorded(name)
+    assert w.spool.state(name) is State.PENDING
+
+
+def test_keyless_items_fail_the_batch_instead_of_colliding(app) -> None:
+    name = app.spool(queue(app)).publish([{"id": 1}, {"id": 2}])
+    w = app.worker(queue(app))
+    w.run_once()
+    assert w.spool.state(name) is State.FAILED
+    assert "have no 'doc_id' field" in w.spool.read_error(name)["error"]
+
+
+def test_tampered_batch_is_quarantined_and_never_unpickled(app, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    sp = app.spool(queue(app))
+    payload = pickle.dumps({"name": "x", "queue": "docs", "created": 0, "position": None,
+                            "items": [Evil()]})
+    name = "20260101T000000000000-evil00000000"
+    (sp.left / f"{name}.pkl").write_bytes(MAGIC + b"\0" * 32 + payload)
+    w = app.worker(queue(app))
+    assert w.run_once()
+    assert not marker.exists()
+    assert sp.state(name) is State.QUARANTINED
+    assert "signature does not match" in sp.read_error(name)["error"]
+    assert sp.counts().quarantined == 1
 
 
 def test_chunks_follow_chunk_size(app) -> None:
@@ -97,18 +240,18 @@ def test_chunks_follow_chunk_size(app) -> None:
 
     def spy(items):
         sizes.append(len(items))
-        return [{"doc_id": i["doc_id"]} for i in items]
+        return echo(items)
 
     publish(app, 10)
-    w = app.worker(app.queues("docs")[0])
+    w = app.worker(queue(app))
     w.handler = spy
     w.run_once()
-    assert sizes == [3, 3, 3, 1]
+    assert sizes == [4, 4, 2]
 
 
 def test_run_named_batch(app) -> None:
     a, b = publish(app, 2), publish(app, 2, 2)
-    w = app.worker(app.queues("docs")[0])
+    w = app.worker(queue(app))
     assert w.run_named(b)
     assert w.spool.state(b) is State.DONE and w.spool.state(a) is State.PENDING
     assert not w.run_named(b)

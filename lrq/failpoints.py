@@ -1,0 +1,17 @@
+"""Crash points for tests: ``LRQ_FAILPOINT=after-claim`` makes the process SIGKILL itself
+when it reaches that point, so tests can check each crash window with a real dead process.
+
+Points: ``sniff-mid-write``, ``sniff-after-rename``, ``after-claim``, ``during-txn``,
+``after-commit``. Unset in production; the check is one dictionary lookup.
+"""
+from __future__ import annotations
+
+import os
+import signal
+
+ENV = "LRQ_FAILPOINT"
+
+
+def hit(point: str) -> None:
+    if os.environ.get(ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,91 @@
+"""Chaos: SIGKILL worker processes and the scheduler at random while 20k items flow; restart
+the scheduler each time. At the end every item is stored exactly once."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lrqtest import ROOT, lrq, write_config
+
+DOCS = 20_000
+HANDLER = '''
+import time
+def handle(items):
+    time.sleep(0.03)  # a model call, so the run lasts long enough to be shot at
+    return [{"doc_id": i["doc_id"], "n": len(i["content"])} for i in items]
+'''
+
+
+def config(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "model.py").write_text(HANDLER)
+    return write_config(folder, docs=DOCS, batch_size=200, chunk_size=20, workers=2, lease=10,
+                        max_attempts=20, handler="model:handle", run_seconds=20,
+                        top={"interval": 0.2, "grace": 5, "cleanup": {"every": 1}})
+
+
+def scheduler(cfg: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "lrq", "-c", str(cfg), "run", "--until-idle"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def workers_of(cfg: Path) -> list[int]:
+    """Worker processes for this config, including orphans of a killed scheduler."""
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                cmd = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(cfg).encode() in cmd and b"work" in cmd:
+                pids.append(int(entry.name))
+    return pids
+
+
+def finish(p: subprocess.Popen[bytes], timeout: float = 600) -> None:
+    assert p.wait(timeout=timeout) == 0
+
+
+@pytest.mark.slow
+def test_random_sigkills_lose_and_duplicate_nothing(tmp_path: Path) -> None:
+    calm_cfg = config(tmp_path / "calm")
+    t0 = time.monotonic()
+    finish(scheduler(calm_cfg))
+    calm = time.monotonic() - t0
+    assert lrq("-c", str(calm_cfg), "verify").returncode == 0
+
+    cfg = config(tmp_path / "chaos")
+    rng = random.Random(20261123)
+    kills = {"worker": 0, "scheduler": 0}
+    t0 = time.monotonic()
+    sched = scheduler(cfg)
+    while sum(kills.values()) < 20 and sched.poll() is None:
+        time.sleep(rng.uniform(0.3, 1.2))  # the random kill schedule, not synchronisation
+        victims = workers_of(cfg)
+        if victims and rng.random() < 0.7:
+            os.kill(rng.choice(victims), signal.SIGKILL)
+            kills["worker"] += 1
+        elif sched.poll() is None:
+            sched.kill()
+            sched.wait()
+            kills["scheduler"] += 1
+            sched = scheduler(cfg)
+    finish(sched)
+    wall = time.monotonic() - t0
+    deadline = time.monotonic() + 120  # orphans of a killed scheduler finish their run
+    while workers_of(cfg) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    v = lrq("-c", str(cfg), "verify")
+    print(f"\nCHAOS items={DOCS} kills={kills} wall={wall:.1f}s calm={calm:.1f}s "
+          f"ratio={wall / calm:.2f}\n{v.stdout}")
+    assert kills["worker"] >= 5 and kills["scheduler"] >= 2
+    assert v.returncode == 0, v.stdout
+    assert f"source {DOCS}, results {DOCS}, dead letters 0, missing 0, duplicated 0" in v.stdout
