@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 from lrq import signing, sources
 from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
+from lrq.disk import Budget, Floor
 from lrq.errors import ConfigError
 from lrq.sink import Sink
 from lrq.sniffer import Sniffer
@@ -37,6 +38,7 @@ class Verification:
     duplicated: int
     extra: int
     failed_batches: int
+    quarantined_batches: int = 0
     missing_sample: list[str] = field(default_factory=list)
 
     @property
@@ -70,7 +72,7 @@ class App:
         return self.cfg.queue(name)
 
     def spool(self, q: QueueConfig) -> Spool:
-        return Spool(self.cfg.data_dir, q.name, key=self.key).ensure()
+        return Spool(self.cfg.data_dir, q.name, key=self.key, compress=q.compress).ensure()
 
     def sink(self, q: QueueConfig) -> Sink:
         if q.name not in self._sinks:
@@ -85,8 +87,13 @@ class App:
     def worker(self, q: QueueConfig, stop: threading.Event | None = None) -> Worker:
         return Worker(q, self.spool(q), self.sink(q), load_handler(q, self.base), stop=stop)
 
+    def budget(self) -> Budget:
+        self.cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return Budget(self.cfg.data_dir, list(self.cfg.queues), self.cfg.log_file,
+                      self.cfg.cleanup.max_bytes, Floor.parse(self.cfg.cleanup.min_free, "min_free"))
+
     def sniffer(self, q: QueueConfig) -> Sniffer:
-        return Sniffer(q, self.spool(q), self.source(q))
+        return Sniffer(q, self.spool(q), self.source(q), budget=self.budget())
 
     def check(self) -> None:
         """Build every queue's parts once, so a bad handler, model or URL fails up front."""
@@ -113,11 +120,19 @@ class App:
                                      "position": sp.read_position(),
                                      "ledger_batches": batches, "ledger_items": items}
         out["bytes"] = total
+        budget = self.budget()
+        sp = budget.space()
+        out["disk"] = {"used": budget.used(), "max_bytes": budget.max_bytes,
+                       "free_bytes": sp.free_bytes, "total_bytes": sp.total_bytes,
+                       "free_inodes": sp.free_inodes, "total_inodes": sp.total_inodes,
+                       "min_free": self.cfg.cleanup.min_free,
+                       "below_min_free": sp.below(budget.floor)}
         return out
 
     def verify(self, q: QueueConfig, sample: int = 10) -> Verification:
         """Every source key has exactly one result row or exactly one dead letter."""
         sink = self.sink(q)
+        counts = self.spool(q).counts()
         stored = set(sink.keys())
         dead = set(sink.dead_keys())
         n_results = sink.count()
@@ -135,7 +150,8 @@ class App:
         return Verification(
             queue=q.name, source=len(seen), results=n_results, dead=len(dead), missing=n_missing,
             duplicated=sink.duplicates() + both, extra=len(stored - seen),
-            failed_batches=self.spool(q).counts().failed, missing_sample=missing)
+            failed_batches=counts.failed, quarantined_batches=counts.quarantined,
+            missing_sample=missing)
 
     def show(self, name: str) -> dict[str, Any]:
         for q in self.queues():

@@ -1,7 +1,18 @@
-"""Cleanup: the reaper (stale claims back to pending) and the sweep of orphan tmp files.
+"""Cleanup: the reaper, the tmp sweep, retention, and the disk budget.
 
-Runs as ``lrq cleanup`` and as a scheduled job; at most one per queue at a time (``flock``).
-It never touches a pending batch, a live claim, or a failed batch.
+One pass, in order:
+
+1. **Reap** stale claims (dead owner, or heartbeat older than ``lease``): pending again, or
+   ``failed/`` past ``max_attempts``.
+2. **Sweep** files in ``tmp/`` older than ``cleanup.tmp_age`` (writers that died).
+3. **Retention**: done batches older than ``keep_done``, failed and quarantined ones older
+   than ``keep_failed``.
+4. **Budget**: while the data dir is above 80% of ``max_bytes``, or free space is below
+   ``min_free``, remove done batches oldest first.
+
+It never removes a pending or claimed batch, nor a failed one inside ``keep_failed``: if
+those alone fill the budget, the sniffer's backpressure holds new work back instead.
+Runs as ``lrq cleanup`` and as a scheduled job, one at a time per data dir (``flock``).
 """
 from __future__ import annotations
 
@@ -12,7 +23,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrq.app import App
+from lrq.disk import TRIM_AT
 from lrq.errors import AlreadyRunning
+from lrq.spool import flock
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +36,9 @@ class Report:
     reclaimed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
     tmp_removed: int = 0
+    done_removed: int = 0
+    done_trimmed: int = 0
+    failed_removed: int = 0
     bytes_freed: int = 0
     skipped: str = ""
 
@@ -32,7 +48,15 @@ class Report:
             return [f"{self.queue}: skipped ({self.skipped})"]
         return [f"{self.queue}: {verb}reclaim {len(self.reclaimed)} stale claims, "
                 f"{verb}fail {len(self.failed)} batches past max_attempts, "
-                f"{verb}remove {self.tmp_removed} orphan tmp files ({self.bytes_freed} bytes)"]
+                f"{verb}remove {self.done_removed} done batches past keep_done and "
+                f"{self.done_trimmed} more for the budget, {self.failed_removed} failed past "
+                f"keep_failed, {self.tmp_removed} orphan tmp files; "
+                f"{self.bytes_freed} bytes {'to free' if dry_run else 'freed'}"]
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.reclaimed or self.failed or self.tmp_removed or self.done_removed
+                    or self.done_trimmed or self.failed_removed)
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
@@ -40,33 +64,89 @@ class Report:
 
 def run(app: App, *, queue: str | None = None, now: float | None = None,
         dry_run: bool = False) -> list[Report]:
-    """One cleanup pass over every queue (or one)."""
-    reports = []
-    for q in app.queues(queue):
-        sp = app.spool(q)
-        report = Report(q.name)
+    """One cleanup pass over every queue (or one); see the module docstring."""
+    cfg = app.cfg
+    queues = app.queues(queue)
+    reports = {q.name: Report(q.name) for q in queues}
+    t = time.time() if now is None else now
+    cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        with flock(cfg.data_dir / "cleanup.lock", f"cleanup of {cfg.data_dir}"):
+            for q in queues:
+                _queue_pass(app, q, reports[q.name], t, dry_run)
+            _budget_pass(app, queues, reports, dry_run)
+    except AlreadyRunning as e:
+        for r in reports.values():
+            r.skipped = str(e)
+    return list(reports.values())
+
+
+def _queue_pass(app: App, q: Any, report: Report, t: float, dry_run: bool) -> None:
+    sp = app.spool(q)
+    c = app.cfg.cleanup
+    for stale in sp.stale_claims(q.lease, t):
+        if dry_run:
+            outcome = "failed" if stale.attempt >= q.max_attempts else "requeued"
+        else:
+            outcome = sp.reap(stale, q.max_attempts)
+        if outcome == "gone":
+            continue
+        (report.failed if outcome == "failed" else report.reclaimed).append(stale.name)
+        if not dry_run:
+            log.warning("reclaimed queue=%s batch=%s attempt=%d outcome=%s reason=%s",
+                        q.name, stale.name, stale.attempt, outcome, stale.reason)
+    for entry in os.scandir(sp.tmp):
         try:
-            with sp.lock("cleanup"):
-                t = time.time() if now is None else now
-                for stale in sp.stale_claims(q.lease, t):
-                    if dry_run:
-                        outcome = "failed" if stale.attempt >= q.max_attempts else "requeued"
-                    else:
-                        outcome = sp.reap(stale, q.max_attempts)
-                    if outcome == "gone":
-                        continue
-                    (report.failed if outcome == "failed" else report.reclaimed).append(stale.name)
-                    if not dry_run:
-                        log.warning("reclaimed queue=%s batch=%s attempt=%d outcome=%s reason=%s",
-                                    q.name, stale.name, stale.attempt, outcome, stale.reason)
-                for entry in os.scandir(sp.tmp):
-                    st = entry.stat(follow_symlinks=False)
-                    if t - st.st_mtime > app.cfg.cleanup.tmp_age:
-                        report.tmp_removed += 1
-                        report.bytes_freed += st.st_size
-                        if not dry_run:
-                            os.unlink(entry.path)
-        except AlreadyRunning as e:
-            report.skipped = str(e)
-        reports.append(report)
-    return reports
+            st = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if t - st.st_mtime > c.tmp_age:
+            report.tmp_removed += 1
+            report.bytes_freed += st.st_size
+            if not dry_run:
+                os.unlink(entry.path)
+    for done_at, name in sp.done_batches():
+        if t - done_at <= c.keep_done:
+            break  # oldest first: the rest are younger
+        report.done_removed += 1
+        report.bytes_freed += _size(sp, name) if dry_run else sp.remove_done(name)
+    for failed_at, path in sp.failed_batches():
+        if t - failed_at <= c.keep_failed:
+            break
+        report.failed_removed += 1
+        report.bytes_freed += path.stat().st_size if dry_run else sp.remove_failed(path)
+        if not dry_run:
+            log.info("expired queue=%s batch=%s (failed, past keep_failed)", q.name, path.stem)
+
+
+def _budget_pass(app: App, queues: list[Any], reports: dict[str, Report], dry_run: bool) -> None:
+    budget = app.budget()
+    used = budget.used()
+    why = budget.pressure(used)
+    if why is None:
+        return
+    spools = {q.name: app.spool(q) for q in queues}
+    oldest = sorted((done_at, qname, name) for qname, sp in spools.items()
+                    for done_at, name in sp.done_batches())
+    target = TRIM_AT * budget.max_bytes
+    freed = 0
+    for _, qname, name in oldest:
+        if used - freed <= target and (dry_run or budget.space().below(budget.floor) is None):
+            break
+        sp = spools[qname]
+        size = _size(sp, name) if dry_run else sp.remove_done(name)
+        freed += size
+        reports[qname].done_trimmed += 1
+        reports[qname].bytes_freed += size
+    left = budget.pressure(used - freed) if not dry_run else None
+    log.log(logging.WARNING if left else logging.INFO,
+            "trimmed %d done batches (%d bytes) because %s%s",
+            sum(r.done_trimmed for r in reports.values()), freed, why,
+            f"; still: {left} (pending and claimed batches are never removed)" if left else "")
+
+
+def _size(sp: Any, name: str) -> int:
+    try:
+        return (sp.left / f"{name}.pkl").stat().st_size
+    except FileNotFoundError:
+        return 0

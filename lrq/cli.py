@@ -63,8 +63,13 @@ def cmd_sniff(args: argparse.Namespace) -> int:
                 total += n
                 if args.once or n == 0 or sniffer.drained or sniffer.paused:
                     break
-        state = "drained" if sniffer.drained else "paused (max_pending)" if sniffer.paused else "more to fetch"
+        state = "drained" if sniffer.drained else f"paused ({sniffer.paused})" if sniffer.paused \
+            else "more to fetch"
         print(f"{q.name}: published {total} batches; source {state}")
+        if sniffer.paused in ("budget", "min_free", "disk-full"):
+            print(f"lrq: {q.name}: no room on disk for more batches; run `lrq cleanup` or see "
+                  "`lrq status`", file=sys.stderr)
+            return EXIT_PROBLEM
     return EXIT_OK
 
 
@@ -110,7 +115,8 @@ def cmd_work(args: argparse.Namespace) -> int:
             if not worker.run_once():
                 log.info("idle queue=%s nothing pending", q.name)
         else:
-            worker.run(burst=args.burst, max_seconds=args.max_seconds, progress=True)
+            worker.run(burst=args.burst, max_seconds=args.max_seconds, progress=True,
+                       idle_exit=args.idle_exit, idle_wait=0.2 if args.idle_exit else 1.0)
         s = worker.stats
         failed += s.failed + s.infra_errors
         log.info("finished queue=%s batches=%d items=%d dead=%d failed=%d infra_errors=%d "
@@ -169,7 +175,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
-    print(f"data dir {st['data_dir']}: {_human(st['bytes'])}")
+    print("bytes by state: " + "; ".join(
+        f"{name} pending {_human(s['pending_bytes'])}, claimed {_human(s['claimed_bytes'])}, "
+        f"done {_human(s['done_bytes'])}, failed {_human(s['failed_bytes'])}, "
+        f"tmp {_human(s['tmp_bytes'])}" for name, s in st["queues"].items()))
+    d = st["disk"]
+    print(f"data dir {st['data_dir']}: {_human(d['used'])} of budget {_human(d['max_bytes'])} "
+          f"({d['used'] / max(d['max_bytes'], 1):.0%}); filesystem free {_human(d['free_bytes'])} "
+          f"of {_human(d['total_bytes'])}, {d['free_inodes']} inodes; min_free {d['min_free']}"
+          + (f"  WARNING: {d['below_min_free']}" if d["below_min_free"] else ""))
     return EXIT_OK
 
 
@@ -180,7 +194,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         v = app.verify(q)
         print(f"{q.name}: source {v.source}, results {v.results}, dead letters {v.dead}, "
               f"missing {v.missing}, duplicated {v.duplicated}, not in source {v.extra}, "
-              f"failed batches {v.failed_batches}")
+              f"failed batches {v.failed_batches}, quarantined {v.quarantined_batches}")
         if v.missing_sample:
             print(f"  missing keys (first {len(v.missing_sample)}): {', '.join(v.missing_sample)}")
         bad |= not v.ok
@@ -241,6 +255,8 @@ def parser() -> argparse.ArgumentParser:
     mode.add_argument("--burst", action="store_true", help="process every pending batch, then exit")
     mode.add_argument("--batch", metavar="NAME", help="process the named batch")
     w.add_argument("--max-seconds", type=float, help="stop claiming after this long")
+    w.add_argument("--idle-exit", type=float, metavar="SECONDS",
+                   help="exit once nothing was pending for this long")
     st = add("status", cmd_status, "pending, claimed, done and failed batches per queue")
     st.add_argument("queue", nargs="?")
     st.add_argument("--json", action="store_true")

@@ -54,8 +54,10 @@ class QueueConfig:
     model: str | None = None
     #: Which pending batch a worker takes: "random" (the original system) or "fifo".
     order: str = "random"
-    #: The sniffer stops prefetching while this many batches are pending.
+    #: The sniffer stops prefetching while this many batches are pending
+    #: (``max_pending = "200MB"`` in the file sets a byte limit instead).
     max_pending: int = 50
+    max_pending_bytes: int | None = None
     #: A scheduled worker process exits after this long, so a slow leak cannot grow forever.
     run_seconds: float = 300.0
     #: Tries of a failing handler call before it is split (and of a single item before it is
@@ -68,6 +70,8 @@ class QueueConfig:
     lease: float = 60.0
     #: A batch whose worker died this many times moves to failed/.
     max_attempts: int = 3
+    #: Batch-file codec: "zstd" (default), "zlib" or "none".
+    compress: str = "zstd"
 
 
 @dataclass(frozen=True)
@@ -196,9 +200,9 @@ def _source(table: dict[str, Any], base: Path, where: str) -> SourceConfig:
 _QUEUE_KEYS: dict[str, type | tuple[type, ...]] = {
     "handler": str, "handler_options": dict, "batch_size": int, "chunk_size": int,
     "workers": int, "key": str, "result_table": str, "model": str, "order": str,
-    "max_pending": int, "run_seconds": (int, float, str), "source": dict,
+    "max_pending": (int, str), "run_seconds": (int, float, str), "source": dict,
     "retries": int, "backoff": (int, float), "handler_timeout": (int, float, str),
-    "lease": (int, float, str), "max_attempts": int,
+    "lease": (int, float, str), "max_attempts": int, "compress": str,
 }
 
 
@@ -213,6 +217,9 @@ def _queue(name: str, table: dict[str, Any], base: Path, where: str) -> QueueCon
     if "result_table" in table and "model" in table:
         raise ConfigError(f"{where}: set result_table or model, not both")
     values = {k: v for k, v in table.items() if k != "source"}
+    if isinstance(values.get("max_pending"), str):
+        values["max_pending_bytes"] = parse_bytes(values.pop("max_pending"), f"{where}.max_pending")
+        values["max_pending"] = 2**62
     for k in ("run_seconds", "handler_timeout", "lease"):
         if k in values:
             values[k] = parse_duration(values[k], f"{where}.{k}")
@@ -221,6 +228,9 @@ def _queue(name: str, table: dict[str, Any], base: Path, where: str) -> QueueCon
     for k in ("batch_size", "chunk_size", "workers", "max_pending", "max_attempts"):
         if k in values and values[k] < 1:
             raise ConfigError(f"{where}.{k}: must be at least 1, got {values[k]}")
+    if values.get("compress", "zstd") not in ("zstd", "zlib", "none"):
+        raise ConfigError(f"{where}.compress: must be \"zstd\", \"zlib\" or \"none\", "
+                          f"got {values['compress']!r}")
     if values.get("order", "random") not in ("random", "fifo"):
         raise ConfigError(f"{where}.order: must be \"random\" or \"fifo\", got {values['order']!r}")
     return QueueConfig(name=name, source=_source(table["source"], base, f"{where}.source"), **values)
@@ -262,7 +272,7 @@ def from_dict(raw: dict[str, Any], path: Path, env: dict[str, str] | None = None
         keep_done=parse_duration(c.get("keep_done", CleanupConfig.keep_done), "cleanup.keep_done"),
         keep_failed=parse_duration(c.get("keep_failed", CleanupConfig.keep_failed), "cleanup.keep_failed"),
         max_bytes=parse_bytes(c.get("max_bytes", CleanupConfig.max_bytes), "cleanup.max_bytes"),
-        min_free=c.get("min_free", CleanupConfig.min_free),
+        min_free=_floor(c.get("min_free", CleanupConfig.min_free)),
         tmp_age=parse_duration(c.get("tmp_age", CleanupConfig.tmp_age), "cleanup.tmp_age"),
         every=parse_duration(c.get("every", CleanupConfig.every), "cleanup.every"),
     )
@@ -274,6 +284,13 @@ def from_dict(raw: dict[str, Any], path: Path, env: dict[str, str] | None = None
         log_max_bytes=parse_bytes(raw.get("log_max_bytes", Config.log_max_bytes), "log_max_bytes"),
         log_backups=raw.get("log_backups", Config.log_backups), secret=raw.get("secret"),
     )
+
+
+def _floor(value: str) -> str:
+    from lrq.disk import Floor
+
+    Floor.parse(value, "cleanup.min_free")  # fail at load, not at the first sniff
+    return value
 
 
 def _bad(message: str) -> Any:

@@ -3,8 +3,8 @@
 Each queue gets a sniffer job (max_instances=1) and a worker job (max_instances=workers),
 both coalesced, firing every ``interval`` seconds; a cleanup job (the reaper) runs every
 ``cleanup.every`` seconds. A worker job only spawns a process when
-something is pending; that process (``lrq work QUEUE --burst``) drains batches until none is
-left or ``run_seconds`` pass, so interpreter start-up is paid per run, not per batch, and
+something is pending; that process (``lrq work QUEUE --idle-exit 2``) drains batches until
+none came for two seconds or ``run_seconds`` pass, so interpreter start-up is paid per run, not per batch, and
 CPU-bound handlers use every core.
 
 Signals only set a flag. A supervisor job sees it (or, with ``until_idle``, sees that the
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 child_log = logging.getLogger("lrq.child")
 
 SUPERVISE_EVERY = 0.25  # seconds
+CHILD_IDLE_EXIT = 2.0  # seconds a worker process waits for new batches before exiting
 CHILD_ENV = "LRQ_CHILD"
 
 
@@ -58,8 +59,13 @@ class Runner:
         if self.stop.is_set():
             return
         try:
+            sniffer = self.sniffers[q.name]
             with self.spools[q.name].lock("sniff"):
-                self.sniffers[q.name].tick(max_seconds=5.0)
+                if sniffer.tick(max_seconds=5.0):
+                    # New batches: start a worker now rather than at its next tick.
+                    self.scheduler.modify_job(f"work:{q.name}", next_run_time=_now())
+            if sniffer.paused in ("budget", "min_free", "disk-full"):
+                self.scheduler.modify_job("cleanup", next_run_time=_now())  # make room now
         except AlreadyRunning as e:
             log.debug("skipped %s", e)
         except LrqError as e:
@@ -69,7 +75,7 @@ class Runner:
         if self.stop.is_set() or not self.spools[q.name].has_pending():
             return
         cmd = [sys.executable, "-m", "lrq", "-c", str(self.app.cfg.path), "work", q.name,
-               "--burst", "--max-seconds", str(q.run_seconds)]
+               "--idle-exit", str(CHILD_IDLE_EXIT), "--max-seconds", str(q.run_seconds)]
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True, start_new_session=True,
                                 env={**os.environ, CHILD_ENV: "1"})
@@ -95,7 +101,7 @@ class Runner:
     def clean(self) -> None:
         try:
             for report in cleanup.run(self.app):
-                if report.reclaimed or report.failed or report.tmp_removed:
+                if report.changed:
                     log.info("cleanup %s", report.lines(dry_run=False)[0])
         except Exception:
             log.exception("cleanup-failed")

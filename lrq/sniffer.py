@@ -2,60 +2,121 @@
 
 The source position is saved only after the batch file is durable (invariant 1), so a
 crash in between re-publishes the same items, which the sink's unique keys absorb.
+
+Backpressure: the sniffer stops prefetching while ``max_pending`` batches (or bytes) wait,
+while the next batch would take the data dir past ``cleanup.max_bytes``, or while free space
+(bytes or inodes) is below ``cleanup.min_free``. A write that still hits ENOSPC/EDQUOT
+leaves nothing behind, acknowledges nothing, and backs off. Each pause is logged once, and
+so is the resume.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from typing import Callable
 
 from lrq.config import QueueConfig
+from lrq.disk import Budget
 from lrq.sources import Source
 from lrq.spool import Spool
 
 log = logging.getLogger(__name__)
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+MAX_BACKOFF = 60.0  # seconds between tries after the disk was full
+
 
 class Sniffer:
     def __init__(self, queue: QueueConfig, spool: Spool, source: Source, *,
+                 budget: Budget | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.queue = queue
         self.spool = spool
         self.source = source
+        self.budget = budget
         self.clock = clock
         #: True once a fetch came back short: the source has nothing more for now.
         self.drained = False
-        self.paused = False
+        #: Why prefetching is paused ("max_pending", "budget", "min_free", "disk-full"), or None.
+        self.paused: str | None = None
+        self.last_bytes = 0
+        self._retry_at = 0.0
+        self._full_backoff = 1.0
 
     def tick(self, max_batches: int | None = None, max_seconds: float = 10.0) -> int:
-        """Publish batches until the source is drained, ``max_pending`` batches wait, or a
-        limit is hit; return how many were published. Hold :meth:`Spool.lock` around it."""
-        deadline = self.clock() + max_seconds
-        pending = len(self.spool.pending())
+        """Publish batches until the source is drained, backpressure says stop, or a limit is
+        hit; return how many were published. Hold :meth:`Spool.lock` around it."""
+        now = self.clock()
+        if now < self._retry_at:
+            return 0
+        deadline = now + max_seconds
+        counts = self.spool.counts()
+        pending, pending_bytes = counts.pending, counts.pending_bytes
+        used = self.budget.used() if self.budget else 0
         position = self.spool.read_position()
         published = 0
         while max_batches is None or published < max_batches:
-            if pending >= self.queue.max_pending:
-                if not self.paused:
-                    log.info("paused queue=%s pending=%d max_pending=%d", self.queue.name,
-                             pending, self.queue.max_pending)
-                self.paused = True
+            blocked = self._blocked(pending, pending_bytes, used)
+            if blocked:
+                self._pause(*blocked)
                 break
-            if self.paused:
-                log.info("resumed queue=%s pending=%d", self.queue.name, pending)
-                self.paused = False
             fetched = self.source.fetch(position, self.queue.batch_size)
             if not fetched.items:
                 self.drained = True
+                self._resume(pending)
                 break
-            name = self.spool.publish(fetched.items, fetched.position)
-            self.spool.write_position(fetched.position)
+            try:
+                name = self.spool.publish(fetched.items, fetched.position)
+                size = (self.spool.left / f"{name}.pkl").stat().st_size
+                self.spool.write_position(fetched.position)
+            except OSError as e:
+                if e.errno not in DISK_FULL:
+                    raise
+                self._pause("disk-full", f"{e.strerror} while publishing; nothing acknowledged, "
+                            f"retrying in {self._full_backoff:.0f}s")
+                self._retry_at = self.clock() + self._full_backoff
+                self._full_backoff = min(self._full_backoff * 2, MAX_BACKOFF)
+                break
+            self._full_backoff = 1.0
+            self._resume(pending)
             position = fetched.position
             published += 1
             pending += 1
-            log.debug("published queue=%s batch=%s items=%d", self.queue.name, name,
-                      len(fetched.items))
+            pending_bytes += size
+            used += size
+            self.last_bytes = size
+            log.debug("published queue=%s batch=%s items=%d bytes=%d", self.queue.name, name,
+                      len(fetched.items), size)
             self.drained = len(fetched.items) < self.queue.batch_size
             if self.drained or self.clock() >= deadline:
                 break
         return published
+
+    def _blocked(self, pending: int, pending_bytes: int, used: int) -> tuple[str, str] | None:
+        q, nxt = self.queue, self.last_bytes
+        if pending >= q.max_pending:
+            return "max_pending", f"{pending} batches pending (max_pending {q.max_pending})"
+        if q.max_pending_bytes is not None and pending_bytes + nxt > q.max_pending_bytes:
+            return "max_pending", (f"pending batches hold {pending_bytes} bytes "
+                                   f"(max_pending {q.max_pending_bytes} bytes)")
+        if self.budget is None:
+            return None
+        if used + nxt > self.budget.max_bytes:
+            return "budget", (f"the data dir holds {used} bytes; the next batch would pass "
+                              f"max_bytes {self.budget.max_bytes}")
+        below = self.budget.space().below(self.budget.floor, nxt)
+        if below:
+            return "min_free", below
+        return None
+
+    def _pause(self, why: str, detail: str) -> None:
+        if self.paused != why:
+            level = logging.INFO if why == "max_pending" else logging.WARNING
+            log.log(level, "paused queue=%s reason=%s: %s", self.queue.name, why, detail)
+        self.paused = why
+
+    def _resume(self, pending: int) -> None:
+        if self.paused:
+            log.info("resumed queue=%s after=%s pending=%d", self.queue.name, self.paused, pending)
+            self.paused = None

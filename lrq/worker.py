@@ -7,7 +7,8 @@ What can go wrong, and what the worker does:
   failing items are alone; each of those gets its own retries and is then *dead-lettered*
   with its error. Everything else in the batch is stored.
 * **Infrastructure fails** (database unreachable, service timeout, connection refused, HTTP
-  5xx/429, or the handler raises :class:`~lrq.errors.Retryable`): the items are not at fault.
+  5xx/429, disk full, or the handler raises :class:`~lrq.errors.Retryable`): the items are
+  not at fault.
   The claim is released without counting an attempt and the worker backs off.
 * **A handler call hangs**: ``handler_timeout`` interrupts it (SIGALRM, in the main thread)
   and the call counts as failed.
@@ -21,6 +22,7 @@ followed by ``key=value`` fields.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import signal
 import threading
@@ -86,6 +88,8 @@ def is_infrastructure(exc: BaseException) -> bool:
                           requests.ConnectionError, requests.Timeout,
                           requests.exceptions.RetryError)):
             return True
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True  # disk full: wait for cleanup, the items are fine
         if isinstance(e, requests.HTTPError) and e.response is not None and (
                 e.response.status_code >= 500 or e.response.status_code == 429):
             return True
@@ -302,12 +306,14 @@ class Worker:
     # -- many batches --------------------------------------------------------------------
     def run(self, *, burst: bool = True, max_batches: int | None = None,
             max_seconds: float | None = None, idle_wait: float = 1.0,
-            progress: bool = False) -> RunStats:
-        """Process batches until none is pending (``burst``), a limit is hit, ``stop`` is set,
-        or infrastructure keeps failing (``INFRA_TRIES`` times in a row, with backoff)."""
+            idle_exit: float | None = None, progress: bool = False) -> RunStats:
+        """Process batches until none is pending (``burst``) or none came for ``idle_exit``
+        seconds, a limit is hit, ``stop`` is set, or infrastructure keeps failing
+        (``INFRA_TRIES`` times in a row, with backoff)."""
         self.stats = RunStats()
         next_report = time.monotonic() + PROGRESS_EVERY
         failures = 0
+        idle_since: float | None = None
         while not self.stop.is_set():
             if max_batches is not None and self.stats.batches + self.stats.failed >= max_batches:
                 break
@@ -316,7 +322,9 @@ class Worker:
             try:
                 worked = self.run_once()
                 failures = 0
-            except Retryable as e:
+            except Exception as e:
+                if not is_infrastructure(e):
+                    raise
                 failures += 1
                 self.stats.infra_errors += 1
                 if failures >= INFRA_TRIES:
@@ -327,8 +335,13 @@ class Worker:
                 log.warning("backoff queue=%s seconds=%.1f error=%s", self.queue.name, wait, e)
                 self.stop.wait(wait)
                 continue
-            if not worked:
+            if worked:
+                idle_since = None
+            else:
                 if burst:
+                    break
+                idle_since = idle_since or time.monotonic()
+                if idle_exit is not None and time.monotonic() - idle_since >= idle_exit:
                     break
                 self.stop.wait(idle_wait)
             if progress and time.monotonic() >= next_report:

@@ -50,6 +50,35 @@ def workers_of(cfg: Path) -> list[int]:
     return pids
 
 
+def diagnose(cfg: Path, missing: str) -> str:
+    """Where the batch of a missing key is: files, ledger rows, log lines."""
+    import sqlite3
+
+    from lrqtest import load_app
+
+    app = load_app(cfg)
+    q = app.queues("docs")[0]
+    sp = app.spool(q)
+    out = []
+    for folder in (sp.left, sp.failed, sp.quarantine):
+        for path in folder.glob("*.pkl"):
+            try:
+                keys = [i["doc_id"] for i in sp.load(path.stem).items]
+            except Exception as e:
+                out.append(f"{path}: unreadable {e}")
+                continue
+            if missing in keys:
+                name = path.stem
+                right = sorted(p.name for p in sp.right.glob(f"{name}*"))
+                db = sqlite3.connect(cfg.parent / "results.db")
+                ledger = db.execute("SELECT * FROM lrq_batches WHERE name = ?", (name,)).fetchall()
+                out.append(f"{path.parent.name}/{name}: right={right} ledger={ledger} "
+                           f"attempts={sp.attempts(name)}")
+                log = (app.cfg.data_dir / "lrq.log").read_text().splitlines()
+                out += [line for line in log if name in line][-20:]
+    return "\n".join(out) or f"no batch file holds {missing}"
+
+
 def finish(p: subprocess.Popen[bytes], timeout: float = 600) -> None:
     assert p.wait(timeout=timeout) == 0
 
@@ -84,8 +113,11 @@ def test_random_sigkills_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     while workers_of(cfg) and time.monotonic() < deadline:
         time.sleep(0.2)
     v = lrq("-c", str(cfg), "verify")
+    st = lrq("-c", str(cfg), "status", "--json").stdout
     print(f"\nCHAOS items={DOCS} kills={kills} wall={wall:.1f}s calm={calm:.1f}s "
           f"ratio={wall / calm:.2f}\n{v.stdout}")
     assert kills["worker"] >= 5 and kills["scheduler"] >= 2
-    assert v.returncode == 0, v.stdout
+    if v.returncode != 0:
+        key = v.stdout.split("missing keys (first 10): ")[1].split(",")[0].strip()
+        pytest.fail(f"{v.stdout}{st}\n{diagnose(cfg, key)}")
     assert f"source {DOCS}, results {DOCS}, dead letters 0, missing 0, duplicated 0" in v.stdout
