@@ -19,7 +19,8 @@ key        = "doc_id"                      # item field that identifies it (dedu
 result_table = "doc_results"               # generic table (queue, key, value JSON) ...
 # model = "workers.models:DocEntMap"       # ... or your own ORM model with a unique key column
 # order = "random"                         # or "fifo"
-# max_pending = 50                         # sniffer pauses while this many batches wait
+# max_pending = 50                         # sniffer pauses while this many batches (or "500MB") wait
+# compress = "zstd"                        # batch files: "zstd", "zlib" or "none"
 # run_seconds = 300                        # a scheduled worker process exits after this long
 # retries = 2                              # tries of a failing handler call before splitting it
 # backoff = 0.5                            # seconds between tries, doubled each time (max 60)
@@ -37,7 +38,8 @@ columns  = { id = "id", doc_id = "mid", content = "content" }   # item field = c
 [cleanup]
 # every   = "15s"                          # how often the scheduler runs the reaper
 # tmp_age = "1h"                           # orphan tmp/ files older than this are removed
-keep_done = "7d"
-max_bytes = "10GB"
-min_free  = "10%"
+keep_done = "7d"                           # done batches are removed after this long
+# keep_failed = "30d"                      # failed and quarantined batches after this long
+max_bytes = "10GB"                         # budget for the queue folders and logs
+min_free  = "10%"                          # free space (bytes and inodes) to keep, or "5GB"
 '''
