@@ -42,23 +42,8 @@ def ledger_table(metadata: MetaData) -> Table:
     )
 
 
-def dead_letter_table(metadata: MetaData) -> Table:
-    """Items the handler failed on after retries, one row per (queue, key), with the error."""
-    return Table(
-        DEAD, metadata,
-        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-               autoincrement=True),
-        Column("queue", String(64), nullable=False),
-        Column("key", String(255), nullable=False),
-        Column("batch", String(64), nullable=False),
-        Column("error", Text, nullable=False),
-        Column("item", JSON, nullable=False),
-        Column("created_at", DateTime, nullable=False, server_default=func.now()),
-        UniqueConstraint("queue", "key", name=f"uq_{DEAD}_queue_key"),
-    )
-
-
-def generic_table(metadata: MetaData, name: str) -> Table:
+def _keyed_table(metadata: MetaData, name: str, *payload: Column, index_created: bool = False) -> Table:
+    """Rows unique by ``(queue, key)``, so a replay adds nothing: results and dead letters."""
     return Table(
         name, metadata,
         Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
@@ -66,10 +51,22 @@ def generic_table(metadata: MetaData, name: str) -> Table:
         Column("queue", String(64), nullable=False),
         Column("key", String(255), nullable=False),
         Column("batch", String(64), nullable=False),
-        Column("value", JSON, nullable=False),
-        Column("created_at", DateTime, nullable=False, server_default=func.now(), index=True),
+        *payload,
+        Column("created_at", DateTime, nullable=False, server_default=func.now(),
+               index=index_created),
         UniqueConstraint("queue", "key", name=f"uq_{name}_queue_key"),
     )
+
+
+def dead_letter_table(metadata: MetaData) -> Table:
+    """Items the handler failed on after retries, one row per (queue, key), with the error."""
+    return _keyed_table(metadata, DEAD, Column("error", Text, nullable=False),
+                        Column("item", JSON, nullable=False))
+
+
+def generic_table(metadata: MetaData, name: str) -> Table:
+    """Results as JSON values, for queues without a model of their own."""
+    return _keyed_table(metadata, name, Column("value", JSON, nullable=False), index_created=True)
 
 
 @dataclass(frozen=True)

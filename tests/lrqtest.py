@@ -1,11 +1,12 @@
 """Helpers shared by lrq's test tiers: configs in tmp dirs, sample sources, subprocess CLI."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from lrq import config
 from lrq.sample import write_documents
@@ -51,6 +52,17 @@ def load_app(path: Path) -> Any:
     from lrq.app import App
 
     return App(config.load(path))
+
+
+@contextlib.contextmanager
+def killed_on_exit(proc: subprocess.Popen[Any]) -> Iterator[subprocess.Popen[Any]]:
+    """Make sure a spawned process is gone when the block ends, whatever the test did."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
 
 
 def lrq(*args: str, cwd: Path | None = None, timeout: float = 120, env: dict[str, str] | None = None,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lrqtest import ROOT, lrq, write_config
+from lrqtest import ROOT, killed_on_exit, lrq, write_config
 
 
 def status(cfg: Path) -> dict:
@@ -89,16 +89,13 @@ def test_sigterm_past_the_grace_period_releases_the_batch_uncounted(tmp_path: Pa
     lrq("-c", str(cfg), "sniff", check=True)
     w = subprocess.Popen([sys.executable, "-m", "lrq", "-c", str(cfg), "work", "--burst"],
                          cwd=ROOT, text=True, stderr=subprocess.PIPE)
-    try:
+    with killed_on_exit(w):
         deadline = time.monotonic() + 30
         while status(cfg)["claimed"] != 1:
             assert time.monotonic() < deadline
-            time.sleep(0.05)
+            time.sleep(0.05)  # polling the folder, bounded by the deadline
         w.send_signal(signal.SIGTERM)
         _, err = w.communicate(timeout=30)
-    finally:
-        if w.poll() is None:
-            w.kill()
     assert w.returncode == 0, err
     assert "reason=shutdown" in err
     st = status(cfg)

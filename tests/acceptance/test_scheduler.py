@@ -11,7 +11,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from lrqtest import ROOT, lrq, write_config
+from lrqtest import ROOT, killed_on_exit, lrq, write_config
 
 SLOW = '''
 import time
@@ -67,18 +67,13 @@ def test_scheduler_py_is_lrq_run(tmp_path: Path) -> None:
 def test_second_scheduler_refuses_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
     (tmp_path / "slow.py").write_text(SLOW)
     cfg = write_config(tmp_path, docs=3000, batch_size=100, chunk_size=10, handler="slow:handle")
-    first = spawn("-c", str(cfg), "run")
-    try:
+    with killed_on_exit(spawn("-c", str(cfg), "run")) as first:
         wait_for(lambda: status(cfg)["done"] >= 2)
         second = lrq("-c", str(cfg), "run", timeout=60)
         assert second.returncode == 3 and "already running" in second.stderr
         assert second.stderr.count("\n") == 1
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=60) == 0
-    finally:
-        if first.poll() is None:
-            first.kill()
-            first.wait()
     st = status(cfg)
     assert st["claimed"] == 0, "a stopped worker left a claim behind"
     assert 2 <= st["done"] < 30
@@ -94,14 +89,9 @@ def test_manual_worker_sigterm_finishes_its_batch_and_exits_0(tmp_path: Path) ->
     (tmp_path / "slow.py").write_text(SLOW)
     cfg = write_config(tmp_path, docs=2000, batch_size=100, chunk_size=10, handler="slow:handle")
     lrq("-c", str(cfg), "sniff", check=True)
-    w = spawn("-c", str(cfg), "work", "--burst")
-    try:
+    with killed_on_exit(spawn("-c", str(cfg), "work", "--burst")) as w:
         wait_for(lambda: status(cfg)["done"] >= 1)
         w.send_signal(signal.SIGTERM)
         assert w.wait(timeout=60) == 0
-    finally:
-        if w.poll() is None:
-            w.kill()
-            w.wait()
     st = status(cfg)
     assert st["claimed"] == 0 and st["pending"] > 0 and st["done"] + st["pending"] == 20
