@@ -30,8 +30,11 @@ def sqlite_path(url: str) -> str | None:
     return u.database
 
 
-def make_engine(url: str, what: str = "db_url", *, create: bool = True, **kw: Any) -> Engine:
-    """An engine for ``url``. ``create=False``: a missing SQLite file is an error, not created."""
+def make_engine(url: str, what: str = "db_url", *, create: bool = True, writer: bool = True,
+                **kw: Any) -> Engine:
+    """An engine for ``url``. ``create=False``: a missing SQLite file is an error, not created.
+    ``writer=False`` (a source that lrq only reads): SQLite is opened as it is, without
+    switching the user's database to WAL or taking write locks for reads."""
     try:
         u = make_url(url)
     except ArgumentError as e:
@@ -61,7 +64,7 @@ def make_engine(url: str, what: str = "db_url", *, create: bool = True, **kw: An
     except ImportError as e:
         need = _DRIVERS.get(backend, "its driver")
         raise ConfigError(f"{what}: the {backend} driver is not installed; install {need}") from e
-    if backend == "sqlite":
+    if backend == "sqlite" and writer:
         _sqlite_setup(engine)
     return engine
 

@@ -23,7 +23,7 @@ _POS = "_lrq_position"
 class SqlSource:
     def __init__(self, cfg: SourceConfig, engine: Engine | None = None) -> None:
         self.cfg = cfg
-        self.engine = engine or make_engine(cfg.url, what="source url", create=False)
+        self.engine = engine or make_engine(cfg.url, what="source url", create=False, writer=False)
         try:
             self.table = Table(cfg.table, MetaData(), autoload_with=self.engine)
         except NoSuchTableError:

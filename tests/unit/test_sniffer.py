@@ -118,3 +118,20 @@ def test_sniffer_pauses_at_max_pending_and_logs_once(tmp_path: Path, caplog) -> 
     sn.spool.mark_done(c)
     assert sn.tick() == 1
     assert [r.message.split()[0] for r in caplog.records] == ["paused", "resumed", "paused"]
+
+
+def test_reading_a_sqlite_source_leaves_its_journal_mode_and_locks_alone(tmp_path: Path) -> None:
+    import sqlite3
+
+    url = tmp_path / "user.db"
+    db = sqlite3.connect(url)
+    db.execute("CREATE TABLE source_data (id INTEGER PRIMARY KEY, mid TEXT, content TEXT)")
+    db.execute("INSERT INTO source_data VALUES (1, 'm1', 'a b')")
+    db.commit()
+    src = SqlSource(SourceConfig(url=f"sqlite:///{url}", table="source_data"))
+    with src.engine.connect() as conn:  # a reader holding a transaction open ...
+        conn.exec_driver_sql("SELECT 1").all()
+        db.execute("INSERT INTO source_data VALUES (2, 'm2', 'c d')")  # ... never blocks the user
+        db.commit()
+    assert [i["id"] for i in src.fetch(None, 10).items] == [1, 2]
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
