@@ -117,11 +117,8 @@ class Runner:
         with self._lock:
             if self.children:
                 return False
-        for name, sniffer in self.sniffers.items():
-            sp = self.spools[name]
-            if not sniffer.drained or sp.has_pending() or sp.claimed():
-                return False
-        return True
+        return all(sniffer.drained and self.spools[name].settled()
+                   for name, sniffer in self.sniffers.items())
 
     # -- lifecycle -----------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:

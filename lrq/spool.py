@@ -310,6 +310,21 @@ class Spool:
         except FileNotFoundError:
             return False
 
+    def settled(self) -> bool:
+        """True when no batch is pending or claimed, judged from one snapshot.
+
+        ``right/`` is listed before ``left/``: a claim taken back (reaped, released) between
+        the two listings then shows as pending, never as gone, and a batch finished in
+        between shows as unfinished. Two separate questions ("pending?" then "claimed?") can
+        both answer no for a batch whose claim was reaped in between.
+        """
+        right = self._names(self.right, "")
+        left = self._names(self.left, SUFFIX)
+        if any(f"{n}{DONE}" not in right for n in left):
+            return False  # pending or claimed
+        # A claim whose batch file is gone (killed inside fail()) until the reaper clears it.
+        return not any("." not in n and f"{n}{DONE}" not in right for n in right)
+
     def claimed(self) -> list[str]:
         right = self._names(self.right, "")
         return sorted(n for n in right if "." not in n and f"{n}{DONE}" not in right)

@@ -1,5 +1,9 @@
 """Chaos: SIGKILL worker processes and the scheduler at random while 20k items flow; restart
-the scheduler each time. At the end every item is stored exactly once."""
+the scheduler each time. At the end every item is stored exactly once.
+
+Stress it harder by hand: ``CHAOS_KILLS=40 CHAOS_WORKER_SHARE=0.5 CHAOS_SEED=2 pytest -m slow
+tests/acceptance/test_chaos.py -s`` (more kills, more of them on the scheduler).
+"""
 from __future__ import annotations
 
 import os
@@ -92,14 +96,14 @@ def test_random_sigkills_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     assert lrq("-c", str(calm_cfg), "verify").returncode == 0
 
     cfg = config(tmp_path / "chaos")
-    rng = random.Random(20261123)
+    rng = random.Random(int(os.environ.get("CHAOS_SEED", "20261123")))
     kills = {"worker": 0, "scheduler": 0}
     t0 = time.monotonic()
     sched = scheduler(cfg)
-    while sum(kills.values()) < 20 and sched.poll() is None:
+    while sum(kills.values()) < int(os.environ.get("CHAOS_KILLS", "20")) and sched.poll() is None:
         time.sleep(rng.uniform(0.3, 1.2))  # the random kill schedule, not synchronisation
         victims = workers_of(cfg)
-        if victims and rng.random() < 0.7:
+        if victims and rng.random() < float(os.environ.get("CHAOS_WORKER_SHARE", "0.7")):
             os.kill(rng.choice(victims), signal.SIGKILL)
             kills["worker"] += 1
         elif sched.poll() is None:

@@ -126,3 +126,32 @@ def test_cleanup_reports_and_dry_run_changes_nothing(tmp_path: Path) -> None:
     assert report.reclaimed == [name]
     assert sp.state(name) is State.PENDING and sp.state(live) is State.CLAIMED
     assert not orphan.exists() and fresh.exists()
+
+
+def test_settled_is_not_fooled_by_a_claim_reaped_between_listings(spool: Spool) -> None:
+    """The chaos test once lost a batch this way: the scheduler asked "pending?" (no: it was
+    claimed by a dead worker), the reaper took the claim back, then "claimed?" (no): idle, exit.
+    """
+    name = spool.publish([{"k": 1}])
+    spool.claim(name)
+    forge_owner(spool, name, pid=dead_pid())
+    stale = spool.stale_claims(lease=60)[0]
+    listings = []
+    real = spool._names
+
+    def reaped_right_after_the_first_listing(folder, suffix):
+        out = real(folder, suffix)
+        listings.append(folder.name)
+        if len(listings) == 1:
+            spool.reap(stale, max_attempts=3)
+        return out
+
+    spool._names = reaped_right_after_the_first_listing
+    assert not spool.settled()
+    assert listings[0] == "right"
+    spool._names = real
+    assert spool.state(name) is State.PENDING and not spool.settled()
+    c = spool.claim(name)
+    assert not spool.settled()
+    spool.mark_done(c)
+    assert spool.settled()
