@@ -39,6 +39,20 @@ CHILD_IDLE_EXIT = 2.0  # seconds a worker process waits for new batches before e
 CHILD_ENV = "LRQ_CHILD"
 
 
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
+           "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+
+
+def child_line(line: str) -> tuple[int, str]:
+    """A worker process's stderr line as (level, text). Lines that are not lrq's log format
+    (a handler's print, a traceback) pass through whole at INFO: the relay must never fail,
+    or the child would block on a full pipe."""
+    first, _, rest = line.rstrip("\n").partition(" ")
+    if first in _LEVELS:
+        return _LEVELS[first], rest
+    return logging.INFO, line.rstrip("\n")
+
+
 class Runner:
     def __init__(self, app: App, *, until_idle: bool = False) -> None:
         self.app = app
@@ -85,9 +99,8 @@ class Runner:
         try:
             assert proc.stderr is not None
             for line in proc.stderr:  # ends when the child exits
-                level, _, rest = line.rstrip("\n").partition(" ")
-                child_log.log(logging.getLevelName(level) if level.isupper() else logging.INFO,
-                              "[%s %d] %s", q.name, proc.pid, rest if level.isupper() else line.rstrip())
+                level, text = child_line(line)
+                child_log.log(level, "[%s %d] %s", q.name, proc.pid, text)
             code = proc.wait(timeout=self.app.cfg.grace + 5)
         except subprocess.TimeoutExpired:
             proc.kill()
