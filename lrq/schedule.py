@@ -127,9 +127,9 @@ class Runner:
             self.scheduler.shutdown(wait=False)
 
     def idle(self) -> bool:
-        with self._lock:
-            if self.children:
-                return False
+        """Sources drained and no batch pending or claimed. Worker processes still running
+        then have nothing to claim (only the in-process sniffer publishes), so they are not
+        waited for: stopping sends them SIGTERM and they exit at once."""
         return all(sniffer.drained and self.spools[name].settled()
                    for name, sniffer in self.sniffers.items())
 
