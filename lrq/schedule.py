@@ -61,6 +61,8 @@ class Runner:
         self.children: dict[int, tuple[str, subprocess.Popen[str]]] = {}
         self._lock = threading.Lock()
         self.sniffers = {q.name: app.sniffer(q) for q in app.queues()}
+        for q in app.queues():
+            self.sniffers[q.name].on_publish = lambda q=q: self._start_worker(q)
         self.spools = {q.name: app.spool(q) for q in app.queues()}
         slots = sum(1 + q.workers for q in app.queues()) + 3
         self.scheduler = BlockingScheduler(
@@ -75,15 +77,21 @@ class Runner:
         try:
             sniffer = self.sniffers[q.name]
             with self.spools[q.name].lock("sniff"):
-                if sniffer.tick(max_seconds=5.0):
-                    # New batches: start a worker now rather than at its next tick.
-                    self.scheduler.modify_job(f"work:{q.name}", next_run_time=_now())
+                sniffer.tick(max_seconds=5.0)
             if sniffer.paused in ("budget", "min_free", "disk-full"):
                 self.scheduler.modify_job("cleanup", next_run_time=_now())  # make room now
         except AlreadyRunning as e:
             log.debug("skipped %s", e)
         except LrqError as e:
             log.error("sniff-failed queue=%s error=%s", q.name, e)
+
+    def _start_worker(self, q: QueueConfig) -> None:
+        """A batch was published: run the worker job now, not at its next tick, while fewer
+        than ``workers`` processes serve the queue (extra runs are refused by max_instances)."""
+        with self._lock:
+            running = sum(1 for name, _ in self.children.values() if name == q.name)
+        if running < q.workers:
+            self.scheduler.modify_job(f"work:{q.name}", next_run_time=_now())
 
     def work(self, q: QueueConfig) -> None:
         if self.stop.is_set() or not self.spools[q.name].has_pending():

@@ -20,12 +20,13 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from lrq import failpoints
 from lrq.config import QueueConfig, load_object
-from lrq.db import insert_ignore
+from lrq.db import _dumps, insert_ignore
 from lrq.errors import ConfigError, HandlerError, SinkError
 
 log = logging.getLogger(__name__)
 
 LEDGER = "lrq_batches"
+GENERIC_FIELDS = ("queue", "key", "batch", "value")
 DEAD = "lrq_dead_letters"
 
 
@@ -109,6 +110,18 @@ class Sink:
             self.generic = True
             self.unique = ["queue", "key"]
         self._insert = insert_ignore(engine, self.table, self.unique)
+        if self.generic:
+            # lrq's own table has a known shape (three strings and JSON), so its rows skip
+            # SQLAlchemy's per-row processing: the statement is compiled once and sent to
+            # the driver's executemany with the JSON already encoded. User models keep the
+            # typed path.
+            compiled = self._insert.compile(dialect=engine.dialect, for_executemany=True,
+                                            column_keys=list(GENERIC_FIELDS))
+            self._bulk_sql = compiled.string
+            self._bulk_positional = compiled.positional
+            if compiled.positional and list(compiled.positiontup or ()) != list(GENERIC_FIELDS):
+                raise SinkError(f"unexpected parameter order {compiled.positiontup} for "
+                                f"{self.table.name} on {engine.dialect.name}")
 
     def prepare(self) -> "Sink":
         """Create the ledger, dead-letter and results tables if they are missing. Safe when
@@ -163,8 +176,11 @@ class Sink:
                 conn.execute(self.ledger.insert().values(
                     queue=self.queue.name, name=batch, items=items, results=len(rows),
                     dead=len(dead_rows), attempt=attempt))
-                for group in _same_fields(rows):
-                    conn.execute(self._insert, group)
+                if self.generic and rows:
+                    conn.exec_driver_sql(self._bulk_sql, self._bulk_params(rows))
+                else:
+                    for group in _same_fields(rows):
+                        conn.execute(self._insert, group)
                 if dead_rows:
                     conn.execute(self._insert_dead, dead_rows)
                 failpoints.hit("during-txn")
@@ -176,6 +192,11 @@ class Sink:
             raise SinkError(f"storing batch {batch} into {self.table.name} failed: "
                             f"{getattr(e, 'orig', None) or e}") from e
         return Stored(recorded=True, results=len(rows), dead=len(dead_rows))
+
+    def _bulk_params(self, rows: list[dict[str, Any]]) -> list[Any]:
+        if self._bulk_positional:
+            return [(r["queue"], r["key"], r["batch"], _dumps(r["value"])) for r in rows]
+        return [{**r, "value": _dumps(r["value"])} for r in rows]
 
     def _key_column(self) -> Any:
         return self.table.c.key if self.generic else self.table.c[self.key]

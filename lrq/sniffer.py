@@ -41,6 +41,9 @@ class Sniffer:
         #: Why prefetching is paused ("max_pending", "budget", "min_free", "disk-full"), or None.
         self.paused: str | None = None
         self.last_bytes = 0
+        #: Called after each batch is published (the scheduler starts workers from it, so
+        #: they need not wait for a long tick to end).
+        self.on_publish: Callable[[], None] | None = None
         self._retry_at = 0.0
         self._full_backoff = 1.0
 
@@ -88,6 +91,8 @@ class Sniffer:
             self.last_bytes = size
             log.debug("published queue=%s batch=%s items=%d bytes=%d", self.queue.name, name,
                       len(fetched.items), size)
+            if self.on_publish is not None:
+                self.on_publish()
             self.drained = len(fetched.items) < self.queue.batch_size
             if self.drained or self.clock() >= deadline:
                 break

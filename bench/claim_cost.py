@@ -1,0 +1,321 @@
+"""Benchmark claim cost against backlog: ``Spool.pick`` with 1k, 10k, 100k pending batches.
+
+One queue folder is grown to each backlog size in turn (tiny batches of one item,
+``Spool.publish([{"doc_id": i}])``). For every size:
+
+``pending``
+    ``Spool.pending()``: the listing of ``left/`` minus the claims in ``right/``, sorted.
+``counts``
+    ``Spool.counts()``: the census with a ``stat`` per file the sniffer takes every tick.
+``fresh``
+    ``Spool.pick("random")`` on a new ``Spool`` object each time: every pick lists the
+    backlog first (a worker process's first claim).
+``warm``
+    ``Spool.pick("random")`` repeatedly on one ``Spool``: the first pick lists, the others
+    take a name from the cached listing (the steady state of a long-running worker).
+
+Claims taken are removed again after each phase, so every phase sees the full backlog.
+
+Generating the backlog: real publishes (tmp write, fsync, rename, fsync ``left/``) are timed
+on a sample; if publishing the largest backlog that way is estimated to take longer than
+``--publish-budget`` seconds (default 180), the rest is made by writing the bytes of one
+published file under new names from ``Spool.new_name()`` (no fsync). lrq checks only the
+signature, which covers the content, not the name; one copy is loaded to prove it.
+
+The folders are freshly written, so the listings run against a warm dentry cache.
+JSON goes to ``bench/results/<timestamp>-claim-cost.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from lrq.spool import Spool
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+RESULTS = BENCH / "results"
+NAME = "claim-cost"
+QUEUE = "q"
+TARGET = 2.0  # p50(largest backlog) / p50(smallest) a claim should stay within
+
+EXAMPLES = """\
+examples:
+  python bench/claim_cost.py --quick         1k, 10k, 100k pending; 50 claims per phase
+  python bench/claim_cost.py                 1k, 10k, 100k pending; 200 claims per phase
+  python bench/claim_cost.py --sizes 1000,100000 --claims 500 --tmp /dev/shm
+"""
+
+
+def _run_module() -> Any:
+    """bench/run.py, for the machine info and the table layout."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import run  # bench/run.py
+
+    return run
+
+
+@dataclass
+class Backlog:
+    """A growing queue folder and how its files were made."""
+
+    data: Path
+    spool: "Spool"
+    published: int = 0
+    publish_seconds: float = 0.0
+    copied: int = 0
+    copy_seconds: float = 0.0
+    template: bytes = b""
+
+    def size(self) -> int:
+        return len(self.spool.pending())
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """Milliseconds: p50, p95, min, max, mean, and the sample count."""
+    s = sorted(samples)
+    p95 = s[min(len(s) - 1, max(0, round(0.95 * len(s)) - 1))]
+    return {"n": len(s), "p50_ms": round(statistics.median(s) * 1e3, 4),
+            "p95_ms": round(p95 * 1e3, 4), "min_ms": round(s[0] * 1e3, 4),
+            "max_ms": round(s[-1] * 1e3, 4), "mean_ms": round(statistics.fmean(s) * 1e3, 4)}
+
+
+# -- the backlog -----------------------------------------------------------------------------
+def publish(b: Backlog, count: int) -> None:
+    from lrq.spool import SUFFIX
+
+    t0 = time.perf_counter()
+    name = ""
+    for _ in range(count):
+        name = b.spool.publish([{"doc_id": b.published + b.copied}])
+        b.published += 1
+    b.publish_seconds += time.perf_counter() - t0
+    if name and not b.template:
+        b.template = (b.spool.left / f"{name}{SUFFIX}").read_bytes()
+
+
+def copy(b: Backlog, count: int) -> None:
+    """``count`` more pending batches: the template's bytes under new names, no fsync."""
+    from lrq.spool import SUFFIX
+
+    t0 = time.perf_counter()
+    for _ in range(count):
+        fd = os.open(b.spool.left / f"{b.spool.new_name()}{SUFFIX}",
+                     os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, b.template)
+        finally:
+            os.close(fd)
+        b.copied += 1
+    b.copy_seconds += time.perf_counter() - t0
+
+
+def grow(b: Backlog, size: int, use_copies: bool) -> None:
+    have = b.published + b.copied
+    if size <= have:
+        return
+    if use_copies:
+        copy(b, size - have)
+    else:
+        publish(b, size - have)
+
+
+def publish_rate(b: Backlog, sample: int) -> float:
+    """Seconds per real publish, over ``sample`` publishes (they stay in the backlog)."""
+    publish(b, sample)
+    return b.publish_seconds / b.published
+
+
+# -- the measurements ------------------------------------------------------------------------
+def timed(fn: Callable[[], Any], reps: int, budget: float) -> list[float]:
+    """Up to ``reps`` timings of ``fn()``, stopping early after ``budget`` seconds."""
+    out: list[float] = []
+    deadline = time.monotonic() + budget
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+        if time.monotonic() > deadline:
+            break
+    return out
+
+
+def release_all(spool: "Spool") -> int:
+    """Remove every claim in ``right/`` (they are ours): the backlog is whole again."""
+    n = 0
+    for e in os.scandir(spool.right):
+        os.unlink(e.path)
+        n += 1
+    return n
+
+
+def pick_phase(data: Path, key: bytes, claims: int, fresh: bool,
+               budget: float) -> tuple[list[float], float]:
+    """Times of ``claims`` picks (fresh Spool each, or one warm Spool); and the first one."""
+    from lrq.spool import Spool
+
+    warm = Spool(data, QUEUE, key=key)
+    times: list[float] = []
+    deadline = time.monotonic() + budget
+    for _ in range(claims):
+        spool = Spool(data, QUEUE, key=key) if fresh else warm
+        t0 = time.perf_counter()
+        claim = spool.pick("random")
+        times.append(time.perf_counter() - t0)
+        if claim is None:
+            raise RuntimeError("pick found nothing pending; the backlog is smaller than claimed")
+        if time.monotonic() > deadline:
+            break
+    release_all(warm)
+    return times, times[0]
+
+
+def measure(b: Backlog, claims: int, reps: int, budget: float) -> dict[str, Any]:
+    spool = b.spool
+    key = spool.key
+    out: dict[str, Any] = {}
+    out["pending"] = percentiles(timed(spool.pending, reps, budget))
+    out["counts"] = percentiles(timed(spool.counts, reps, budget))
+    fresh, _ = pick_phase(b.data, key, claims, fresh=True, budget=budget)
+    out["fresh"] = percentiles(fresh)
+    warm, first = pick_phase(b.data, key, claims, fresh=False, budget=budget)
+    out["warm"] = percentiles(warm)
+    out["warm"]["first_ms"] = round(first * 1e3, 4)
+    out["warm"]["p50_after_first_ms"] = round(statistics.median(warm[1:]) * 1e3, 4) \
+        if len(warm) > 1 else None
+    return out
+
+
+# -- driving ---------------------------------------------------------------------------------
+def _ints(text: str) -> list[int]:
+    return [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=_ints, default=[1000, 10_000, 100_000],
+                   help="pending backlog sizes, ascending (default 1000,10000,100000)")
+    p.add_argument("--claims", type=int, default=200, help="picks per phase (default 200)")
+    p.add_argument("--reps", type=int, default=20,
+                   help="timings of pending() and counts() per size (default 20)")
+    p.add_argument("--sample", type=int, default=500,
+                   help="real publishes timed to estimate publishing everything (default 500)")
+    p.add_argument("--publish-budget", type=float, default=180.0,
+                   help="seconds real publishing may take, else copies (default 180)")
+    p.add_argument("--phase-budget", type=float, default=90.0,
+                   help="seconds after which a phase stops early (default 90)")
+    p.add_argument("--quick", action="store_true", help="50 claims, 10 reps, sample 200")
+    p.add_argument("--tmp", help="folder for the temporary data dir (default: system tmp)")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.claims, a.reps, a.sample = 50, 10, 200
+    a.sizes = sorted(set(a.sizes))
+    if min([*a.sizes, a.claims, a.reps, a.sample]) < 1:
+        p.error("sizes, --claims, --reps and --sample must be positive")
+    if a.sample > a.sizes[0]:
+        a.sample = a.sizes[0]
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lrq.spool import SUFFIX, Spool
+
+    a = parse_args(argv)
+    run = _run_module()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = run._stamp()
+    report: dict[str, Any] = {
+        "benchmark": NAME, "timestamp": stamp, "argv": sys.argv, "machine": run.machine(),
+        "settings": {"sizes": a.sizes, "claims": a.claims, "reps": a.reps, "sample": a.sample,
+                     "publish_budget": a.publish_budget, "tmp": a.tmp or tempfile.gettempdir()},
+        "results": [],
+    }
+    print(f"claim cost: sizes {a.sizes}, {a.claims} claims per phase, "
+          f"tmp {report['settings']['tmp']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="lrq-bench-claim-", dir=a.tmp) as d:
+        data = Path(d) / "data"
+        b = Backlog(data=data, spool=Spool(data, QUEUE).ensure())
+        per_publish = publish_rate(b, a.sample)
+        estimate = per_publish * a.sizes[-1]
+        use_copies = estimate > a.publish_budget
+        gen = {"sample_publishes": b.published, "publish_ms": round(per_publish * 1e3, 3),
+               "estimated_publish_all_seconds": round(estimate, 1),
+               "method": "copies" if use_copies else "publish"}
+        print(f"  {b.published} publishes: {per_publish * 1e3:.2f} ms each; all "
+              f"{a.sizes[-1]:,} would take ~{estimate:.0f}s -> "
+              f"{'copying the rest' if use_copies else 'publishing all'}", flush=True)
+        for size in a.sizes:
+            grow(b, size, use_copies)
+            if b.copied and "copy_load_check" not in gen:
+                # A copy must pass the same signature check as a publish.
+                copied = sorted(b.spool.pending())[-1]
+                b.spool.load(copied)
+                gen["copy_load_check"] = f"loaded {copied}{SUFFIX}: signature valid"
+            have = b.size()
+            if have != size:
+                raise RuntimeError(f"backlog has {have} pending batches, expected {size}")
+            t0 = time.perf_counter()
+            row = {"size": size, **measure(b, a.claims, a.reps, a.phase_budget)}
+            row["measure_seconds"] = round(time.perf_counter() - t0, 2)
+            report["results"].append(row)
+            print(f"  {size:>7,} pending: pending() p50 {row['pending']['p50_ms']:.2f} ms, "
+                  f"fresh pick p50 {row['fresh']['p50_ms']:.2f} ms, warm pick p50 "
+                  f"{row['warm']['p50_ms']:.3f} ms ({row['measure_seconds']}s)", flush=True)
+        gen.update({"published": b.published, "publish_seconds": round(b.publish_seconds, 2),
+                    "copied": b.copied, "copy_seconds": round(b.copy_seconds, 2)})
+        if b.copied:
+            gen["copy_ms"] = round(b.copy_seconds / b.copied * 1e3, 4)
+        report["generation"] = gen
+    lo, hi = report["results"][0], report["results"][-1]
+    report["ratios"] = {
+        "sizes": [lo["size"], hi["size"]], "target": TARGET,
+        **{f"{k}_p50": round(hi[k]["p50_ms"] / lo[k]["p50_ms"], 2)
+           for k in ("pending", "counts", "fresh", "warm")}}
+    out = RESULTS / f"{stamp}-{NAME}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(table(report))
+    print(f"\nwrote {out.relative_to(ROOT)}")
+    return 0
+
+
+def table(report: dict[str, Any]) -> str:
+    run = _run_module()
+    g = report["generation"]
+    rows = [("pending", "what", "p50 ms", "p95 ms", "min ms", "max ms", "mean ms", "n")]
+    labels = {"pending": "pending()", "counts": "counts()", "fresh": "pick, fresh Spool",
+              "warm": "pick, warm Spool"}
+    for r in report["results"]:
+        for k, label in labels.items():
+            v = r[k]
+            rows.append((f"{r['size']:,}" if k == "pending" else "", label,
+                         *(f"{v[f]:.3f}" for f in ("p50_ms", "p95_ms", "min_ms", "max_ms",
+                                                   "mean_ms")), str(v["n"])))
+    q = report["ratios"]
+    lines = [f"claim cost against backlog ({report['settings']['claims']} claims per phase; "
+             f"backlog by {g['method']}: {g['published']:,} publishes at {g['publish_ms']} ms"
+             + (f", {g['copied']:,} copies at {g['copy_ms']} ms" if g.get("copied") else "")
+             + ")", *run._columns(rows, right={0, 2, 3, 4, 5, 6, 7}), "",
+             "warm Spool, first pick (lists the backlog) / p50 of the rest:"]
+    lines += [f"  {r['size']:>7,}: {r['warm']['first_ms']:.2f} ms / "
+              f"{r['warm']['p50_after_first_ms']:.3f} ms" for r in report["results"]]
+    lines += ["", f"p50 at {q['sizes'][1]:,} / p50 at {q['sizes'][0]:,} pending "
+              f"(target <= {q['target']:g} for a claim):"]
+    lines += [f"  {labels[k]:18s} {q[f'{k}_p50']:8.2f}"
+              for k in ("pending", "counts", "fresh", "warm")]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
