@@ -50,7 +50,7 @@ TARGET = 2.0  # p50(largest backlog) / p50(smallest) a claim should stay within
 
 EXAMPLES = """\
 examples:
-  python bench/claim_cost.py --quick         1k, 10k, 100k pending; 50 claims per phase
+  python bench/claim_cost.py --quick         1k, 10k, 100k pending; 50 claims, mostly copies
   python bench/claim_cost.py                 1k, 10k, 100k pending; 200 claims per phase
   python bench/claim_cost.py --sizes 1000,100000 --claims 500 --tmp /dev/shm
 """
@@ -215,11 +215,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="seconds real publishing may take, else copies (default 180)")
     p.add_argument("--phase-budget", type=float, default=90.0,
                    help="seconds after which a phase stops early (default 90)")
-    p.add_argument("--quick", action="store_true", help="50 claims, 10 reps, sample 200")
+    p.add_argument("--quick", action="store_true",
+                   help="50 claims, 10 reps, sample 200, publish budget 20 s")
     p.add_argument("--tmp", help="folder for the temporary data dir (default: system tmp)")
     a = p.parse_args(argv)
     if a.quick:
         a.claims, a.reps, a.sample = 50, 10, 200
+        a.publish_budget = min(a.publish_budget, 20.0)
     a.sizes = sorted(set(a.sizes))
     if min([*a.sizes, a.claims, a.reps, a.sample]) < 1:
         p.error("sizes, --claims, --reps and --sample must be positive")

@@ -91,7 +91,10 @@ class Runner:
         with self._lock:
             running = sum(1 for name, _ in self.children.values() if name == q.name)
         if running < q.workers:
-            self.scheduler.modify_job(f"work:{q.name}", next_run_time=_now())
+            try:
+                self.scheduler.modify_job(f"work:{q.name}", next_run_time=_now())
+            except Exception as e:  # stopping: the job may be gone; the next tick will do
+                log.debug("worker start skipped queue=%s: %s", q.name, e)
 
     def work(self, q: QueueConfig) -> None:
         if self.stop.is_set() or not self.spools[q.name].has_pending():
