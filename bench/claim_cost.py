@@ -295,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
 def table(report: dict[str, Any]) -> str:
     run = _run_module()
     g = report["generation"]
-    rows = [("pending", "what", "p50 ms", "p95 ms", "min ms", "max ms", "mean ms", "n")]
+    rows: list[tuple[str, ...]] = [("pending", "what", "p50 ms", "p95 ms", "min ms", "max ms",
+                                    "mean ms", "n")]
     labels = {"pending": "pending()", "counts": "counts()", "fresh": "pick, fresh Spool",
               "warm": "pick, warm Spool"}
     for r in report["results"]:

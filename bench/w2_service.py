@@ -126,7 +126,7 @@ class Service:
 
     @property
     def url(self) -> str:
-        return self.server.url
+        return str(self.server.url)
 
     def __enter__(self) -> "Service":
         self.thread.start()
