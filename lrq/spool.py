@@ -243,6 +243,7 @@ class Spool:
         self.rng = rng or random.Random()
         self._last_us = 0
         self._candidates: list[str] = []
+        self._none_pending_at: tuple[int, int] | None = None
 
     def ensure(self) -> "Spool":
         for d in (self.root.parent, self.root, self.left, self.right, self.tmp, self.failed,
@@ -297,18 +298,44 @@ class Spool:
     def _claims(self) -> set[str]:
         return {n for n in self._names(self.right, "") if "." not in n}
 
-    def pending(self) -> list[str]:
-        """Names in ``left/`` without a claim in ``right/``, oldest first."""
-        return sorted(self._names(self.left, SUFFIX) - self._claims())
+    def pending(self, ordered: bool = True) -> list[str]:
+        """Names in ``left/`` without a claim in ``right/``, oldest first (or unordered)."""
+        names = self._names(self.left, SUFFIX) - self._claims()
+        return sorted(names) if ordered else list(names)
 
-    def has_pending(self) -> bool:
-        claimed = self._claims()
+    def pending_stats(self) -> tuple[int, int]:
+        """(pending batches, their bytes), statting only the pending files."""
+        claims = self._claims()
+        count = size = 0
         try:
             with os.scandir(self.left) as it:
-                return any(e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claimed
-                           for e in it)
+                for e in it:
+                    if e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claims:
+                        with contextlib.suppress(FileNotFoundError):
+                            size += e.stat(follow_symlinks=False).st_size
+                            count += 1
+        except FileNotFoundError:
+            pass
+        return count, size
+
+    def has_pending(self) -> bool:
+        """Is any batch pending? Asked every second by an idle scheduler, so when neither
+        folder changed since the last "no" it answers without listing them. Folder mtimes are
+        coarse (a change in the same clock tick can keep the mtime), so an unchanged mtime is
+        trusted only once it is a second old."""
+        try:
+            stamps = (os.stat(self.left).st_mtime_ns, os.stat(self.right).st_mtime_ns)
         except FileNotFoundError:
             return False
+        if stamps == self._none_pending_at:
+            return False
+        claimed = self._claims()
+        with os.scandir(self.left) as it:
+            found = any(e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claimed
+                        for e in it)
+        settled_before = time.time_ns() - 1_000_000_000
+        self._none_pending_at = stamps if not found and max(stamps) < settled_before else None
+        return found
 
     def settled(self) -> bool:
         """True when no batch is pending or claimed, judged from one snapshot.
@@ -492,7 +519,7 @@ class Spool:
             if not self._candidates:
                 if refreshed:
                     return None
-                self._candidates = self.pending()
+                self._candidates = self.pending(ordered=order == "fifo")
                 if order == "fifo":
                     self._candidates.reverse()
                 refreshed = True

@@ -168,3 +168,27 @@ def test_worker_keeps_the_batch_when_the_done_marker_hits_enospc(tmp_path: Path,
     assert sp.state(name) is State.PENDING and w.sink.is_recorded(name)  # committed, not lost
     monkeypatch.undo()
     assert w.run_once() and sp.state(name) is State.DONE and w.sink.count() == 1
+
+
+def test_a_drained_sniffer_tick_does_no_disk_accounting(tmp_path: Path) -> None:
+    """An idle scheduler ticks every second for weeks, next to every done batch kept for
+    keep_done: a tick on a drained source must not scan them."""
+
+    class CountingBudget(FakeBudget):
+        calls = 0
+
+        def used(self) -> int:
+            CountingBudget.calls += 1
+            return 0
+
+    source = MemorySource([{"doc_id": i} for i in range(25)])
+    sn = sniffer(tmp_path, CountingBudget(max_bytes=10**9, used=0, free=1000))
+    sn.source = source
+    assert sn.tick() == 3 and sn.drained and CountingBudget.calls == 1
+    for _ in range(5):
+        assert sn.tick() == 0
+    assert CountingBudget.calls == 1
+    source.items.extend({"doc_id": i} for i in range(25, 30))  # new rows arrive
+    assert sn.tick() == 1 and CountingBudget.calls == 2
+    ids = [i["doc_id"] for n in sn.spool.pending() for i in sn.spool.load(n).items]
+    assert ids == list(range(30))

@@ -234,3 +234,20 @@ def test_a_flipped_bit_in_a_compressed_batch_fails_the_signature(tmp_path: Path)
     path.write_bytes(bytes(data))
     with pytest.raises(BatchCorrupt, match="signature does not match"):
         sp.load(name)
+
+
+def test_has_pending_skips_the_listing_only_for_quiet_unchanged_folders(spool: Spool, monkeypatch) -> None:
+    listings = []
+    real = spool._claims
+    monkeypatch.setattr(spool, "_claims", lambda: listings.append(1) or real())
+    assert not spool.has_pending() and not spool.has_pending()
+    assert len(listings) == 2  # the folders changed less than a second ago: listed both times
+    old = time.time() - 5
+    for d in (spool.left, spool.right):
+        os.utime(d, (old, old))
+    assert not spool.has_pending() and not spool.has_pending()
+    assert len(listings) == 3  # quiet and unchanged: the second answer is remembered
+    name = spool.publish(items(1))  # a new batch changes left/'s mtime
+    assert spool.has_pending() and len(listings) == 4
+    spool.claim(name)
+    assert not spool.has_pending()
