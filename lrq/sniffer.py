@@ -17,7 +17,7 @@ import time
 from typing import Callable
 
 from lrq.config import QueueConfig
-from lrq.disk import Budget
+from lrq.disk import TRIM_AT, Budget
 from lrq.sources import Source
 from lrq.spool import Spool
 
@@ -61,6 +61,8 @@ class Sniffer:
         used = self.budget.used() if self.budget else 0
         published = 0
         while max_batches is None or published < max_batches:
+            if self.budget and used + 2 * self.last_bytes > TRIM_AT * self.budget.max_bytes:
+                used = self.budget.used()  # near the budget: decide on a fresh count
             blocked = self._blocked(pending, pending_bytes, used)
             if blocked:
                 self._pause(*blocked)
@@ -108,9 +110,11 @@ class Sniffer:
                                    f"(max_pending {q.max_pending_bytes} bytes)")
         if self.budget is None:
             return None
-        if used + nxt > self.budget.max_bytes:
-            return "budget", (f"the data dir holds {used} bytes; the next batch would pass "
-                              f"max_bytes {self.budget.max_bytes}")
+        # Two batches of headroom: usage is counted once per tick, while workers add claims
+        # and markers, logs grow, and the next batch may be larger than the last.
+        if used + 2 * nxt > self.budget.max_bytes:
+            return "budget", (f"the data dir holds {used} bytes; the next batch would leave "
+                              f"less than a batch of room under max_bytes {self.budget.max_bytes}")
         below = self.budget.space().below(self.budget.floor, nxt)
         if below:
             return "min_free", below
