@@ -489,8 +489,7 @@ class Spool:
 
     def heartbeat(self, claim: Claim) -> bool:
         """Refresh the lease; False when the claim is no longer ours (reaped, released)."""
-        current = self.read_claim(claim.name)
-        if current is None or current.token != claim.token:
+        if not self.owns(claim):
             return False
         try:
             os.utime(self.right / claim.name)
@@ -499,14 +498,12 @@ class Spool:
         return True
 
     def owns(self, claim: Claim) -> bool:
+        """Is ``right/<name>`` still this claim (same token)?"""
         current = self.read_claim(claim.name)
         return current is not None and current.token == claim.token
 
     def read_claim(self, name: str) -> Claim | None:
-        try:
-            return Claim(**json.loads((self.right / name).read_text()))
-        except (FileNotFoundError, ValueError, TypeError):
-            return None
+        return self.read_claim_file(self.right / name)
 
     def pick(self, order: str = "random") -> Claim | None:
         """Claim one pending batch, or return None when there is none.
@@ -569,10 +566,10 @@ class Spool:
 
     def release(self, claim: Claim) -> bool:
         """Give a claim back (the batch becomes pending) if we still own it."""
-        current = self.read_claim(claim.name)
-        if current is None or current.token != claim.token:
+        if not self.owns(claim):
             return False
-        os.unlink(self.right / claim.name)
+        with contextlib.suppress(FileNotFoundError):  # reaped since we looked: gone either way
+            os.unlink(self.right / claim.name)
         return True
 
     def fail(self, claim: Claim, error: str, folder: Path | None = None) -> Path:
@@ -644,7 +641,8 @@ class Spool:
         self.fail(held, f"gave up after {record['attempts']} attempts; the last: {stale.reason}")
         return "failed"
 
-    def read_claim_file(self, path: Path) -> Claim | None:
+    @staticmethod
+    def read_claim_file(path: Path) -> Claim | None:
         try:
             return Claim(**json.loads(path.read_text()))
         except (FileNotFoundError, ValueError, TypeError):
