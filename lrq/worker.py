@@ -184,7 +184,7 @@ class Worker:
             log.error("quarantined queue=%s batch=%s error=%s", q, claim.name, e)
             return
         except BatchCorrupt as e:
-            self._fail(claim, str(e), "".join(traceback.format_exception(e)))
+            self._fail(claim, str(e), e)
             return
         except FileNotFoundError:
             self.spool.release(claim)
@@ -193,7 +193,7 @@ class Worker:
         keyless = sum(1 for it in batch.items if self.queue.key not in it)
         if keyless:
             self._fail(claim, f"{keyless} of {len(batch.items)} items have no {self.queue.key!r} "
-                       "field (the queue's key); fix `key` or the source columns", "")
+                       "field (the queue's key); fix `key` or the source columns")
             return
         results, dead = self.handle(batch.items)
         if lost.is_set() or not self.spool.owns(claim):
@@ -201,7 +201,7 @@ class Worker:
         try:
             stored = self.sink.store(claim.name, len(batch.items), results, claim.attempt, dead=dead)
         except HandlerError as e:  # results the sink cannot take: the handler's fault
-            self._fail(claim, str(e), "".join(traceback.format_exception(e)))
+            self._fail(claim, str(e), e)
             return
         failpoints.hit("after-commit")
         self.spool.mark_done(claim, {"items": len(batch.items), "results": stored.results,
@@ -231,7 +231,8 @@ class Worker:
             finished.set()
             t.join(timeout=5)
 
-    def _fail(self, claim: Claim, message: str, detail: str) -> None:
+    def _fail(self, claim: Claim, message: str, exc: BaseException | None = None) -> None:
+        detail = "".join(traceback.format_exception(exc)) if exc is not None else ""
         self.spool.fail(claim, f"{message}\n\n{detail}")
         self.stats.failed += 1
         log.error("failed queue=%s batch=%s error=%s (details: lrq show %s)",
