@@ -53,6 +53,7 @@ class App:
         self._engine: Engine | None = None
         self._sinks: dict[str, Sink] = {}
         self._sources: dict[str, sources.Source] = {}
+        self._spools: dict[str, Spool] = {}
         self._key: bytes | None = None
 
     @property
@@ -72,7 +73,10 @@ class App:
         return self.cfg.queue(name)
 
     def spool(self, q: QueueConfig) -> Spool:
-        return Spool(self.cfg.data_dir, q.name, key=self.key, compress=q.compress).ensure()
+        if q.name not in self._spools:
+            self._spools[q.name] = Spool(self.cfg.data_dir, q.name, key=self.key,
+                                         compress=q.compress).ensure()
+        return self._spools[q.name]
 
     def sink(self, q: QueueConfig) -> Sink:
         if q.name not in self._sinks:

@@ -6,7 +6,6 @@ Environment overrides: ``LRQ_CONFIG`` (the file), ``LRQ_DATA_DIR``, ``LRQ_DB_URL
 """
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import os
 import re
@@ -330,6 +329,3 @@ def load_handler(queue: QueueConfig, base: Path | None = None) -> Callable[[list
         raise ConfigError(f"{where}: {queue.handler!r} is not callable")
     return target
 
-
-def replace(cfg: Config, **changes: Any) -> Config:
-    return dataclasses.replace(cfg, **changes)

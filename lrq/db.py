@@ -58,7 +58,7 @@ def make_engine(url: str, what: str = "db_url", *, create: bool = True, writer: 
         args.update(connect_timeout=CONNECT_TIMEOUT, read_timeout=300, write_timeout=300)
     try:
         engine = create_engine(u, pool_pre_ping=True, connect_args=args,
-                               json_serializer=_dumps, **kw)
+                               json_serializer=dumps_json, **kw)
     except NoSuchModuleError as e:
         raise ConfigError(f"{what}: no SQLAlchemy dialect for {u.drivername!r}") from e
     except ImportError as e:
@@ -93,7 +93,7 @@ def _sqlite_setup(engine: Engine) -> None:
 _JSON = json.JSONEncoder(default=str, ensure_ascii=False)
 
 
-def _dumps(value: Any) -> str:
+def dumps_json(value: Any) -> str:
     return _JSON.encode(value)
 
 

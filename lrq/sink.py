@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from lrq import failpoints
 from lrq.config import QueueConfig, load_object
-from lrq.db import _dumps, insert_ignore
+from lrq.db import dumps_json, insert_ignore
 from lrq.errors import ConfigError, HandlerError, SinkError
 
 log = logging.getLogger(__name__)
@@ -195,8 +195,8 @@ class Sink:
 
     def _bulk_params(self, rows: list[dict[str, Any]]) -> list[Any]:
         if self._bulk_positional:
-            return [(r["queue"], r["key"], r["batch"], _dumps(r["value"])) for r in rows]
-        return [{**r, "value": _dumps(r["value"])} for r in rows]
+            return [(r["queue"], r["key"], r["batch"], dumps_json(r["value"])) for r in rows]
+        return [{**r, "value": dumps_json(r["value"])} for r in rows]
 
     def _key_column(self) -> Any:
         return self.table.c.key if self.generic else self.table.c[self.key]

@@ -69,11 +69,5 @@ class SqlSource:
                     select(self.fields[key])):
                 yield str(value)
 
-    def count(self) -> int:
-        from sqlalchemy import func
-
-        with self.engine.connect() as conn:
-            return conn.execute(select(func.count()).select_from(self.table)).scalar_one()
-
     def close(self) -> None:
         self.engine.dispose()
