@@ -15,6 +15,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from lrq.errors import ConfigError
 
 CONNECT_TIMEOUT = 10  # seconds, for network databases
+STATEMENT_TIMEOUT = 300  # seconds any one statement may run or wait for a lock
 SQLITE_BUSY_MS = 60_000
 
 _DRIVERS = {"postgresql": "psycopg (pip install 'lrq[postgres]')",
@@ -53,9 +54,11 @@ def make_engine(url: str, what: str = "db_url", *, create: bool = True, writer: 
     if backend == "sqlite":
         args["timeout"] = SQLITE_BUSY_MS / 1000
     elif backend == "postgresql":
-        args["connect_timeout"] = CONNECT_TIMEOUT
+        args.update(connect_timeout=CONNECT_TIMEOUT,
+                    options=f"-c statement_timeout={STATEMENT_TIMEOUT * 1000}")
     elif backend in ("mysql", "mariadb"):
-        args.update(connect_timeout=CONNECT_TIMEOUT, read_timeout=300, write_timeout=300)
+        args.update(connect_timeout=CONNECT_TIMEOUT, read_timeout=STATEMENT_TIMEOUT,
+                    write_timeout=STATEMENT_TIMEOUT)
     try:
         engine = create_engine(u, pool_pre_ping=True, connect_args=args,
                                json_serializer=dumps_json, **kw)

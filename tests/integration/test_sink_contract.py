@@ -385,3 +385,14 @@ def test_dead_letters_commit_with_the_batch_and_replay_adds_nothing(engine: Engi
     again = sink.store("b2", 2, [], dead=bad)  # the same items dead again in a replayed batch
     assert again.recorded and sink.dead_count() == 2
     assert [d["error"] for d in sink.dead_letters(batch="b1")] == [e for _, e in bad]
+
+
+@pytest.mark.services
+def test_postgresql_statements_are_bounded(pg_url: str) -> None:
+    """A statement stuck on a lock must end (and count as infrastructure), not wait forever."""
+    engine = make_engine(pg_url)
+    try:
+        with engine.connect() as conn:
+            assert conn.exec_driver_sql("SHOW statement_timeout").scalar_one() == "5min"
+    finally:
+        engine.dispose()
