@@ -41,9 +41,8 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     from lrq.spool import Spool
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-RESULTS = BENCH / "results"
+import run  # bench/run.py (first on sys.path): source cache, lrq command, machine info, tables
+from run import RESULTS, ROOT
 NAME = "claim-cost"
 QUEUE = "q"
 TARGET = 2.0  # p50(largest backlog) / p50(smallest) a claim should stay within
@@ -55,14 +54,6 @@ examples:
   python bench/claim_cost.py --sizes 1000,100000 --claims 500 --tmp /dev/shm
 """
 
-
-def _run_module() -> Any:
-    """bench/run.py, for the machine info and the table layout."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    import run  # bench/run.py
-
-    return run
 
 
 @dataclass
@@ -234,7 +225,6 @@ def main(argv: list[str] | None = None) -> int:
     from lrq.spool import SUFFIX, Spool
 
     a = parse_args(argv)
-    run = _run_module()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = run._stamp()
     report: dict[str, Any] = {
@@ -293,7 +283,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(report: dict[str, Any]) -> str:
-    run = _run_module()
     g = report["generation"]
     rows: list[tuple[str, ...]] = [("pending", "what", "p50 ms", "p95 ms", "min ms", "max ms",
                                     "mean ms", "n")]

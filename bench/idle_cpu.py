@@ -35,9 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-RESULTS = BENCH / "results"
+import run  # bench/run.py (first on sys.path): source cache, lrq command, machine info, tables
+from run import RESULTS, ROOT, BenchError
 NAME = "idle-cpu"
 QUEUE = "docs"
 TARGET_PCT = 1.0  # % of one core an idle scheduler should stay under
@@ -70,17 +69,6 @@ examples:
 """
 
 
-class BenchError(Exception):
-    """A run failed; the figures would be meaningless."""
-
-
-def _run_module() -> Any:
-    """bench/run.py, for its source cache, lrq command, machine info and table layout."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    import run  # bench/run.py
-
-    return run
 
 
 # -- CPU time from /proc -----------------------------------------------------------------------
@@ -295,7 +283,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    run = _run_module()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = run._stamp()
     report: dict[str, Any] = {
@@ -340,7 +327,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(report: dict[str, Any]) -> str:
-    run = _run_module()
     rows = [("docs:batch", "done batches", "window s", "lrq CPU s", "lrq % core",
              "sleep CPU s", "sleep % core", "procs")]
     for r in report["results"]:

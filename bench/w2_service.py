@@ -43,9 +43,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from workers.entity_service import EntityServer
 
-BENCH = Path(__file__).resolve().parent
-ROOT = BENCH.parent
-RESULTS = BENCH / "results"
+import run  # bench/run.py (first on sys.path): source cache, lrq command, machine info, tables
+from run import RESULTS, ROOT, BenchError
 NAME = "w2-service"
 WORKLOAD = "W2 model service"
 QUEUE = "ents"
@@ -79,17 +78,6 @@ examples:
 """
 
 
-class BenchError(Exception):
-    """A run failed or stored wrong results; the figures would be meaningless."""
-
-
-def _run_module() -> Any:
-    """bench/run.py, for its source cache, lrq command, timeline parser and machine info."""
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    import run  # bench/run.py
-
-    return run
 
 
 @dataclass
@@ -193,7 +181,6 @@ def run_plain(url: str, items: list[dict[str, Any]], workers: int, chunk: int,
 # -- lrq -------------------------------------------------------------------------------------
 def run_lrq(url: str, source: Path, n: int, workers: int, batch: int, chunk: int,
             tmp: str | None, timeout: float) -> Measured:
-    run = _run_module()
     with tempfile.TemporaryDirectory(prefix="lrq-bench-w2-", dir=tmp) as d:
         work = Path(d)
         src = work / "source.db"
@@ -294,7 +281,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    run = _run_module()
     RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = run._stamp()
     report: dict[str, Any] = {
@@ -367,7 +353,6 @@ def summarize(n: int, w: int, c: int, a: argparse.Namespace,
 
 
 def table(report: dict[str, Any]) -> str:
-    run = _run_module()
     s = report["settings"]
     rows = [("docs", "W", "C", "ceiling/s", "method", "median s", "items/s", "of ceiling",
              "runs (s)")]
