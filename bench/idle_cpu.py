@@ -38,28 +38,8 @@ from typing import Any, Callable
 import run  # bench/run.py (first on sys.path): source cache, lrq command, machine info, tables
 from run import RESULTS, ROOT, BenchError
 NAME = "idle-cpu"
-QUEUE = "docs"
 TARGET_PCT = 1.0  # % of one core an idle scheduler should stay under
 
-CONFIG = """\
-data_dir = "data"
-db_url   = "sqlite:///data/results.db"
-
-[queues.{queue}]
-handler      = "workers.wordcount:handle"
-key          = "doc_id"
-result_table = "doc_results"
-workers      = 2
-batch_size   = {batch}
-chunk_size   = {batch}
-
-[queues.{queue}.source]
-kind     = "sql"
-url      = "sqlite:///{source}"
-table    = "source_data"
-order_by = "id"
-columns  = {{ id = "id", doc_id = "mid", content = "content" }}
-"""
 
 EXAMPLES = """\
 examples:
@@ -114,12 +94,6 @@ def tree_cpu(root: int) -> tuple[float, int]:
 
 
 # -- one case ----------------------------------------------------------------------------------
-def write_config(work: Path, source: Path, batch: int) -> Path:
-    cfg = work / "lrq.toml"
-    cfg.write_text(CONFIG.format(queue=QUEUE, batch=batch, source=source))
-    return cfg
-
-
 def drain(run: Any, cfg: Path, work: Path, docs: int) -> float:
     """``lrq run --until-idle``, then ``lrq verify``; returns the run's seconds."""
     timeout = run.timeout_for(docs) * 5  # small batches are slower than run.py's
@@ -238,10 +212,11 @@ def attribute(cfg_path: Path) -> dict[str, Any]:
     }
     if not sniffer.drained:
         raise BenchError("the sniffer does not see the source as drained")
-    parts = {"Spool.counts": timed(spool.counts, 30), "Budget.used": timed(budget.used, 30),
+    parts = {"Spool.pending_stats": timed(spool.pending_stats, 30),
+             "Budget.used": timed(budget.used, 30),
              "Spool.read_position": timed(spool.read_position, 30),
-             "source fetch (empty)": timed(
-                 lambda: sniffer.source.fetch(spool.read_position(), q.batch_size), 30),
+             "source probe (1 row, empty)": timed(
+                 lambda: sniffer.source.fetch(spool.read_position(), 1), 30),
              "statvfs (Budget.space)": timed(budget.space, 30)}
     for name, v in jobs.items():
         v["every_seconds"] = every[name]
@@ -298,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
                 work = Path(d)
                 src = work / "source.db"
                 shutil.copyfile(run.cached_source(docs), src)
-                cfg = write_config(work, src, batch)
+                cfg = run.write_config(work, src, batch)  # the W1 queue, wordcount
                 drained = drain(run, cfg, work, docs)
                 row: dict[str, Any] = {"docs": docs, "batch": batch,
                                        "done_batches": -(-docs // batch),
@@ -350,7 +325,8 @@ def table(report: dict[str, Any]) -> str:
         jrows.append(("sum of jobs", "", "", "", f"{at['est_pct_core_jobs']:.2f}"))
         jrows.append(("measured - sum", "", "", "", f"{at['unattributed_pct_core']:.2f}"))
         lines += ["  " + x for x in run._columns(jrows, right={1, 2, 3, 4})]
-        lines.append("  inside sniff: " + ", ".join(
+        lines.append("  sniff parts (a drained tick pays only the position read and the probe; "
+                     "a tick with new rows also counts pending and usage): " + ", ".join(
             f"{k} {v['cpu_ms']:.2f} ms" for k, v in at["sniff_parts"].items()))
     return "\n".join(lines)
 
