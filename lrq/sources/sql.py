@@ -6,9 +6,10 @@ grows for new rows (an auto-increment id or an insertion timestamp with a unique
 """
 from __future__ import annotations
 
+import sqlite3
 from typing import Any, Iterator
 
-from sqlalchemy import MetaData, Table, select
+from sqlalchemy import MetaData, Table, bindparam, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
@@ -41,17 +42,37 @@ class SqlSource:
         self.fields = {field: cols[column] for field, column in pairs}
         self.order = cols[cfg.order_by]
         self._select = select(*(c.label(f) for f, c in self.fields.items()), self.order.label(_POS))
+        self._names = [*self.fields, _POS]
+        self._raw = self._raw_queries()
+
+    def _raw_queries(self) -> tuple[str, str] | None:
+        """For SQLite, the two page queries as SQL text for the driver's own cursor, when no
+        column needs SQLAlchemy's type conversion: the rows then come back as the driver
+        gives them, which costs a third of a SQLAlchemy result (half the sniffer's time).
+        Other databases, and columns such as DATETIME or NUMERIC, take the general path."""
+        dialect = self.engine.dialect
+        if dialect.name != "sqlite" or dialect.paramstyle != "qmark":
+            return None
+        columns = [*self.fields.values(), self.order]
+        if any(c.type.result_processor(dialect, None) is not None for c in columns) or \
+                self.order.type.bind_processor(dialect) is not None:
+            return None
+        first = self._select.order_by(self.order)
+        after = self._select.where(self.order > bindparam("after")).order_by(self.order)
+        return (f"{first.compile(dialect=dialect)} LIMIT ?",
+                f"{after.compile(dialect=dialect)} LIMIT ?")
 
     def fetch(self, position: Any, limit: int) -> Fetched:
-        q = self._select.order_by(self.order).limit(limit)
-        if position is not None:
-            q = q.where(self.order > position)
         try:
             with self.engine.connect() as conn:
-                result = conn.execute(q)
-                names = list(result.keys())
-                rows = [dict(zip(names, r)) for r in result]  # 3x cheaper than .mappings()
-        except SQLAlchemyError as e:
+                if self._raw is not None:
+                    rows = self._fetch_raw(conn, position, limit)
+                else:
+                    q = self._select.order_by(self.order).limit(limit)
+                    if position is not None:
+                        q = q.where(self.order > position)
+                    rows = [dict(zip(self._names, r)) for r in conn.execute(q)]
+        except (SQLAlchemyError, sqlite3.Error) as e:  # sqlite3: the raw path's driver
             raise SourceError(f"cannot read source table {self.cfg.table}: {e}") from e
         if not rows:
             return Fetched([], position)
@@ -59,6 +80,19 @@ class SqlSource:
         for r in rows:
             del r[_POS]
         return Fetched(rows, last)
+
+    def _fetch_raw(self, conn: Any, position: Any, limit: int) -> list[dict[str, Any]]:
+        assert self._raw is not None
+        cur = conn.connection.dbapi_connection.cursor()
+        try:
+            if position is None:
+                cur.execute(self._raw[0], (limit,))
+            else:
+                cur.execute(self._raw[1], (position, limit))
+            names = self._names
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+        finally:
+            cur.close()
 
     def keys(self, key: str) -> Iterator[str]:
         if key not in self.fields:

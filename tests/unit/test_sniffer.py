@@ -1,13 +1,16 @@
 """The SQL source's keyset paging and the watermark: it moves only after a durable publish."""
 from __future__ import annotations
 
+import sqlite3
+from datetime import datetime
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
 from sqlalchemy import MetaData, insert
 
 from lrq.config import SourceConfig
-from lrq.errors import ConfigError
+from lrq.errors import ConfigError, SourceError
 from lrq.sample import documents, source_table, write_documents
 from lrq.sniffer import Sniffer
 from lrq.sources.sql import SqlSource
@@ -121,7 +124,6 @@ def test_sniffer_pauses_at_max_pending_and_logs_once(tmp_path: Path, caplog) -> 
 
 
 def test_reading_a_sqlite_source_leaves_its_journal_mode_and_locks_alone(tmp_path: Path) -> None:
-    import sqlite3
 
     url = tmp_path / "user.db"
     db = sqlite3.connect(url)
@@ -135,3 +137,34 @@ def test_reading_a_sqlite_source_leaves_its_journal_mode_and_locks_alone(tmp_pat
         db.commit()
     assert [i["id"] for i in src.fetch(None, 10).items] == [1, 2]
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+def test_sqlite_pages_take_the_raw_path_with_the_same_rows(tmp_path: Path) -> None:
+    src = sql_source(tmp_path, 30)
+    assert src._raw is not None  # integer and text columns need no type conversion
+    raw = [src.fetch(None, 7), src.fetch(7, 100)]
+    src._raw = None  # the general SQLAlchemy path over the same table
+    general = [src.fetch(None, 7), src.fetch(7, 100)]
+    assert raw == general
+    assert [len(f.items) for f in raw] == [7, 23] and raw[1].position == 30
+
+
+def test_typed_columns_keep_sqlalchemy_conversion(tmp_path: Path) -> None:
+    url = tmp_path / "typed.db"
+    db = sqlite3.connect(url)
+    db.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, at DATETIME, amount NUMERIC)")
+    db.execute("INSERT INTO events VALUES (1, '2026-11-23 08:00:00.000000', '1.50')")
+    db.commit()
+    src = SqlSource(SourceConfig(url=f"sqlite:///{url}", table="events", order_by="id"))
+    assert src._raw is None
+    item = src.fetch(None, 10).items[0]
+    assert item["at"] == datetime(2026, 11, 23, 8, 0) and item["amount"] == Decimal("1.50")
+
+
+def test_a_broken_source_is_a_source_error_on_the_raw_path(tmp_path: Path) -> None:
+    src = sql_source(tmp_path, 3)
+    assert src._raw is not None
+    with src.engine.begin() as conn:
+        conn.exec_driver_sql("DROP TABLE source_data")
+    with pytest.raises(SourceError, match="cannot read source table source_data"):
+        src.fetch(None, 10)
