@@ -124,7 +124,6 @@ def test_sniffer_pauses_at_max_pending_and_logs_once(tmp_path: Path, caplog) -> 
 
 
 def test_reading_a_sqlite_source_leaves_its_journal_mode_and_locks_alone(tmp_path: Path) -> None:
-
     url = tmp_path / "user.db"
     db = sqlite3.connect(url)
     db.execute("CREATE TABLE source_data (id INTEGER PRIMARY KEY, mid TEXT, content TEXT)")
