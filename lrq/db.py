@@ -8,7 +8,7 @@ import os
 
 from sqlalchemy import Table, create_engine, event, literal_column
 from sqlalchemy.dialects import mysql, postgresql, sqlite
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
@@ -60,7 +60,8 @@ def make_engine(url: str, what: str = "db_url", *, create: bool = True, writer: 
         args.update(connect_timeout=CONNECT_TIMEOUT, read_timeout=STATEMENT_TIMEOUT,
                     write_timeout=STATEMENT_TIMEOUT)
     try:
-        engine = create_engine(u, pool_pre_ping=True, connect_args=args,
+        # Pre-ping guards against server-side disconnects; a SQLite file has none to detect.
+        engine = create_engine(u, pool_pre_ping=backend != "sqlite", connect_args=args,
                                json_serializer=dumps_json, **kw)
     except NoSuchModuleError as e:
         raise ConfigError(f"{what}: no SQLAlchemy dialect for {u.drivername!r}") from e
@@ -74,7 +75,9 @@ def make_engine(url: str, what: str = "db_url", *, create: bool = True, writer: 
 
 def _sqlite_setup(engine: Engine) -> None:
     """WAL so readers never block the writer; BEGIN IMMEDIATE so concurrent writers queue on
-    the busy timeout instead of failing on a read-to-write upgrade."""
+    the busy timeout instead of failing on a read-to-write upgrade. A connection opened with
+    ``execution_options(READ_ONLY)`` (see :func:`reader`) takes no write lock: its statements
+    run in SQLite's autocommit mode, each its own read transaction."""
 
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
@@ -88,7 +91,18 @@ def _sqlite_setup(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        if not conn.get_execution_options().get(READ_ONLY):
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+#: Execution option marking a connection that only reads (see :func:`reader`).
+READ_ONLY = "lrq_read_only"
+
+
+def reader(engine: Engine) -> Connection:
+    """A connection for single reads. On SQLite it does not queue for the write lock, so
+    a worker checking the ledger does not wait behind another worker's commit."""
+    return engine.connect().execution_options(**{READ_ONLY: True})
 
 
 #: One encoder for every JSON value lrq writes: json.dumps() with options builds a new

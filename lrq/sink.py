@@ -20,7 +20,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from lrq import failpoints
 from lrq.config import QueueConfig, load_object
-from lrq.db import dumps_json, insert_ignore
+from lrq.db import dumps_json, insert_ignore, reader
 from lrq.errors import ConfigError, HandlerError, SinkError
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class Sink:
         return self
 
     def is_recorded(self, name: str) -> bool:
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             return conn.execute(select(self.ledger.c.name).where(
                 self.ledger.c.queue == self.queue.name, self.ledger.c.name == name)).first() is not None
 
@@ -205,13 +205,13 @@ class Sink:
         return q.where(self.table.c.queue == self.queue.name) if self.generic else q
 
     def keys(self) -> Iterator[str]:
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             for (k,) in conn.execution_options(yield_per=10_000).execute(
                     self._scoped(select(self._key_column()))):
                 yield str(k)
 
     def dead_keys(self) -> Iterator[str]:
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             for (k,) in conn.execution_options(yield_per=10_000).execute(
                     select(self.dead.c.key).where(self.dead.c.queue == self.queue.name)):
                 yield str(k)
@@ -221,31 +221,31 @@ class Sink:
         q = q.where(self.dead.c.queue == self.queue.name)
         if batch is not None:
             q = q.where(self.dead.c.batch == batch)
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             return [dict(r) for r in conn.execute(q.order_by(self.dead.c.id).limit(limit)).mappings()]
 
     def duplicates(self) -> int:
         """Keys stored more than once (non-zero only if the unique constraint was dropped)."""
         col = self._key_column()
         q = self._scoped(select(col)).group_by(col).having(func.count() > 1)
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             return len(conn.execute(q).all())
 
     def count(self) -> int:
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             return conn.execute(self._scoped(select(func.count()).select_from(self.table))).scalar_one()
 
     def ledger_stats(self) -> tuple[int, int]:
         """(batches recorded, items recorded) for this queue."""
         q = select(func.count(), func.coalesce(func.sum(self.ledger.c["items"]), 0)).where(
             self.ledger.c.queue == self.queue.name)
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             n, items = conn.execute(q).one()
         return int(n), int(items)
 
     def dead_count(self) -> int:
         q = select(func.count()).select_from(self.dead).where(self.dead.c.queue == self.queue.name)
-        with self.engine.connect() as conn:
+        with reader(self.engine) as conn:
             return int(conn.execute(q).scalar_one())
 
 

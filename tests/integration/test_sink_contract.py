@@ -375,6 +375,24 @@ def test_ledger_rows_are_per_queue(engine: Engine) -> None:
     assert [tuple(r) for r in rows] == [("a", "same-name", 2, 2), ("b", "same-name", 5, 3)]
 
 
+def test_ledger_check_does_not_wait_for_another_workers_transaction(engine: Engine) -> None:
+    """A worker asking "is this batch recorded?" reads; it must not queue behind a commit
+    in progress (on SQLite, behind the write lock, for up to the 60 s busy timeout)."""
+    sink = Sink(engine, queue(result_table="doc_results")).prepare()
+    assert sink.store("old", 1, results(1)).recorded
+    with engine.begin() as writer:  # another worker's transaction, still open
+        writer.execute(sink.ledger.insert().values(queue="docs", name="open", items=1,
+                                                   results=0, dead=0, attempt=1))
+        done = threading.Event()
+        answers: list[bool] = []
+        t = threading.Thread(target=lambda: (answers.extend(
+            [sink.is_recorded("old"), sink.is_recorded("open")]), done.set()), daemon=True)
+        t.start()
+        assert done.wait(10), "is_recorded waited for the open write transaction"
+    assert answers == [True, False]  # the open transaction's row is not visible yet
+    assert sink.is_recorded("open")
+
+
 def test_dead_letters_commit_with_the_batch_and_replay_adds_nothing(engine: Engine) -> None:
     sink = Sink(engine, queue(result_table="doc_results")).prepare()
     bad = [({"doc_id": "x1", "content": "Пекин 😀"}, "ValueError: cannot map"),
