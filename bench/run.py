@@ -45,6 +45,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from lrq.db import dumps_json  # the baselines serialize results as lrq does
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 RESULTS = BENCH / "results"
@@ -166,8 +168,7 @@ def open_results(path: Path, create: bool) -> sqlite3.Connection:
 
 
 def store(conn: sqlite3.Connection, batch: str, results: list[dict[str, Any]]) -> None:
-    rows = [(QUEUE, str(r["doc_id"]), batch, json.dumps(r, default=str, ensure_ascii=False))
-            for r in results]
+    rows = [(QUEUE, str(r["doc_id"]), batch, dumps_json(r)) for r in results]
     conn.execute("BEGIN IMMEDIATE")
     conn.executemany(INSERT, rows)
     conn.execute("COMMIT")

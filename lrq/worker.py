@@ -285,6 +285,9 @@ class Worker:
         if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
             raise HandlerError(f"handler {self.queue.handler} must return a list of dicts, "
                                f"got {type(results).__name__}")
+        if len(results) == len(chunk) and all(
+                r.get(key) == it[key] for r, it in zip(results, chunk)):
+            return results  # one result per item, in item order: the common case, no sort
         want = sorted(str(it[key]) for it in chunk)
         got = sorted(str(r.get(key)) for r in results)
         if got != want:

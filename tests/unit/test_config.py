@@ -69,3 +69,16 @@ def test_durations_and_sizes() -> None:
     assert config.parse_bytes("512MiB", "x") == 512 * 2**20 and config.parse_bytes("1.5GB", "x") == 1.5e9
     with pytest.raises(ConfigError):
         config.parse_bytes("-1GB", "x")
+
+
+def test_stored_json_is_compact_utf8_with_str_for_other_values() -> None:
+    from datetime import datetime
+    from decimal import Decimal
+
+    from lrq.db import dumps_json
+
+    assert dumps_json({"a": "é", 1: [1.5, None, True]}) == '{"a":"é","1":[1.5,null,true]}'
+    assert dumps_json({"at": datetime(2026, 1, 1, 8), "d": Decimal("1.5")}) == \
+        '{"at":"2026-01-01 08:00:00","d":"1.5"}'
+    assert dumps_json({"n": float("nan")}) == '{"n":null}'  # PostgreSQL's JSON rejects NaN
+    assert dumps_json({"big": 2 ** 70}) == '{"big": 1180591620717411303424}'  # stdlib fallback

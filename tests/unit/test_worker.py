@@ -123,6 +123,24 @@ def test_bad_handler_results_are_dead_lettered_with_the_reason(app, result) -> N
     assert len(dead) == 3 and all("HandlerError" in d["error"] for d in dead)
 
 
+def test_results_in_any_order_are_accepted(app) -> None:
+    publish(app, 4)
+    w = app.worker(queue(app))
+    w.handler = lambda items: [{"doc_id": i["doc_id"], "n": 1} for i in reversed(items)]
+    w.run_once()
+    assert rows(app) == 4 and w.sink.dead_count() == 0
+
+
+def test_a_key_answered_twice_and_another_not_at_all_is_refused(app) -> None:
+    from lrq.errors import HandlerError
+
+    w = app.worker(queue(app))
+    items = [{"doc_id": "a"}, {"doc_id": "b"}]
+    assert w._check(items, [{"doc_id": "b"}, {"doc_id": "a"}])
+    with pytest.raises(HandlerError, match="2 results for 2 items"):
+        w._check(items, [{"doc_id": "a"}, {"doc_id": "a"}])
+
+
 @pytest.mark.parametrize("error", [
     requests.ConnectionError("connection refused"),
     requests.ReadTimeout("read timed out"),
