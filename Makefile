@@ -34,11 +34,12 @@ test-slow: venv services
 
 test-all: test test-slow
 
+# W1, W2, claim cost, idle cost in sequence, then one summary against the targets (~10 min).
 bench: venv
-	$(PY) bench/run.py
+	$(PY) bench/all.py
 
 bench-quick: venv
-	$(PY) bench/run.py --quick
+	$(PY) bench/all.py --quick
 
 clean:
 	rm -rf data/*/ data/*.db data/*.db-* data/lrq.log* .pytest_cache

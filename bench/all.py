@@ -1,0 +1,363 @@
+"""Run every benchmark of the Benchmarks issue, one after another, and check its targets.
+
+The parts are the standalone scripts, each run here as a subprocess with the same
+interpreter, so their own checks, exit codes, printed tables and JSON files are exactly
+what they are when run alone:
+
+``w1``     ``bench/run.py``         W1 docs-to-db: lrq against a multiprocessing pool of 2
+``w2``     ``bench/w2_service.py``  W2 model service: lrq against the service's ceiling
+``claim``  ``bench/claim_cost.py``  claim cost against 1k, 10k, 100k pending batches
+``idle``   ``bench/idle_cpu.py``    CPU of an idle ``lrq run`` scheduler
+
+A part fails when it exits non-zero, runs past its time limit (its process group gets
+SIGTERM, then SIGKILL), writes no JSON, or its JSON lacks a figure the summary reads; the
+other parts still run, and the run exits 1 naming the failed parts. A missed target is a
+result, not a failure.
+
+At the end one table gives, for each target, the figure read from the part's JSON, the
+target and whether it is met. That table, every part's command, exit code, time and JSON
+path go to ``bench/results/<timestamp>-all.json``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import IO, Any, Callable
+
+import run  # bench/run.py (first on sys.path): timestamps, machine info, tables
+from run import BENCH, RESULTS, ROOT
+
+NAME = "all"
+
+# The targets, from the Benchmarks issue.
+W1_TARGET = 0.8      # lrq items/s over the pool's, at batch 1000
+W1_TARGET_BATCH = 1000
+W2_TARGET = 0.9      # lrq items/s over the service's ceiling
+CLAIM_TARGET = 2.0   # claim p50 at the largest backlog over p50 at the smallest
+IDLE_TARGET = 1.0    # % of one core, strictly under
+
+QUIET_SECONDS = 60   # a part silent this long gets a "still running" line
+OPS: dict[str, Callable[[float, float], bool]] = {
+    ">=": operator.ge, "<=": operator.le, "<": operator.lt}
+
+EXAMPLES = """\
+examples:
+  python bench/all.py                   full: W1 100k,1M x batch 100,1000; W2; claim; idle 60 s
+  python bench/all.py --quick           every part's --quick (~2-5 min)
+  python bench/all.py --only w1,idle    some parts only (order is always w1, w2, claim, idle)
+  python bench/all.py --repeat 3        W1 and W2: 3 runs per configuration, median
+"""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One target in the summary: a figure read from a part's JSON against its target."""
+
+    part: str
+    figure: str
+    measured: float | None  # None: the part failed
+    op: str
+    target: float
+    detail: str = ""
+
+    @property
+    def met(self) -> bool | None:
+        return None if self.measured is None else OPS[self.op](self.measured, self.target)
+
+    @property
+    def verdict(self) -> str:
+        return {True: "met", False: "not met", None: "failed"}[self.met]
+
+
+@dataclass(frozen=True)
+class Part:
+    """A benchmark script, its full-mode arguments and how its JSON becomes summary rows."""
+
+    key: str
+    label: str  # the summary's part column
+    title: str
+    script: str
+    full: tuple[str, ...]
+    timeouts: tuple[float, float]  # seconds: --quick, full
+    figures: Callable[[dict[str, Any]], list[Row]]
+    takes_repeat: bool = False
+
+    def argv(self, quick: bool, repeat: int) -> list[str]:
+        if quick:
+            return ["--quick"]
+        return [*self.full, *(["--repeat", str(repeat)] if self.takes_repeat else [])]
+
+
+@dataclass
+class Outcome:
+    """How one part's run went."""
+
+    part: str
+    script: str
+    argv: list[str]
+    exit_code: int | None = None  # None: stopped at its time limit
+    seconds: float = 0.0
+    json: str | None = None
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+# -- reading the parts' JSON -----------------------------------------------------------------
+def _n(n: int) -> str:
+    """1000 -> 1k, 1000000 -> 1M."""
+    if n % 1_000_000 == 0:
+        return f"{n // 1_000_000}M"
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def w1_figures(r: dict[str, Any]) -> list[Row]:
+    """``ratios[]`` (docs, batch, lrq/pool) at batch 1000, items/s from ``results[]``."""
+    rate = {(x["docs"], x["batch"], x["method"]): x["items_per_s"] for x in r["results"]}
+    rows = [Row("W1", f"N={_n(q['docs'])} B={q['batch']} lrq/pool items/s", q["lrq/pool"],
+                ">=", W1_TARGET, f"lrq {rate[q['docs'], q['batch'], 'lrq']:,.0f}/s, pool "
+                f"{rate[q['docs'], q['batch'], 'pool']:,.0f}/s")
+            for q in r["ratios"] if q["batch"] == W1_TARGET_BATCH]
+    if not rows:
+        raise KeyError(f"no lrq/pool ratio at batch {W1_TARGET_BATCH}")
+    return rows
+
+
+def w2_figures(r: dict[str, Any]) -> list[Row]:
+    """``results[].lrq.of_ceiling``: launch-to-exit items/s over the ceiling, per W and C."""
+    rows = []
+    for x in r["results"]:
+        lrq = x["lrq"]
+        window = (f"; steady window {lrq['window_of_ceiling']:.2f}"
+                  if "window_of_ceiling" in lrq else "")
+        rows.append(Row("W2", f"N={_n(x['docs'])} W={x['workers']} C={x['chunk']} "
+                        "lrq/ceiling items/s", lrq["of_ceiling"], ">=", W2_TARGET,
+                        f"lrq {lrq['items_per_s']:,.0f}/s, ceiling "
+                        f"{x['ceiling_items_per_s']:,.0f}/s{window}"))
+    if not rows:
+        raise KeyError("no results")
+    return rows
+
+
+def claim_figures(r: dict[str, Any]) -> list[Row]:
+    """``results[first/last].{warm,fresh}.p50_ms``: a long-running worker's claim (warm
+    ``Spool``) and a new worker process's first claim (fresh ``Spool``)."""
+    lo, hi = r["results"][0], r["results"][-1]
+    return [Row("claim", f"p50 {_n(hi['size'])}/{_n(lo['size'])} pending, {label}",
+                round(hi[k]["p50_ms"] / lo[k]["p50_ms"], 2), "<=", CLAIM_TARGET,
+                f"{hi[k]['p50_ms']:.3f} ms at {_n(hi['size'])}, {lo[k]['p50_ms']:.3f} ms at "
+                f"{_n(lo['size'])}")
+            for k, label in (("warm", "pick, warm Spool"), ("fresh", "pick, fresh Spool"))]
+
+
+def idle_figures(r: dict[str, Any]) -> list[Row]:
+    """``results[].lrq_pct_core`` per case (DOCS:BATCH, done batches kept)."""
+    rows = [Row("idle", f"{x['docs']}:{x['batch']} ({x['done_batches']:,} done) % of a core",
+                x["lrq_pct_core"], "<", IDLE_TARGET,
+                f"{x['window_seconds']:.0f} s window, sleep baseline "
+                f"{x['baseline_pct_core']:.2f}%") for x in r["results"]]
+    if not rows:
+        raise KeyError("no results")
+    return rows
+
+
+PARTS = (
+    Part("w1", "W1", "W1 docs-to-db", "run.py",
+         ("--docs", "100000,1000000", "--batch", "100,1000"),
+         (900, 7200), w1_figures, takes_repeat=True),
+    Part("w2", "W2", "W2 model service", "w2_service.py", (), (600, 1800), w2_figures,
+         takes_repeat=True),
+    Part("claim", "claim", "claim cost against backlog", "claim_cost.py", (), (600, 1800),
+         claim_figures),
+    Part("idle", "idle", "idle cost", "idle_cpu.py", (), (600, 1800), idle_figures),
+)
+
+
+# -- running a part --------------------------------------------------------------------------
+_say_lock = threading.Lock()
+
+
+def say(text: str, stream: IO[str] | None = None) -> None:
+    with _say_lock:
+        print(text, file=stream or sys.stdout, flush=True)
+
+
+def _signal_group(proc: subprocess.Popen[str], sig: int, grace: float) -> None:
+    """Send ``sig`` to the part's process group (its own session); SIGKILL after ``grace``."""
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=grace)
+    except ProcessLookupError:
+        return
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
+def run_part(part: Part, argv: list[str], timeout: float) -> Outcome:
+    """Run one script, echo its output as it comes, and find the JSON it wrote from its
+    closing ``wrote bench/results/....json`` line."""
+    out = Outcome(part=part.key, script=f"bench/{part.script}", argv=argv)
+    proc = subprocess.Popen([sys.executable, str(BENCH / part.script), *argv], cwd=ROOT,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, errors="replace",
+                            start_new_session=True)  # a group to stop, lrq children included
+    t0 = time.monotonic()
+    last = [t0]
+    wrote: list[str] = []
+    errors: deque[str] = deque(maxlen=3)
+
+    def pump(stream: IO[str], sink: IO[str], is_stdout: bool) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            last[0] = time.monotonic()
+            if is_stdout and line.startswith("wrote ") and line.endswith(".json"):
+                wrote.append(line[len("wrote "):])
+            elif not is_stdout and line.strip():
+                errors.append(line.strip())
+            say(line, sink)
+
+    pumps = [threading.Thread(target=pump, args=(proc.stdout, sys.stdout, True), daemon=True),
+             threading.Thread(target=pump, args=(proc.stderr, sys.stderr, False), daemon=True)]
+    for t in pumps:
+        t.start()
+    try:
+        while True:
+            try:
+                out.exit_code = proc.wait(timeout=5)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            if now - t0 > timeout:
+                say(f"[all] {part.key}: past its {timeout:.0f} s limit; stopping it")
+                _signal_group(proc, signal.SIGTERM, grace=45)
+                out.error = f"stopped after its {timeout:.0f} s limit"
+                break
+            if now - last[0] >= QUIET_SECONDS:
+                say(f"[all] {part.key}: still running, {now - t0:.0f} s so far")
+                last[0] = now
+    except KeyboardInterrupt:
+        _signal_group(proc, signal.SIGINT, grace=30)
+        raise
+    for t in pumps:
+        t.join(timeout=10)
+    out.seconds = round(time.monotonic() - t0, 1)
+    if out.error is None and out.exit_code != 0:
+        out.error = f"exit {out.exit_code}" + (f": {errors[-1]}" if errors else "")
+    elif out.error is None and not wrote:
+        out.error = "exit 0 but no 'wrote ....json' line"
+    if wrote:
+        out.json = wrote[-1]
+    return out
+
+
+def figures(part: Part, out: Outcome) -> list[Row]:
+    """The part's summary rows from its JSON; on a failure, one row saying so."""
+    if out.ok and out.json:
+        try:
+            return part.figures(json.loads((ROOT / out.json).read_text()))
+        except (OSError, ValueError, LookupError, TypeError, ZeroDivisionError) as e:
+            out.error = f"cannot read the figures from {out.json}: {type(e).__name__}: {e}"
+    return [Row(part.label, part.title, None, "", 0.0, out.error or "")]
+
+
+# -- the summary -----------------------------------------------------------------------------
+def table(rows: list[Row], quick: bool) -> str:
+    cells = [("part", "figure", "measured", "target", "verdict", "detail")]
+    for r in rows:
+        cells.append((r.part, r.figure, "-" if r.measured is None else f"{r.measured:.2f}",
+                      f"{r.op} {r.target:.2f}" if r.op else "-", r.verdict, r.detail))
+    head = ("summary: targets of the Benchmarks issue"
+            + (" (--quick: smaller runs and 15 s idle windows; indicative only)" if quick
+               else ""))
+    return "\n".join([head, *run._columns(cells, right={2})])
+
+
+def _keys(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip()]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    keys = [p.key for p in PARTS]
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="run every part with its --quick")
+    p.add_argument("--only", type=_keys, default=keys, metavar="PARTS",
+                   help=f"comma list of parts to run, of {','.join(keys)} (default all)")
+    p.add_argument("--repeat", type=int, default=1, metavar="N",
+                   help="W1 and W2: runs per configuration, median reported (default 1; "
+                        "their --quick runs once)")
+    a = p.parse_args(argv)
+    unknown = [k for k in a.only if k not in keys]
+    if unknown or not a.only:
+        p.exit(2, f"{p.prog}: error: --only: unknown part {', '.join(unknown) or '(none)'} "
+                  f"(choose from {', '.join(keys)})\n")
+    if a.repeat < 1:
+        p.exit(2, f"{p.prog}: error: --repeat must be positive\n")
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = run._stamp()
+    parts = [p for p in PARTS if p.key in a.only]
+    mode = "quick" if a.quick else "full"
+    say(f"lrq benchmarks, {mode} mode: {', '.join(p.key for p in parts)}")
+    t0 = time.monotonic()
+    outcomes: list[Outcome] = []
+    rows: list[Row] = []
+    try:
+        for i, part in enumerate(parts, 1):
+            argv_ = part.argv(a.quick, a.repeat)
+            timeout = part.timeouts[0 if a.quick else 1]
+            clock = datetime.now(timezone.utc).strftime("%H:%M:%S")
+            say(f"\n== [{i}/{len(parts)}] {part.key}: {part.title}: "
+                f"python bench/{part.script} {' '.join(argv_)}".rstrip()
+                + f"  (started {clock} UTC, limit {timeout:.0f} s)")
+            out = run_part(part, argv_, timeout)
+            rows += figures(part, out)
+            outcomes.append(out)
+            say(f"== [{i}/{len(parts)}] {part.key}: "
+                + (f"done in {out.seconds:.0f} s, {out.json}" if out.ok
+                   else f"FAILED after {out.seconds:.0f} s: {out.error}"))
+    except KeyboardInterrupt:
+        say("\n[all] interrupted; no summary written", sys.stderr)
+        return 130
+    failed = [o.part for o in outcomes if not o.ok]
+    report: dict[str, Any] = {
+        "benchmark": NAME, "timestamp": stamp, "argv": sys.argv, "mode": mode,
+        "machine": run.machine(), "seconds": round(time.monotonic() - t0, 1),
+        "summary": [{**asdict(r), "met": r.met, "verdict": r.verdict} for r in rows],
+        "parts": [{**asdict(o), "ok": o.ok} for o in outcomes],
+        "failed": failed,
+    }
+    out_path = RESULTS / f"{stamp}-{NAME}.json"
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    say("")
+    say(table(rows, a.quick))
+    say(f"\n{len(parts)} parts in {report['seconds']:.0f} s; "
+        + (f"FAILED: {', '.join(failed)}" if failed else "all ran")
+        + f"; wrote {out_path.relative_to(ROOT)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
