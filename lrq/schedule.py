@@ -1,11 +1,12 @@
 """The scheduler: sniffers in-process, worker runs as child processes, on APScheduler 3.
 
 Each queue gets a sniffer job (max_instances=1) and a worker job (max_instances=workers),
-both coalesced, firing every ``interval`` seconds; a cleanup job (the reaper) runs every
-``cleanup.every`` seconds. A worker job only spawns a process when
-something is pending; that process (``lrq work QUEUE --idle-exit 2``) drains batches until
-none came for two seconds or ``run_seconds`` pass, so interpreter start-up is paid per run, not per batch, and
-CPU-bound handlers use every core.
+both coalesced, firing every ``interval`` seconds, and at once when the sniffer publishes
+while a worker slot is free; a cleanup job (the reaper) runs every ``cleanup.every``
+seconds. A worker job only starts a process when something is pending; that process runs
+``lrq work QUEUE --idle-exit 2`` (forked from a warm server, see :mod:`lrq.launcher`) and
+drains batches until none came for two seconds or ``run_seconds`` pass, so CPU-bound
+handlers use every core.
 
 Signals only set a flag. A supervisor job sees it (or, with ``until_idle``, sees that the
 sources are drained and nothing is pending, claimed or running) and stops the scheduler;
@@ -16,8 +17,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from typing import Any
@@ -29,6 +28,7 @@ from lrq import cleanup
 from lrq.app import App
 from lrq.config import QueueConfig
 from lrq.errors import AlreadyRunning, LrqError
+from lrq.launcher import Child, Launcher
 from lrq.spool import flock
 
 log = logging.getLogger(__name__)
@@ -54,11 +54,13 @@ def child_line(line: str) -> tuple[int, str]:
 
 
 class Runner:
-    def __init__(self, app: App, *, until_idle: bool = False) -> None:
+    def __init__(self, app: App, *, until_idle: bool = False,
+                 launcher: Launcher | None = None) -> None:
         self.app = app
         self.until_idle = until_idle
         self.stop = threading.Event()
-        self.children: dict[int, tuple[str, subprocess.Popen[str]]] = {}
+        self.children: dict[int, tuple[str, Child]] = {}
+        self.launcher = launcher or Launcher()
         self._lock = threading.Lock()
         self.sniffers = {q.name: app.sniffer(q) for q in app.queues()}
         for q in app.queues():
@@ -99,28 +101,32 @@ class Runner:
     def work(self, q: QueueConfig) -> None:
         if self.stop.is_set() or not self.spools[q.name].has_pending():
             return
-        cmd = [sys.executable, "-m", "lrq", "-c", str(self.app.cfg.path), "work", q.name,
-               "--idle-exit", str(CHILD_IDLE_EXIT), "--max-seconds", str(q.run_seconds)]
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True,
-                                env={**os.environ, CHILD_ENV: "1"})
-        with self._lock:
-            self.children[proc.pid] = (q.name, proc)
-        log.debug("spawned queue=%s pid=%d", q.name, proc.pid)
+        cfg = str(self.app.cfg.path)
+        argv = ["-c", cfg, "work", q.name, "--idle-exit", str(CHILD_IDLE_EXIT),
+                "--max-seconds", str(q.run_seconds)]
         try:
-            assert proc.stderr is not None
-            for line in proc.stderr:  # ends when the child exits
+            child = self.launcher.spawn(argv, f"lrq work {q.name} -c {cfg}",
+                                        {**os.environ, CHILD_ENV: "1"})
+        except (OSError, EOFError) as e:  # the fork server died; the next start makes a new one
+            log.error("worker-start-failed queue=%s error=%s: %s", q.name, type(e).__name__, e)
+            return
+        with self._lock:
+            self.children[child.pid] = (q.name, child)
+        log.debug("spawned queue=%s pid=%d", q.name, child.pid)
+        try:
+            for line in child.lines():  # ends when the child exits
                 level, text = child_line(line)
-                child_log.log(level, "[%s %d] %s", q.name, proc.pid, text)
-            code = proc.wait(timeout=self.app.cfg.grace + 5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
+                child_log.log(level, "[%s %d] %s", q.name, child.pid, text)
+            code = child.wait(timeout=self.app.cfg.grace + 5)
+            if code is None:
+                child.send_signal(signal.SIGKILL)
+                code = child.wait()
         finally:
             with self._lock:
-                self.children.pop(proc.pid, None)
+                self.children.pop(child.pid, None)
+            child.finished.set()
         if code != 0:
-            log.error("worker-exit queue=%s pid=%d code=%d", q.name, proc.pid, code)
+            log.error("worker-exit queue=%s pid=%d code=%s", q.name, child.pid, code)
 
     def clean(self) -> None:
         try:
@@ -162,6 +168,7 @@ class Runner:
                                max_instances=1, id="cleanup", next_run_time=_now())
         self.scheduler.add_job(self.supervise, "interval", seconds=SUPERVISE_EVERY,
                                max_instances=1, id="supervise")
+        self.launcher.warm()
         log.info("started data_dir=%s queues=%s pid=%d", self.app.cfg.data_dir,
                  ",".join(q.name for q in self.app.queues()), os.getpid())
         self.scheduler.start()  # returns after supervise() shuts it down
@@ -171,24 +178,15 @@ class Runner:
 
     def _stop_children(self) -> None:
         with self._lock:
-            procs = [p for _, p in self.children.values()]
-        for p in procs:
-            _signal(p, signal.SIGTERM)
+            children = [c for _, c in self.children.values()]
+        for c in children:
+            c.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + self.app.cfg.grace + 5  # children give up at grace
-        for p in procs:
-            try:
-                p.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("killing worker pid=%d after %.0fs grace", p.pid, self.app.cfg.grace)
-                _signal(p, signal.SIGKILL)
-                p.wait()
-
-
-def _signal(p: subprocess.Popen[str], sig: int) -> None:
-    try:
-        p.send_signal(sig)
-    except ProcessLookupError:
-        pass
+        for c in children:  # each is reaped by the job thread that started it
+            if not c.finished.wait(timeout=max(0.0, deadline - time.monotonic())):
+                log.warning("killing worker pid=%d after %.0fs grace", c.pid, self.app.cfg.grace)
+                c.send_signal(signal.SIGKILL)
+                c.finished.wait(timeout=10)
 
 
 def _now() -> Any:
@@ -197,8 +195,8 @@ def _now() -> Any:
     return datetime.now().astimezone()
 
 
-def run(app: App, *, until_idle: bool = False) -> int:
+def run(app: App, *, until_idle: bool = False, launcher: Launcher | None = None) -> int:
     """Run the scheduler in the foreground; one per data dir."""
     app.check()
     with flock(app.cfg.data_dir / "scheduler.lock", f"a scheduler for {app.cfg.data_dir}"):
-        return Runner(app, until_idle=until_idle).run()
+        return Runner(app, until_idle=until_idle, launcher=launcher).run()

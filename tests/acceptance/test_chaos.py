@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -46,12 +47,21 @@ def workers_of(cfg: Path) -> list[int]:
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
             try:
-                cmd = Path(entry.path, "cmdline").read_bytes().split(b"\0")
+                # Forked workers carry the title "lrq work QUEUE -c CONFIG" (setproctitle).
+                cmd = Path(entry.path, "cmdline").read_bytes().replace(b"\0", b" ").split()
             except OSError:
                 continue
             if str(cfg).encode() in cmd and b"work" in cmd:
                 pids.append(int(entry.name))
     return pids
+
+
+def poll(get: Callable[[], list[int]], seconds: float) -> list[int]:
+    """``get()`` once it is non-empty, or [] after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not (found := get()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
 
 
 def diagnose(cfg: Path, missing: str) -> str:
@@ -102,8 +112,12 @@ def test_random_sigkills_lose_and_duplicate_nothing(tmp_path: Path) -> None:
     sched = scheduler(cfg)
     while sum(kills.values()) < int(os.environ.get("CHAOS_KILLS", "20")) and sched.poll() is None:
         time.sleep(rng.uniform(0.3, 1.2))  # the random kill schedule, not synchronisation
-        victims = workers_of(cfg)
-        if victims and rng.random() < float(os.environ.get("CHAOS_WORKER_SHARE", "0.7")):
+        victims = []
+        if rng.random() < float(os.environ.get("CHAOS_WORKER_SHARE", "0.7")):
+            # A (re)started scheduler forks its workers once its fork server has imported
+            # lrq: wait for one, up to a bound (none comes if the run is finishing).
+            victims = poll(lambda: workers_of(cfg), seconds=10)
+        if victims:
             os.kill(rng.choice(victims), signal.SIGKILL)
             kills["worker"] += 1
         elif sched.poll() is None:
