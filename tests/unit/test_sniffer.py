@@ -93,6 +93,44 @@ def test_watermark_advances_only_after_the_batch_is_durable(tmp_path: Path, monk
     assert again.tick() == 0 and again.spool.read_position() == 300
 
 
+def test_the_watermark_is_saved_per_interval_and_at_the_end_of_a_tick(tmp_path: Path,
+                                                                      monkeypatch) -> None:
+    src = sql_source(tmp_path, 1000)
+    sn = make_sniffer(tmp_path, src)
+    saves: list[int] = []
+    write = sn.spool.write_position
+    monkeypatch.setattr(sn.spool, "write_position", lambda p: (saves.append(p), write(p)))
+    assert sn.tick(max_batches=4) == 4  # a frozen clock: one save, at the end
+    assert saves == [400] and sn.spool.read_position() == 400
+    ticks = iter(range(0, 1000))  # every clock read is a second later: a save per batch
+    sn.clock = lambda: float(next(ticks))
+    assert sn.tick(max_seconds=10_000) == 6
+    assert saves == [400, 500, 600, 700, 800, 900, 1000]
+
+
+def test_an_error_mid_tick_saves_the_watermark_of_the_batches_already_durable(
+        tmp_path: Path, monkeypatch) -> None:
+    src = sql_source(tmp_path, 500)
+    sn = make_sniffer(tmp_path, src)
+    publish, calls = sn.spool.publish, []
+
+    def fail_fourth(items, position):
+        calls.append(position)
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed while writing the fourth batch")
+        return publish(items, position)
+
+    monkeypatch.setattr(sn.spool, "publish", fail_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        sn.tick()
+    monkeypatch.undo()
+    assert sn.spool.read_position() == 300
+    again = make_sniffer(tmp_path, src)
+    assert again.tick() == 2
+    ids = [i["id"] for n in again.spool.pending() for i in again.spool.load(n).items]
+    assert ids == list(range(1, 501))  # nothing twice, nothing skipped
+
+
 def test_crash_between_rename_and_watermark_republishes_the_same_items(tmp_path: Path, monkeypatch) -> None:
     src = sql_source(tmp_path, 100)
     sn = make_sniffer(tmp_path, src)
