@@ -8,11 +8,12 @@ One queue folder is grown to each backlog size in turn (tiny batches of one item
 ``counts``
     ``Spool.counts()``: the census with a ``stat`` per file the sniffer takes every tick.
 ``fresh``
-    ``Spool.pick("random")`` on a new ``Spool`` object each time: every pick lists the
-    backlog first (a worker process's first claim).
+    ``Spool.pick("random")`` on a new ``Spool`` object each time, so nothing is cached (a
+    worker process's first claim): it reads a sample of ``left/`` from a random offset and
+    lists the backlog only if none of the sample is pending.
 ``warm``
-    ``Spool.pick("random")`` repeatedly on one ``Spool``: the first pick lists, the others
-    take a name from the cached listing (the steady state of a long-running worker).
+    ``Spool.pick("random")`` repeatedly on one ``Spool`` (the steady state of a long-running
+    worker): it takes a name from what an earlier pick cached (a sample, or a listing).
 
 Claims taken are removed again after each phase, so every phase sees the full backlog.
 
@@ -299,7 +300,7 @@ def table(report: dict[str, Any]) -> str:
              f"backlog by {g['method']}: {g['published']:,} publishes at {g['publish_ms']} ms"
              + (f", {g['copied']:,} copies at {g['copy_ms']} ms" if g.get("copied") else "")
              + ")", *run._columns(rows, right={0, 2, 3, 4, 5, 6, 7}), "",
-             "warm Spool, first pick (lists the backlog) / p50 of the rest:"]
+             "warm Spool, first pick / p50 of the rest:"]
     lines += [f"  {r['size']:>7,}: {r['warm']['first_ms']:.2f} ms / "
               f"{r['warm']['p50_after_first_ms']:.3f} ms" for r in report["results"]]
     lines += ["", f"p50 at {q['sizes'][1]:,} / p50 at {q['sizes'][0]:,} pending "
