@@ -70,6 +70,21 @@ def test_killed_after_commit_the_next_claimer_only_finalizes(app, caplog) -> Non
     assert any(r.message.startswith("finalized") for r in caplog.records)
 
 
+def test_a_reaped_batch_already_committed_is_finalized_without_the_handler(app, caplog) -> None:
+    name = publish(app, 4)
+    w = app.worker(queue(app))
+    claim = w.spool.claim(name)
+    w.sink.store(name, 4, w.handle(w.spool.load(name).items)[0])  # committed, then killed
+    w.spool._record_attempt(claim, "owner dead")  # what the reaper records ...
+    w.spool.release(claim)  # ... as it takes the claim back
+    calls: list[int] = []
+    w.handler = lambda items: calls.append(len(items)) or echo(items)
+    caplog.set_level("INFO", logger="lrq.worker")
+    assert w.run_once()
+    assert w.spool.state(name) is State.DONE and rows(app) == 4 and calls == []
+    assert any(r.message.startswith("finalized") for r in caplog.records)
+
+
 def test_poison_items_are_isolated_and_dead_lettered(app) -> None:
     calls: list[int] = []
 
