@@ -6,6 +6,11 @@ process on 127.0.0.1 with ``delay_ms`` + ``per_item_ms`` per item of latency (de
 ``handler = "workers.entity_service:EntityService"``, ``model = "workers.models:DocEntMap"``,
 ``workers = W``, ``batch_size = 100``, ``chunk_size = C`` (one HTTP call per chunk).
 
+N is chosen per configuration so that the ceiling run lasts ``--seconds`` (default 20 s,
+5 s with ``--quick``; rounded up to a multiple of 1000 docs): lrq's fixed start-up (about a
+second: scheduler, first sniff, a worker process's start) then weighs a few percent, not
+half of a 1.5 s run. ``--docs`` fixes N for every configuration instead.
+
 Compared, in the same run, for every C:
 
 ``lrq``
@@ -13,11 +18,19 @@ Compared, in the same run, for every C:
     must exit 0 and ``doc_ent_map`` must hold exactly N rows equal to the plain loop's.
 ``plain``
     W threads in this process, each with its own ``EntityService``, calling the service on
-    chunks of C taken from a shared list; nothing is stored. Timed from the threads' start to
-    their join.
+    the same calls lrq makes (batches of ``batch_size``, each cut into chunks of C) taken
+    from a shared list; nothing is stored. Timed from the threads' start to their join.
 ``ceiling``
-    What the service allows at concurrency W: W calls in flight at all times, each taking
-    ``delay_ms + per_item_ms * C``: ``W * C / ((delay_ms + per_item_ms * C) / 1000)`` items/s.
+    What the service allows at concurrency W: W calls in flight at all times (one per
+    worker), no time between calls, each call of k items answered after exactly
+    ``delay_ms + per_item_ms * k``; the calls split evenly over the W workers. When C
+    divides ``batch_size`` and ``batch_size`` divides N that is
+    ``W * C / ((delay_ms + per_item_ms * C) / 1000)`` items/s; otherwise the short chunks
+    at the end of each batch are counted as the calls they are.
+``lrq window``
+    Items after the first batch over first to last batch done: the steady state, without
+    lrq's start-up (launch to first batch started, reported separately) and its tail (last
+    batch done to exit).
 
 JSON goes to ``bench/results/<timestamp>-w2-service.json``.
 """
@@ -26,6 +39,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import re
 import shutil
 import sqlite3
@@ -72,8 +86,9 @@ columns  = {{ id = "id", doc_id = "mid", content = "content" }}
 
 EXAMPLES = """\
 examples:
-  python bench/w2_service.py --quick            2000 docs, C = 10 and 50, W = 2, one run
-  python bench/w2_service.py                    5000 docs
+  python bench/w2_service.py --quick            ~5 s ceiling runs, C = 10 and 50, W = 2
+  python bench/w2_service.py                    ~20 s ceiling runs (19,000 and 67,000 docs)
+  python bench/w2_service.py --docs 5000        5000 docs for every configuration
   python bench/w2_service.py --repeat 3 --chunks 10,50,100 --workers 2,4
 """
 
@@ -88,9 +103,29 @@ class Measured:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
-def ceiling(workers: int, chunk: int, delay_ms: float, per_item_ms: float) -> float:
-    """Items/s with ``workers`` calls of ``chunk`` items always in flight."""
-    return workers * chunk / ((delay_ms + per_item_ms * chunk) / 1000)
+def calls(n: int, batch: int, chunk: int) -> list[int]:
+    """Items per HTTP call, as lrq makes them: batches of ``batch``, cut into ``chunk``s."""
+    return [min(chunk, b - i) for b in (min(batch, n - s) for s in range(0, n, batch))
+            for i in range(0, b, chunk)]
+
+
+def ceiling(n: int, workers: int, batch: int, chunk: int, delay_ms: float,
+            per_item_ms: float) -> float:
+    """Items/s with ``workers`` calls always in flight and nothing between them: the calls
+    of :func:`calls` split evenly over the workers, each answered after exactly
+    ``delay_ms + per_item_ms * k``. ``W * C / ((delay_ms + per_item_ms * C) / 1000)`` when
+    C divides ``batch`` and ``batch`` divides N."""
+    service_ms = sum(delay_ms + per_item_ms * k for k in calls(n, batch, chunk))
+    return n / (service_ms / 1000 / workers)
+
+
+def docs_for(seconds: float, workers: int, batch: int, chunk: int, delay_ms: float,
+             per_item_ms: float) -> int:
+    """N for a ceiling run of about ``seconds``, rounded up to a multiple of 1000 and of
+    ``batch`` (so cached sources are few and batches full)."""
+    step = math.lcm(1000, batch)
+    per_batch = ceiling(batch, workers, batch, chunk, delay_ms, per_item_ms)
+    return max(step, math.ceil(per_batch * seconds / step) * step)
 
 
 def rows_digest(rows: list[tuple[str, str, str]]) -> str:
@@ -134,11 +169,15 @@ def load_items(source: Path) -> list[dict[str, Any]]:
                 conn.execute("SELECT id, mid, content FROM source_data ORDER BY id")]
 
 
-def run_plain(url: str, items: list[dict[str, Any]], workers: int, chunk: int,
+def run_plain(url: str, items: list[dict[str, Any]], workers: int, batch: int, chunk: int,
               timeout: float) -> Measured:
     from workers.entity_service import EntityService
 
-    chunks = [items[i:i + chunk] for i in range(0, len(items), chunk)]
+    chunks, at = [], 0
+    for k in calls(len(items), batch, chunk):
+        chunks.append(items[at:at + k])
+        at += k
+    chunks.reverse()  # popped from the end: the first call first
     lock = threading.Lock()
     out: list[dict[str, Any]] = []
     errors: list[BaseException] = []
@@ -217,6 +256,10 @@ def run_lrq(url: str, source: Path, n: int, workers: int, batch: int, chunk: int
         detail.update(batch_times(run, work / "data" / "lrq.log", launched, workers))
     first, last = detail.get("first_done"), detail.get("last_done")
     batches = sum(detail.get("batches_per_worker_pid", {}).values())
+    if detail.get("worker_spans"):  # launch to the first batch started in any worker
+        detail["startup"] = min(span[0] for span in detail["worker_spans"].values())
+    if last is not None:  # the last batch done to the run's exit (idle seen, shut down)
+        detail["tail"] = round(seconds - last, 3)
     if first is not None and last is not None and last > first and batches > 1:
         # Items done after the first batch, over the time after it: the steady state.
         detail["window_items_per_s"] = round((n - n / batches) / (last - first), 1)
@@ -262,20 +305,22 @@ def _ints(text: str) -> list[int]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--docs", type=int, default=5000, help="documents (default 5000)")
+    p.add_argument("--seconds", type=float, default=20.0,
+                   help="N per configuration: docs for a ceiling run this long (default 20)")
+    p.add_argument("--docs", type=int, help="N for every configuration instead of --seconds")
     p.add_argument("--chunks", type=_ints, default=[10, 50], help="chunk sizes C (default 10,50)")
     p.add_argument("--workers", type=_ints, default=[2], help="worker counts W (default 2)")
     p.add_argument("--batch", type=int, default=100, help="batch_size (default 100)")
     p.add_argument("--repeat", type=int, default=1, help="runs per configuration (median)")
     p.add_argument("--delay-ms", type=float, default=20.0, help="service latency per call")
     p.add_argument("--per-item-ms", type=float, default=0.2, help="service latency per doc")
-    p.add_argument("--quick", action="store_true", help="2000 docs, one run")
+    p.add_argument("--quick", action="store_true", help="--seconds 5, one run")
     p.add_argument("--tmp", help="folder for the per-run temporary folders")
     a = p.parse_args(argv)
     if a.quick:
-        a.docs, a.repeat = 2000, 1
-    if min([a.docs, a.batch, a.repeat, *a.chunks, *a.workers]) < 1:
-        p.error("every count must be positive")
+        a.seconds, a.repeat = 5.0, 1
+    if min([a.docs or 1, a.batch, a.repeat, *a.chunks, *a.workers]) < 1 or a.seconds <= 0:
+        p.error("every count and --seconds must be positive")
     return a
 
 
@@ -285,32 +330,37 @@ def main(argv: list[str] | None = None) -> int:
     stamp = run._stamp()
     report: dict[str, Any] = {
         "workload": WORKLOAD, "timestamp": stamp, "argv": sys.argv, "machine": run.machine(),
-        "settings": {"docs": a.docs, "chunks": a.chunks, "workers": a.workers,
-                     "batch": a.batch, "repeat": a.repeat, "delay_ms": a.delay_ms,
-                     "per_item_ms": a.per_item_ms, "interval": 1.0},
+        "settings": {"docs": a.docs, "seconds": a.seconds, "chunks": a.chunks,
+                     "workers": a.workers, "batch": a.batch, "repeat": a.repeat,
+                     "delay_ms": a.delay_ms, "per_item_ms": a.per_item_ms, "interval": 1.0},
         "results": [],
     }
-    n = a.docs
-    print(f"{WORKLOAD}: docs {n}, chunks {a.chunks}, workers {a.workers}, batch {a.batch}, "
+    size = f"docs {a.docs}" if a.docs else f"docs for a {a.seconds:g} s ceiling run"
+    print(f"{WORKLOAD}: {size}, chunks {a.chunks}, workers {a.workers}, batch {a.batch}, "
           f"service {a.delay_ms} ms + {a.per_item_ms} ms/doc, repeat {a.repeat}", flush=True)
-    source = run.cached_source(n)
-    items = load_items(source)
-    # A bound per run: 2 minutes plus one call per document, one at a time.
-    timeout = 120 + n * (a.delay_ms + a.per_item_ms) / 1000
     try:
         with Service(a.delay_ms, a.per_item_ms) as svc:
             for w in a.workers:
                 for c in a.chunks:
+                    n = a.docs or docs_for(a.seconds, w, a.batch, c, a.delay_ms,
+                                           a.per_item_ms)
+                    source = run.cached_source(n)
+                    items = load_items(source)
+                    # A bound per run: 2 minutes plus 10 times the ceiling run (one call per
+                    # document, as before, gave a 67,000-doc run 25 minutes to hang).
+                    timeout = 120 + 10 * n / ceiling(n, w, a.batch, c, a.delay_ms,
+                                                      a.per_item_ms)
                     runs: dict[str, list[Measured]] = {"plain": [], "lrq": []}
                     for r in range(a.repeat):
                         for method in ("plain", "lrq"):  # interleaved: drift hits both
-                            m = (run_plain(svc.url, items, w, c, timeout) if method == "plain"
+                            m = (run_plain(svc.url, items, w, a.batch, c, timeout)
+                                 if method == "plain"
                                  else run_lrq(svc.url, source, n, w, a.batch, c, a.tmp, timeout))
                             if m.rows != n:
                                 raise BenchError(f"{method} W={w} C={c}: {m.rows} rows, "
                                                  f"expected {n}")
                             runs[method].append(m)
-                            print(f"  W={w} C={c} run {r + 1}/{a.repeat} {method:5s} "
+                            print(f"  N={n} W={w} C={c} run {r + 1}/{a.repeat} {method:5s} "
                                   f"{m.seconds:7.2f}s {n / m.seconds:8.0f} items/s", flush=True)
                     digests = {m.digest for ms in runs.values() for m in ms}
                     if len(digests) != 1:
@@ -330,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def summarize(n: int, w: int, c: int, a: argparse.Namespace,
               runs: dict[str, list[Measured]]) -> dict[str, Any]:
-    top = ceiling(w, c, a.delay_ms, a.per_item_ms)
+    top = ceiling(n, w, a.batch, c, a.delay_ms, a.per_item_ms)
     out: dict[str, Any] = {"docs": n, "workers": w, "chunk": c,
                            "ceiling_items_per_s": round(top, 1),
                            "ceiling_seconds": round(n / top, 3)}
@@ -341,13 +391,18 @@ def summarize(n: int, w: int, c: int, a: argparse.Namespace,
                        "of_ceiling": round(rate / top, 3),
                        "seconds": [round(m.seconds, 3) for m in ms]}
     out["lrq"]["timeline"] = [m.detail for m in runs["lrq"]]
-    calls = -(-a.batch // c)
-    out["ideal_batch_seconds"] = round(calls * (a.delay_ms + a.per_item_ms * c) / 1000, 4)
+    out["ideal_batch_seconds"] = round(sum(
+        a.delay_ms + a.per_item_ms * k for k in calls(a.batch, a.batch, c)) / 1000, 4)
     windows = [m.detail["window_items_per_s"] for m in runs["lrq"]
                if "window_items_per_s" in m.detail]
     if windows:
         out["lrq"]["window_items_per_s"] = statistics.median(windows)
         out["lrq"]["window_of_ceiling"] = round(statistics.median(windows) / top, 3)
+        out["lrq"]["windows_of_ceiling"] = [round(x / top, 3) for x in windows]
+    for key in ("startup", "tail"):
+        values = [m.detail[key] for m in runs["lrq"] if key in m.detail]
+        if values:
+            out["lrq"][f"{key}_seconds"] = values
     out["lrq/plain"] = round(out["lrq"]["items_per_s"] / out["plain"]["items_per_s"], 3)
     return out
 
@@ -365,12 +420,30 @@ def table(report: dict[str, Any]) -> str:
             rows.append(("", "", "", "", m, f"{v['median_seconds']:.2f}",
                          f"{v['items_per_s']:,.0f}", f"{v['of_ceiling']:.2f}",
                          " ".join(f"{x:.2f}" for x in v["seconds"])))
-        if "window_items_per_s" in r["lrq"]:
-            rows.append(("", "", "", "", "lrq window", "",
-                         f"{r['lrq']['window_items_per_s']:,.0f}",
-                         f"{r['lrq']['window_of_ceiling']:.2f}", "first to last batch done"))
+        v = r["lrq"]
+        if "window_items_per_s" in v:
+            rows.append(("", "", "", "", "lrq window", "", f"{v['window_items_per_s']:,.0f}",
+                         f"{v['window_of_ceiling']:.2f}",
+                         " ".join(f"{x:.2f}" for x in v["windows_of_ceiling"])
+                         + " (of ceiling)"))
+        if "startup_seconds" in v:
+            rows.append(("", "", "", "", "lrq start-up",
+                         f"{statistics.median(v['startup_seconds']):.2f}", "", "",
+                         " ".join(f"{x:.2f}" for x in v["startup_seconds"])))
+        if "tail_seconds" in v:
+            rows.append(("", "", "", "", "lrq tail",
+                         f"{statistics.median(v['tail_seconds']):.2f}", "", "",
+                         " ".join(f"{x:.2f}" for x in v["tail_seconds"])))
     lines = [f"{WORKLOAD}: service {s['delay_ms']} ms + {s['per_item_ms']} ms/doc, batch "
              f"{s['batch']}, repeat {s['repeat']} (median)",
+             "ceiling: W calls always in flight (one per worker), nothing between calls, each "
+             "call of k items",
+             f"  answered after exactly {s['delay_ms']:g} + {s['per_item_ms']:g} k ms; = W C / "
+             f"(({s['delay_ms']:g} + {s['per_item_ms']:g} C) / 1000) items/s when C divides "
+             f"the batch",
+             "lrq window: items after the first batch over first to last batch done; start-up: "
+             "launch to",
+             "  first batch started; tail: last batch done to exit (seconds)",
              *run._columns(rows, right={0, 1, 2, 3, 5, 6, 7})]
     lines += ["", "lrq relative to the in-process loop (items/s, 1.00 = as fast):"]
     lines += [f"  W={r['workers']} C={r['chunk']}: lrq/plain {r['lrq/plain']:.2f}"

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
@@ -171,6 +172,36 @@ def test_make_server_port_zero_picks_a_port() -> None:
         assert server.url == f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.server_close()
+
+
+@pytest.mark.parametrize("n", [1, 20])
+def test_a_call_takes_at_least_the_configured_latency(serve: Serve, items: list[dict[str, Any]],
+                                                      n: int) -> None:
+    # The service does its own work within the latency and sleeps only the rest; however
+    # that goes, the answer must not come before delay + per_item * n after the request.
+    # (A lower bound only: an upper one would flake on a busy machine.)
+    url = serve(make_server("127.0.0.1", 0, delay_ms=30.0, per_item_ms=2.0))
+    svc = client(url)
+    try:
+        svc(items[:1])  # the connection is made: the timed calls reuse it
+        for _ in range(3):
+            start = time.monotonic()
+            assert svc(items[:n]) == entities.handle(items[:n])
+            assert time.monotonic() - start >= (30.0 + 2.0 * n) / 1000
+    finally:
+        svc.close()
+
+
+def test_proxy_environment_is_read_when_the_client_is_built(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
+    assert EntityService("http://10.1.2.3:8765").session.proxies == {
+        "http": "http://proxy.invalid:3128"}
+    monkeypatch.setenv("NO_PROXY", "10.1.2.3")
+    assert EntityService("http://10.1.2.3:8765").session.proxies == {}
 
 
 def test_command_line_serves_until_sigterm(items: list[dict[str, Any]]) -> None:
