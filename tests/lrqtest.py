@@ -5,13 +5,25 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, TypeVar
 
 from lrq import config
 from lrq.sample import write_documents
 
 ROOT = Path(__file__).resolve().parent.parent
+
+T = TypeVar("T")
+
+
+def poll(get: Callable[[], T], seconds: float = 30.0, every: float = 0.05) -> T:
+    """``get()`` once it is truthy, or its last value after ``seconds``: the bounded wait
+    for a condition another process brings about (assert on the result)."""
+    deadline = time.monotonic() + seconds
+    while not (value := get()) and time.monotonic() < deadline:
+        time.sleep(every)
+    return value
 
 
 def toml_value(v: Any) -> str:

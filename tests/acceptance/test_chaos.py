@@ -13,11 +13,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import pytest
 
-from lrqtest import ROOT, lrq, write_config
+from lrqtest import ROOT, lrq, poll, write_config
 
 DOCS = 20_000
 HANDLER = '''
@@ -54,14 +53,6 @@ def workers_of(cfg: Path) -> list[int]:
             if str(cfg).encode() in cmd and b"work" in cmd:
                 pids.append(int(entry.name))
     return pids
-
-
-def poll(get: Callable[[], list[int]], seconds: float) -> list[int]:
-    """``get()`` once it is non-empty, or [] after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not (found := get()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return found
 
 
 def diagnose(cfg: Path, missing: str) -> str:
@@ -127,9 +118,7 @@ def test_random_sigkills_lose_and_duplicate_nothing(tmp_path: Path) -> None:
             sched = scheduler(cfg)
     finish(sched)
     wall = time.monotonic() - t0
-    deadline = time.monotonic() + 120  # orphans of a killed scheduler finish their run
-    while workers_of(cfg) and time.monotonic() < deadline:
-        time.sleep(0.2)
+    poll(lambda: not workers_of(cfg), seconds=120)  # orphans of a killed scheduler finish
     v = lrq("-c", str(cfg), "verify")
     st = lrq("-c", str(cfg), "status", "--json").stdout
     print(f"\nCHAOS items={DOCS} kills={kills} wall={wall:.1f}s calm={calm:.1f}s "

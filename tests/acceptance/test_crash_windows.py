@@ -6,12 +6,11 @@ import json
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from lrqtest import ROOT, killed_on_exit, lrq, write_config
+from lrqtest import ROOT, killed_on_exit, lrq, poll, write_config
 
 
 def status(cfg: Path) -> dict:
@@ -90,10 +89,7 @@ def test_sigterm_past_the_grace_period_releases_the_batch_uncounted(tmp_path: Pa
     w = subprocess.Popen([sys.executable, "-m", "lrq", "-c", str(cfg), "work", "--burst"],
                          cwd=ROOT, text=True, stderr=subprocess.PIPE)
     with killed_on_exit(w):
-        deadline = time.monotonic() + 30
-        while status(cfg)["claimed"] != 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)  # polling the folder, bounded by the deadline
+        assert poll(lambda: status(cfg)["claimed"] == 1)
         w.send_signal(signal.SIGTERM)
         _, err = w.communicate(timeout=30)
     assert w.returncode == 0, err

@@ -6,12 +6,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from lrqtest import ROOT, killed_on_exit, lrq, write_config
+from lrqtest import ROOT, killed_on_exit, lrq, poll, write_config
 
 SLOW = '''
 import time
@@ -28,13 +27,6 @@ def status(cfg: Path) -> dict:
 def spawn(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-m", "lrq", *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-
-
-def wait_for(predicate, timeout: float = 60.0, every: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached before the deadline"
-        time.sleep(every)
 
 
 def test_run_until_idle_stores_20k_documents_exactly_once(tmp_path: Path) -> None:
@@ -68,7 +60,7 @@ def test_second_scheduler_refuses_and_sigterm_stops_cleanly(tmp_path: Path) -> N
     (tmp_path / "slow.py").write_text(SLOW)
     cfg = write_config(tmp_path, docs=3000, batch_size=100, chunk_size=10, handler="slow:handle")
     with killed_on_exit(spawn("-c", str(cfg), "run")) as first:
-        wait_for(lambda: status(cfg)["done"] >= 2)
+        assert poll(lambda: status(cfg)["done"] >= 2, seconds=60)
         second = lrq("-c", str(cfg), "run", timeout=60)
         assert second.returncode == 3 and "already running" in second.stderr
         assert second.stderr.count("\n") == 1
@@ -90,7 +82,7 @@ def test_manual_worker_sigterm_finishes_its_batch_and_exits_0(tmp_path: Path) ->
     cfg = write_config(tmp_path, docs=2000, batch_size=100, chunk_size=10, handler="slow:handle")
     lrq("-c", str(cfg), "sniff", check=True)
     with killed_on_exit(spawn("-c", str(cfg), "work", "--burst")) as w:
-        wait_for(lambda: status(cfg)["done"] >= 1)
+        assert poll(lambda: status(cfg)["done"] >= 1, seconds=60)
         w.send_signal(signal.SIGTERM)
         assert w.wait(timeout=60) == 0
     st = status(cfg)

@@ -4,22 +4,10 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from pathlib import Path
-from typing import Callable
 
 from lrq.launcher import Launcher
-from lrqtest import write_config
-
-
-def eventually(check: Callable[[], bool], seconds: float = 30.0) -> bool:
-    """Poll ``check`` until it holds or ``seconds`` pass."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.02)
-    return check()
+from lrqtest import poll, write_config
 
 
 def test_a_forked_worker_relays_its_log_and_exits_as_lrq_work(tmp_path: Path) -> None:
@@ -45,7 +33,7 @@ def test_a_forked_worker_has_its_title_and_session_and_stops_on_signals(tmp_path
     title = f"lrq work docs -c {cfg}"
     argv = ["-c", str(cfg), "work", "docs", "--idle-exit", "60"]
     calm = launcher.spawn(argv, title, dict(os.environ))
-    assert eventually(lambda: Path(f"/proc/{calm.pid}/cmdline").read_bytes()
+    assert poll(lambda: Path(f"/proc/{calm.pid}/cmdline").read_bytes()
                       .startswith(title.encode())), "ps never showed the worker's title"
     assert os.getsid(calm.pid) == calm.pid  # its own session: a terminal's Ctrl-C skips it
     lines = calm.lines()

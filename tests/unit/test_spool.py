@@ -14,6 +14,7 @@ import pytest
 
 from lrq.errors import AlreadyRunning, BatchCorrupt
 from lrq.spool import MAGIC, Spool, State, flock
+from lrqtest import poll
 
 
 @pytest.fixture
@@ -65,9 +66,7 @@ def test_killed_writer_never_leaves_a_partial_batch_visible(spool: Spool) -> Non
     proc = subprocess.Popen([sys.executable, "-c", WRITER, str(spool.root.parent)],
                             stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-    deadline = time.monotonic() + 30
-    while len(spool.pending()) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)  # polling the folder, bounded by the deadline
+    poll(lambda: len(spool.pending()) >= 3)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     names = spool.pending()
