@@ -226,14 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     from lrq.spool import SUFFIX, Spool
 
     a = parse_args(argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = run._stamp()
-    report: dict[str, Any] = {
-        "benchmark": NAME, "timestamp": stamp, "argv": sys.argv, "machine": run.machine(),
-        "settings": {"sizes": a.sizes, "claims": a.claims, "reps": a.reps, "sample": a.sample,
-                     "publish_budget": a.publish_budget, "tmp": a.tmp or tempfile.gettempdir()},
-        "results": [],
-    }
+    stamp, report = run.new_report("benchmark", NAME, {
+        "sizes": a.sizes, "claims": a.claims, "reps": a.reps, "sample": a.sample,
+        "publish_budget": a.publish_budget, "tmp": a.tmp or tempfile.gettempdir()})
     print(f"claim cost: sizes {a.sizes}, {a.claims} claims per phase, "
           f"tmp {report['settings']['tmp']}", flush=True)
     with tempfile.TemporaryDirectory(prefix="lrq-bench-claim-", dir=a.tmp) as d:

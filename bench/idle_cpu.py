@@ -258,14 +258,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = run._stamp()
-    report: dict[str, Any] = {
-        "benchmark": NAME, "timestamp": stamp, "argv": sys.argv, "machine": run.machine(),
-        "settings": {"cases": a.cases, "window": a.window, "settle": a.settle,
-                     "interval": 1.0, "cleanup_every": 15.0, "target_pct_core": TARGET_PCT},
-        "results": [],
-    }
+    stamp, report = run.new_report("benchmark", NAME, {
+        "cases": a.cases, "window": a.window, "settle": a.settle,
+        "interval": 1.0, "cleanup_every": 15.0, "target_pct_core": TARGET_PCT})
     print(f"idle cost: cases {a.cases}, settle {a.settle:g}s, window {a.window:g}s", flush=True)
     try:
         for docs, batch in a.cases:

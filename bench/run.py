@@ -79,6 +79,15 @@ INSERT = (f'INSERT INTO {TABLE} (queue, "key", batch, value) VALUES (?, ?, ?, ?)
           'ON CONFLICT (queue, "key") DO NOTHING')
 LRQ_ENV = ("LRQ_CONFIG", "LRQ_DATA_DIR", "LRQ_DB_URL")  # must not redirect a benchmark run
 
+#: The W1 sample source table as a queue's source (a format template: queue, source).
+SOURCE_CONFIG = """[queues.{queue}.source]
+kind     = "sql"
+url      = "sqlite:///{source}"
+table    = "source_data"
+order_by = "id"
+columns  = {{ id = "id", doc_id = "mid", content = "content" }}
+"""
+
 CONFIG = """\
 data_dir = "data"
 db_url   = "sqlite:///data/results.db"
@@ -91,14 +100,7 @@ workers      = {workers}
 batch_size   = {batch}
 chunk_size   = {batch}
 max_pending  = {max_pending}
-
-[queues.{queue}.source]
-kind     = "sql"
-url      = "sqlite:///{source}"
-table    = "source_data"
-order_by = "id"
-columns  = {{ id = "id", doc_id = "mid", content = "content" }}
-"""
+""" + SOURCE_CONFIG
 
 
 EXAMPLES = """\
@@ -492,6 +494,15 @@ def _stamp() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
 
 
+def new_report(kind: str, name: str, settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """A UTC stamp and the JSON report every benchmark starts with (``kind`` is "workload"
+    or "benchmark"); makes sure ``bench/results/`` exists."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    stamp = _stamp()
+    return stamp, {kind: name, "timestamp": stamp, "argv": sys.argv, "machine": machine(),
+                   "settings": settings, "results": []}
+
+
 def _ints(text: str) -> list[int]:
     return [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
 
@@ -524,15 +535,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = _stamp()
-    report: dict[str, Any] = {
-        "workload": WORKLOAD, "timestamp": stamp, "argv": sys.argv,
-        "machine": machine(),
-        "settings": {"docs": a.docs, "batch": a.batch, "repeat": a.repeat, "words": WORDS,
-                     "workers": WORKERS, "methods": a.methods, "pool_mode": a.pool_mode},
-        "results": [], "ratios": [],
-    }
+    stamp, report = new_report("workload", WORKLOAD, {
+        "docs": a.docs, "batch": a.batch, "repeat": a.repeat, "words": WORDS,
+        "workers": WORKERS, "methods": a.methods, "pool_mode": a.pool_mode})
+    report["ratios"] = []
     print(f"{WORKLOAD}: docs {a.docs}, batch {a.batch}, repeat {a.repeat}, "
           f"nproc {report['machine']['nproc']}, python {report['machine']['python']}", flush=True)
     try:

@@ -75,14 +75,7 @@ key             = "doc_id"
 workers         = {workers}
 batch_size      = {batch}
 chunk_size      = {chunk}
-
-[queues.{queue}.source]
-kind     = "sql"
-url      = "sqlite:///{source}"
-table    = "source_data"
-order_by = "id"
-columns  = {{ id = "id", doc_id = "mid", content = "content" }}
-"""
+""" + run.SOURCE_CONFIG
 
 EXAMPLES = """\
 examples:
@@ -326,15 +319,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    stamp = run._stamp()
-    report: dict[str, Any] = {
-        "workload": WORKLOAD, "timestamp": stamp, "argv": sys.argv, "machine": run.machine(),
-        "settings": {"docs": a.docs, "seconds": a.seconds, "chunks": a.chunks,
-                     "workers": a.workers, "batch": a.batch, "repeat": a.repeat,
-                     "delay_ms": a.delay_ms, "per_item_ms": a.per_item_ms, "interval": 1.0},
-        "results": [],
-    }
+    stamp, report = run.new_report("workload", WORKLOAD, {
+        "docs": a.docs, "seconds": a.seconds, "chunks": a.chunks, "workers": a.workers,
+        "batch": a.batch, "repeat": a.repeat, "delay_ms": a.delay_ms,
+        "per_item_ms": a.per_item_ms, "interval": 1.0})
     size = f"docs {a.docs}" if a.docs else f"docs for a {a.seconds:g} s ceiling run"
     print(f"{WORKLOAD}: {size}, chunks {a.chunks}, workers {a.workers}, batch {a.batch}, "
           f"service {a.delay_ms} ms + {a.per_item_ms} ms/doc, repeat {a.repeat}", flush=True)
