@@ -60,7 +60,7 @@ class Runner:
         self.until_idle = until_idle
         self.stop = threading.Event()
         self.children: dict[int, tuple[str, Child]] = {}
-        self.launcher = launcher or Launcher()
+        self.launcher = launcher or Launcher()  # started on the first spawn unless warmed
         self._lock = threading.Lock()
         self.sniffers = {q.name: app.sniffer(q) for q in app.queues()}
         for q in app.queues():
@@ -168,7 +168,6 @@ class Runner:
                                max_instances=1, id="cleanup", next_run_time=_now())
         self.scheduler.add_job(self.supervise, "interval", seconds=SUPERVISE_EVERY,
                                max_instances=1, id="supervise")
-        self.launcher.warm()
         log.info("started data_dir=%s queues=%s pid=%d", self.app.cfg.data_dir,
                  ",".join(q.name for q in self.app.queues()), os.getpid())
         self.scheduler.start()  # returns after supervise() shuts it down

@@ -174,8 +174,7 @@ class Worker:
             # Killed after the commit, before the marker (the reaper counted an attempt):
             # the ledger says done. On a first attempt this check is skipped (it was 5% of a
             # batch); a batch released uncounted after its commit is caught by store() instead.
-            self.spool.mark_done(claim, {"finalized": True})
-            log.info("finalized queue=%s batch=%s", q, claim.name)
+            self._finalize(claim)
             return
         t0 = time.monotonic()
         try:
@@ -207,8 +206,7 @@ class Worker:
             return
         failpoints.hit("after-commit")
         if not stored.recorded:  # committed by an earlier attempt: only the marker was missing
-            self.spool.mark_done(claim, {"finalized": True})
-            log.info("finalized queue=%s batch=%s", q, claim.name)
+            self._finalize(claim)
             return
         self.spool.mark_done(claim, {"items": len(batch.items), "results": stored.results,
                                      "dead": stored.dead})
@@ -217,6 +215,11 @@ class Worker:
         self.stats.dead += stored.dead
         log.info("done queue=%s batch=%s items=%d stored=%d dead=%d seconds=%.3f", q, claim.name,
                  len(batch.items), stored.results, stored.dead, time.monotonic() - t0)
+
+    def _finalize(self, claim: Claim) -> None:
+        """Mark done a batch the ledger already holds (its committer died before the marker)."""
+        self.spool.mark_done(claim, {"finalized": True})
+        log.info("finalized queue=%s batch=%s", self.queue.name, claim.name)
 
     @contextlib.contextmanager
     def _lease(self, claim: Claim) -> Iterator[threading.Event]:
