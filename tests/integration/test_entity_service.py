@@ -11,15 +11,19 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import requests
+import urllib3
+from urllib3.exceptions import MaxRetryError, NewConnectionError, ReadTimeoutError, ResponseError
 
 from lrq.config import QueueConfig, SourceConfig, load_handler
-from lrq.errors import HandlerError
+from lrq.errors import HandlerError, Retryable
 from lrq.sample import documents
 from workers import entities
 from workers.entity_service import EntityServer, EntityService, make_server
@@ -79,6 +83,8 @@ class TestServer(ThreadingHTTPServer):
     def __init__(self, answer: Callable[["ScriptedHandler", list[dict[str, Any]]], None]) -> None:
         self.answer = answer
         self.hits = 0
+        #: (request target, headers) of every POST, in arrival order
+        self.seen: list[tuple[str, Message]] = []
         self.lock = threading.Lock()
         self.release = threading.Event()
         super().__init__(("127.0.0.1", 0), ScriptedHandler)
@@ -91,6 +97,7 @@ class ScriptedHandler(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         with self.server.lock:
             self.server.hits += 1
+            self.server.seen.append((self.path, self.headers))
         self.server.answer(self, body["data_list"])
 
     def send(self, status: int, payload: bytes | Any = b"") -> None:
@@ -111,13 +118,16 @@ def test_round_trip_equals_local_handler(service: str, items: list[dict[str, Any
                                          batch: bool) -> None:
     svc = client(service, batch=batch)
     posted: list[Any] = []
-    post = svc.session.post
+    urlopen = svc.pool.urlopen
 
-    def spy(*args: Any, **kwargs: Any) -> requests.Response:
-        posted.append(kwargs["json"])
-        return post(*args, **kwargs)
+    def spy(method: str, url: str, **kwargs: Any) -> urllib3.BaseHTTPResponse:
+        assert (method, url) == ("POST", f"{service}/ent_mapping/")
+        assert kwargs["headers"]["Content-Type"] == "application/json"
+        assert kwargs["timeout"] is svc.timeout and kwargs["retries"] is svc.retry
+        posted.append(orjson.loads(kwargs["body"]))
+        return urlopen(method, url, **kwargs)
 
-    svc.session.post = spy  # type: ignore[method-assign]
+    svc.pool.urlopen = spy  # type: ignore[method-assign]
     try:
         assert svc(items) == entities.handle(items)
     finally:
@@ -198,10 +208,49 @@ def test_proxy_environment_is_read_when_the_client_is_built(
         monkeypatch.delenv(name, raising=False)
         monkeypatch.delenv(name.upper(), raising=False)
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.invalid:3128")
-    assert EntityService("http://10.1.2.3:8765").session.proxies == {
-        "http": "http://proxy.invalid:3128"}
+    proxied = EntityService("http://10.1.2.3:8765")
+    assert proxied.proxy == "http://proxy.invalid:3128"
+    assert isinstance(proxied.pool, urllib3.ProxyManager)
+    assert EntityService("https://10.1.2.3:8765").proxy is None  # no HTTPS_PROXY
     monkeypatch.setenv("NO_PROXY", "10.1.2.3")
-    assert EntityService("http://10.1.2.3:8765").session.proxies == {}
+    direct = EntityService("http://10.1.2.3:8765")
+    assert direct.proxy is None
+    assert not isinstance(direct.pool, urllib3.ProxyManager)
+    assert proxied.proxy == "http://proxy.invalid:3128"  # decided once, when built
+
+
+def test_requests_go_through_the_proxy(serve: Serve, items: list[dict[str, Any]],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # The "proxy" answers itself; nothing listens at the target (TEST-NET-1, RFC 5737), so
+    # the call succeeds only through the proxy.
+    proxy = TestServer(lambda h, data: h.send(200, entities.map_entities(data)))
+    proxy_url = serve(proxy)
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("http_proxy", proxy_url.replace("http://", "http://u%40x:pw@"))
+    svc = client("http://192.0.2.1:8765", connect_timeout=1.0, retries=0)
+    assert svc(items[:3]) == entities.handle(items[:3])
+    [(target, headers)] = proxy.seen
+    assert target == "http://192.0.2.1:8765/ent_mapping/"  # absolute form: a proxy request
+    assert headers["Proxy-Authorization"] == urllib3.make_headers(
+        proxy_basic_auth="u@x:pw")["proxy-authorization"]
+
+
+def test_netrc_credentials_are_sent(serve: Serve, items: list[dict[str, Any]],
+                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = TestServer(lambda h, data: h.send(200, entities.map_entities(data)))
+    url = serve(server)
+    netrc_file = tmp_path / ".netrc"
+    netrc_file.write_text("machine 127.0.0.1 login alice password s3cret\n")
+    netrc_file.chmod(0o600)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    svc = client(url)
+    monkeypatch.setenv("HOME", str(tmp_path / "elsewhere"))  # read once: already built
+    assert svc(items[:2]) == entities.handle(items[:2])
+    client(url)(items[:2])  # built without a ~/.netrc: no auth
+    assert [h.get("Authorization") for _, h in server.seen] == [
+        urllib3.make_headers(basic_auth="alice:s3cret")["authorization"], None]
 
 
 def test_command_line_serves_until_sigterm(items: list[dict[str, Any]]) -> None:
@@ -240,38 +289,65 @@ def test_retries_503_then_succeeds(serve: Serve, items: list[dict[str, Any]]) ->
     assert server.hits == 3
 
 
-def test_503_beyond_the_retries_raises_requests_error(serve: Serve,
-                                                      items: list[dict[str, Any]]) -> None:
+def test_503_beyond_the_retries_is_retryable(serve: Serve, items: list[dict[str, Any]]) -> None:
     server = TestServer(lambda h, _: h.send(503))
     url = serve(server)
-    with pytest.raises(requests.exceptions.RetryError):
+    with pytest.raises(Retryable) as e:
         client(url, retries=1)(items)
     assert server.hits == 2
+    assert isinstance(e.value.__cause__, MaxRetryError)
+    assert isinstance(e.value.__cause__.reason, ResponseError)
+    assert f"entity service {url}/ent_mapping/: " in str(e.value)
+    assert "503" in str(e.value) and "2 attempts" in str(e.value)
 
 
-def test_other_http_errors_raise_http_error(serve: Serve, items: list[dict[str, Any]]) -> None:
-    url = serve(TestServer(lambda h, _: h.send(400, {"error": "no"})))
-    with pytest.raises(requests.HTTPError):
+def test_other_http_errors_raise_handler_error(serve: Serve,
+                                               items: list[dict[str, Any]]) -> None:
+    server = TestServer(lambda h, _: h.send(400, {"error": "no such thing"}))
+    url = serve(server)
+    with pytest.raises(HandlerError) as e:
         client(url)(items)
+    assert not isinstance(e.value, Retryable)
+    msg = str(e.value)
+    assert f"{url}/ent_mapping/" in msg and "answered 400" in msg and "no such thing" in msg
+    assert server.hits == 1
+
+
+@pytest.mark.parametrize("status", [404, 501])
+def test_statuses_not_retried_raise_handler_error_at_once(serve: Serve,
+                                                          items: list[dict[str, Any]],
+                                                          status: int) -> None:
+    server = TestServer(lambda h, _: h.send(status, b"x" * 200))
+    url = serve(server)
+    with pytest.raises(HandlerError, match=f"answered {status}: 'x{{80}}'$") as e:
+        client(url, retries=3)(items)
+    assert not isinstance(e.value, Retryable)
+    assert server.hits == 1
 
 
 @pytest.mark.parametrize("retries", [0, 1])
-def test_no_answer_within_read_timeout_raises_timeout(serve: Serve, items: list[dict[str, Any]],
-                                                      retries: int) -> None:
+def test_no_answer_within_read_timeout_is_retryable(serve: Serve, items: list[dict[str, Any]],
+                                                    retries: int) -> None:
     # The handler holds the request until teardown sets ``release``: it never answers in time.
     server = TestServer(lambda h, _: h.server.release.wait(timeout=30))
     url = serve(server)
-    with pytest.raises(requests.Timeout):
+    with pytest.raises(Retryable, match="read timeout") as e:
         client(url, read_timeout=0.3, retries=retries)(items[:2])
     assert server.hits == retries + 1
+    cause = e.value.__cause__
+    assert isinstance(cause, ReadTimeoutError) or (
+        isinstance(cause, MaxRetryError) and isinstance(cause.reason, ReadTimeoutError))
 
 
-def test_unreachable_service_raises_connection_error() -> None:
+def test_unreachable_service_is_retryable() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound but not listening: connections are refused
-        with pytest.raises(requests.ConnectionError):
+        with pytest.raises(Retryable, match="refused") as e:
             client(f"http://127.0.0.1:{port}", retries=1)([{"doc_id": "m1", "content": ""}])
+    cause = e.value.__cause__
+    assert isinstance(cause, MaxRetryError) and isinstance(cause.reason, NewConnectionError)
+    assert isinstance(cause.reason.__cause__, ConnectionRefusedError)
 
 
 def test_answer_missing_a_doc_id_raises_handler_error(serve: Serve,
