@@ -71,6 +71,9 @@ class QueueConfig:
     max_attempts: int = 3
     #: Batch-file codec: "zstd" (default), "zlib" or "none".
     compress: str = "zstd"
+    #: A worker run commits a batch on a second thread while the handler starts on the next
+    #: one, so a slow service and the database do not wait for each other.
+    pipeline: bool = True
 
 
 @dataclass(frozen=True)
@@ -202,6 +205,7 @@ _QUEUE_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_pending": (int, str), "run_seconds": (int, float, str), "source": dict,
     "retries": int, "backoff": (int, float), "handler_timeout": (int, float, str),
     "lease": (int, float, str), "max_attempts": int, "compress": str,
+    "pipeline": bool,
 }
 
 

@@ -15,6 +15,12 @@ What can go wrong, and what the worker does:
 * **The lease is lost** (the reaper took the claim back): the worker does not commit.
 * **SIGTERM/SIGINT**: see :meth:`Worker.abandon`.
 
+:meth:`Worker.run` *stores behind* (``pipeline``, on by default): a batch's results are
+committed by a second thread while the handler starts on the next batch, so a slow service
+does not wait for the database, nor the database for it. Each batch keeps its own claim and
+heartbeat until its commit ends; at most one commit is in flight, and the handler still runs
+in the main thread only.
+
 Log lines start with a stable event name (``claimed``, ``done``, ``finalized``, ``failed``,
 ``quarantined``, ``dead-lettered``, ``released``, ``lease-lost``, ``backoff``, ``progress``)
 followed by ``key=value`` fields.
@@ -28,6 +34,7 @@ import signal
 import threading
 import time
 import traceback
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -79,6 +86,7 @@ def is_infrastructure(exc: BaseException) -> bool:
     """Is ``exc`` (or anything in its ``__cause__`` chain) a failure of something other than
     the items: a database, a network, a service that is down or overloaded?"""
     import requests
+    from urllib3 import exceptions as u3
 
     seen: set[int] = set()
     e: BaseException | None = exc
@@ -86,7 +94,8 @@ def is_infrastructure(exc: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, (Retryable, SinkError, ConnectionError, TimeoutError, SQLAlchemyError,
                           requests.ConnectionError, requests.Timeout,
-                          requests.exceptions.RetryError)):
+                          requests.exceptions.RetryError, u3.MaxRetryError, u3.ProtocolError,
+                          u3.TimeoutError)):
             return True
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True  # disk full: wait for cleanup, the items are fine
@@ -116,6 +125,40 @@ def soft_timeout(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
+class Lease:
+    """Heartbeat a claim every ``every`` seconds in a thread until :meth:`stop`; ``lost`` is
+    set if the claim was taken back (the reaper decided its owner was dead)."""
+
+    def __init__(self, spool: Spool, claim: Claim, every: float) -> None:
+        self.lost = threading.Event()
+        self._finished = threading.Event()
+        self._thread = threading.Thread(target=self._beat, args=(spool, claim, every),
+                                        name=f"heartbeat-{claim.name}", daemon=True)
+        self._thread.start()
+
+    def _beat(self, spool: Spool, claim: Claim, every: float) -> None:
+        while not self._finished.wait(every):
+            if not spool.heartbeat(claim):
+                self.lost.set()
+                return
+
+    def stop(self) -> None:
+        self._finished.set()
+        self._thread.join(timeout=5)
+
+
+@dataclass
+class Handled:
+    """A claimed batch whose handler calls are done: what its commit needs."""
+
+    claim: Claim
+    lease: Lease
+    items: int
+    results: list[dict[str, Any]]
+    dead: list[tuple[dict[str, Any], str]]
+    started: float
+
+
 class Worker:
     def __init__(self, queue: QueueConfig, spool: Spool, sink: Sink, handler: Handler, *,
                  stop: threading.Event | None = None,
@@ -127,17 +170,13 @@ class Worker:
         self.stop = stop or threading.Event()
         self.sleep = sleep or time.sleep
         self.stats = RunStats()
-        self.current: Claim | None = None
+        self._held: list[Claim] = []  # claims of batches being handled or committed
+        self._lock = threading.Lock()  # _held and stats: the committer thread updates both
 
     # -- one batch -----------------------------------------------------------------------
     def run_once(self) -> bool:
-        """Claim and process one batch; False when nothing is pending."""
-        claim = self.spool.pick(self.queue.order)
-        if claim is None:
-            return False
-        log.debug("claimed queue=%s batch=%s attempt=%d", self.queue.name, claim.name, claim.attempt)
-        self.process(claim)
-        return True
+        """Claim and process one batch (its commit included); False when nothing is pending."""
+        return self._step(None)
 
     def run_named(self, name: str) -> bool:
         """Process one named batch; False when it is not pending (claimed, done or absent)."""
@@ -151,10 +190,41 @@ class Worker:
         """Process a claimed batch. Raises :class:`Retryable` after releasing the claim when
         infrastructure failed; every other outcome ends with the batch done, failed or
         quarantined."""
-        self.current = claim
+        handled = self.handle_claim(claim)
+        if handled is not None:
+            self.commit(handled)
+
+    def handle_claim(self, claim: Claim) -> Handled | None:
+        """Load a claimed batch and run the handler over it; None when the batch ended here
+        (failed, quarantined, released or found committed), else what :meth:`commit` needs.
+        The claim's heartbeat runs until the commit ends."""
+        with self._lock:
+            self._held.append(claim)
+        lease = Lease(self.spool, claim, self.queue.lease / 4)
+        handled = None
         try:
-            with self._lease(claim) as lost:
-                self._process(claim, lost)
+            with self._guard(claim):
+                handled = self._handle_claim(claim, lease)
+        finally:
+            if handled is None:
+                self._let_go(claim, lease)
+        return handled
+
+    def commit(self, handled: Handled) -> None:
+        """Store a handled batch's results and mark it done (or failed: results the sink
+        cannot take). Raises like :meth:`process`."""
+        try:
+            with self._guard(handled.claim):
+                self._commit(handled)
+        finally:
+            self._let_go(handled.claim, handled.lease)
+
+    @contextlib.contextmanager
+    def _guard(self, claim: Claim) -> Iterator[None]:
+        """A lost claim is logged (nothing is committed); infrastructure failures release the
+        claim uncounted and raise :class:`Retryable`."""
+        try:
+            yield
         except ClaimLost:
             log.warning("lease-lost queue=%s batch=%s: another worker may take it; not committing",
                         self.queue.name, claim.name)
@@ -165,42 +235,49 @@ class Worker:
             log.warning("released queue=%s batch=%s reason=%s: %s", self.queue.name, claim.name,
                         type(e).__name__, e)
             raise e if isinstance(e, Retryable) else Retryable(f"{type(e).__name__}: {e}") from e
-        finally:
-            self.current = None
 
-    def _process(self, claim: Claim, lost: threading.Event) -> None:
+    def _let_go(self, claim: Claim, lease: Lease) -> None:
+        lease.stop()
+        with self._lock:
+            self._held.remove(claim)
+
+    def _handle_claim(self, claim: Claim, lease: Lease) -> Handled | None:
         q = self.queue.name
         if claim.attempt > 1 and self.sink.is_recorded(claim.name):
             # Killed after the commit, before the marker (the reaper counted an attempt):
             # the ledger says done. On a first attempt this check is skipped (it was 5% of a
             # batch); a batch released uncounted after its commit is caught by store() instead.
             self._finalize(claim)
-            return
+            return None
         t0 = time.monotonic()
         try:
             batch = self.spool.load(claim.name)
         except BatchUnsigned as e:
             self.spool.quarantine_batch(claim, str(e))
-            self.stats.failed += 1
+            self._count(failed=1)
             log.error("quarantined queue=%s batch=%s error=%s", q, claim.name, e)
-            return
+            return None
         except BatchCorrupt as e:
             self._fail(claim, str(e), e)
-            return
+            return None
         except FileNotFoundError:
             self.spool.release(claim)
             log.warning("released queue=%s batch=%s reason=file-vanished", q, claim.name)
-            return
+            return None
         keyless = sum(1 for it in batch.items if self.queue.key not in it)
         if keyless:
             self._fail(claim, f"{keyless} of {len(batch.items)} items have no {self.queue.key!r} "
                        "field (the queue's key); fix `key` or the source columns")
-            return
+            return None
         results, dead = self.handle(batch.items)
-        if lost.is_set() or not self.spool.owns(claim):
+        return Handled(claim, lease, len(batch.items), results, dead, t0)
+
+    def _commit(self, h: Handled) -> None:
+        claim = h.claim
+        if h.lease.lost.is_set() or not self.spool.owns(claim):
             raise ClaimLost(claim.name)
         try:
-            stored = self.sink.store(claim.name, len(batch.items), results, claim.attempt, dead=dead)
+            stored = self.sink.store(claim.name, h.items, h.results, claim.attempt, dead=h.dead)
         except HandlerError as e:  # results the sink cannot take: the handler's fault
             self._fail(claim, str(e), e)
             return
@@ -208,42 +285,27 @@ class Worker:
         if not stored.recorded:  # committed by an earlier attempt: only the marker was missing
             self._finalize(claim)
             return
-        self.spool.mark_done(claim, {"items": len(batch.items), "results": stored.results,
+        self.spool.mark_done(claim, {"items": h.items, "results": stored.results,
                                      "dead": stored.dead})
-        self.stats.batches += 1
-        self.stats.items += len(batch.items)
-        self.stats.dead += stored.dead
-        log.info("done queue=%s batch=%s items=%d stored=%d dead=%d seconds=%.3f", q, claim.name,
-                 len(batch.items), stored.results, stored.dead, time.monotonic() - t0)
+        self._count(batches=1, items=h.items, dead=stored.dead)
+        log.info("done queue=%s batch=%s items=%d stored=%d dead=%d seconds=%.3f",
+                 self.queue.name, claim.name, h.items, stored.results, stored.dead,
+                 time.monotonic() - h.started)
+
+    def _count(self, **add: int) -> None:
+        with self._lock:
+            for k, n in add.items():
+                setattr(self.stats, k, getattr(self.stats, k) + n)
 
     def _finalize(self, claim: Claim) -> None:
         """Mark done a batch the ledger already holds (its committer died before the marker)."""
         self.spool.mark_done(claim, {"finalized": True})
         log.info("finalized queue=%s batch=%s", self.queue.name, claim.name)
 
-    @contextlib.contextmanager
-    def _lease(self, claim: Claim) -> Iterator[threading.Event]:
-        """Heartbeat the claim every lease/4 while the block runs; the event is set if lost."""
-        lost, finished = threading.Event(), threading.Event()
-
-        def beat() -> None:
-            while not finished.wait(self.queue.lease / 4):
-                if not self.spool.heartbeat(claim):
-                    lost.set()
-                    return
-
-        t = threading.Thread(target=beat, name=f"heartbeat-{claim.name}", daemon=True)
-        t.start()
-        try:
-            yield lost
-        finally:
-            finished.set()
-            t.join(timeout=5)
-
     def _fail(self, claim: Claim, message: str, exc: BaseException | None = None) -> None:
         detail = "".join(traceback.format_exception(exc)) if exc is not None else ""
         self.spool.fail(claim, f"{message}\n\n{detail}")
-        self.stats.failed += 1
+        self._count(failed=1)
         log.error("failed queue=%s batch=%s error=%s (details: lrq show %s)",
                   self.queue.name, claim.name, message, claim.name)
 
@@ -307,14 +369,18 @@ class Worker:
 
     # -- stopping ------------------------------------------------------------------------
     def abandon(self) -> bool:
-        """Give the current batch back without counting an attempt (shutdown past the grace
+        """Give the batches in hand back without counting an attempt (shutdown past the grace
         period). Safe against a commit racing it: the ledger decides, a later claimer only
         finalizes."""
-        claim = self.current
-        if claim is None or not self.spool.release(claim):
-            return False
-        log.warning("released queue=%s batch=%s reason=shutdown", self.queue.name, claim.name)
-        return True
+        with self._lock:
+            held = list(self._held)
+        released = False
+        for claim in held:
+            if self.spool.release(claim):
+                released = True
+                log.warning("released queue=%s batch=%s reason=shutdown", self.queue.name,
+                            claim.name)
+        return released
 
     # -- many batches --------------------------------------------------------------------
     def run(self, *, burst: bool = True, max_batches: int | None = None,
@@ -327,39 +393,108 @@ class Worker:
         next_report = time.monotonic() + PROGRESS_EVERY
         failures = 0
         idle_since: float | None = None
-        while not self.stop.is_set():
-            if max_batches is not None and self.stats.batches + self.stats.failed >= max_batches:
-                break
-            if max_seconds is not None and self.stats.seconds >= max_seconds:
-                break
-            try:
-                worked = self.run_once()
-                failures = 0
-            except Exception as e:
-                if not is_infrastructure(e):
-                    raise
-                failures += 1
-                self.stats.infra_errors += 1
-                if failures >= INFRA_TRIES:
-                    log.error("giving up queue=%s after %d infrastructure failures: %s",
-                              self.queue.name, failures, e)
+        # Storing behind would let a run overshoot max_batches by the batch in flight.
+        behind = StoreBehind(self) if self.queue.pipeline and max_batches is None else None
+        try:
+            while not self.stop.is_set():
+                if max_batches is not None and self.stats.batches + self.stats.failed >= max_batches:
                     break
-                wait = min(self.queue.backoff * 2 ** failures, MAX_BACKOFF)
-                log.warning("backoff queue=%s seconds=%.1f error=%s", self.queue.name, wait, e)
-                self.stop.wait(wait)
-                continue
-            if worked:
-                idle_since = None
-            else:
-                if burst:
+                if max_seconds is not None and self.stats.seconds >= max_seconds:
                     break
-                idle_since = idle_since or time.monotonic()
-                if idle_exit is not None and time.monotonic() - idle_since >= idle_exit:
-                    break
-                self.stop.wait(idle_wait)
-            if progress and time.monotonic() >= next_report:
-                next_report = time.monotonic() + PROGRESS_EVERY
-                log.info("progress queue=%s batches=%d items=%d dead=%d rate=%.0f/s pending=%d",
-                         self.queue.name, self.stats.batches, self.stats.items, self.stats.dead,
-                         self.stats.rate, len(self.spool.pending()))
+                try:
+                    worked = self._step(behind)
+                    failures = 0
+                except Exception as e:
+                    if not is_infrastructure(e):
+                        raise
+                    failures += 1
+                    self._count(infra_errors=1)
+                    if failures >= INFRA_TRIES:
+                        log.error("giving up queue=%s after %d infrastructure failures: %s",
+                                  self.queue.name, failures, e)
+                        break
+                    wait = min(self.queue.backoff * 2 ** failures, MAX_BACKOFF)
+                    log.warning("backoff queue=%s seconds=%.1f error=%s", self.queue.name, wait, e)
+                    self.stop.wait(wait)
+                    continue
+                if worked:
+                    idle_since = None
+                else:
+                    if burst:
+                        break
+                    idle_since = idle_since or time.monotonic()
+                    if idle_exit is not None and time.monotonic() - idle_since >= idle_exit:
+                        break
+                    self.stop.wait(idle_wait)
+                if progress and time.monotonic() >= next_report:
+                    next_report = time.monotonic() + PROGRESS_EVERY
+                    log.info("progress queue=%s batches=%d items=%d dead=%d rate=%.0f/s "
+                             "pending=%d", self.queue.name, self.stats.batches, self.stats.items,
+                             self.stats.dead, self.stats.rate, len(self.spool.pending()))
+        finally:
+            if behind is not None:
+                self._drain(behind)
         return self.stats
+
+    def _step(self, behind: StoreBehind | None) -> bool:
+        """One batch: claim it, run the handler, commit it or hand the commit to ``behind``.
+        False when nothing is pending (and no commit is in flight)."""
+        claim = self.spool.pick(self.queue.order)
+        if claim is None:
+            if behind is not None:
+                behind.wait()  # its error, if any, is this step's
+            return False
+        log.debug("claimed queue=%s batch=%s attempt=%d", self.queue.name, claim.name,
+                  claim.attempt)
+        handled = self.handle_claim(claim)
+        if handled is not None:
+            if behind is None:
+                self.commit(handled)
+            else:
+                behind.submit(handled)
+        return True
+
+    def _drain(self, behind: StoreBehind) -> None:
+        """Wait for the last commit; an infrastructure failure there is counted (its batch was
+        released), anything else raised."""
+        try:
+            behind.close()
+        except Exception as e:
+            if not is_infrastructure(e):
+                raise
+            self._count(infra_errors=1)
+            log.warning("backoff queue=%s seconds=0.0 error=%s", self.queue.name, e)
+
+
+class StoreBehind:
+    """Commits on a second thread, one at a time, while the worker handles the next batch.
+
+    A commit's error is raised by the next :meth:`submit`, :meth:`wait` or :meth:`close`, in
+    the worker's thread. The wait is as long as one commit, which the database's own timeouts
+    bound."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"lrq-commit-{worker.queue.name}")
+        self._inflight: Future[None] | None = None
+
+    def submit(self, handled: Handled) -> None:
+        """Commit ``handled`` once the commit in flight has ended; then raise that commit's
+        error, if it had one (``handled`` is committed all the same)."""
+        previous, self._inflight = self._inflight, None
+        error = previous.exception() if previous is not None else None
+        self._inflight = self._pool.submit(self._worker.commit, handled)
+        if error is not None:
+            raise error
+
+    def wait(self) -> None:
+        """Wait for the commit in flight; raise its error."""
+        previous, self._inflight = self._inflight, None
+        if previous is not None:
+            previous.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._pool.shutdown(wait=True)

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import os
 import pickle
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
 from sqlalchemy import func, select
+from urllib3.exceptions import MaxRetryError, NewConnectionError, ReadTimeoutError
 
 from lrq.errors import Retryable
 from lrq.spool import MAGIC, State
@@ -158,6 +160,8 @@ def test_a_key_answered_twice_and_another_not_at_all_is_refused(app) -> None:
 
 @pytest.mark.parametrize("error", [
     requests.ConnectionError("connection refused"),
+    MaxRetryError(None, "/ent_mapping/", NewConnectionError(None, "refused")),
+    ReadTimeoutError(None, "/ent_mapping/", "read timed out"),
     requests.ReadTimeout("read timed out"),
     ConnectionResetError("reset by peer"),
     Retryable("model service overloaded"),
@@ -288,3 +292,102 @@ def test_run_named_batch(app) -> None:
     assert w.run_named(b)
     assert w.spool.state(b) is State.DONE and w.spool.state(a) is State.PENDING
     assert not w.run_named(b)
+
+
+# -- storing behind (pipeline) -----------------------------------------------------------
+
+def test_run_stores_a_batch_while_the_handler_runs_the_next(app) -> None:
+    first, second = publish(app, 4), publish(app, 4, start=4)
+    w = app.worker(queue(app))
+    assert w.queue.pipeline  # the default
+    handling = {first: threading.Event(), second: threading.Event()}
+    overlapped: list[bool] = []
+    store = w.sink.store
+
+    def handler(items):
+        name = first if items[0]["doc_id"] in {"d0", "d1", "d2", "d3"} else second
+        handling[name].set()
+        return echo(items)
+
+    def store_when_the_next_is_handled(name, *args, **kwargs):
+        # The first commit waits (bounded) for the handler to start on the other batch: it
+        # only can if the commit runs behind, on another thread.
+        other = second if name == first else first
+        if not overlapped:
+            overlapped.append(handling[other].wait(timeout=10))
+        return store(name, *args, **kwargs)
+
+    w.handler = handler
+    w.sink.store = store_when_the_next_is_handled
+    stats = w.run(burst=True)
+    assert overlapped == [True]
+    assert (stats.batches, stats.items) == (2, 8) and rows(app) == 8
+    assert w.spool.state(first) is State.DONE and w.spool.state(second) is State.DONE
+
+
+def test_without_pipeline_each_batch_is_stored_before_the_next_is_handled(tmp_path: Path) -> None:
+    app = load_app(write_config(tmp_path, docs=None, chunk_size=4, pipeline=False))
+    publish(app, 4), publish(app, 4, start=4)
+    w = app.worker(queue(app))
+    events: list[str] = []
+    store = w.sink.store
+    w.handler = lambda items: events.append("handle") or echo(items)
+    w.sink.store = lambda *a, **k: events.append("store") or store(*a, **k)
+    assert w.run(burst=True).batches == 2
+    assert events == ["handle", "store", "handle", "store"]
+
+
+def test_an_infrastructure_failure_in_a_commit_behind_releases_only_that_batch(app) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    names = [publish(app, 4, start=4 * i) for i in range(3)]
+    w = app.worker(queue(app))
+    store = w.sink.store
+    failed: list[str] = []
+
+    def store_failing_once(name, *args, **kwargs):
+        if not failed:
+            failed.append(name)
+            raise OperationalError("INSERT", {}, Exception("database is locked"))
+        return store(name, *args, **kwargs)
+
+    w.sink.store = store_failing_once
+    stats = w.run(burst=True)
+    assert stats.infra_errors == 1 and stats.batches == 3 and rows(app) == 12
+    assert all(w.spool.state(n) is State.DONE for n in names)
+    assert w.spool.attempts(failed[0])["attempts"] == 0  # released uncounted, then redone
+
+
+def test_abandon_gives_back_every_batch_in_hand(app) -> None:
+    first, second = publish(app, 4), publish(app, 4, start=4)
+    w = app.worker(queue(app))
+    store = w.sink.store
+    in_store, go = threading.Event(), threading.Event()
+    abandoned: list[bool] = []
+
+    def slow_store(*args, **kwargs):
+        in_store.set()
+        go.wait(timeout=10)  # held until the handler of the next batch has abandoned
+        return store(*args, **kwargs)
+
+    calls: list[int] = []
+
+    def handler(items):
+        calls.append(len(items))
+        if len(calls) == 2:  # the second batch, while the first one is being committed
+            committing = in_store.wait(timeout=10)
+            with w._lock:
+                held = len(w._held)
+            abandoned.append(committing and held == 2 and w.abandon())
+            go.set()
+        return echo(items)
+
+    w.handler = handler
+    w.sink.store = slow_store
+    w.run(burst=True, max_seconds=30)
+    assert abandoned == [True]
+    # The commit in flight went through (the ledger decides); the batch being handled was
+    # given back and is pending, or was taken again and done by the same run.
+    assert w.sink.ledger_stats()[0] >= 1
+    states = {w.spool.state(first), w.spool.state(second)}
+    assert states <= {State.DONE, State.PENDING} and rows(app) == 4 * w.sink.ledger_stats()[0]
