@@ -1,7 +1,7 @@
 """Run lrq's scheduler: ``nohup python scheduler.py &`` (the same as ``lrq run``)."""
 import sys
 
-from lrq.cli import main
+from lrq.cli import entry
 
 if __name__ == "__main__":
-    sys.exit(main(["run", *sys.argv[1:]]))
+    entry(["run", *sys.argv[1:]])

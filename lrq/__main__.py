@@ -1,5 +1,3 @@
-import sys
+from lrq.cli import entry
 
-from lrq.cli import main
-
-sys.exit(main())
+entry()

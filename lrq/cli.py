@@ -6,6 +6,8 @@ Exit codes: 0 ok, 1 the command ran and found a problem (verify mismatch, failed
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
 import logging
 import logging.handlers
@@ -14,7 +16,7 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from lrq.errors import AlreadyRunning, ConfigError, LrqError
 
@@ -310,6 +312,23 @@ def _log_to_file(cfg: Config) -> None:
                                              backupCount=cfg.log_backups)
     h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(h)
+
+
+def entry(argv: list[str] | None = None) -> NoReturn:
+    """The ``lrq`` program: :func:`main`, then exit without the interpreter's teardown.
+
+    Freeing every object of a process that imported SQLAlchemy and APScheduler took 0.15-0.2 s
+    here, after all work was done; a scheduler stopped by a signal or ``--until-idle`` and
+    every short command paid it. atexit handlers still run and logs and output are flushed;
+    nothing of lrq's own is left to write at that point (batches and claims are fsynced or
+    renamed into place as they happen, and the database commits before a batch is done)."""
+    code = main(argv)
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,9 +29,12 @@ from typing import Iterator
 
 from setproctitle import setproctitle
 
-#: Imported once by the server; what a worker needs before its first claim.
+#: Imported once by the server; what a worker needs before its first claim. Besides lrq: the
+#: ORM (user models) and urllib3 (HTTP handlers), ~0.1 s of a worker's start when a handler
+#: needs them. Users' own modules are not preloaded: one that opens a connection or starts a
+#: thread at import would hand every worker a copy of it.
 PRELOAD = ["lrq.cli", "lrq.app", "lrq.worker", "lrq.sink", "lrq.spool", "lrq.db",
-           "lrq.sources.sql", "sqlalchemy.dialects.sqlite"]
+           "lrq.sources.sql", "sqlalchemy.dialects.sqlite", "sqlalchemy.orm", "urllib3"]
 
 
 class Launcher:
