@@ -125,26 +125,46 @@ def soft_timeout(seconds: float) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)
 
 
-class Lease:
-    """Heartbeat a claim every ``every`` seconds in a thread until :meth:`stop`; ``lost`` is
-    set if the claim was taken back (the reaper decided its owner was dead)."""
+class Heartbeat:
+    """Touches every claim a worker holds every ``every`` seconds, from one thread.
 
-    def __init__(self, spool: Spool, claim: Claim, every: float) -> None:
-        self.lost = threading.Event()
-        self._finished = threading.Event()
-        self._thread = threading.Thread(target=self._beat, args=(spool, claim, every),
-                                        name=f"heartbeat-{claim.name}", daemon=True)
-        self._thread.start()
+    :meth:`hold` returns an event that is set if the claim was taken back (the reaper decided
+    its owner was dead). The thread starts with the first claim held and ends once a beat
+    finds none; one thread per worker, not one per batch (starting and joining one cost
+    ~1.2 ms a batch)."""
 
-    def _beat(self, spool: Spool, claim: Claim, every: float) -> None:
-        while not self._finished.wait(every):
-            if not spool.heartbeat(claim):
-                self.lost.set()
-                return
+    def __init__(self, spool: Spool, every: float) -> None:
+        self.spool = spool
+        self.every = every
+        self._held: dict[str, tuple[Claim, threading.Event]] = {}
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
 
-    def stop(self) -> None:
-        self._finished.set()
-        self._thread.join(timeout=5)
+    def hold(self, claim: Claim) -> threading.Event:
+        lost = threading.Event()
+        with self._lock:
+            self._held[claim.name] = (claim, lost)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._beat, daemon=True,
+                                                name=f"heartbeat-{self.spool.queue}")
+                self._thread.start()
+        return lost
+
+    def drop(self, claim: Claim) -> None:
+        with self._lock:
+            self._held.pop(claim.name, None)
+
+    def _beat(self) -> None:
+        while True:
+            time.sleep(self.every)  # the beat's period, not synchronisation
+            with self._lock:
+                if not self._held:
+                    self._thread = None
+                    return
+                held = list(self._held.values())
+            for claim, lost in held:
+                if not lost.is_set() and not self.spool.heartbeat(claim):
+                    lost.set()
 
 
 @dataclass
@@ -152,7 +172,7 @@ class Handled:
     """A claimed batch whose handler calls are done: what its commit needs."""
 
     claim: Claim
-    lease: Lease
+    lost: threading.Event
     items: int
     results: list[dict[str, Any]]
     dead: list[tuple[dict[str, Any], str]]
@@ -171,6 +191,8 @@ class Worker:
         self.sleep = sleep or time.sleep
         self.stats = RunStats()
         self._held: list[Claim] = []  # claims of batches being handled or committed
+        self.heartbeat = Heartbeat(spool, queue.lease / 4)
+        self._behind: StoreBehind | None = None  # set during a step of a pipelined run
         self._lock = threading.Lock()  # _held and stats: the committer thread updates both
 
     # -- one batch -----------------------------------------------------------------------
@@ -200,14 +222,14 @@ class Worker:
         The claim's heartbeat runs until the commit ends."""
         with self._lock:
             self._held.append(claim)
-        lease = Lease(self.spool, claim, self.queue.lease / 4)
+        lost = self.heartbeat.hold(claim)
         handled = None
         try:
             with self._guard(claim):
-                handled = self._handle_claim(claim, lease)
+                handled = self._handle_claim(claim, lost)
         finally:
             if handled is None:
-                self._let_go(claim, lease)
+                self._let_go(claim)
         return handled
 
     def commit(self, handled: Handled) -> None:
@@ -217,7 +239,7 @@ class Worker:
             with self._guard(handled.claim):
                 self._commit(handled)
         finally:
-            self._let_go(handled.claim, handled.lease)
+            self._let_go(handled.claim)
 
     @contextlib.contextmanager
     def _guard(self, claim: Claim) -> Iterator[None]:
@@ -236,12 +258,12 @@ class Worker:
                         type(e).__name__, e)
             raise e if isinstance(e, Retryable) else Retryable(f"{type(e).__name__}: {e}") from e
 
-    def _let_go(self, claim: Claim, lease: Lease) -> None:
-        lease.stop()
+    def _let_go(self, claim: Claim) -> None:
+        self.heartbeat.drop(claim)
         with self._lock:
             self._held.remove(claim)
 
-    def _handle_claim(self, claim: Claim, lease: Lease) -> Handled | None:
+    def _handle_claim(self, claim: Claim, lost: threading.Event) -> Handled | None:
         q = self.queue.name
         if claim.attempt > 1 and self.sink.is_recorded(claim.name):
             # Killed after the commit, before the marker (the reaper counted an attempt):
@@ -269,12 +291,17 @@ class Worker:
             self._fail(claim, f"{keyless} of {len(batch.items)} items have no {self.queue.key!r} "
                        "field (the queue's key); fix `key` or the source columns")
             return None
+        if self._behind is not None:
+            # The previous batch's commit starts as the handler does: beside a pick or a
+            # load the two contend for the GIL (either took ~2 ms longer), while a handler
+            # waiting on a service leaves it free.
+            self._behind.start()
         results, dead = self.handle(batch.items)
-        return Handled(claim, lease, len(batch.items), results, dead, t0)
+        return Handled(claim, lost, len(batch.items), results, dead, t0)
 
     def _commit(self, h: Handled) -> None:
         claim = h.claim
-        if h.lease.lost.is_set() or not self.spool.owns(claim):
+        if h.lost.is_set() or not self.spool.owns(claim):
             raise ClaimLost(claim.name)
         try:
             stored = self.sink.store(claim.name, h.items, h.results, claim.attempt, dead=h.dead)
@@ -439,20 +466,29 @@ class Worker:
     def _step(self, behind: StoreBehind | None) -> bool:
         """One batch: claim it, run the handler, commit it or hand the commit to ``behind``.
         False when nothing is pending (and no commit is in flight)."""
-        claim = self.spool.pick(self.queue.order)
-        if claim is None:
-            if behind is not None:
-                behind.wait()  # its error, if any, is this step's
-            return False
-        log.debug("claimed queue=%s batch=%s attempt=%d", self.queue.name, claim.name,
-                  claim.attempt)
-        handled = self.handle_claim(claim)
-        if handled is not None:
+        self._behind = behind
+        try:
+            claim = self.spool.pick(self.queue.order)
+            if claim is None:
+                if behind is not None:
+                    behind.wait()  # its error, if any, is this step's
+                return False
+            log.debug("claimed queue=%s batch=%s attempt=%d", self.queue.name, claim.name,
+                      claim.attempt)
+            handled = self.handle_claim(claim)
             if behind is None:
-                self.commit(handled)
-            else:
+                if handled is not None:
+                    self.commit(handled)
+                return True
+            behind.start()  # if the batch ended before its handler ran
+            if handled is not None:
                 behind.submit(handled)
-        return True
+            behind.raise_error()  # the previous commit's, once this batch is queued
+            return True
+        finally:
+            self._behind = None
+            if behind is not None:
+                behind.start()  # a batch queued before this step failed is not held back
 
     def _drain(self, behind: StoreBehind) -> None:
         """Wait for the last commit; an infrastructure failure there is counted (its batch was
@@ -469,29 +505,48 @@ class Worker:
 class StoreBehind:
     """Commits on a second thread, one at a time, while the worker handles the next batch.
 
-    A commit's error is raised by the next :meth:`submit`, :meth:`wait` or :meth:`close`, in
-    the worker's thread. The wait is as long as one commit, which the database's own timeouts
-    bound."""
+    :meth:`submit` queues a handled batch; :meth:`start` begins its commit once the commit in
+    flight has ended. A commit's error is kept and raised by :meth:`raise_error`,
+    :meth:`wait` or :meth:`close`, in the worker's thread, where it cannot be mistaken for the
+    failure of the batch then in hand. Each wait is as long as one commit, which the
+    database's own timeouts bound."""
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"lrq-commit-{worker.queue.name}")
         self._inflight: Future[None] | None = None
+        self._queued: Handled | None = None
+        self._error: BaseException | None = None
 
     def submit(self, handled: Handled) -> None:
-        """Commit ``handled`` once the commit in flight has ended; then raise that commit's
-        error, if it had one (``handled`` is committed all the same)."""
+        """Queue ``handled`` for the next :meth:`start` (one at a time)."""
+        assert self._queued is None, "start() the queued commit first"
+        self._queued = handled
+
+    def start(self) -> None:
+        """Start the queued commit, after the commit in flight has ended."""
+        if self._queued is None:
+            return
+        self._settle()
+        self._inflight = self._pool.submit(self._worker.commit, self._queued)
+        self._queued = None
+
+    def _settle(self) -> None:
         previous, self._inflight = self._inflight, None
-        error = previous.exception() if previous is not None else None
-        self._inflight = self._pool.submit(self._worker.commit, handled)
+        if previous is not None and self._error is None:
+            self._error = previous.exception()
+
+    def raise_error(self) -> None:
+        """Raise the error of a commit that has ended, once."""
+        error, self._error = self._error, None
         if error is not None:
             raise error
 
     def wait(self) -> None:
-        """Wait for the commit in flight; raise its error."""
-        previous, self._inflight = self._inflight, None
-        if previous is not None:
-            previous.result()
+        """Start the queued commit and wait for every commit; raise the first error."""
+        self.start()
+        self._settle()
+        self.raise_error()
 
     def close(self) -> None:
         try:

@@ -14,7 +14,7 @@ from urllib3.exceptions import MaxRetryError, NewConnectionError, ReadTimeoutErr
 
 from lrq.errors import Retryable
 from lrq.spool import MAGIC, State
-from lrqtest import load_app, write_config
+from lrqtest import load_app, poll, write_config
 
 
 @pytest.fixture
@@ -391,3 +391,21 @@ def test_abandon_gives_back_every_batch_in_hand(app) -> None:
     assert w.sink.ledger_stats()[0] >= 1
     states = {w.spool.state(first), w.spool.state(second)}
     assert states <= {State.DONE, State.PENDING} and rows(app) == 4 * w.sink.ledger_stats()[0]
+
+
+def test_the_heartbeat_touches_every_claim_in_hand_and_reports_a_lost_one(tmp_path: Path) -> None:
+    app = load_app(write_config(tmp_path, docs=None, chunk_size=4, lease=0.2))  # beat: 0.05 s
+    kept, taken = publish(app, 4), publish(app, 4, start=4)
+    w = app.worker(queue(app))
+    claims = [w.spool.claim(kept), w.spool.claim(taken)]
+    old = time.time() - 100
+    for c in claims:
+        os.utime(w.spool.right / c.name, (old, old))
+    lost = [w.heartbeat.hold(c) for c in claims]
+    os.unlink(w.spool.right / taken)  # the reaper took this one back
+    assert lost[1].wait(timeout=10) and not lost[0].is_set()
+    assert poll(lambda: os.stat(w.spool.right / kept).st_mtime > old + 50, seconds=10)
+    for c in claims:
+        w.heartbeat.drop(c)
+    # With nothing held, the next beat ends the thread.
+    assert poll(lambda: w.heartbeat._thread is None, seconds=10)
