@@ -29,7 +29,6 @@ JSON goes to ``bench/results/<timestamp>-claim-cost.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -43,7 +42,7 @@ if TYPE_CHECKING:
     from lrq.spool import Spool
 
 import run  # bench/run.py (first on sys.path): source cache, lrq command, machine info, tables
-from run import RESULTS, ROOT
+
 NAME = "claim-cost"
 QUEUE = "q"
 TARGET = 2.0  # p50(largest backlog) / p50(smallest) a claim should stay within
@@ -189,14 +188,11 @@ def measure(b: Backlog, claims: int, reps: int, budget: float) -> dict[str, Any]
 
 
 # -- driving ---------------------------------------------------------------------------------
-def _ints(text: str) -> list[int]:
-    return [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=_ints, default=[1000, 10_000, 100_000],
+    p.add_argument("--sizes", type=run.ints, default=[1000, 10_000, 100_000],
                    help="pending backlog sizes, ascending (default 1000,10000,100000)")
     p.add_argument("--claims", type=int, default=200, help="picks per phase (default 200)")
     p.add_argument("--reps", type=int, default=20,
@@ -217,6 +213,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     a.sizes = sorted(set(a.sizes))
     if min([*a.sizes, a.claims, a.reps, a.sample]) < 1:
         p.error("sizes, --claims, --reps and --sample must be positive")
+    if a.claims > a.sizes[0]:
+        p.error(f"--claims {a.claims} is more than the smallest backlog {a.sizes[0]}: each "
+                "phase claims that many pending batches")
     if a.sample > a.sizes[0]:
         a.sample = a.sizes[0]
     return a
@@ -270,11 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         "sizes": [lo["size"], hi["size"]], "target": TARGET,
         **{f"{k}_p50": round(hi[k]["p50_ms"] / lo[k]["p50_ms"], 2)
            for k in ("pending", "counts", "fresh", "warm")}}
-    out = RESULTS / f"{stamp}-{NAME}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(table(report))
-    print(f"\nwrote {out.relative_to(ROOT)}")
+    run.write_report(report, stamp, NAME, table(report))
     return 0
 
 

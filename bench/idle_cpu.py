@@ -22,7 +22,6 @@ scheduler runs them. JSON goes to ``bench/results/<timestamp>-idle-cpu.json``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import run  # bench/run.py (first on sys.path): source cache, lrq command, machine info, tables
-from run import RESULTS, ROOT, BenchError
+from run import BenchError
 NAME = "idle-cpu"
 TARGET_PCT = 1.0  # % of one core an idle scheduler should stay under
 
@@ -288,11 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, subprocess.TimeoutExpired) as e:
         print(f"bench: FAILED: {e}", file=sys.stderr)
         return 1
-    out = RESULTS / f"{stamp}-{NAME}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(table(report))
-    print(f"\nwrote {out.relative_to(ROOT)}")
+    run.write_report(report, stamp, NAME, table(report))
     return 0
 
 

@@ -503,7 +503,20 @@ def new_report(kind: str, name: str, settings: dict[str, Any]) -> tuple[str, dic
                    "settings": settings, "results": []}
 
 
-def _ints(text: str) -> list[int]:
+def write_report(report: dict[str, Any], stamp: str, name: str | None, *tables: str) -> Path:
+    """Write ``report`` to ``bench/results/<stamp>[-name].json``; print ``tables`` and where
+    the JSON went."""
+    out = RESULTS / (f"{stamp}-{name}.json" if name else f"{stamp}.json")
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    for t in tables:
+        print(t)
+    print(f"\nwrote {out.relative_to(ROOT)}")
+    return out
+
+
+def ints(text: str) -> list[int]:
+    """A comma list of integers (``100_000`` allowed), for argparse."""
     return [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
 
 
@@ -511,8 +524,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--docs", type=_ints, default=[100_000], help="comma list (default 100000)")
-    p.add_argument("--batch", type=_ints, default=[1000], help="comma list (default 1000)")
+    p.add_argument("--docs", type=ints, default=[100_000], help="comma list (default 100000)")
+    p.add_argument("--batch", type=ints, default=[1000], help="comma list (default 1000)")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs per configuration; the median is reported")
     p.add_argument("--quick", action="store_true", help="20000 docs, batch 1000, one run")
@@ -565,13 +578,8 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, subprocess.TimeoutExpired) as e:
         print(f"bench: FAILED: {e}", file=sys.stderr)
         return 1
-    out = RESULTS / f"{stamp}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(table(report))
-    if "profile" in report:
-        print(profile_table(report["profile"]))
-    print(f"\nwrote {out.relative_to(ROOT)}")
+    write_report(report, stamp, None, table(report),
+                 *([profile_table(report["profile"])] if "profile" in report else []))
     return 0
 
 

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import math
 import re
 import shutil
@@ -58,7 +57,7 @@ if TYPE_CHECKING:
     from workers.entity_service import EntityServer
 
 import run  # bench/run.py (first on sys.path): source cache, lrq command, machine info, tables
-from run import RESULTS, ROOT, BenchError
+from run import BenchError
 NAME = "w2-service"
 WORKLOAD = "W2 model service"
 QUEUE = "ents"
@@ -291,9 +290,6 @@ def batch_times(run: Any, log: Path, launched: float, workers: int) -> dict[str,
 
 
 # -- driving ---------------------------------------------------------------------------------
-def _ints(text: str) -> list[int]:
-    return [int(x.replace("_", "")) for x in text.split(",") if x.strip()]
-
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
@@ -301,8 +297,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=20.0,
                    help="N per configuration: docs for a ceiling run this long (default 20)")
     p.add_argument("--docs", type=int, help="N for every configuration instead of --seconds")
-    p.add_argument("--chunks", type=_ints, default=[10, 50], help="chunk sizes C (default 10,50)")
-    p.add_argument("--workers", type=_ints, default=[2], help="worker counts W (default 2)")
+    p.add_argument("--chunks", type=run.ints, default=[10, 50], help="chunk sizes C (default 10,50)")
+    p.add_argument("--workers", type=run.ints, default=[2], help="worker counts W (default 2)")
     p.add_argument("--batch", type=int, default=100, help="batch_size (default 100)")
     p.add_argument("--repeat", type=int, default=1, help="runs per configuration (median)")
     p.add_argument("--delay-ms", type=float, default=20.0, help="service latency per call")
@@ -358,11 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, subprocess.TimeoutExpired) as e:
         print(f"bench: FAILED: {e}", file=sys.stderr)
         return 1
-    out = RESULTS / f"{stamp}-{NAME}.json"
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(table(report))
-    print(f"\nwrote {out.relative_to(ROOT)}")
+    run.write_report(report, stamp, NAME, table(report))
     return 0
 
 
