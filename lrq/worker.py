@@ -192,7 +192,6 @@ class Worker:
         self.stats = RunStats()
         self._held: list[Claim] = []  # claims of batches being handled or committed
         self.heartbeat = Heartbeat(spool, queue.lease / 4)
-        self._behind: StoreBehind | None = None  # set during a step of a pipelined run
         self._lock = threading.Lock()  # _held and stats: the committer thread updates both
 
     # -- one batch -----------------------------------------------------------------------
@@ -216,17 +215,18 @@ class Worker:
         if handled is not None:
             self.commit(handled)
 
-    def handle_claim(self, claim: Claim) -> Handled | None:
+    def handle_claim(self, claim: Claim, behind: StoreBehind | None = None) -> Handled | None:
         """Load a claimed batch and run the handler over it; None when the batch ended here
         (failed, quarantined, released or found committed), else what :meth:`commit` needs.
-        The claim's heartbeat runs until the commit ends."""
+        The claim's heartbeat runs until the commit ends. ``behind``'s queued commit is
+        started as the handler starts."""
         with self._lock:
             self._held.append(claim)
         lost = self.heartbeat.hold(claim)
         handled = None
         try:
             with self._guard(claim):
-                handled = self._handle_claim(claim, lost)
+                handled = self._handle_claim(claim, lost, behind)
         finally:
             if handled is None:
                 self._let_go(claim)
@@ -263,7 +263,8 @@ class Worker:
         with self._lock:
             self._held.remove(claim)
 
-    def _handle_claim(self, claim: Claim, lost: threading.Event) -> Handled | None:
+    def _handle_claim(self, claim: Claim, lost: threading.Event,
+                      behind: StoreBehind | None) -> Handled | None:
         q = self.queue.name
         if claim.attempt > 1 and self.sink.is_recorded(claim.name):
             # Killed after the commit, before the marker (the reaper counted an attempt):
@@ -291,11 +292,11 @@ class Worker:
             self._fail(claim, f"{keyless} of {len(batch.items)} items have no {self.queue.key!r} "
                        "field (the queue's key); fix `key` or the source columns")
             return None
-        if self._behind is not None:
+        if behind is not None:
             # The previous batch's commit starts as the handler does: beside a pick or a
             # load the two contend for the GIL (either took ~2 ms longer), while a handler
             # waiting on a service leaves it free.
-            self._behind.start()
+            behind.start()
         results, dead = self.handle(batch.items)
         return Handled(claim, lost, len(batch.items), results, dead, t0)
 
@@ -466,7 +467,6 @@ class Worker:
     def _step(self, behind: StoreBehind | None) -> bool:
         """One batch: claim it, run the handler, commit it or hand the commit to ``behind``.
         False when nothing is pending (and no commit is in flight)."""
-        self._behind = behind
         try:
             claim = self.spool.pick(self.queue.order)
             if claim is None:
@@ -475,18 +475,16 @@ class Worker:
                 return False
             log.debug("claimed queue=%s batch=%s attempt=%d", self.queue.name, claim.name,
                       claim.attempt)
-            handled = self.handle_claim(claim)
+            handled = self.handle_claim(claim, behind)
             if behind is None:
                 if handled is not None:
                     self.commit(handled)
                 return True
-            behind.start()  # if the batch ended before its handler ran
             if handled is not None:
                 behind.submit(handled)
             behind.raise_error()  # the previous commit's, once this batch is queued
             return True
         finally:
-            self._behind = None
             if behind is not None:
                 behind.start()  # a batch queued before this step failed is not held back
 
@@ -519,8 +517,9 @@ class StoreBehind:
         self._error: BaseException | None = None
 
     def submit(self, handled: Handled) -> None:
-        """Queue ``handled`` for the next :meth:`start` (one at a time)."""
-        assert self._queued is None, "start() the queued commit first"
+        """Queue ``handled`` for the next :meth:`start`, starting the one queued before it
+        (a batch that ended before its handler ran did not start it)."""
+        self.start()
         self._queued = handled
 
     def start(self) -> None:
