@@ -154,6 +154,11 @@ class Heartbeat:
         with self._lock:
             self._held.pop(claim.name, None)
 
+    def claims(self) -> list[Claim]:
+        """The claims held now: batches being handled or committed."""
+        with self._lock:
+            return [claim for claim, _lost in self._held.values()]
+
     def _beat(self) -> None:
         while True:
             time.sleep(self.every)  # the beat's period, not synchronisation
@@ -190,9 +195,9 @@ class Worker:
         self.stop = stop or threading.Event()
         self.sleep = sleep or time.sleep
         self.stats = RunStats()
-        self._held: list[Claim] = []  # claims of batches being handled or committed
+        #: Holds every claim of a batch being handled or committed (see :meth:`abandon`).
         self.heartbeat = Heartbeat(spool, queue.lease / 4)
-        self._lock = threading.Lock()  # _held and stats: the committer thread updates both
+        self._lock = threading.Lock()  # stats: the committer thread updates them too
 
     # -- one batch -----------------------------------------------------------------------
     def run_once(self) -> bool:
@@ -220,8 +225,6 @@ class Worker:
         (failed, quarantined, released or found committed), else what :meth:`commit` needs.
         The claim's heartbeat runs until the commit ends. ``behind``'s queued commit is
         started as the handler starts."""
-        with self._lock:
-            self._held.append(claim)
         lost = self.heartbeat.hold(claim)
         handled = None
         try:
@@ -260,8 +263,6 @@ class Worker:
 
     def _let_go(self, claim: Claim) -> None:
         self.heartbeat.drop(claim)
-        with self._lock:
-            self._held.remove(claim)
 
     def _handle_claim(self, claim: Claim, lost: threading.Event,
                       behind: StoreBehind | None) -> Handled | None:
@@ -400,10 +401,8 @@ class Worker:
         """Give the batches in hand back without counting an attempt (shutdown past the grace
         period). Safe against a commit racing it: the ledger decides, a later claimer only
         finalizes."""
-        with self._lock:
-            held = list(self._held)
         released = False
-        for claim in held:
+        for claim in self.heartbeat.claims():
             if self.spool.release(claim):
                 released = True
                 log.warning("released queue=%s batch=%s reason=shutdown", self.queue.name,

@@ -376,8 +376,7 @@ def test_abandon_gives_back_every_batch_in_hand(app) -> None:
         calls.append(len(items))
         if len(calls) == 2:  # the second batch, while the first one is being committed
             committing = in_store.wait(timeout=10)
-            with w._lock:
-                held = len(w._held)
+            held = len(w.heartbeat.claims())
             abandoned.append(committing and held == 2 and w.abandon())
             go.set()
         return echo(items)
@@ -409,3 +408,4 @@ def test_the_heartbeat_touches_every_claim_in_hand_and_reports_a_lost_one(tmp_pa
         w.heartbeat.drop(c)
     # With nothing held, the next beat ends the thread.
     assert poll(lambda: w.heartbeat._thread is None, seconds=10)
+
