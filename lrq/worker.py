@@ -530,9 +530,16 @@ class StoreBehind:
         self._queued = None
 
     def _settle(self) -> None:
+        """Wait for the commit in flight; keep its error, or log it if one is already kept."""
         previous, self._inflight = self._inflight, None
-        if previous is not None and self._error is None:
-            self._error = previous.exception()
+        error = previous.exception() if previous is not None else None
+        if error is None:
+            return
+        if self._error is None:
+            self._error = error
+        else:
+            log.error("commit failed queue=%s while an earlier commit's error was pending: "
+                      "%s: %s", self._worker.queue.name, type(error).__name__, error)
 
     def raise_error(self) -> None:
         """Raise the error of a commit that has ended, once."""

@@ -409,3 +409,28 @@ def test_the_heartbeat_touches_every_claim_in_hand_and_reports_a_lost_one(tmp_pa
     # With nothing held, the next beat ends the thread.
     assert poll(lambda: w.heartbeat._thread is None, seconds=10)
 
+
+def test_store_behind_waits_for_every_commit_and_logs_a_second_error(caplog) -> None:
+    """Two commits fail: the first error is raised in the worker's thread, the second is
+    logged, not dropped, and neither commit is still running when the errors are handed back."""
+    from types import SimpleNamespace
+
+    from lrq.worker import StoreBehind
+
+    finished: list[str] = []
+    release = threading.Event()
+
+    def commit(handled):
+        release.wait(timeout=10)  # "b" is queued before "a" ends
+        finished.append(handled)
+        raise RuntimeError(f"commit {handled} failed")
+
+    behind = StoreBehind(SimpleNamespace(queue=SimpleNamespace(name="q"), commit=commit))
+    behind.submit("a")
+    behind.start()
+    behind.submit("b")  # queued while "a" is in flight
+    release.set()
+    with pytest.raises(RuntimeError, match="commit a failed"):
+        behind.close()
+    assert finished == ["a", "b"]
+    assert "commit b failed" in caplog.text
