@@ -100,7 +100,7 @@ class App:
         return Sniffer(q, self.spool(q), self.source(q), budget=self.budget())
 
     def check(self) -> None:
-        """Build every queue's parts once, so a bad handler, model or URL fails up front."""
+        """Build every queue's parts once, so a bad handler, model, URL or key fails up front."""
         for q in self.queues():
             handler = load_handler(q, self.base)
             close = getattr(handler, "close", None)
@@ -108,6 +108,19 @@ class App:
                 close()  # built only to check it; workers build their own
             self.sink(q)
             self.source(q)
+            self.check_key(q)
+
+    def check_key(self, q: QueueConfig) -> None:
+        """The queue's ``key`` must be a field of the source's items. Otherwise every batch
+        would fail in the worker, one by one, while the run looks healthy. A ``columns``
+        mapping names the fields without a database round trip; else the source is built
+        (its table reflected) and asked."""
+        fields = [f for f, _ in q.source.columns] or self.source(q).item_fields()
+        if fields is not None and q.key not in fields:
+            raise ConfigError(
+                f"queues.{q.name}.key: {q.key!r} is not a field of the source's items "
+                f"(fields: {', '.join(fields)}); set key to one of them, or map a column to "
+                f"it in [queues.{q.name}.source] columns")
 
     # -- reports -------------------------------------------------------------------------
     def status(self, name: str | None = None) -> dict[str, Any]:

@@ -64,6 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sniff(args: argparse.Namespace) -> int:
     app = _app(args)
     for q in app.queues(args.queue):
+        app.check_key(q)
         sniffer = app.sniffer(q)
         total = 0
         with sniffer.spool.lock("sniff"):
@@ -113,6 +114,7 @@ def cmd_work(args: argparse.Namespace) -> int:
     _graceful(stop, app.cfg.grace, current)
     failed = 0
     for q in app.queues(args.queue):
+        app.check_key(q)
         worker = app.worker(q, stop=stop)
         current[:] = [worker]
         log.info("working queue=%s pid=%d", q.name, os.getpid())  # signals are handled now

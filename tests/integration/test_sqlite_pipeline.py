@@ -108,12 +108,14 @@ def test_a_corrupt_batch_fails_and_can_be_requeued_once_fixed(tmp_path: Path) ->
 
 
 def test_requeue_puts_failed_batches_back(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, docs=200, batch_size=100, key="nokey")
+    (tmp_path / "mymap.py").write_text(MAPPER.replace('"mapped_list_str"', '"no_such_column"'))
+    cfg = write_config(tmp_path, docs=200, batch_size=100, handler="mymap:handle",
+                       result_table=None, model="workers.models:DocEntMap")
     lrq("-c", str(cfg), "sniff", check=True)
     r = lrq("-c", str(cfg), "work", "--burst")
-    assert r.returncode == 1 and "have no 'nokey' field" in r.stderr
+    assert r.returncode == 1 and "has no columns for" in r.stderr
     assert status(cfg)["failed"] == 2
-    cfg.write_text(cfg.read_text().replace('key = "nokey"', 'key = "doc_id"'))  # the fix
+    (tmp_path / "mymap.py").write_text(MAPPER)  # the fix
     r = lrq("-c", str(cfg), "requeue", "--failed", check=True)
     assert "requeued 2 batches" in r.stdout
     assert (status(cfg)["failed"], status(cfg)["pending"]) == (0, 2)

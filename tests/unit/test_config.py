@@ -44,6 +44,8 @@ def test_env_overrides(tmp_path: Path) -> None:
     (lambda t: t.replace("[queues.docs]", "[queues.docs]\nmodel = \"workers.models:DocEntMap\""),
      "set result_table or model, not both"),
     (lambda t: t.replace("data_dir", "[broken"), "not valid TOML"),
+    (lambda t: t.replace('key = "doc_id"', 'key = "nokey"'),
+     "queues.docs.key: 'nokey' is not a field of the source's items (fields: id, doc_id, content)"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, edit, message) -> None:
     path = write_config(tmp_path, docs=10)
@@ -123,3 +125,16 @@ def test_a_bad_number_is_one_line_and_exit_2_on_the_command_line(tmp_path: Path)
     r = lrq("-c", str(path), "run", "--until-idle", cwd=tmp_path, timeout=60)
     assert r.returncode == 2, r.stderr
     assert r.stderr == "lrq: queues.docs.backoff: must be 0 or more, got -1\n"
+
+
+@pytest.mark.parametrize("command", [("run", "--until-idle"), ("sniff",), ("work", "--burst")])
+def test_a_key_the_source_lacks_stops_every_command_at_start_up(tmp_path: Path, command) -> None:
+    """Found before a batch is published or claimed, not by every batch failing. Without a
+    ``columns`` mapping the fields are the table's reflected columns."""
+    path = write_config(tmp_path, docs=300, source={"columns": []})  # mid, not doc_id
+    r = lrq("-c", str(path), *command, cwd=tmp_path, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == ("lrq: queues.docs.key: 'doc_id' is not a field of the source's items "
+                        "(fields: id, mid, content, created); set key to one of them, or map a "
+                        "column to it in [queues.docs.source] columns\n")
+    assert not list((tmp_path / "data" / "docs" / "left").glob("*.pkl"))
