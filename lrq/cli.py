@@ -179,10 +179,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2, default=str))
         return EXIT_OK
     rows = [("queue", "pending", "claimed", "stale", "done", "failed", "quarantined",
-             "dead letters", "disk", "stored items", "position")]
+             "results", "dead letters", "disk", "position")]
     for name, s in st["queues"].items():
         rows.append((name, s["pending"], s["claimed"], s["stale"], s["done"], s["failed"],
-                     s["quarantined"], s["dead_letters"], _human(s["bytes"]), s["ledger_items"],
+                     s["quarantined"], s["results"], s["dead_letters"], _human(s["bytes"]),
                      s["position"]))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -204,12 +204,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     bad = False
     for q in app.queues(args.queue):
         v = app.verify(q)
-        print(f"{q.name}: source {v.source}, results {v.results}, dead letters {v.dead}, "
-              f"missing {v.missing}, duplicated {v.duplicated}, not in source {v.extra}, "
+        ok = v.ok and not (args.strict and v.dead)
+        dead = f"{v.dead} dead letters" if v.dead else "no dead letters"
+        if args.strict and v.dead:
+            dead += " (--strict)"
+        print(f"{q.name}: {'ok' if ok else 'NOT OK'}, {dead}; source {v.source}, "
+              f"results {v.results}, dead letters {v.dead}, missing {v.missing}, "
+              f"duplicated {v.duplicated}, not in source {v.extra}, "
               f"failed batches {v.failed_batches}, quarantined {v.quarantined_batches}")
+        if v.source_duplicates:
+            print(f"  key {q.key!r} is not unique in the source: {v.source} items, {v.distinct} "
+                  f"distinct; set `key` to a unique column (queues.{q.name}.key)")
         if v.missing_sample:
             print(f"  missing keys (first {len(v.missing_sample)}): {', '.join(v.missing_sample)}")
-        bad |= not v.ok
+        bad |= not ok
     return EXIT_PROBLEM if bad else EXIT_OK
 
 
@@ -276,6 +284,8 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     v = add("verify", cmd_verify, "check every source item has exactly one result")
     v.add_argument("queue", nargs="?")
+    v.add_argument("--strict", action="store_true",
+                   help="also fail (exit 1) when any item was dead-lettered")
     c = add("cleanup", cmd_cleanup, "reap stale claims, sweep orphan tmp files; print what was done")
     c.add_argument("queue", nargs="?")
     c.add_argument("--dry-run", action="store_true", help="only say what would be done")
