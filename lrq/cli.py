@@ -1,7 +1,9 @@
 """``lrq``: the command line. Each command is a few lines calling the library.
 
-Exit codes: 0 ok, 1 the command ran and found a problem (verify mismatch, failed batch),
-2 bad usage or configuration, 3 another process holds the lock (scheduler, sniffer).
+Exit codes: 0 ok, 1 the command ran and found a problem (verify mismatch, or dead letters
+with ``verify --strict``; a batch failed or quarantined by ``work`` or during
+``run --until-idle``), 2 bad usage or configuration (a key the source lacks included),
+3 another process holds the lock (scheduler, sniffer).
 """
 from __future__ import annotations
 
@@ -266,7 +268,8 @@ def parser() -> argparse.ArgumentParser:
 
     r = add("run", cmd_run, "run the scheduler in the foreground (same as python scheduler.py)")
     r.add_argument("--until-idle", action="store_true",
-                   help="exit once sources are drained and nothing is pending or claimed")
+                   help="exit once sources are drained and nothing is pending or claimed; "
+                        "exit 1 if batches failed or were quarantined meanwhile")
     s = add("sniff", cmd_sniff, "prefetch batches from the source now")
     s.add_argument("queue", nargs="?")
     s.add_argument("--once", action="store_true", help="publish at most one batch")
