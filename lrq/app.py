@@ -30,7 +30,9 @@ class Verification:
     """Source keys against result rows plus dead letters: every item exactly once."""
 
     queue: str
+    #: Source items (rows), and how many distinct keys they carry.
     source: int
+    distinct: int
     results: int
     dead: int
     missing: int
@@ -42,8 +44,15 @@ class Verification:
     missing_sample: list[str] = field(default_factory=list)
 
     @property
+    def source_duplicates(self) -> int:
+        """Source items whose key another item already has: the sink keeps one row per key,
+        so these are lost without a trace unless ``key`` is made unique."""
+        return self.source - self.distinct
+
+    @property
     def ok(self) -> bool:
-        return self.missing == 0 and self.duplicated == 0 and self.extra == 0
+        return self.missing == 0 and self.duplicated == 0 and self.extra == 0 \
+            and self.source_duplicates == 0
 
 
 class App:
@@ -100,7 +109,7 @@ class App:
         return Sniffer(q, self.spool(q), self.source(q), budget=self.budget())
 
     def check(self) -> None:
-        """Build every queue's parts once, so a bad handler, model or URL fails up front."""
+        """Build every queue's parts once, so a bad handler, model, URL or key fails up front."""
         for q in self.queues():
             handler = load_handler(q, self.base)
             close = getattr(handler, "close", None)
@@ -108,6 +117,19 @@ class App:
                 close()  # built only to check it; workers build their own
             self.sink(q)
             self.source(q)
+            self.check_key(q)
+
+    def check_key(self, q: QueueConfig) -> None:
+        """The queue's ``key`` must be a field of the source's items. Otherwise every batch
+        would fail in the worker, one by one, while the run looks healthy. A ``columns``
+        mapping names the fields without a database round trip; else the source is built
+        (its table reflected) and asked."""
+        fields = [f for f, _ in q.source.columns] or self.source(q).item_fields()
+        if fields is not None and q.key not in fields:
+            raise ConfigError(
+                f"queues.{q.name}.key: {q.key!r} is not a field of the source's items "
+                f"(fields: {', '.join(fields)}); set key to one of them, or map a column to "
+                f"it in [queues.{q.name}.source] columns")
 
     # -- reports -------------------------------------------------------------------------
     def status(self, name: str | None = None) -> dict[str, Any]:
@@ -119,8 +141,10 @@ class App:
             total += counts["bytes"]
             sink = self.sink(q)
             batches, items = sink.ledger_stats()
+            # ``results`` are rows in the results table; the ledger's items count what the
+            # workers were given, which is more when items shared a key.
             out["queues"][q.name] = {**counts, "stale": len(sp.stale_claims(q.lease)),
-                                     "dead_letters": sink.dead_count(),
+                                     "results": sink.count(), "dead_letters": sink.dead_count(),
                                      "position": sp.read_position(),
                                      "ledger_batches": batches, "ledger_items": items}
         out["bytes"] = total
@@ -134,7 +158,8 @@ class App:
         return out
 
     def verify(self, q: QueueConfig, sample: int = 10) -> Verification:
-        """Every source key has exactly one result row or exactly one dead letter."""
+        """Every source item has its own key, and every key exactly one result row or exactly
+        one dead letter."""
         sink = self.sink(q)
         counts = self.spool(q).counts()
         stored = set(sink.keys())
@@ -144,15 +169,19 @@ class App:
         stored |= dead
         seen: set[str] = set()
         missing: list[str] = []
-        n_missing = 0
+        n_missing = n_items = 0
         for k in self.source(q).keys(q.key):
+            n_items += 1
+            if k in seen:
+                continue
             seen.add(k)
             if k not in stored:
                 n_missing += 1
                 if len(missing) < sample:
                     missing.append(k)
         return Verification(
-            queue=q.name, source=len(seen), results=n_results, dead=len(dead), missing=n_missing,
+            queue=q.name, source=n_items, distinct=len(seen), results=n_results, dead=len(dead),
+            missing=n_missing,
             duplicated=sink.duplicates() + both, extra=len(stored - seen),
             failed_batches=counts.failed, quarantined_batches=counts.quarantined,
             missing_sample=missing)

@@ -1,7 +1,9 @@
 """``lrq``: the command line. Each command is a few lines calling the library.
 
-Exit codes: 0 ok, 1 the command ran and found a problem (verify mismatch, failed batch),
-2 bad usage or configuration, 3 another process holds the lock (scheduler, sniffer).
+Exit codes: 0 ok, 1 the command ran and found a problem (verify mismatch, or dead letters
+with ``verify --strict``; a batch failed or quarantined by ``work`` or during
+``run --until-idle``), 2 bad usage or configuration (a key the source lacks included),
+3 another process holds the lock (scheduler, sniffer).
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_sniff(args: argparse.Namespace) -> int:
     app = _app(args)
     for q in app.queues(args.queue):
+        app.check_key(q)
         sniffer = app.sniffer(q)
         total = 0
         with sniffer.spool.lock("sniff"):
@@ -113,6 +116,7 @@ def cmd_work(args: argparse.Namespace) -> int:
     _graceful(stop, app.cfg.grace, current)
     failed = 0
     for q in app.queues(args.queue):
+        app.check_key(q)
         worker = app.worker(q, stop=stop)
         current[:] = [worker]
         log.info("working queue=%s pid=%d", q.name, os.getpid())  # signals are handled now
@@ -177,10 +181,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(st, indent=2, default=str))
         return EXIT_OK
     rows = [("queue", "pending", "claimed", "stale", "done", "failed", "quarantined",
-             "dead letters", "disk", "stored items", "position")]
+             "results", "dead letters", "disk", "position")]
     for name, s in st["queues"].items():
         rows.append((name, s["pending"], s["claimed"], s["stale"], s["done"], s["failed"],
-                     s["quarantined"], s["dead_letters"], _human(s["bytes"]), s["ledger_items"],
+                     s["quarantined"], s["results"], s["dead_letters"], _human(s["bytes"]),
                      s["position"]))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -202,12 +206,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     bad = False
     for q in app.queues(args.queue):
         v = app.verify(q)
-        print(f"{q.name}: source {v.source}, results {v.results}, dead letters {v.dead}, "
-              f"missing {v.missing}, duplicated {v.duplicated}, not in source {v.extra}, "
+        ok = v.ok and not (args.strict and v.dead)
+        dead = f"{v.dead} dead letters" if v.dead else "no dead letters"
+        if args.strict and v.dead:
+            dead += " (--strict)"
+        print(f"{q.name}: {'ok' if ok else 'NOT OK'}, {dead}; source {v.source}, "
+              f"results {v.results}, dead letters {v.dead}, missing {v.missing}, "
+              f"duplicated {v.duplicated}, not in source {v.extra}, "
               f"failed batches {v.failed_batches}, quarantined {v.quarantined_batches}")
+        if v.source_duplicates:
+            print(f"  key {q.key!r} is not unique in the source: {v.source} items, {v.distinct} "
+                  f"distinct; set `key` to a unique column (queues.{q.name}.key)")
         if v.missing_sample:
             print(f"  missing keys (first {len(v.missing_sample)}): {', '.join(v.missing_sample)}")
-        bad |= not v.ok
+        bad |= not ok
     return EXIT_PROBLEM if bad else EXIT_OK
 
 
@@ -256,7 +268,8 @@ def parser() -> argparse.ArgumentParser:
 
     r = add("run", cmd_run, "run the scheduler in the foreground (same as python scheduler.py)")
     r.add_argument("--until-idle", action="store_true",
-                   help="exit once sources are drained and nothing is pending or claimed")
+                   help="exit once sources are drained and nothing is pending or claimed; "
+                        "exit 1 if batches failed or were quarantined meanwhile")
     s = add("sniff", cmd_sniff, "prefetch batches from the source now")
     s.add_argument("queue", nargs="?")
     s.add_argument("--once", action="store_true", help="publish at most one batch")
@@ -274,6 +287,8 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     v = add("verify", cmd_verify, "check every source item has exactly one result")
     v.add_argument("queue", nargs="?")
+    v.add_argument("--strict", action="store_true",
+                   help="also fail (exit 1) when any item was dead-lettered")
     c = add("cleanup", cmd_cleanup, "reap stale claims, sweep orphan tmp files; print what was done")
     c.add_argument("queue", nargs="?")
     c.add_argument("--dry-run", action="store_true", help="only say what would be done")

@@ -141,6 +141,15 @@ def parse_duration(value: int | float | str, where: str) -> float:
     return float(m.group(1)) * _SECONDS[m.group(2)]
 
 
+def positive(seconds: float, where: str) -> float:
+    """``seconds`` if above 0. Zero or less is never meant: a zero ``run_seconds`` spawns
+    worker processes that exit at once, forever; a zero ``lease`` reclaims live claims; a zero
+    ``interval`` or cleanup period spins; a zero ``keep_failed`` deletes failed batches."""
+    if not seconds > 0:  # also NaN
+        raise ConfigError(f"{where}: must be more than 0 seconds, got {seconds:g}")
+    return seconds
+
+
 def check_url(url: str, where: str) -> str:
     try:
         make_url(url)
@@ -225,9 +234,15 @@ def _queue(name: str, table: dict[str, Any], base: Path, where: str) -> QueueCon
         values["max_pending"] = 2**62
     for k in ("run_seconds", "handler_timeout", "lease"):
         if k in values:
-            values[k] = parse_duration(values[k], f"{where}.{k}")
-    if values.get("retries", 0) < 0:
-        raise ConfigError(f"{where}.retries: must be 0 or more, got {values['retries']}")
+            values[k] = positive(parse_duration(values[k], f"{where}.{k}"), f"{where}.{k}")
+    if values.get("run_seconds", 1) < 1:
+        raise ConfigError(f"{where}.run_seconds: must be at least 1 second (a worker process "
+                          f"exits after it), got {values['run_seconds']:g}")
+    if values.get("max_pending_bytes", 1) < 1:
+        raise ConfigError(f"{where}.max_pending: must be more than 0 bytes, got {table['max_pending']!r}")
+    for k in ("retries", "backoff"):
+        if not values.get(k, 0) >= 0:
+            raise ConfigError(f"{where}.{k}: must be 0 or more, got {values[k]}")
     for k in ("batch_size", "chunk_size", "workers", "max_pending", "max_attempts"):
         if k in values and values[k] < 1:
             raise ConfigError(f"{where}.{k}: must be at least 1, got {values[k]}")
@@ -271,19 +286,16 @@ def from_dict(raw: dict[str, Any], path: Path, env: dict[str, str] | None = None
     c = _take(dict(raw.get("cleanup", {})), {"keep_done": (int, float, str),
               "keep_failed": (int, float, str), "max_bytes": (int, str), "min_free": str,
               "tmp_age": (int, float, str), "every": (int, float, str)}, "cleanup")
+    periods = {k: positive(parse_duration(c.get(k, getattr(CleanupConfig, k)), f"cleanup.{k}"),
+                           f"cleanup.{k}") for k in ("keep_done", "keep_failed", "tmp_age", "every")}
     cleanup = CleanupConfig(
-        keep_done=parse_duration(c.get("keep_done", CleanupConfig.keep_done), "cleanup.keep_done"),
-        keep_failed=parse_duration(c.get("keep_failed", CleanupConfig.keep_failed), "cleanup.keep_failed"),
         max_bytes=parse_bytes(c.get("max_bytes", CleanupConfig.max_bytes), "cleanup.max_bytes"),
-        min_free=_floor(c.get("min_free", CleanupConfig.min_free)),
-        tmp_age=parse_duration(c.get("tmp_age", CleanupConfig.tmp_age), "cleanup.tmp_age"),
-        every=parse_duration(c.get("every", CleanupConfig.every), "cleanup.every"),
-    )
+        min_free=_floor(c.get("min_free", CleanupConfig.min_free)), **periods)
     log_file = Path(base / raw["log_file"]) if "log_file" in raw else data_dir / "lrq.log"
     return Config(
         path=path, data_dir=data_dir, db_url=db_url, queues=queues, cleanup=cleanup,
-        interval=float(raw.get("interval", Config.interval)),
-        grace=float(raw.get("grace", Config.grace)), log_file=log_file,
+        interval=positive(float(raw.get("interval", Config.interval)), f"{where}: interval"),
+        grace=positive(float(raw.get("grace", Config.grace)), f"{where}: grace"), log_file=log_file,
         log_max_bytes=parse_bytes(raw.get("log_max_bytes", Config.log_max_bytes), "log_max_bytes"),
         log_backups=raw.get("log_backups", Config.log_backups), secret=raw.get("secret"),
     )

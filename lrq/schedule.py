@@ -11,6 +11,9 @@ handlers use every core.
 Signals only set a flag. A supervisor job sees it (or, with ``until_idle``, sees that the
 sources are drained and nothing is pending, claimed or running) and stops the scheduler;
 children are then asked to stop with SIGTERM and killed after ``grace`` seconds.
+
+On stopping, batches that failed or were quarantined during the run are counted in one
+``stopped-with-failures`` line; with ``until_idle`` they make the exit code 1.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from apscheduler.executors.pool import ThreadPoolExecutor
@@ -170,10 +174,33 @@ class Runner:
                                max_instances=1, id="supervise")
         log.info("started data_dir=%s queues=%s pid=%d", self.app.cfg.data_dir,
                  ",".join(q.name for q in self.app.queues()), os.getpid())
+        before = self._set_aside()
         self.scheduler.start()  # returns after supervise() shuts it down
         self._stop_children()
-        log.info("stopped")
-        return 0
+        return self._report(before)
+
+    def _set_aside(self) -> dict[Path, tuple[str, bool]]:
+        """Every batch file in a queue's ``failed/`` or ``quarantine/`` now, with its queue
+        and whether it is quarantined."""
+        return {path: (sp.queue, path.parent == sp.quarantine) for sp in self.spools.values()
+                for _, path in sp.failed_batches()}
+
+    def _report(self, before: dict[Path, tuple[str, bool]]) -> int:
+        """Say how many batches failed or were quarantined while this scheduler ran; with
+        ``until_idle`` they make the exit code 1, so a drained run that left work behind does
+        not pass as a success. Batches set aside before the run are mentioned, not counted:
+        the run that failed them said so, and ``lrq verify`` still misses their items."""
+        after = self._set_aside()
+        new = [after[p] for p in after.keys() - before.keys()]
+        if not new:
+            log.info("stopped")
+            return 0
+        quarantined = sum(1 for _, q in new if q)
+        log.error("stopped-with-failures failed=%d quarantined=%d earlier=%d queues=%s: see "
+                  "`lrq status` and `lrq show NAME` for each error, then `lrq requeue NAME` "
+                  "(or `--failed`) once fixed", len(new) - quarantined, quarantined,
+                  len(before), ",".join(sorted({name for name, _ in new})))
+        return 1 if self.until_idle else 0
 
     def _stop_children(self) -> None:
         with self._lock:

@@ -6,7 +6,8 @@ saved once per ``POSITION_EVERY`` seconds of publishing and at the end of each t
 than after every batch: its two fsyncs were a fifth of the sniffer's time per 1000 items,
 and a crash then re-publishes at most that much, which is absorbed the same way.
 
-Backpressure: the sniffer stops prefetching while ``max_pending`` batches (or bytes) wait,
+Backpressure: the sniffer stops prefetching while ``max_pending`` batches (or bytes; one
+batch may always wait, however large, or a byte limit below one batch would stall) wait,
 while the next batch would take the data dir past ``cleanup.max_bytes``, or while free space
 (bytes or inodes) is below ``cleanup.min_free``. A write that still hits ENOSPC/EDQUOT
 leaves nothing behind, acknowledges nothing, and backs off. Each pause is logged once, and
@@ -130,7 +131,8 @@ class Sniffer:
         q, nxt = self.queue, self.last_bytes
         if pending >= q.max_pending:
             return "max_pending", f"{pending} batches pending (max_pending {q.max_pending})"
-        if q.max_pending_bytes is not None and pending_bytes + nxt > q.max_pending_bytes:
+        # One pending batch is always allowed: a byte limit below one batch would stall.
+        if q.max_pending_bytes is not None and pending and pending_bytes + nxt > q.max_pending_bytes:
             return "max_pending", (f"pending batches hold {pending_bytes} bytes "
                                    f"(max_pending {q.max_pending_bytes} bytes)")
         if self.budget is None:

@@ -22,5 +22,8 @@ class MemorySource:
     def keys(self, key: str) -> Iterator[str]:
         return (str(i[key]) for i in self.items)
 
+    def item_fields(self) -> None:
+        return None  # items may differ; the worker checks each batch
+
     def close(self) -> None:
         pass

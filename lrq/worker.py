@@ -288,10 +288,9 @@ class Worker:
             self.spool.release(claim)
             log.warning("released queue=%s batch=%s reason=file-vanished", q, claim.name)
             return None
-        keyless = sum(1 for it in batch.items if self.queue.key not in it)
-        if keyless:
-            self._fail(claim, f"{keyless} of {len(batch.items)} items have no {self.queue.key!r} "
-                       "field (the queue's key); fix `key` or the source columns")
+        problem = self._bad_keys(batch.items)
+        if problem:
+            self._fail(claim, problem)
             return None
         if behind is not None:
             # The previous batch's commit starts as the handler does: beside a pick or a
@@ -300,6 +299,22 @@ class Worker:
             behind.start()
         results, dead = self.handle(batch.items)
         return Handled(claim, lost, len(batch.items), results, dead, t0)
+
+    def _bad_keys(self, items: list[Item]) -> str | None:
+        """Why the batch's keys cannot identify its items, or None. Keys are compared as the
+        sink stores them (strings). Items sharing a key would collapse into one result row
+        (the insert ignores a second row with the same key), so the batch fails instead."""
+        key = self.queue.key
+        keyless = sum(1 for it in items if key not in it)
+        if keyless:
+            return (f"{keyless} of {len(items)} items have no {key!r} field (the queue's key); "
+                    "fix `key` or the source columns")
+        keys = {str(it[key]) for it in items}
+        if len(keys) < len(items):
+            return (f"{len(items) - len(keys)} of {len(items)} items repeat another item's "
+                    f"{key!r} ({len(keys)} distinct); key must be unique per item: set `key` to "
+                    "a unique field (see `lrq verify`)")
+        return None
 
     def _commit(self, h: Handled) -> None:
         claim = h.claim

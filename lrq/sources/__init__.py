@@ -6,7 +6,7 @@ saves the one returned, only after the batch file is durable (see :mod:`lrq.spoo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator, Protocol, Sequence
 
 from lrq.config import SourceConfig
 
@@ -23,7 +23,12 @@ class Source(Protocol):
         """Up to ``limit`` items after ``position`` (None: from the start)."""
 
     def keys(self, key: str) -> Iterator[str]:
-        """Every item's ``key`` field as a string, for ``lrq verify``."""
+        """Every item's ``key`` field as a string, one per item (so duplicates show), for
+        ``lrq verify``."""
+
+    def item_fields(self) -> Sequence[str] | None:
+        """The fields every item carries, or None when the source cannot tell before it reads
+        (a broker's messages): start-up checks the queue's ``key`` against them."""
 
     def close(self) -> None: ...
 

@@ -94,6 +94,10 @@ class SqlSource:
         finally:
             cur.close()
 
+    def item_fields(self) -> list[str]:
+        """The ``columns`` mapping's fields, else every column (reflected when built)."""
+        return list(self.fields)
+
     def keys(self, key: str) -> Iterator[str]:
         if key not in self.fields:
             raise ConfigError(f"queue key {key!r} is not a field of source {self.cfg.table!r} "

@@ -86,3 +86,36 @@ def test_manual_worker_sigterm_finishes_its_batch_and_exits_0(tmp_path: Path) ->
         assert w.wait(timeout=60) == 0
     st = status(cfg)
     assert st["claimed"] == 0 and st["pending"] > 0 and st["done"] + st["pending"] == 20
+
+
+def run_until_idle(cfg: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "lrq", "-c", str(cfg), "run", "--until-idle"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_run_until_idle_exits_1_and_says_how_many_batches_failed(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, docs=300, batch_size=100)
+    with create_engine(f"sqlite:///{tmp_path / 'source.db'}").begin() as c:
+        c.execute(text("UPDATE source_data SET mid = 'm' || (id % 28)"))  # every batch fails
+    p = run_until_idle(cfg)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "idle: sources drained" in p.stderr
+    (line,) = [x for x in p.stderr.splitlines() if "stopped-with-failures" in x]
+    assert "failed=3 quarantined=0 earlier=0 queues=docs: see `lrq status` and `lrq show NAME`" \
+        in line
+    assert status(cfg)["failed"] == 3
+
+
+def test_run_until_idle_counts_quarantined_batches_of_this_run_only(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, docs=300, batch_size=100)
+    lrq("-c", str(cfg), "sniff", check=True)
+    first = sorted((tmp_path / "data/docs/left").glob("*.pkl"))[0]
+    first.write_bytes(first.read_bytes()[:-20])  # its signature no longer matches
+    p = run_until_idle(cfg)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "stopped-with-failures failed=0 quarantined=1 earlier=0" in p.stderr
+    # A second run finds the quarantined batch already set aside: not this run's failure.
+    again = run_until_idle(cfg)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "stopped-with-failures" not in again.stderr
+    assert status(cfg)["quarantined"] == 1

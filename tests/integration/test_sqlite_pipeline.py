@@ -85,7 +85,11 @@ def test_poison_items_are_dead_lettered_and_counted_by_verify(tmp_path: Path) ->
     assert (st["done"], st["failed"], st["dead_letters"]) == (3, 0, 2)
     v = lrq("-c", str(cfg), "verify")
     assert v.returncode == 0, v.stdout
+    assert v.stdout.startswith("docs: ok, 2 dead letters; source 300, ")  # next to "ok"
     assert "results 298, dead letters 2, missing 0, duplicated 0" in v.stdout
+    strict = lrq("-c", str(cfg), "verify", "--strict")
+    assert strict.returncode == 1 and strict.stdout.startswith(
+        "docs: NOT OK, 2 dead letters (--strict); source 300, ")
     batch = next(p.stem for p in (tmp_path / "data/docs/left").glob("*.pkl")
                  if json.loads(lrq("-c", str(cfg), "show", p.stem, check=True).stdout).get("dead_letters"))
     shown = json.loads(lrq("-c", str(cfg), "show", batch, check=True).stdout)
@@ -108,12 +112,14 @@ def test_a_corrupt_batch_fails_and_can_be_requeued_once_fixed(tmp_path: Path) ->
 
 
 def test_requeue_puts_failed_batches_back(tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, docs=200, batch_size=100, key="nokey")
+    (tmp_path / "mymap.py").write_text(MAPPER.replace('"mapped_list_str"', '"no_such_column"'))
+    cfg = write_config(tmp_path, docs=200, batch_size=100, handler="mymap:handle",
+                       result_table=None, model="workers.models:DocEntMap")
     lrq("-c", str(cfg), "sniff", check=True)
     r = lrq("-c", str(cfg), "work", "--burst")
-    assert r.returncode == 1 and "have no 'nokey' field" in r.stderr
+    assert r.returncode == 1 and "has no columns for" in r.stderr
     assert status(cfg)["failed"] == 2
-    cfg.write_text(cfg.read_text().replace('key = "nokey"', 'key = "doc_id"'))  # the fix
+    (tmp_path / "mymap.py").write_text(MAPPER)  # the fix
     r = lrq("-c", str(cfg), "requeue", "--failed", check=True)
     assert "requeued 2 batches" in r.stdout
     assert (status(cfg)["failed"], status(cfg)["pending"]) == (0, 2)
@@ -121,3 +127,37 @@ def test_requeue_puts_failed_batches_back(tmp_path: Path) -> None:
     assert lrq("-c", str(cfg), "verify").returncode == 0
     r = lrq("-c", str(cfg), "requeue", "20260101T000000000000-nosuchbatch")
     assert r.returncode == 1 and "no batch named" in r.stderr
+
+
+def test_a_key_repeated_across_the_source_fails_verify_and_status_counts_result_rows(
+        tmp_path: Path) -> None:
+    """Keys unique within each batch but repeated across batches: every batch is stored,
+    the results table keeps one row per key, and only verify can tell."""
+    cfg = write_config(tmp_path, docs=300, batch_size=50)
+    with create_engine(f"sqlite:///{tmp_path / 'source.db'}").begin() as c:
+        c.execute(text("UPDATE source_data SET mid = 'm' || (id % 50)"))  # 50 distinct
+    lrq("-c", str(cfg), "sniff", check=True)
+    lrq("-c", str(cfg), "work", "--burst", check=True)
+    st = status(cfg)
+    assert (st["done"], st["results"], st["ledger_items"]) == (6, 50, 300)
+    table = lrq("-c", str(cfg), "status", check=True).stdout.splitlines()
+    header, row = table[0].split(), table[1].split()
+    assert header[7] == "results" and row[7] == "50"
+    v = lrq("-c", str(cfg), "verify")
+    assert v.returncode == 1, v.stdout
+    assert v.stdout.startswith("docs: NOT OK, no dead letters; source 300, results 50, ")
+    assert "  key 'doc_id' is not unique in the source: 300 items, 50 distinct; set `key` to " \
+           "a unique column (queues.docs.key)" in v.stdout
+
+
+def test_a_batch_whose_items_share_a_key_fails_instead_of_collapsing(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, docs=300, batch_size=100)
+    with create_engine(f"sqlite:///{tmp_path / 'source.db'}").begin() as c:
+        c.execute(text("UPDATE source_data SET mid = 'm' || (id % 28)"))
+    lrq("-c", str(cfg), "sniff", check=True)
+    r = lrq("-c", str(cfg), "work", "--burst")
+    assert r.returncode == 1
+    assert r.stderr.count("72 of 100 items repeat another item's 'doc_id' (28 distinct); key "
+                          "must be unique per item: set `key` to a unique field") == 3
+    st = status(cfg)
+    assert (st["failed"], st["done"], st["results"]) == (3, 0, 0)

@@ -44,6 +44,8 @@ def test_env_overrides(tmp_path: Path) -> None:
     (lambda t: t.replace("[queues.docs]", "[queues.docs]\nmodel = \"workers.models:DocEntMap\""),
      "set result_table or model, not both"),
     (lambda t: t.replace("data_dir", "[broken"), "not valid TOML"),
+    (lambda t: t.replace('key = "doc_id"', 'key = "nokey"'),
+     "queues.docs.key: 'nokey' is not a field of the source's items (fields: id, doc_id, content)"),
 ])
 def test_bad_config_is_one_line_and_exit_2(tmp_path: Path, edit, message) -> None:
     path = write_config(tmp_path, docs=10)
@@ -82,3 +84,57 @@ def test_stored_json_is_compact_utf8_with_str_for_other_values() -> None:
         '{"at":"2026-01-01 08:00:00","d":"1.5"}'
     assert dumps_json({"n": float("nan")}) == '{"n":null}'  # PostgreSQL's JSON rejects NaN
     assert dumps_json({"big": 2 ** 70}) == '{"big": 1180591620717411303424}'  # stdlib fallback
+
+
+@pytest.mark.parametrize("queue_keys, top, message", [
+    ({"run_seconds": 0}, {}, "queues.docs.run_seconds: must be more than 0 seconds, got 0"),
+    ({"run_seconds": 0.2}, {}, "queues.docs.run_seconds: must be at least 1 second"),
+    ({"backoff": -1}, {}, "queues.docs.backoff: must be 0 or more, got -1"),
+    ({"handler_timeout": 0}, {}, "queues.docs.handler_timeout: must be more than 0 seconds"),
+    ({"handler_timeout": -5}, {}, "queues.docs.handler_timeout: must be more than 0 seconds"),
+    ({"lease": 0}, {}, "queues.docs.lease: must be more than 0 seconds"),
+    ({"lease": "-1"}, {}, "not a duration"),
+    ({"max_pending": "0B"}, {}, "queues.docs.max_pending: must be more than 0 bytes"),
+    ({}, {"grace": 0}, "grace: must be more than 0 seconds, got 0"),
+    ({}, {"interval": -1}, "interval: must be more than 0 seconds, got -1"),
+    ({}, {"interval": 0.0}, "interval: must be more than 0 seconds"),
+    ({}, {"cleanup": {"every": 0}}, "cleanup.every: must be more than 0 seconds"),
+    ({}, {"cleanup": {"tmp_age": "0s"}}, "cleanup.tmp_age: must be more than 0 seconds"),
+    ({}, {"cleanup": {"keep_failed": 0}}, "cleanup.keep_failed: must be more than 0 seconds"),
+    ({}, {"cleanup": {"keep_done": -1}}, "cleanup.keep_done: must be more than 0 seconds"),
+])
+def test_zero_or_negative_settings_are_config_errors(tmp_path: Path, queue_keys, top,
+                                                      message) -> None:
+    """Each of these was accepted and then misbehaved: endless spawns, a crashed worker,
+    claims reclaimed from live workers, spinning jobs, failed batches deleted at once."""
+    path = write_config(tmp_path, docs=None, top=top, **queue_keys)
+    with pytest.raises(ConfigError, match="^.*" + message.replace(".", r"\.")) as e:
+        config.load(path)
+    assert "\n" not in str(e.value)
+
+
+def test_zero_or_negative_settings_still_allow_the_edges(tmp_path: Path) -> None:
+    cfg = config.load(write_config(tmp_path, docs=None, backoff=0, retries=0, run_seconds=1,
+                                   lease=0.5, max_pending="1B", top={"interval": 0.01}))
+    q = cfg.queues["docs"]
+    assert (q.backoff, q.run_seconds, q.lease, q.max_pending_bytes) == (0, 1, 0.5, 1)
+
+
+def test_a_bad_number_is_one_line_and_exit_2_on_the_command_line(tmp_path: Path) -> None:
+    path = write_config(tmp_path, docs=10, backoff=-1)
+    r = lrq("-c", str(path), "run", "--until-idle", cwd=tmp_path, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == "lrq: queues.docs.backoff: must be 0 or more, got -1\n"
+
+
+@pytest.mark.parametrize("command", [("run", "--until-idle"), ("sniff",), ("work", "--burst")])
+def test_a_key_the_source_lacks_stops_every_command_at_start_up(tmp_path: Path, command) -> None:
+    """Found before a batch is published or claimed, not by every batch failing. Without a
+    ``columns`` mapping the fields are the table's reflected columns."""
+    path = write_config(tmp_path, docs=300, source={"columns": []})  # mid, not doc_id
+    r = lrq("-c", str(path), *command, cwd=tmp_path, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr == ("lrq: queues.docs.key: 'doc_id' is not a field of the source's items "
+                        "(fields: id, mid, content, created); set key to one of them, or map a "
+                        "column to it in [queues.docs.source] columns\n")
+    assert not list((tmp_path / "data" / "docs" / "left").glob("*.pkl"))

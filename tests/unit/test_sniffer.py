@@ -64,7 +64,8 @@ def test_unknown_column_is_a_config_error(tmp_path: Path) -> None:
     assert not (tmp_path / "absent.db").exists()
 
 
-def make_sniffer(tmp_path: Path, source, batch_size: int = 100, max_pending: int = 1000) -> Sniffer:
+def make_sniffer(tmp_path: Path, source, batch_size: int = 100,
+                 max_pending: int | str = 1000) -> Sniffer:
     cfg = write_config(tmp_path / "cfg", docs=None, batch_size=batch_size, max_pending=max_pending)
     app = load_app(cfg)
     q = app.queues("docs")[0]
@@ -159,6 +160,17 @@ def test_sniffer_pauses_at_max_pending_and_logs_once(tmp_path: Path, caplog) -> 
     sn.spool.mark_done(c)
     assert sn.tick() == 1
     assert [r.message.split()[0] for r in caplog.records] == ["paused", "resumed", "paused"]
+
+
+def test_a_byte_limit_below_one_batch_lets_one_batch_wait_instead_of_stalling(
+        tmp_path: Path) -> None:
+    sn = make_sniffer(tmp_path, MemorySource([{"doc_id": i} for i in range(100)]),
+                      batch_size=10, max_pending="100B")
+    assert sn.tick() == 1 and sn.paused == "max_pending"  # each batch is larger than 100 bytes
+    assert sn.tick() == 0
+    sn.spool.mark_done(sn.spool.claim(sn.spool.pending()[0]))
+    assert sn.tick() == 1  # nothing pending: the next batch goes out, however large
+    assert sn.tick() == 0
 
 
 def test_reading_a_sqlite_source_leaves_its_journal_mode_and_locks_alone(tmp_path: Path) -> None:

@@ -252,6 +252,26 @@ def test_keyless_items_fail_the_batch_instead_of_colliding(app) -> None:
     assert "have no 'doc_id' field" in w.spool.read_error(name)["error"]
 
 
+def test_items_sharing_a_key_fail_the_batch_instead_of_collapsing(app) -> None:
+    name = app.spool(queue(app)).publish([{"doc_id": "a"}, {"doc_id": "b"}, {"doc_id": "a"}])
+    w = app.worker(queue(app))
+    w.handler = echo
+    w.run_once()
+    assert w.spool.state(name) is State.FAILED and rows(app) == 0
+    assert not w.sink.is_recorded(name)
+    assert "1 of 3 items repeat another item's 'doc_id' (2 distinct)" in \
+        w.spool.read_error(name)["error"]
+
+
+def test_keys_are_compared_as_stored(app) -> None:
+    """1 and "1" are one key in the results table (keys are stored as strings)."""
+    name = app.spool(queue(app)).publish([{"doc_id": 1}, {"doc_id": "1"}])
+    w = app.worker(queue(app))
+    w.handler = echo
+    w.run_once()
+    assert w.spool.state(name) is State.FAILED and rows(app) == 0
+
+
 def test_tampered_batch_is_quarantined_and_never_unpickled(app, tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
 
