@@ -194,17 +194,31 @@ class App:
         dead letters are read: a retry batch stored in between has replaced its rows by
         then. Items come back as the dead-letter table stored them (JSON)."""
         sp, sink = self.spool(q), self.sink(q)
+        names: list[str] = []
+        skipped: dict[str, str] = {}
+        found: set[str] = set()
+        items = 0
+        todo: list[dict[str, Any]] = []
+
+        def publish() -> None:
+            names.append(sp.publish(todo, replace_dead=True))
+            log.info("retry-published queue=%s batch=%s items=%d", q.name, names[-1], len(todo))
+            todo.clear()
+
         with sp.lock("retry-dead"):
             waiting = self._waiting_retries(sp, q.key)
-            dead = sink.dead_records(keys)
-            todo = [d.item for d in dead if d.key not in waiting]
-            names = [sp.publish(todo[i:i + q.batch_size], replace_dead=True)
-                     for i in range(0, len(todo), q.batch_size)]
-        for name in names:
-            log.info("retry-published queue=%s batch=%s", q.name, name)
-        found = {d.key for d in dead}
-        return Retried(queue=q.name, batches=names, items=len(todo),
-                       waiting={d.key: waiting[d.key] for d in dead if d.key in waiting},
+            for key, item in sink.dead_items(keys):
+                found.add(key)
+                if key in waiting:
+                    skipped[key] = waiting[key]
+                    continue
+                todo.append(item)
+                items += 1
+                if len(todo) == q.batch_size:
+                    publish()
+            if todo:
+                publish()
+        return Retried(queue=q.name, batches=names, items=items, waiting=skipped,
                        missing=sorted(set(keys or ()) - found))
 
     @staticmethod

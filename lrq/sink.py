@@ -270,6 +270,16 @@ class Sink:
             return [DeadLetter(queue=r.queue, key=r.key, batch=r.batch, error=r.error,
                                item=r.item, created_at=r.created_at) for r in conn.execute(q)]
 
+    def dead_items(self, keys: Collection[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(key, item)`` of this queue's dead letters (only ``keys`` when given), oldest
+        first, streamed: ``lrq retry-dead --all`` needs the items, not the tracebacks."""
+        q = select(self.dead.c.key, self.dead.c.item).where(self.dead.c.queue == self.queue.name)
+        if keys is not None:
+            q = q.where(self.dead.c.key.in_(sorted(keys)))
+        with reader(self.engine) as conn:
+            for k, item in conn.execution_options(yield_per=1000).execute(q.order_by(self.dead.c.id)):
+                yield str(k), item
+
     def duplicates(self) -> int:
         """Keys stored more than once (non-zero only if the unique constraint was dropped)."""
         col = self._key_column()

@@ -101,3 +101,21 @@ def test_store_replace_dead_swaps_rows_in_one_transaction(tmp_path: Path, db_url
     # A replay of the stored batch is recognised by the ledger and deletes nothing.
     assert not sink.store("batch-3", 2, [], replace_dead=True, dead=[]).recorded
     assert sink.dead_count() == 1
+
+
+def test_retry_dead_splits_by_batch_size_and_skips_keys_waiting_even_in_failed(
+        tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, docs=None, batch_size=2)
+    app = load_app(cfg)
+    q = app.queues("docs")[0]
+    sink, sp = app.sink(q), app.spool(q)
+    sink.store("batch-1", 3, [], dead=[({"doc_id": k}, "boom") for k in "abc"])
+    r = app.retry_dead(q)
+    assert (r.items, len(r.batches), r.waiting, r.missing) == (3, 2, {}, [])
+    assert [[i["doc_id"] for i in sp.load(n).items] for n in r.batches] == [["a", "b"], ["c"]]
+    claim = sp.claim(r.batches[0])
+    assert claim is not None
+    sp.fail(claim, "the handler is still broken")  # e.g. a broken handler's batch
+    again = app.retry_dead(q, keys={"a", "c", "zz"})
+    assert (again.items, again.batches, again.missing) == (0, [], ["zz"])
+    assert again.waiting == {"a": r.batches[0], "c": r.batches[1]}
