@@ -252,6 +252,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_dead(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise ConfigError(f"--limit {args.limit}: give a count, or 0 for every dead letter")
     app = _app(args)
     keys = set(args.key) if args.key else None
     shown: list[Any] = []

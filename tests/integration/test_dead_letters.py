@@ -48,6 +48,7 @@ def test_retried_dead_letters_are_stored_once_fixed(tmp_path: Path, db_url: str)
     assert all(line.endswith("RuntimeError: cannot map this doc") for line in listed[1:])
     short = lrq("-c", str(cfg), "dead", "--limit", "1", check=True).stdout.splitlines()
     assert short[1] == listed[1] and len(short) == 3 and short[2].startswith("... and 2 more")
+    assert lrq("-c", str(cfg), "dead", "--limit", "-1").returncode == 2
     full = _dead(cfg, "--key", "m000000150")
     assert len(full) == 1 and full[0]["item"]["id"] == 150
     assert "Traceback" in full[0]["error"] and full[0]["created_at"].startswith("20")
