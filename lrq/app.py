@@ -8,15 +8,16 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection
 
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from lrq import signing, sources
 from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
 from lrq.disk import Budget, Floor
-from lrq.errors import ConfigError
+from lrq.errors import BatchCorrupt, ConfigError, SinkError
 from lrq.sink import Sink
 from lrq.sniffer import Sniffer
 from lrq.spool import Spool, State
@@ -53,6 +54,20 @@ class Verification:
     def ok(self) -> bool:
         return self.missing == 0 and self.duplicated == 0 and self.extra == 0 \
             and self.source_duplicates == 0
+
+
+@dataclass(frozen=True)
+class Retried:
+    """What :meth:`App.retry_dead` did for one queue."""
+
+    queue: str
+    #: The new batches (marked ``replace_dead``), and how many items they hold.
+    batches: list[str]
+    items: int
+    #: Keys skipped because a retry batch not yet stored holds them: key -> that batch.
+    waiting: dict[str, str]
+    #: Keys asked for that have no dead letter in this queue.
+    missing: list[str]
 
 
 class App:
@@ -139,14 +154,10 @@ class App:
             sp = self.spool(q)
             counts = sp.counts().as_dict()
             total += counts["bytes"]
-            sink = self.sink(q)
-            batches, items = sink.ledger_stats()
-            # ``results`` are rows in the results table; the ledger's items count what the
-            # workers were given, which is more when items shared a key.
             out["queues"][q.name] = {**counts, "stale": len(sp.stale_claims(q.lease)),
-                                     "results": sink.count(), "dead_letters": sink.dead_count(),
-                                     "position": sp.read_position(),
-                                     "ledger_batches": batches, "ledger_items": items}
+                                     "position": sp.read_position()}
+            if "database" not in out:
+                self._status_db(q, out)
         out["bytes"] = total
         budget = self.budget()
         sp = budget.space()
@@ -156,6 +167,21 @@ class App:
                        "min_free": self.cfg.cleanup.min_free,
                        "below_min_free": sp.below(budget.floor)}
         return out
+
+    def _status_db(self, q: QueueConfig, out: dict[str, Any]) -> None:
+        """Add the database's part of a queue's status, or, when the database cannot be
+        reached, ``out["database"] = {"error": ...}``: the spool's part is still worth
+        showing (and needs no database)."""
+        try:
+            sink = self.sink(q)
+            batches, items = sink.ledger_stats()
+            # ``results`` are rows in the results table; the ledger's items count what the
+            # workers were given, which is more when items shared a key.
+            out["queues"][q.name].update(results=sink.count(), dead_letters=sink.dead_count(),
+                                         ledger_batches=batches, ledger_items=items)
+        except (SinkError, SQLAlchemyError) as e:
+            text = str(getattr(e, "orig", None) or e)
+            out["database"] = {"error": "; ".join(x.strip() for x in text.splitlines() if x.strip())}
 
     def verify(self, q: QueueConfig, sample: int = 10) -> Verification:
         """Every source item has its own key, and every key exactly one result row or exactly
@@ -186,6 +212,58 @@ class App:
             failed_batches=counts.failed, quarantined_batches=counts.quarantined,
             missing_sample=missing)
 
+    def retry_dead(self, q: QueueConfig, keys: Collection[str] | None = None) -> Retried:
+        """Publish dead-lettered items (``keys``, or all) again as new batches marked
+        ``replace_dead``: storing one deletes its keys' old dead letters in the same
+        transaction as the new results and dead letters (:meth:`Sink.store`).
+
+        Idempotent: a key already in a retry batch that is not stored yet (pending, claimed
+        or failed) is skipped, so running it twice, or again after a crash between publish
+        and store, does not publish an item twice. Those batches are listed *before* the
+        dead letters are read: a retry batch stored in between has replaced its rows by
+        then. Items come back as the dead-letter table stored them (JSON)."""
+        sp, sink = self.spool(q), self.sink(q)
+        names: list[str] = []
+        skipped: dict[str, str] = {}
+        found: set[str] = set()
+        items = 0
+        todo: list[dict[str, Any]] = []
+
+        def publish() -> None:
+            names.append(sp.publish(todo, replace_dead=True))
+            log.info("retry-published queue=%s batch=%s items=%d", q.name, names[-1], len(todo))
+            todo.clear()
+
+        with sp.lock("retry-dead"):
+            waiting = self._waiting_retries(sp, q.key)
+            for key, item in sink.dead_items(keys):
+                found.add(key)
+                if key in waiting:
+                    skipped[key] = waiting[key]
+                    continue
+                todo.append(item)
+                items += 1
+                if len(todo) == q.batch_size:
+                    publish()
+            if todo:
+                publish()
+        return Retried(queue=q.name, batches=names, items=items, waiting=skipped,
+                       missing=sorted(set(keys or ()) - found))
+
+    @staticmethod
+    def _waiting_retries(sp: Spool, key: str) -> dict[str, str]:
+        """Keys of retry batches not stored yet -> batch name. Reads every pending, claimed
+        and failed batch (a manual command: at most ``max_pending`` and a few more)."""
+        out: dict[str, str] = {}
+        for name in sp.pending() + sp.claimed() + sorted(p.stem for p in sp.failed.glob("*.pkl")):
+            try:
+                batch = sp.load(name)
+            except (FileNotFoundError, BatchCorrupt):  # done and removed since, or unreadable
+                continue
+            if batch.replace_dead:
+                out.update((str(item.get(key)), name) for item in batch.items)
+        return out
+
     def show(self, name: str) -> dict[str, Any]:
         for q in self.queues():
             sp = self.spool(q)
@@ -201,6 +279,7 @@ class App:
                 info["attempts"] = attempts
             try:
                 batch = sp.load(name)
+                info["created"] = batch.created
                 info["items"] = len(batch.items)
                 info["keys"] = [str(i.get(q.key)) for i in batch.items[:10]]
                 info["position"] = batch.position

@@ -2,8 +2,9 @@
 
 Exit codes: 0 ok, 1 the command ran and found a problem (verify mismatch, or dead letters
 with ``verify --strict``; a batch failed or quarantined by ``work`` or during
-``run --until-idle``), 2 bad usage or configuration (a key the source lacks included),
-3 another process holds the lock (scheduler, sniffer).
+``run --until-idle``; database unreachable), 2 bad usage or configuration (a key the source
+lacks included), 3 another process holds the lock (scheduler, sniffer), 141 stdout was
+closed early (a pipe into ``head``; no traceback).
 """
 from __future__ import annotations
 
@@ -14,9 +15,11 @@ import json
 import logging
 import logging.handlers
 import os
+import select
 import signal
 import sys
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
@@ -26,6 +29,9 @@ if TYPE_CHECKING:
     from lrq.config import Config
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+#: stdout's reader went away (``lrq show X | head -1``): 128 + SIGPIPE, as a shell reports
+#: a program the signal ended, so ``set -o pipefail`` scripts see the output was cut short.
+EXIT_PIPE = 141
 log = logging.getLogger("lrq")
 
 EXAMPLES = """\
@@ -38,6 +44,12 @@ examples:
   lrq verify docs               every source item stored exactly once?
   lrq cleanup --dry-run         what the reaper and the tmp sweep would do
   lrq requeue --failed          put every failed batch back
+  lrq show NAME | less          one batch: state, claim, attempts (times in ISO 8601 UTC)
+  lrq dead docs                 dead letters of queue docs: key, batch, time, error
+  lrq dead --key m42 --json     one dead letter in full (traceback, item)
+  lrq retry-dead docs --all     after fixing the handler: publish every dead letter again
+  lrq retry-dead --key m42      ... or some; storing them replaces their dead letters
+  lrq --version
 """
 
 
@@ -145,9 +157,10 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     reports = cleanup.run(_app(args), queue=args.queue, dry_run=args.dry_run)
     if args.json:
         print(json.dumps([r.as_dict() for r in reports], indent=2))
-    for r in reports:
-        for line in r.lines(args.dry_run):
-            print(line)
+    else:
+        for r in reports:
+            for line in r.lines(args.dry_run):
+                print(line)
     return EXIT_BUSY if any(r.skipped for r in reports) else EXIT_OK
 
 
@@ -177,18 +190,18 @@ def cmd_requeue(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     st = _app(args).status(args.queue)
+    down = "database" in st  # the spool's part is still shown, and why the rest is missing
     if args.json:
         print(json.dumps(st, indent=2, default=str))
-        return EXIT_OK
-    rows = [("queue", "pending", "claimed", "stale", "done", "failed", "quarantined",
-             "results", "dead letters", "disk", "position")]
+        return EXIT_PROBLEM if down else EXIT_OK
+    db_cols = () if down else ("results", "dead letters")
+    rows: list[tuple[Any, ...]] = [("queue", "pending", "claimed", "stale", "done", "failed",
+                                    "quarantined", *db_cols, "disk", "position")]
     for name, s in st["queues"].items():
+        db = () if down else (s["results"], s["dead_letters"])
         rows.append((name, s["pending"], s["claimed"], s["stale"], s["done"], s["failed"],
-                     s["quarantined"], s["results"], s["dead_letters"], _human(s["bytes"]),
-                     s["position"]))
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+                     s["quarantined"], *db, _human(s["bytes"]), s["position"]))
+    _print_table(rows)
     print("bytes by state: " + "; ".join(
         f"{name} pending {_human(s['pending_bytes'])}, claimed {_human(s['claimed_bytes'])}, "
         f"done {_human(s['done_bytes'])}, failed {_human(s['failed_bytes'])}, "
@@ -198,7 +211,16 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"({d['used'] / max(d['max_bytes'], 1):.0%}); filesystem free {_human(d['free_bytes'])} "
           f"of {_human(d['total_bytes'])}, {d['free_inodes']} inodes; min_free {d['min_free']}"
           + (f"  WARNING: {d['below_min_free']}" if d["below_min_free"] else ""))
+    if down:
+        print(f"database unreachable: {st['database']['error']}")
+        return EXIT_PROBLEM
     return EXIT_OK
+
+
+def _print_table(rows: list[tuple[Any, ...]]) -> None:
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -224,8 +246,99 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    print(json.dumps(_app(args).show(args.name), indent=2, default=str))
+    print(json.dumps(_readable(_app(args).show(args.name)), indent=2, default=str))
     return EXIT_OK
+
+
+def cmd_dead(args: argparse.Namespace) -> int:
+    if args.limit < 0:
+        raise ConfigError(f"--limit {args.limit}: give a count, or 0 for every dead letter")
+    app = _app(args)
+    keys = set(args.key) if args.key else None
+    shown: list[Any] = []
+    more = 0
+    for q in app.queues(args.queue):
+        sink = app.sink(q)
+        room = None if not args.limit else max(args.limit - len(shown), 0)
+        got = sink.dead_records(keys, room) if room != 0 else []
+        shown += got
+        more += sink.dead_count(keys) - len(got)
+    if args.json:
+        print(json.dumps([{**d.__dict__, "created_at": _iso(d.created_at)} for d in shown],
+                         indent=2, default=str))
+    elif shown:
+        _print_table([("queue", "key", "batch", "created", "error")] + [
+            (d.queue, d.key, d.batch, _iso(d.created_at), _first_line(d.error)) for d in shown])
+    else:
+        print("no dead letters" + (f" for keys {', '.join(sorted(keys))}" if keys else ""))
+    if more:
+        print(f"... and {more} more (--limit N, or --limit 0 for all)",
+              file=sys.stderr if args.json else sys.stdout)
+    return EXIT_OK
+
+
+def cmd_retry_dead(args: argparse.Namespace) -> int:
+    if not args.key and not args.all:
+        raise ConfigError("name dead letters to retry with --key K (repeatable), or pass --all")
+    app = _app(args)
+    keys = set(args.key) if args.key else None
+    missing = set(keys or ())
+    for q in app.queues(args.queue):
+        r = app.retry_dead(q, keys)
+        missing &= set(r.missing)
+        print(f"{q.name}: published {r.items} dead-lettered items as {len(r.batches)} retry "
+              f"batches" + (f": {', '.join(r.batches)}" if r.batches else ""))
+        if r.waiting:
+            batches = sorted(set(r.waiting.values()))
+            print(f"{q.name}: {len(r.waiting)} keys skipped: already in retry batches not stored "
+                  f"yet ({', '.join(batches)}; `lrq work`, or `lrq requeue` a failed one)")
+    for key in sorted(missing):
+        print(f"lrq: no dead letter with key {key!r}", file=sys.stderr)
+    return EXIT_PROBLEM if missing else EXIT_OK
+
+
+def _iso(t: float | datetime | None) -> str | None:
+    """ISO 8601: epoch seconds (lrq's files) as UTC with a Z; a database timestamp as it is
+    (naive: the server's clock, UTC on SQLite)."""
+    if t is None:
+        return None
+    if isinstance(t, datetime):
+        if t.tzinfo is not None:
+            t = t.astimezone(timezone.utc)
+        return t.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+def _first_line(text: str) -> str:
+    return next((line for line in text.splitlines() if line.strip()), "")
+
+
+def _exit_text(ex: dict[str, Any]) -> str:
+    """A dead owner's end as the procs reaper records it: ``{"code": int|None, "signal": str|None}``."""
+    if ex.get("signal") is not None:
+        sig = ex["signal"]
+        return f"killed by {signal.Signals(sig).name if isinstance(sig, int) else sig}"
+    return f"exit code {ex['code']}" if ex.get("code") is not None else ""
+
+
+def _readable(value: Any, key: str = "") -> Any:
+    """``show``'s record for people: every time (``*_at``, ``created``) as ISO 8601 UTC, and
+    a dead owner's exit code or signal added to its attempt's ``reason``."""
+    if isinstance(value, dict):
+        out = {k: _readable(v, k) for k, v in value.items()}
+        ex = out.get("exit")
+        text = _exit_text(ex) if isinstance(ex, dict) else ""
+        if text:
+            out["reason"] = f"{out['reason']} ({text})" if out.get("reason") else text
+        return out
+    if isinstance(value, list):
+        return [_readable(v, key) for v in value]
+    if isinstance(value, datetime) or (
+            (key.endswith("_at") or key == "created") and isinstance(value, (int, float))
+            and not isinstance(value, bool)):
+        return _iso(value)
+    return value
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -249,6 +362,17 @@ def _human(n: int) -> str:
     return str(n)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lrq")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from lrq import __version__
+
+        return __version__
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lrq", description=__doc__.splitlines()[0].strip("`: "),
                                 epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -259,6 +383,7 @@ def parser() -> argparse.ArgumentParser:
                         help="debug logging")
     p.add_argument("-c", "--config", help="config file (default ./lrq.toml, env LRQ_CONFIG)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--version", action="version", version=f"lrq {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, func: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
@@ -299,6 +424,20 @@ def parser() -> argparse.ArgumentParser:
     rq.add_argument("--queue", help="only this queue")
     sh = add("show", cmd_show, "inspect one batch")
     sh.add_argument("name")
+    d = add("dead", cmd_dead, "list dead letters: key, batch, time, the error's first line")
+    d.add_argument("queue", nargs="?")
+    d.add_argument("--key", action="append", metavar="K", help="only this key (repeatable)")
+    d.add_argument("--json", action="store_true",
+                   help="full records: the whole error and the stored item")
+    d.add_argument("--limit", type=int, default=50, metavar="N",
+                   help="show at most N (default 50; 0: all); says how many more there are")
+    rd = add("retry-dead", cmd_retry_dead,
+             "publish dead-lettered items again as new batches (after fixing the handler); "
+             "storing them replaces their dead letters")
+    rd.add_argument("queue", nargs="?")
+    which = rd.add_mutually_exclusive_group()
+    which.add_argument("--key", action="append", metavar="K", help="this key (repeatable)")
+    which.add_argument("--all", action="store_true", help="every dead letter of the queue(s)")
     i = add("init", cmd_init, "write a commented starter lrq.toml")
     i.add_argument("--force", action="store_true", help="overwrite an existing file")
     return p
@@ -337,13 +476,32 @@ def entry(argv: list[str] | None = None) -> NoReturn:
     every short command paid it. atexit handlers still run and logs and output are flushed;
     nothing of lrq's own is left to write at that point (batches and claims are fsynced or
     renamed into place as they happen, and the database commits before a batch is done)."""
-    code = main(argv)
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse: --help, --version and usage errors
+        code = e.code if isinstance(e.code, int) else EXIT_USAGE if e.code else EXIT_OK
     atexit._run_exitfuncs()
     logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = EXIT_PIPE
+    except Exception:
+        pass
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
     os._exit(code)
+
+
+def _stdout_closed() -> bool:
+    """Has the reader of stdout gone (``lrq show X | head -1``)? Asked when a BrokenPipeError
+    reaches :func:`main`, so one from elsewhere (a socket) is not taken for it."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _fd, ev in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # stdout replaced or closed: not a pipe
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,6 +509,12 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # The reader left: say nothing more; the rest of the output goes nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_PIPE
     except AlreadyRunning as e:
         print(f"lrq: {e}", file=sys.stderr)
         return EXIT_BUSY

@@ -10,7 +10,9 @@ import importlib
 import os
 import re
 import sys
+import sysconfig
 import tomllib
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -321,8 +323,12 @@ def load_object(spec: str, where: str, base: Path | None = None) -> Any:
         sys.path.insert(0, str(base))
     try:
         module = importlib.import_module(module_name)
-    except ImportError as e:
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module_name == e.name or module_name.startswith(f"{e.name}.")):
+            raise ConfigError(f"{where}: {_import_failure(module_name, e, base)}") from e
         raise ConfigError(f"{where}: cannot import {module_name!r} for {spec!r}: {e}") from e
+    except Exception as e:  # the module's own code failed: SyntaxError, NameError, anything
+        raise ConfigError(f"{where}: {_import_failure(module_name, e, base)}") from e
     try:
         obj: Any = module
         for part in attr.split("."):
@@ -330,6 +336,29 @@ def load_object(spec: str, where: str, base: Path | None = None) -> Any:
     except AttributeError:
         raise ConfigError(f"{where}: module {module_name!r} has no {attr!r}") from None
     return obj
+
+
+def _import_failure(module_name: str, e: BaseException, base: Path | None) -> str:
+    """One line for a module whose import raised: the error and the file and line it came
+    from (a SyntaxError's own; else the innermost frame outside the standard library and
+    site-packages, so a module that calls a library names its own line)."""
+    if isinstance(e, SyntaxError):
+        what, file, line = f"SyntaxError: {e.msg}", e.filename, e.lineno
+    else:
+        frames = [f for f in traceback.extract_tb(e.__traceback__)
+                  if not f.filename.startswith("<")]  # importlib's frozen bootstrap
+        lib = tuple({sysconfig.get_path("stdlib"), sysconfig.get_path("purelib"),
+                     sysconfig.get_path("platlib")} - {None})
+        own = [f for f in frames if not f.filename.startswith(lib)] or frames
+        what = f"{type(e).__name__}: {e}"
+        file, line = (own[-1].filename, own[-1].lineno) if own else (None, None)
+    where = ""
+    if file:
+        shown = Path(file)
+        if base is not None and shown.is_relative_to(base):
+            shown = shown.relative_to(base)
+        where = f" ({shown}, line {line})"
+    return f"importing module {module_name!r} failed: {what}{where}"
 
 
 def load_handler(queue: QueueConfig, base: Path | None = None) -> Callable[[list[dict]], list[dict]]:

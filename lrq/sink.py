@@ -11,11 +11,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from datetime import datetime
+from typing import Any, Collection, Iterator
 
 from sqlalchemy import (JSON, BigInteger, Column, DateTime, Integer, MetaData, String, Table,
-                        Text, UniqueConstraint, func, inspect, select)
-from sqlalchemy.engine import Engine
+                        Text, UniqueConstraint, delete, func, inspect, select)
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
 
 from lrq import failpoints
@@ -28,6 +29,8 @@ log = logging.getLogger(__name__)
 LEDGER = "lrq_batches"
 GENERIC_FIELDS = ("queue", "key", "batch", "value")
 DEAD = "lrq_dead_letters"
+#: Keys per ``DELETE ... IN`` when a retried batch replaces its dead letters.
+DELETE_CHUNK = 1000
 
 
 def ledger_table(metadata: MetaData) -> Table:
@@ -77,6 +80,21 @@ class Stored:
     recorded: bool
     results: int
     dead: int = 0
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One row of the dead-letter table: an item the handler failed on, and why."""
+
+    queue: str
+    key: str
+    batch: str
+    #: The traceback (or the reason) the item was set aside with.
+    error: str
+    item: dict[str, Any]
+    #: The database's clock when the row was stored (naive: the server's time zone, UTC on
+    #: SQLite).
+    created_at: datetime | None
 
 
 class Sink:
@@ -161,9 +179,11 @@ class Sink:
         return results
 
     def store(self, batch: str, items: int, results: list[dict[str, Any]], attempt: int = 1, *,
-              dead: list[tuple[dict[str, Any], str]] = ()) -> Stored:
+              dead: list[tuple[dict[str, Any], str]] = (), replace_dead: bool = False) -> Stored:
         """Commit results, dead letters ``(item, error)`` and the ledger row together; a batch
-        already in the ledger is left as is."""
+        already in the ledger is left as is. ``replace_dead`` (a ``lrq retry-dead`` batch):
+        the same transaction first deletes the earlier dead letters of the batch's keys, so
+        a retried item ends with its result or its new dead letter, never both or neither."""
         rows = self.rows(batch, results)
         # Encoded before the transaction: on SQLite it holds the write lock, which the other
         # workers wait for (1 ms of JSON per 1000 results).
@@ -179,6 +199,8 @@ class Sink:
                 conn.execute(self.ledger.insert().values(
                     queue=self.queue.name, name=batch, items=items, results=len(rows),
                     dead=len(dead_rows), attempt=attempt))
+                if replace_dead:
+                    self._delete_dead(conn, rows, dead_rows)
                 if bulk is not None:
                     conn.exec_driver_sql(self._bulk_sql, bulk)
                 else:
@@ -195,6 +217,14 @@ class Sink:
             raise SinkError(f"storing batch {batch} into {self.table.name} failed: "
                             f"{getattr(e, 'orig', None) or e}") from e
         return Stored(recorded=True, results=len(rows), dead=len(dead_rows))
+
+    def _delete_dead(self, conn: Connection, rows: list[dict[str, Any]],
+                     dead_rows: list[dict[str, Any]]) -> None:
+        field = "key" if self.generic else self.key
+        keys = sorted({str(r[field]) for r in rows} | {r["key"] for r in dead_rows})
+        for i in range(0, len(keys), DELETE_CHUNK):
+            conn.execute(delete(self.dead).where(self.dead.c.queue == self.queue.name,
+                                                 self.dead.c.key.in_(keys[i:i + DELETE_CHUNK])))
 
     def _bulk_params(self, rows: list[dict[str, Any]]) -> list[Any]:
         if self._bulk_positional:
@@ -227,6 +257,29 @@ class Sink:
         with reader(self.engine) as conn:
             return [dict(r) for r in conn.execute(q.order_by(self.dead.c.id).limit(limit)).mappings()]
 
+    def dead_records(self, keys: Collection[str] | None = None,
+                     limit: int | None = None) -> list[DeadLetter]:
+        """This queue's dead letters, oldest first; only ``keys`` when given."""
+        q = select(self.dead).where(self.dead.c.queue == self.queue.name)
+        if keys is not None:
+            q = q.where(self.dead.c.key.in_(sorted(keys)))
+        q = q.order_by(self.dead.c.id)
+        if limit is not None:
+            q = q.limit(limit)
+        with reader(self.engine) as conn:
+            return [DeadLetter(queue=r.queue, key=r.key, batch=r.batch, error=r.error,
+                               item=r.item, created_at=r.created_at) for r in conn.execute(q)]
+
+    def dead_items(self, keys: Collection[str] | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """``(key, item)`` of this queue's dead letters (only ``keys`` when given), oldest
+        first, streamed: ``lrq retry-dead --all`` needs the items, not the tracebacks."""
+        q = select(self.dead.c.key, self.dead.c.item).where(self.dead.c.queue == self.queue.name)
+        if keys is not None:
+            q = q.where(self.dead.c.key.in_(sorted(keys)))
+        with reader(self.engine) as conn:
+            for k, item in conn.execution_options(yield_per=1000).execute(q.order_by(self.dead.c.id)):
+                yield str(k), item
+
     def duplicates(self) -> int:
         """Keys stored more than once (non-zero only if the unique constraint was dropped)."""
         col = self._key_column()
@@ -246,8 +299,10 @@ class Sink:
             n, items = conn.execute(q).one()
         return int(n), int(items)
 
-    def dead_count(self) -> int:
+    def dead_count(self, keys: Collection[str] | None = None) -> int:
         q = select(func.count()).select_from(self.dead).where(self.dead.c.queue == self.queue.name)
+        if keys is not None:
+            q = q.where(self.dead.c.key.in_(sorted(keys)))
         with reader(self.engine) as conn:
             return int(conn.execute(q).scalar_one())
 

@@ -37,6 +37,9 @@ Batch file: the magic ``LRQ2\\n``, an HMAC-SHA256 (32 bytes) of everything after
 codec byte (0 none, 1 zlib, 2 zstd), then the pickle of ``{"name", "queue", "created",
 "position", "items"}`` compressed with that codec. The signature is checked before anything
 is decompressed or unpickled, so only files written with this data dir's key are read.
+Optional keys, absent from files that do not need them (and from files written before them),
+read as their default: ``"replace_dead": True`` marks a batch ``lrq retry-dead`` published
+from dead letters; storing it removes those keys' old dead letters in the same transaction.
 
 Leases: the owner of a claim touches ``right/<name>`` (its mtime is the heartbeat) while it
 works. :meth:`Spool.stale_claims` finds claims whose owner is dead (same host, pid gone or
@@ -127,6 +130,8 @@ class Batch:
     created: float
     position: Any
     items: list[dict[str, Any]]
+    #: Published by ``lrq retry-dead``: storing it replaces its keys' dead letters.
+    replace_dead: bool = False
 
 
 @dataclass(frozen=True)
@@ -295,11 +300,14 @@ class Spool:
         return f"{stamp}{us % 1_000_000:06d}-{_uuid.random(12)}"
 
     # -- publishing ----------------------------------------------------------------------
-    def publish(self, items: list[dict[str, Any]], position: Any = None) -> str:
+    def publish(self, items: list[dict[str, Any]], position: Any = None, *,
+                replace_dead: bool = False) -> str:
         """Write a batch durably into ``left/`` and return its name."""
         name = self.new_name()
         body = {"name": name, "queue": self.queue, "created": self.clock(),
                 "position": position, "items": items}
+        if replace_dead:
+            body["replace_dead"] = True
         codec = CODECS[self.compress]
         payload = bytes([codec]) + _compress(codec, pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL))
         data = MAGIC + signing.sign(self.key, payload) + payload
@@ -619,7 +627,8 @@ class Spool:
         try:
             body = pickle.loads(_decompress(data[start], view[start + 1:]))
             return Batch(name=body["name"], queue=body["queue"], created=body["created"],
-                         position=body["position"], items=body["items"])
+                         position=body["position"], items=body["items"],
+                         replace_dead=bool(body.get("replace_dead", False)))
         except Exception as e:  # a truncated or foreign pickle can raise almost anything
             raise BatchCorrupt(path, f"{type(e).__name__}: {e}") from e
 

@@ -182,6 +182,8 @@ class Handled:
     results: list[dict[str, Any]]
     dead: list[tuple[dict[str, Any], str]]
     started: float
+    #: A ``lrq retry-dead`` batch: its store replaces its keys' dead letters.
+    replace_dead: bool = False
 
 
 class Worker:
@@ -298,7 +300,7 @@ class Worker:
             # waiting on a service leaves it free.
             behind.start()
         results, dead = self.handle(batch.items)
-        return Handled(claim, lost, len(batch.items), results, dead, t0)
+        return Handled(claim, lost, len(batch.items), results, dead, t0, batch.replace_dead)
 
     def _bad_keys(self, items: list[Item]) -> str | None:
         """Why the batch's keys cannot identify its items, or None. Keys are compared as the
@@ -321,7 +323,8 @@ class Worker:
         if h.lost.is_set() or not self.spool.owns(claim):
             raise ClaimLost(claim.name)
         try:
-            stored = self.sink.store(claim.name, h.items, h.results, claim.attempt, dead=h.dead)
+            stored = self.sink.store(claim.name, h.items, h.results, claim.attempt, dead=h.dead,
+                                     replace_dead=h.replace_dead)
         except HandlerError as e:  # results the sink cannot take: the handler's fault
             self._fail(claim, str(e), e)
             return
