@@ -119,7 +119,11 @@ class App:
             total += counts["bytes"]
             sink = self.sink(q)
             batches, items = sink.ledger_stats()
-            out["queues"][q.name] = {**counts, "stale": len(sp.stale_claims(q.lease)),
+            stale = len(sp.stale_claims(q.lease))
+            foreign = sp.foreign()
+            out["queues"][q.name] = {**counts, "stale": stale,
+                                     "foreign": {"count": len(foreign), "sample": [
+                                         f"{p} ({w})" for p, w in list(foreign.items())[:5]]},
                                      "dead_letters": sink.dead_count(),
                                      "position": sp.read_position(),
                                      "ledger_batches": batches, "ledger_items": items}

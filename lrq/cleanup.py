@@ -95,7 +95,7 @@ def _queue_pass(app: App, q: Any, report: Report, t: float, dry_run: bool) -> No
         if not dry_run:
             log.warning("reclaimed queue=%s batch=%s attempt=%d outcome=%s reason=%s",
                         q.name, stale.name, stale.attempt, outcome, stale.reason)
-    for entry in os.scandir(sp.tmp):
+    for entry in sp.files(sp.tmp):
         try:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:

@@ -194,6 +194,10 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"({d['used'] / max(d['max_bytes'], 1):.0%}); filesystem free {_human(d['free_bytes'])} "
           f"of {_human(d['total_bytes'])}, {d['free_inodes']} inodes; min_free {d['min_free']}"
           + (f"  WARNING: {d['below_min_free']}" if d["below_min_free"] else ""))
+    for name, s in st["queues"].items():
+        if s["foreign"]["count"]:
+            print(f"WARNING: {name}: {s['foreign']['count']} entries lrq did not write (skipped; "
+                  f"remove them): {', '.join(s['foreign']['sample'])}")
     return EXIT_OK
 
 

@@ -28,6 +28,16 @@ class BatchCorrupt(LrqError):
         super().__init__(f"batch file {path} is corrupt: {reason}")
 
 
+class ForeignEntry(LrqError):
+    """An entry in a queue folder that lrq did not write: a directory, FIFO, socket, symlink
+    or unreadable file. It is skipped and reported, never read, followed or deleted."""
+
+    def __init__(self, path: object, what: str) -> None:
+        self.path = path
+        self.what = what
+        super().__init__(f"{path} is {what}: not lrq's; remove it")
+
+
 class ClaimLost(LrqError):
     """A worker no longer owns the batch it is processing."""
 

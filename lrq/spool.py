@@ -14,6 +14,11 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
     position.json        the source position, advanced only after the batch file is durable
     <job>.lock           flock files making the sniffer (and the scheduler) single per folder
 
+Only regular files are lrq's. Anything else in these folders (a directory, FIFO, socket,
+symlink, or a file that cannot be read) is a *foreign entry*: every listing skips it, no
+reader opens it in a way that could block or follow it (:func:`read_regular`), cleanup never
+deletes it, and it is logged once per process (``foreign-entry``) and shown by ``lrq status``.
+
 Names are ``<UTC time to the microsecond>-<shortuuid>``, e.g.
 ``20261123T064512123456-Xk3pQ9aLm2Zt``: unique, and sorting by name sorts by creation (one
 process never hands out the same microsecond twice).
@@ -66,11 +71,13 @@ import fcntl
 import functools
 import itertools
 import json
+import logging
 import os
 import pickle
 import random
 import secrets
 import socket
+import stat
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -81,7 +88,9 @@ from typing import Any, Callable, Iterator
 import shortuuid
 
 from lrq import failpoints, signing
-from lrq.errors import AlreadyRunning, BatchCorrupt, BatchUnsigned, LrqError
+from lrq.errors import AlreadyRunning, BatchCorrupt, BatchUnsigned, ForeignEntry, LrqError
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"LRQ2\n"
 SUFFIX = ".pkl"
@@ -96,6 +105,8 @@ PROBE = 64
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 _uuid = shortuuid.ShortUUID()
+#: Foreign entries already logged by this process (each is logged once, however often seen).
+_WARNED: set[str] = set()
 
 
 class State(enum.Enum):
@@ -216,7 +227,50 @@ def _entries_from(fd: int, offset: int, limit: int) -> list[str]:
     """Up to ``limit`` names of the directory open at ``fd``, read from ``offset`` on."""
     os.lseek(fd, offset, os.SEEK_SET)
     with os.scandir(fd) as it:
-        return [e.name for e in itertools.islice(it, limit)]
+        return [e.name for e in itertools.islice(it, limit) if _is_regular(e)]
+
+
+def _kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of a regular file lrq wrote, or :class:`ForeignEntry` for anything else.
+
+    Opened with ``O_NONBLOCK | O_NOFOLLOW`` and checked with ``fstat`` before reading: a FIFO
+    opens at once and is refused instead of blocking the read forever, a symlink is refused
+    instead of followed (to ``/dev/zero``, say), and an unreadable file is reported, not
+    raised as a traceback."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        what = "a symlink" if e.errno == errno.ELOOP else f"unreadable ({e.strerror})"
+        raise ForeignEntry(path, what) from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ForeignEntry(path, _kind(mode))
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise ForeignEntry(path, f"unreadable ({e.strerror})") from e
+    finally:
+        os.close(fd)
+
+
+def _is_regular(e: os.DirEntry[str]) -> bool:
+    try:
+        return e.is_file(follow_symlinks=False)
+    except OSError:
+        return False
 
 
 def fsync_dir(path: Path) -> None:
@@ -274,6 +328,8 @@ class Spool:
         self._last_us = 0
         self._candidates: list[str] = []
         self._none_pending_at: tuple[int, int] | None = None
+        #: Entries lrq did not write, seen by this process: path -> what it is.
+        self._foreign: dict[str, str] = {}
 
     def ensure(self) -> "Spool":
         for d in (self.root.parent, self.root, self.left, self.right, self.tmp, self.failed,
@@ -309,7 +365,7 @@ class Spool:
 
     def read_position(self) -> Any:
         try:
-            return json.loads((self.root / "position.json").read_text())["position"]
+            return json.loads(read_regular(self.root / "position.json"))["position"]
         except FileNotFoundError:
             return None
 
@@ -318,12 +374,43 @@ class Spool:
         write_atomic(self.root / "position.json", data, self.tmp)
 
     # -- listing -------------------------------------------------------------------------
-    def _names(self, folder: Path, suffix: str) -> set[str]:
+    def files(self, folder: Path) -> Iterator[os.DirEntry[str]]:
+        """The regular files in ``folder``. Anything else (a directory, FIFO, socket, symlink)
+        is not lrq's: it is skipped and noted (:meth:`foreign`), so no listing, count, reaper
+        or sweep ever opens, reads or deletes it."""
         try:
-            return {e.name[: -len(suffix)] if suffix else e.name
-                    for e in os.scandir(folder) if e.name.endswith(suffix)}
+            with os.scandir(folder) as it:
+                for e in it:
+                    if _is_regular(e):
+                        yield e
+                    else:
+                        try:
+                            what = _kind(e.stat(follow_symlinks=False).st_mode)
+                        except FileNotFoundError:
+                            continue
+                        self.note_foreign(Path(e.path), what)
         except FileNotFoundError:
-            return set()
+            return
+
+    def note_foreign(self, path: Path, what: str) -> None:
+        """Remember an entry lrq did not write; log it once per process."""
+        self._foreign[str(path)] = what
+        if str(path) not in _WARNED:
+            _WARNED.add(str(path))
+            log.warning("foreign-entry queue=%s path=%s what=%s: not lrq's; remove it",
+                        self.queue, path, what)
+
+    def foreign(self) -> dict[str, str]:
+        """Entries lrq did not write that this process came across (path -> what), after
+        looking through every folder once more for those a listing alone finds."""
+        for folder in (self.left, self.right, self.failed, self.quarantine, self.tmp):
+            for _ in self.files(folder):
+                pass
+        return {p: w for p, w in sorted(self._foreign.items()) if os.path.lexists(p)}
+
+    def _names(self, folder: Path, suffix: str) -> set[str]:
+        return {e.name[: -len(suffix)] if suffix else e.name
+                for e in self.files(folder) if e.name.endswith(suffix)}
 
     def _claims(self) -> set[str]:
         return {n for n in self._names(self.right, "") if "." not in n}
@@ -337,15 +424,11 @@ class Spool:
         """(pending batches, their bytes), statting only the pending files."""
         claims = self._claims()
         count = size = 0
-        try:
-            with os.scandir(self.left) as it:
-                for e in it:
-                    if e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claims:
-                        with contextlib.suppress(FileNotFoundError):
-                            size += e.stat(follow_symlinks=False).st_size
-                            count += 1
-        except FileNotFoundError:
-            pass
+        for e in self.files(self.left):
+            if e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claims:
+                with contextlib.suppress(FileNotFoundError):
+                    size += e.stat(follow_symlinks=False).st_size
+                    count += 1
         return count, size
 
     def has_pending(self) -> bool:
@@ -360,9 +443,8 @@ class Spool:
         if stamps == self._none_pending_at:
             return False
         claimed = self._claims()
-        with os.scandir(self.left) as it:
-            found = any(e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claimed
-                        for e in it)
+        found = any(e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claimed
+                    for e in self.files(self.left))
         settled_before = time.time_ns() - 1_000_000_000
         self._none_pending_at = stamps if not found and max(stamps) < settled_before else None
         return found
@@ -390,13 +472,9 @@ class Spool:
         sizes: dict[Path, dict[str, int]] = {}
         for folder in (self.left, self.right, self.failed, self.quarantine, self.tmp):
             found = sizes[folder] = {}
-            try:
-                with os.scandir(folder) as it:
-                    for e in it:
-                        with contextlib.suppress(FileNotFoundError):
-                            found[e.name] = e.stat(follow_symlinks=False).st_size
-            except FileNotFoundError:
-                pass
+            for e in self.files(folder):
+                with contextlib.suppress(FileNotFoundError):
+                    found[e.name] = e.stat(follow_symlinks=False).st_size
         right = sizes[self.right]
         done = {n[: -len(DONE)] for n in right if n.endswith(DONE)}
         claims = {n for n in right if "." not in n}
@@ -431,31 +509,34 @@ class Spool:
         first: until the markers go too, the batch still reads as done, never as pending."""
         if not self.is_done(name):
             raise LrqError(f"batch {name} is not done; cleanup never removes it")
-        freed = 0
-        for path in (self.left / f"{name}{SUFFIX}", self.right / f"{name}{ATTEMPT}",
-                     self.right / name, self.right / f"{name}{DONE}"):
-            with contextlib.suppress(FileNotFoundError):
-                freed += path.stat().st_size
-                path.unlink()
-        return freed
+        return sum(self._remove(path) for path in (
+            self.left / f"{name}{SUFFIX}", self.right / f"{name}{ATTEMPT}", self.right / name,
+            self.right / f"{name}{DONE}"))
+
+    def _remove(self, path: Path) -> int:
+        """Unlink a file of lrq's and return its size; leave (and note) anything else."""
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                self.note_foreign(path, _kind(st.st_mode))
+                return 0
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return st.st_size
 
     def failed_batches(self) -> list[tuple[float, Path]]:
         """``(failed time, batch file)`` in ``failed/`` and ``quarantine/``, oldest first."""
         out = []
         for folder in (self.failed, self.quarantine):
-            for path in folder.glob(f"*{SUFFIX}"):
+            for path in (Path(e.path) for e in self.files(folder) if e.name.endswith(SUFFIX)):
                 err = folder / f"{path.stem}{ERROR}"
                 with contextlib.suppress(FileNotFoundError):
                     out.append(((err if err.exists() else path).stat().st_mtime, path))
         return sorted(out)
 
     def remove_failed(self, path: Path) -> int:
-        freed = 0
-        for p in (path, path.with_suffix(ERROR)):
-            with contextlib.suppress(FileNotFoundError):
-                freed += p.stat().st_size
-                p.unlink()
-        return freed
+        return self._remove(path) + self._remove(path.with_suffix(ERROR))
 
     def state(self, name: str) -> State:
         if (self.right / f"{name}{DONE}").exists():
@@ -507,9 +588,12 @@ class Spool:
     def attempts(self, name: str) -> dict[str, Any]:
         """``{"attempts": n, "history": [...]}``: attempts that ended without finishing."""
         try:
-            return json.loads((self.right / f"{name}{ATTEMPT}").read_text())
+            return json.loads(read_regular(self.right / f"{name}{ATTEMPT}"))
+        except ForeignEntry as e:
+            self.note_foreign(e.path, e.what)
         except (FileNotFoundError, ValueError):
-            return {"attempts": 0, "history": []}
+            pass
+        return {"attempts": 0, "history": []}
 
     def _record_attempt(self, claim: Claim, reason: str) -> dict[str, Any]:
         record = self.attempts(claim.name)
@@ -534,8 +618,8 @@ class Spool:
         """Is ``right/<name>`` still this claim (same token)? Asked before every commit and
         heartbeat, so only the token is looked at, not the whole record rebuilt."""
         try:
-            return json.loads((self.right / claim.name).read_bytes())["token"] == claim.token
-        except (FileNotFoundError, ValueError, KeyError, TypeError):  # gone, or not lrq's
+            return json.loads(read_regular(self.right / claim.name))["token"] == claim.token
+        except (FileNotFoundError, ForeignEntry, ValueError, KeyError, TypeError):  # not lrq's
             return False
 
     def read_claim(self, name: str) -> Claim | None:
@@ -604,10 +688,12 @@ class Spool:
         for folder in (self.left, self.failed, self.quarantine):
             path = folder / f"{name}{SUFFIX}"
             try:
-                data = path.read_bytes()
+                data = read_regular(path)
                 break
             except FileNotFoundError:
                 continue
+            except ForeignEntry as e:
+                raise BatchCorrupt(path, f"cannot be read: it is {e.what}") from e
         else:
             raise FileNotFoundError(f"batch {name} is not in {self.left}, {self.failed} or {self.quarantine}")
         if not data.startswith(MAGIC):
@@ -674,9 +760,12 @@ class Spool:
         for name in self.claimed():
             try:
                 beat = (self.right / name).stat().st_mtime
+                c = self.read_claim(name)
             except FileNotFoundError:
                 continue
-            c = self.read_claim(name)
+            except ForeignEntry as e:  # e.g. unreadable: skipped, never reaped or deleted
+                self.note_foreign(e.path, e.what)
+                continue
             if c is None:
                 # Not written by this lrq (claims are linked in whole): wait out the lease.
                 if now - beat > lease:
@@ -717,7 +806,7 @@ class Spool:
     @staticmethod
     def read_claim_file(path: Path) -> Claim | None:
         try:
-            return Claim(**json.loads(path.read_text()))
+            return Claim(**json.loads(read_regular(path)))
         except (FileNotFoundError, ValueError, TypeError):
             return None
 
@@ -741,8 +830,8 @@ class Spool:
     def read_error(self, name: str) -> dict[str, Any] | None:
         for folder in (self.failed, self.quarantine):
             try:
-                return json.loads((folder / f"{name}{ERROR}").read_text())
-            except FileNotFoundError:
+                return json.loads(read_regular(folder / f"{name}{ERROR}"))
+            except (FileNotFoundError, ForeignEntry, ValueError):
                 continue
         return None
 
