@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 from lrq import signing, sources
 from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
-from lrq.disk import Budget, Floor
+from lrq.disk import Budget, Floor, Held
 from lrq.errors import ConfigError
 from lrq.sink import Sink
 from lrq.sniffer import Sniffer
@@ -96,6 +96,10 @@ class App:
         return Budget(self.cfg.data_dir, list(self.cfg.queues), self.cfg.log_file,
                       self.cfg.cleanup.max_bytes, Floor.parse(self.cfg.cleanup.min_free, "min_free"))
 
+    def held(self) -> Held:
+        """What holds the data dir's filesystem (for "no room" messages)."""
+        return self.budget().held(self.spool(q).counts() for q in self.queues())
+
     def sniffer(self, q: QueueConfig) -> Sniffer:
         return Sniffer(q, self.spool(q), self.source(q), budget=self.budget())
 
@@ -113,9 +117,11 @@ class App:
     def status(self, name: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"data_dir": str(self.cfg.data_dir), "queues": {}}
         total = 0
+        every = []
         for q in self.queues(name):
             sp = self.spool(q)
-            counts = sp.counts().as_dict()
+            every.append(sp.counts())
+            counts = every[-1].as_dict()
             total += counts["bytes"]
             sink = self.sink(q)
             batches, items = sink.ledger_stats()
@@ -130,11 +136,17 @@ class App:
         out["bytes"] = total
         budget = self.budget()
         sp = budget.space()
-        out["disk"] = {"used": budget.used(), "max_bytes": budget.max_bytes,
+        used = budget.used()
+        nxt = max((self.spool(q).last_batch_bytes() for q in self.queues(name)), default=0)
+        blocked = budget.blocked(used, nxt, sp)
+        held = budget.held(every)
+        out["disk"] = {"used": used, "max_bytes": budget.max_bytes,
                        "free_bytes": sp.free_bytes, "total_bytes": sp.total_bytes,
                        "free_inodes": sp.free_inodes, "total_inodes": sp.total_inodes,
                        "min_free": self.cfg.cleanup.min_free,
-                       "below_min_free": sp.below(budget.floor)}
+                       "below_min_free": sp.below(budget.floor),
+                       "blocked": blocked and f"{blocked[1]}; {held.advice()}",
+                       "held": held.as_dict()}
         return out
 
     def verify(self, q: QueueConfig, sample: int = 10) -> Verification:

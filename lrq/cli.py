@@ -76,8 +76,8 @@ def cmd_sniff(args: argparse.Namespace) -> int:
             else "more to fetch"
         print(f"{q.name}: published {total} batches; source {state}")
         if sniffer.paused in ("budget", "min_free", "disk-full"):
-            print(f"lrq: {q.name}: no room on disk for more batches; run `lrq cleanup` or see "
-                  "`lrq status`", file=sys.stderr)
+            print(f"lrq: {q.name}: no room on disk for more batches ({sniffer.pause_detail}); "
+                  f"{app.held().advice()}", file=sys.stderr)
             return EXIT_PROBLEM
     return EXIT_OK
 
@@ -194,6 +194,8 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"({d['used'] / max(d['max_bytes'], 1):.0%}); filesystem free {_human(d['free_bytes'])} "
           f"of {_human(d['total_bytes'])}, {d['free_inodes']} inodes; min_free {d['min_free']}"
           + (f"  WARNING: {d['below_min_free']}" if d["below_min_free"] else ""))
+    if d["blocked"]:
+        print(f"WARNING: no room for the next batch: {d['blocked']}")
     for name, s in st["queues"].items():
         if s["foreign"]["count"]:
             print(f"WARNING: {name}: {s['foreign']['count']} entries lrq did not write (skipped; "

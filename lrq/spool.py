@@ -495,6 +495,14 @@ class Spool:
             done_bytes=by_state[State.DONE][1], failed_bytes=bad,
             tmp_bytes=sum(sizes[self.tmp].values()))
 
+    def last_batch_bytes(self) -> int:
+        """Size of the newest batch file in ``left/`` (any state): cleanup's estimate of the
+        sniffer's next batch."""
+        names = self._names(self.left, SUFFIX)
+        with contextlib.suppress(FileNotFoundError):
+            return (self.left / f"{max(names)}{SUFFIX}").stat().st_size if names else 0
+        return 0
+
     # -- retention -----------------------------------------------------------------------
     def done_batches(self) -> list[tuple[float, str]]:
         """``(done time, name)`` of every done batch, oldest first."""
