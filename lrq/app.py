@@ -74,8 +74,9 @@ class App:
 
     def spool(self, q: QueueConfig) -> Spool:
         if q.name not in self._spools:
-            self._spools[q.name] = Spool(self.cfg.data_dir, q.name, key=self.key,
-                                         compress=q.compress).ensure()
+            self._spools[q.name] = Spool(
+                self.cfg.data_dir, q.name, key=self.key, compress=q.compress,
+                previous=signing.previous_keys(self.cfg.previous_secrets)).ensure()
         return self._spools[q.name]
 
     def sink(self, q: QueueConfig) -> Sink:
@@ -112,6 +113,14 @@ class App:
                 close()  # built only to check it; workers build their own
             self.sink(q)
             self.source(q)
+
+    def check_keys(self) -> None:
+        """Raise :class:`~lrq.errors.KeyMismatch` when pending batches show the key changed,
+        before anything is claimed (see :meth:`lrq.spool.Spool.key_problem`)."""
+        for q in self.queues():
+            problem = self.spool(q).key_problem()
+            if problem is not None:
+                raise problem
 
     # -- reports -------------------------------------------------------------------------
     def status(self, name: str | None = None) -> dict[str, Any]:

@@ -62,6 +62,20 @@ class BatchUnsigned(BatchCorrupt):
     """A batch file's signature does not match: lrq did not write it (or it was altered)."""
 
 
+class KeyMismatch(ConfigError):
+    """A batch file was signed with a key this configuration does not have (the key changed):
+    the files are fine, the key is wrong, so nothing is quarantined."""
+
+    def __init__(self, queue: str, name: str, key_id: str | None) -> None:
+        self.queue = queue
+        self.name = name
+        which = f"key id {key_id}" if key_id else "no configured key verifies it"
+        super().__init__(
+            f"queue {queue}: batch {name} was signed with another key ({which}); nothing was "
+            "quarantined. Set `secret` (or LRQ_SECRET) back to the key that wrote it, or add "
+            "that key to `previous_secrets` (or LRQ_PREVIOUS_SECRETS)")
+
+
 class Retryable(LrqError):
     """An infrastructure failure (service down, timeout): retry later, the items are not at fault.
 

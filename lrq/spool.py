@@ -12,6 +12,7 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
     failed/<name>.pkl    a batch that could not be processed, beside failed/<name>.error
     quarantine/<name>.pkl a file whose signature did not verify: never unpickled
     position.json        the source position, advanced only after the batch file is durable
+    ../key-ids           ids of the keys this data dir has signed batches with, one per line
     <job>.lock           flock files making the sniffer (and the scheduler) single per folder
 
 Only regular files are lrq's. Anything else in these folders (a directory, FIFO, socket,
@@ -38,10 +39,20 @@ those is pending does it list ``left/`` and ``right/`` in full and cache that. A
 lists and sorts both folders whenever its cache is used up, so a process's first one costs
 O(backlog). A pick answers "nothing pending" only after a full listing.
 
-Batch file: the magic ``LRQ2\\n``, an HMAC-SHA256 (32 bytes) of everything after it, one
-codec byte (0 none, 1 zlib, 2 zstd), then the pickle of ``{"name", "queue", "created",
-"position", "items"}`` compressed with that codec. The signature is checked before anything
-is decompressed or unpickled, so only files written with this data dir's key are read.
+Batch file: the magic ``LRQ3\\n``, the signing key's id (8 bytes, :func:`lrq.signing.key_id`),
+an HMAC-SHA256 (32 bytes) of everything after it, one codec byte (0 none, 1 zlib, 2 zstd),
+then the pickle of ``{"name", "queue", "created", "position", "items"}`` compressed with
+that codec. The signature is checked before anything is decompressed or unpickled, so only
+files written with one of this data dir's keys (``secret``, ``previous_secrets``) are read.
+Files of the older ``LRQ2\\n`` format (no key id) are still read.
+
+A file whose signature fails is judged by its key id: one of ours with a failing HMAC was
+altered, and one never used here was not written by lrq: both are moved to ``quarantine/``.
+An id this data dir signed with (listed in ``<data_dir>/key-ids``) that the config no longer
+has means the key changed: the batch stays pending, nothing is quarantined, and the worker
+stops with :class:`~lrq.errors.KeyMismatch` (an LRQ2 file, which has no key id, counts as
+such when no pending batch verifies). ``lrq run`` and ``lrq work`` check a sample of pending
+batches the same way before claiming (:meth:`Spool.key_problem`).
 
 Leases: the owner of a claim touches ``right/<name>`` (its mtime is the heartbeat) while it
 works. :meth:`Spool.stale_claims` finds claims whose owner is dead (same host, pid gone or
@@ -88,11 +99,19 @@ from typing import Any, Callable, Iterator
 import shortuuid
 
 from lrq import failpoints, signing
-from lrq.errors import AlreadyRunning, BatchCorrupt, BatchUnsigned, ForeignEntry, LrqError
+from lrq.errors import (AlreadyRunning, BatchCorrupt, BatchUnsigned, ForeignEntry, KeyMismatch,
+                        LrqError)
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"LRQ2\n"
+MAGIC = b"LRQ3\n"
+#: The format before key ids (still read, no longer written): magic, HMAC, codec, body.
+MAGIC_V2 = b"LRQ2\n"
+#: Where a data dir lists the ids of the keys it has signed batches with.
+KEY_IDS = "key-ids"
+HEADER = len(MAGIC) + signing.KEY_ID_SIZE + signing.SIZE
+#: Pending batches the start-up key check reads.
+KEY_SAMPLE = 16
 SUFFIX = ".pkl"
 DONE = ".done"
 ERROR = ".error"
@@ -310,7 +329,7 @@ class Spool:
     """One queue's folders. Safe to use from many processes at once."""
 
     def __init__(self, data_dir: Path, queue: str, *, key: bytes | None = None,
-                 compress: str = "none", clock: Callable[[], float] = time.time,
+                 previous: tuple[bytes, ...] = (), compress: str = "none", clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
         if compress not in CODECS:
             raise ValueError(f"unknown codec {compress!r} (known: {', '.join(CODECS)})")
@@ -323,6 +342,9 @@ class Spool:
         self.failed = self.root / "failed"
         self.quarantine = self.root / "quarantine"
         self._key = key
+        self._previous = previous
+        self._keys: dict[bytes, bytes] | None = None
+        self._key_noted = False
         self.clock = clock
         self.rng = rng or random.Random()
         self._last_us = 0
@@ -343,6 +365,86 @@ class Spool:
             self._key = signing.load_key(None, self.root.parent)
         return self._key
 
+    @property
+    def keys(self) -> dict[bytes, bytes]:
+        """Every key that verifies, by key id, the current one first."""
+        if self._keys is None:
+            self._keys = {signing.key_id(k): k for k in (self.key, *self._previous)}
+        return self._keys
+
+    def seen_key_ids(self) -> set[bytes]:
+        """Ids of every key this data dir has signed batches with."""
+        try:
+            text = read_regular(self.root.parent / KEY_IDS).decode(errors="replace")
+        except (FileNotFoundError, ForeignEntry):
+            return set()
+        out = set()
+        for line in text.split():
+            with contextlib.suppress(ValueError):
+                out.add(bytes.fromhex(line))
+        return out
+
+    def _signed(self, payload: bytes) -> bytes:
+        """A batch file around ``payload`` (codec byte + body), signed with the current key.
+
+        Before the first file a key signs, its id is added to ``<data_dir>/key-ids``: a later
+        reader without that key then knows the key changed (stop, quarantine nothing), where
+        a key id never used here marks a file lrq did not write (quarantine it)."""
+        kid = next(iter(self.keys))
+        if not self._key_noted:
+            if kid not in self.seen_key_ids():
+                fd = os.open(self.root.parent / KEY_IDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                             FILE_MODE)
+                try:
+                    os.write(fd, kid.hex().encode() + b"\n")  # one small append: atomic
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self._key_noted = True
+        return MAGIC + kid + signing.sign(self.key, payload) + payload
+
+    def _signature(self, data: bytes) -> tuple[str, int]:
+        """Check a batch file's signature without unpickling it: (verdict, payload start).
+
+        Verdicts: ``ok``; ``altered`` (its key is ours, the HMAC fails); ``other-key`` (a key
+        this data dir signed with but the config no longer has); ``stranger`` (a key id
+        never used here); ``unverified`` (an old LRQ2 file no key verifies: it cannot say
+        which key wrote it); ``foreign`` (bad magic or a truncated header)."""
+        view = memoryview(data)
+        if data.startswith(MAGIC) and len(data) > HEADER:
+            kid = data[len(MAGIC):len(MAGIC) + signing.KEY_ID_SIZE]
+            key = self.keys.get(kid)
+            if key is None:
+                return ("other-key" if kid in self.seen_key_ids() else "stranger"), HEADER
+            ok = signing.valid(key, view[HEADER:], data[HEADER - signing.SIZE:HEADER])
+            return ("ok" if ok else "altered"), HEADER
+        start = len(MAGIC_V2) + signing.SIZE
+        if data.startswith(MAGIC_V2) and len(data) > start:
+            ok = any(signing.valid(k, view[start:], data[len(MAGIC_V2):start])
+                     for k in self.keys.values())
+            return ("ok" if ok else "unverified"), start
+        return "foreign", 0
+
+    def key_problem(self) -> KeyMismatch | None:
+        """A key mismatch shown by a sample of pending batches, or None: a batch signed with
+        a key this data dir used but the config lacks, or old (LRQ2) batches none of which
+        verifies. Checked before ``lrq run`` and ``lrq work`` claim anything."""
+        claims = self._claims()
+        names = [n for n in self._sample_left() if n not in claims][:KEY_SAMPLE]
+        verified, unverified = False, []
+        for name in names:
+            try:
+                data = read_regular(self.left / f"{name}{SUFFIX}")
+            except (FileNotFoundError, ForeignEntry):
+                continue
+            verdict, _ = self._signature(data)
+            if verdict == "other-key":
+                return KeyMismatch(self.queue, name, data[len(MAGIC):HEADER - signing.SIZE].hex())
+            verified |= verdict == "ok"
+            if verdict == "unverified":
+                unverified.append(name)
+        return KeyMismatch(self.queue, unverified[0], None) if unverified and not verified else None
+
     # -- names ---------------------------------------------------------------------------
     def new_name(self) -> str:
         us = max(int(self.clock() * 1_000_000), self._last_us + 1)
@@ -358,8 +460,7 @@ class Spool:
                 "position": position, "items": items}
         codec = CODECS[self.compress]
         payload = bytes([codec]) + _compress(codec, pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL))
-        data = MAGIC + signing.sign(self.key, payload) + payload
-        write_atomic(self.left / f"{name}{SUFFIX}", data, self.tmp)
+        write_atomic(self.left / f"{name}{SUFFIX}", self._signed(payload), self.tmp)
         failpoints.hit("sniff-after-rename")
         return name
 
@@ -704,12 +805,20 @@ class Spool:
                 raise BatchCorrupt(path, f"cannot be read: it is {e.what}") from e
         else:
             raise FileNotFoundError(f"batch {name} is not in {self.left}, {self.failed} or {self.quarantine}")
-        if not data.startswith(MAGIC):
-            raise BatchUnsigned(path, "not an lrq batch file (bad magic); not unpickled")
+        verdict, start = self._signature(data)
+        if verdict == "other-key":
+            raise KeyMismatch(self.queue, name, data[len(MAGIC):HEADER - signing.SIZE].hex())
+        if verdict == "unverified" and self.key_problem() is not None:
+            raise KeyMismatch(self.queue, name, None)  # no pending batch verifies: the key
+        if verdict != "ok":
+            raise BatchUnsigned(path, {
+                "foreign": "not an lrq batch file (bad magic or truncated header)",
+                "altered": "signature does not match its key: the file was altered",
+                "stranger": "signature does not match: signed with a key this data dir never "
+                            f"used (key id {data[len(MAGIC):HEADER - signing.SIZE].hex()})",
+                "unverified": "signature does not match this data dir's keys",
+            }[verdict] + "; not unpickled")
         view = memoryview(data)
-        start = len(MAGIC) + signing.SIZE
-        if len(data) <= start or not signing.valid(self.key, view[start:], data[len(MAGIC):start]):
-            raise BatchUnsigned(path, "signature does not match this data dir's key; not unpickled")
         try:
             body = pickle.loads(_decompress(data[start], view[start + 1:]))
             return Batch(name=body["name"], queue=body["queue"], created=body["created"],
@@ -834,6 +943,26 @@ class Spool:
                 os.unlink(self.right / name)
             return "claim released"
         raise LrqError(f"batch {name} is {state.value}; only failed or claimed batches can be requeued")
+
+    def resign(self, name: str) -> None:
+        """Sign a quarantined batch again with the current key and make it pending, once an
+        operator vouches for it (e.g. written before a key change). Only the HMAC is
+        recomputed over the stored payload: nothing is decompressed or unpickled here, but a
+        worker will unpickle it, which runs whatever code a forged file carries."""
+        state = self.state(name)
+        if state is not State.QUARANTINED:
+            raise LrqError(f"batch {name} is {state.value}, not quarantined; nothing re-signed")
+        path = self.quarantine / f"{name}{SUFFIX}"
+        data = read_regular(path)
+        verdict, start = self._signature(data)
+        if verdict == "foreign":
+            raise LrqError(f"{path} is not an lrq batch file (bad magic or truncated header); "
+                           "it cannot be re-signed: remove it")
+        write_atomic(self.left / f"{name}{SUFFIX}", self._signed(data[start:]), self.tmp)
+        for leftover in (path, self.quarantine / f"{name}{ERROR}", self.right / f"{name}{ATTEMPT}"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        fsync_dir(self.quarantine)
 
     def read_error(self, name: str) -> dict[str, Any] | None:
         for folder in (self.failed, self.quarantine):
