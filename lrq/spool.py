@@ -801,7 +801,8 @@ class Spool:
                 break
             except FileNotFoundError:
                 continue
-            except ForeignEntry as e:
+            except ForeignEntry as e:  # a worker moves it to failed/, out of the way
+                self.note_foreign(path, e.what)
                 raise BatchCorrupt(path, f"cannot be read: it is {e.what}") from e
         else:
             raise FileNotFoundError(f"batch {name} is not in {self.left}, {self.failed} or {self.quarantine}")

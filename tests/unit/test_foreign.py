@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from lrq import cleanup
-from lrq.spool import State
+from lrq.spool import Spool, State
 from lrqtest import load_app, lrq, write_config
 
 
@@ -79,3 +79,56 @@ def test_status_and_cleanup_commands_report_foreign_entries(tmp_path: Path) -> N
     lrq("-c", str(cfg), "work", "--burst", check=True, timeout=60)
     st = json.loads(lrq("-c", str(cfg), "status", "--json", check=True, timeout=60).stdout)
     assert st["queues"]["docs"]["ledger_items"] == 200
+
+
+CHECK_UNREADABLE = """
+import sys
+from pathlib import Path
+from lrq.errors import BatchCorrupt
+from lrq.spool import Spool
+sp = Spool(Path(sys.argv[1]), "q", key=b"k")
+good, unreadable = sys.argv[2], sys.argv[3]
+assert sp.pending() == sorted([good, unreadable]), sp.pending()
+assert sp.stale_claims(lease=0, now=sp.clock() + 100) == []
+try:
+    sp.load(unreadable)
+    raise SystemExit("loaded an unreadable file")
+except BatchCorrupt as e:
+    assert "unreadable" in str(e), e
+assert sp.load(good).items == [{"doc_id": "a"}]
+print(sorted(sp.foreign().values()))
+"""
+
+
+def test_unreadable_files_are_skipped_and_reported(tmp_path: Path) -> None:
+    """A claim and a batch file this process may not read: reported, not raised. Root reads
+    anything, so as root the check runs as ``nobody`` (CI is root)."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+
+    base = Path(tempfile.mkdtemp(prefix="lrq-unreadable-"))  # tmp_path's parents are 0700
+    try:
+        sp = Spool(base, "q", key=b"k").ensure()
+        good = sp.publish([{"doc_id": "a"}])
+        unreadable = sp.publish([{"doc_id": "b"}])
+        os.chmod(sp.left / f"{unreadable}.pkl", 0)
+        claim = sp.right / "20200101T000000000000-notmine"
+        claim.write_text("{}")
+        os.chmod(claim, 0)
+        argv = [sys.executable, "-c", CHECK_UNREADABLE, str(base), good, unreadable]
+        if os.geteuid() == 0:
+            if shutil.which("setpriv") is None:
+                pytest.skip("needs setpriv to drop root")
+            for root, dirs, files in os.walk(base):  # mode 000 stops the owner too
+                for d in [root, *(os.path.join(root, x) for x in dirs + files)]:
+                    os.chown(d, 65534, 65534)
+            argv = ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups", *argv]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                           cwd=Path(__file__).parents[2])
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.count("unreadable (Permission denied)") == 2, r.stdout
+        assert "foreign-entry" in r.stderr and "not lrq's; remove it" in r.stderr
+    finally:
+        shutil.rmtree(base)
