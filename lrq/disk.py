@@ -111,6 +111,10 @@ def usage(data_dir: Path, queues: list[str], log_file: Path | None) -> int:
             + log_bytes(log_file))
 
 
+def mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
 @dataclass(frozen=True)
 class Held:
     """What holds the data dir's filesystem, in bytes: lrq's batches by state, its tmp files
@@ -126,7 +130,6 @@ class Held:
     free: int
 
     def describe(self) -> str:
-        mb = lambda n: f"{n / 1e6:.1f} MB"  # noqa: E731
         return (f"pending batches {mb(self.pending)}, claimed {mb(self.claimed)}, "
                 f"done {mb(self.done)}, failed and quarantined {mb(self.failed)}, "
                 f"tmp {mb(self.tmp)}, logs {mb(self.logs)}, other files on the filesystem "
@@ -135,7 +138,7 @@ class Held:
     def advice(self) -> str:
         """What an operator can do about a full disk, given what holds it."""
         if self.done:
-            return f"run `lrq cleanup`: done batches hold {self.done / 1e6:.1f} MB"
+            return f"run `lrq cleanup`: done batches hold {mb(self.done)}"
         return f"nothing cleanup may remove holds it: {self.describe()}"
 
     def as_dict(self) -> dict[str, int]:

@@ -17,7 +17,7 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
 
 Only regular files are lrq's. Anything else in these folders (a directory, FIFO, socket,
 symlink, or a file that cannot be read) is a *foreign entry*: every listing skips it, no
-reader opens it in a way that could block or follow it (:func:`read_regular`), cleanup never
+reader opens it in a way that could block or follow it (:func:`lrq.batchfile.read_regular`), cleanup never
 deletes it, and it is logged once per process (``foreign-entry``) and shown by ``lrq status``.
 
 Names are ``<UTC time to the microsecond>-<shortuuid>``, e.g.
@@ -90,7 +90,6 @@ import secrets
 import socket
 import stat
 import time
-import zlib
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -99,26 +98,21 @@ from typing import Any, Callable, Iterator
 import shortuuid
 
 from lrq import failpoints, signing
+from lrq.batchfile import (CODECS, MAGIC, check, compress, decompress,  # noqa: F401 (MAGIC)
+                           is_regular, key_id_in, kind, read_regular, seal)
 from lrq.errors import (AlreadyRunning, BatchCorrupt, BatchUnsigned, ForeignEntry, KeyMismatch,
                         LrqError)
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"LRQ3\n"
-#: The format before key ids (still read, no longer written): magic, HMAC, codec, body.
-MAGIC_V2 = b"LRQ2\n"
 #: Where a data dir lists the ids of the keys it has signed batches with.
 KEY_IDS = "key-ids"
-HEADER = len(MAGIC) + signing.KEY_ID_SIZE + signing.SIZE
 #: Pending batches the start-up key check reads.
 KEY_SAMPLE = 16
 SUFFIX = ".pkl"
 DONE = ".done"
 ERROR = ".error"
 ATTEMPT = ".attempt"
-#: Batch-file codecs (the byte after the signature). zstd is the default: on sample batches
-#: it keeps 26% of the pickle at ~300 MB/s (bench/compression.py); zlib needs 2.3x the CPU.
-CODECS = {"none": 0, "zlib": 1, "zstd": 2}
 #: Entries of ``left/`` a random pick with no names cached samples before listing them all.
 PROBE = 64
 DIR_MODE = 0o700
@@ -188,28 +182,6 @@ class Counts:
         return asdict(self)
 
 
-def _compress(codec: int, data: bytes) -> bytes:
-    if codec == 1:
-        return zlib.compress(data, 1)
-    if codec == 2:
-        import zstandard
-
-        return zstandard.ZstdCompressor(level=3).compress(data)
-    return data
-
-
-def _decompress(codec: int, data: memoryview) -> bytes | memoryview:
-    if codec == 0:
-        return data
-    if codec == 1:
-        return zlib.decompress(data)
-    if codec == 2:
-        import zstandard
-
-        return zstandard.ZstdDecompressor().decompress(data)
-    raise ValueError(f"unknown codec byte {codec}")
-
-
 def process_start() -> int:
     """This process's start time in clock ticks since boot (tells a reused pid apart).
 
@@ -246,50 +218,7 @@ def _entries_from(fd: int, offset: int, limit: int) -> list[str]:
     """Up to ``limit`` names of the directory open at ``fd``, read from ``offset`` on."""
     os.lseek(fd, offset, os.SEEK_SET)
     with os.scandir(fd) as it:
-        return [e.name for e in itertools.islice(it, limit) if _is_regular(e)]
-
-
-def _kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def read_regular(path: Path) -> bytes:
-    """The bytes of a regular file lrq wrote, or :class:`ForeignEntry` for anything else.
-
-    Opened with ``O_NONBLOCK | O_NOFOLLOW`` and checked with ``fstat`` before reading: a FIFO
-    opens at once and is refused instead of blocking the read forever, a symlink is refused
-    instead of followed (to ``/dev/zero``, say), and an unreadable file is reported, not
-    raised as a traceback."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        what = "a symlink" if e.errno == errno.ELOOP else f"unreadable ({e.strerror})"
-        raise ForeignEntry(path, what) from e
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ForeignEntry(path, _kind(mode))
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError as e:
-        raise ForeignEntry(path, f"unreadable ({e.strerror})") from e
-    finally:
-        os.close(fd)
-
-
-def _is_regular(e: os.DirEntry[str]) -> bool:
-    try:
-        return e.is_file(follow_symlinks=False)
-    except OSError:
-        return False
+        return [e.name for e in itertools.islice(it, limit) if is_regular(e)]
 
 
 def fsync_dir(path: Path) -> None:
@@ -401,29 +330,11 @@ class Spool:
                 finally:
                     os.close(fd)
             self._key_noted = True
-        return MAGIC + kid + signing.sign(self.key, payload) + payload
+        return seal(self.key, kid, payload)
 
     def _signature(self, data: bytes) -> tuple[str, int]:
-        """Check a batch file's signature without unpickling it: (verdict, payload start).
-
-        Verdicts: ``ok``; ``altered`` (its key is ours, the HMAC fails); ``other-key`` (a key
-        this data dir signed with but the config no longer has); ``stranger`` (a key id
-        never used here); ``unverified`` (an old LRQ2 file no key verifies: it cannot say
-        which key wrote it); ``foreign`` (bad magic or a truncated header)."""
-        view = memoryview(data)
-        if data.startswith(MAGIC) and len(data) > HEADER:
-            kid = data[len(MAGIC):len(MAGIC) + signing.KEY_ID_SIZE]
-            key = self.keys.get(kid)
-            if key is None:
-                return ("other-key" if kid in self.seen_key_ids() else "stranger"), HEADER
-            ok = signing.valid(key, view[HEADER:], data[HEADER - signing.SIZE:HEADER])
-            return ("ok" if ok else "altered"), HEADER
-        start = len(MAGIC_V2) + signing.SIZE
-        if data.startswith(MAGIC_V2) and len(data) > start:
-            ok = any(signing.valid(k, view[start:], data[len(MAGIC_V2):start])
-                     for k in self.keys.values())
-            return ("ok" if ok else "unverified"), start
-        return "foreign", 0
+        """:func:`lrq.batchfile.check` with this spool's keys."""
+        return check(data, self.keys, self.seen_key_ids)
 
     def key_problem(self) -> KeyMismatch | None:
         """A key mismatch shown by a sample of pending batches, or None: a batch signed with
@@ -439,7 +350,7 @@ class Spool:
                 continue
             verdict, _ = self._signature(data)
             if verdict == "other-key":
-                return KeyMismatch(self.queue, name, data[len(MAGIC):HEADER - signing.SIZE].hex())
+                return KeyMismatch(self.queue, name, key_id_in(data))
             verified |= verdict == "ok"
             if verdict == "unverified":
                 unverified.append(name)
@@ -459,7 +370,7 @@ class Spool:
         body = {"name": name, "queue": self.queue, "created": self.clock(),
                 "position": position, "items": items}
         codec = CODECS[self.compress]
-        payload = bytes([codec]) + _compress(codec, pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL))
+        payload = bytes([codec]) + compress(codec, pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL))
         write_atomic(self.left / f"{name}{SUFFIX}", self._signed(payload), self.tmp)
         failpoints.hit("sniff-after-rename")
         return name
@@ -482,11 +393,11 @@ class Spool:
         try:
             with os.scandir(folder) as it:
                 for e in it:
-                    if _is_regular(e):
+                    if is_regular(e):
                         yield e
                     else:
                         try:
-                            what = _kind(e.stat(follow_symlinks=False).st_mode)
+                            what = kind(e.stat(follow_symlinks=False).st_mode)
                         except FileNotFoundError:
                             continue
                         self.note_foreign(Path(e.path), what)
@@ -627,7 +538,7 @@ class Spool:
         try:
             st = os.lstat(path)
             if not stat.S_ISREG(st.st_mode):
-                self.note_foreign(path, _kind(st.st_mode))
+                self.note_foreign(path, kind(st.st_mode))
                 return 0
             path.unlink()
         except FileNotFoundError:
@@ -808,7 +719,7 @@ class Spool:
             raise FileNotFoundError(f"batch {name} is not in {self.left}, {self.failed} or {self.quarantine}")
         verdict, start = self._signature(data)
         if verdict == "other-key":
-            raise KeyMismatch(self.queue, name, data[len(MAGIC):HEADER - signing.SIZE].hex())
+            raise KeyMismatch(self.queue, name, key_id_in(data))
         if verdict == "unverified" and self.key_problem() is not None:
             raise KeyMismatch(self.queue, name, None)  # no pending batch verifies: the key
         if verdict != "ok":
@@ -816,12 +727,12 @@ class Spool:
                 "foreign": "not an lrq batch file (bad magic or truncated header)",
                 "altered": "signature does not match its key: the file was altered",
                 "stranger": "signature does not match: signed with a key this data dir never "
-                            f"used (key id {data[len(MAGIC):HEADER - signing.SIZE].hex()})",
+                            f"used (key id {key_id_in(data)})",
                 "unverified": "signature does not match this data dir's keys",
             }[verdict] + "; not unpickled")
         view = memoryview(data)
         try:
-            body = pickle.loads(_decompress(data[start], view[start + 1:]))
+            body = pickle.loads(decompress(data[start], view[start + 1:]))
             return Batch(name=body["name"], queue=body["queue"], created=body["created"],
                          position=body["position"], items=body["items"])
         except Exception as e:  # a truncated or foreign pickle can raise almost anything

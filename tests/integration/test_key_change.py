@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from lrq import signing
-from lrq.spool import MAGIC
+from lrq.batchfile import MAGIC
 from lrqtest import ROOT, lrq, write_config
 
 
