@@ -17,8 +17,9 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
 
 Only regular files are lrq's. Anything else in these folders (a directory, FIFO, socket,
 symlink, or a file that cannot be read) is a *foreign entry*: every listing skips it, no
-reader opens it in a way that could block or follow it (:func:`lrq.batchfile.read_regular`), cleanup never
-deletes it, and it is logged once per process (``foreign-entry``) and shown by ``lrq status``.
+reader opens it in a way that could block or follow it
+(:func:`lrq.batchfile.read_regular`), cleanup never deletes it, and it is logged once per
+process (``foreign-entry``) and shown by ``lrq status``.
 
 Names are ``<UTC time to the microsecond>-<shortuuid>``, e.g.
 ``20261123T064512123456-Xk3pQ9aLm2Zt``: unique, and sorting by name sorts by creation (one
