@@ -136,9 +136,11 @@ class App:
             batches, items = sink.ledger_stats()
             stale = len(sp.stale_claims(q.lease))
             foreign = sp.foreign()
+            problem = sp.key_problem()
             out["queues"][q.name] = {**counts, "stale": stale,
                                      "foreign": {"count": len(foreign), "sample": [
                                          f"{p} ({w})" for p, w in list(foreign.items())[:5]]},
+                                     "key_problem": str(problem) if problem else None,
                                      "dead_letters": sink.dead_count(),
                                      "position": sp.read_position(),
                                      "ledger_batches": batches, "ledger_items": items}

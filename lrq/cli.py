@@ -232,6 +232,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if d["blocked"]:
         print(f"WARNING: no room for the next batch: {d['blocked']}")
     for name, s in st["queues"].items():
+        if s["key_problem"]:
+            print(f"WARNING: {s['key_problem']}")
         if s["foreign"]["count"]:
             print(f"WARNING: {name}: {s['foreign']['count']} entries lrq did not write (skipped; "
                   f"remove them): {', '.join(s['foreign']['sample'])}")
