@@ -259,7 +259,8 @@ class Spool:
     """One queue's folders. Safe to use from many processes at once."""
 
     def __init__(self, data_dir: Path, queue: str, *, key: bytes | None = None,
-                 previous: tuple[bytes, ...] = (), compress: str = "none", clock: Callable[[], float] = time.time,
+                 previous: tuple[bytes, ...] = (), compress: str = "none",
+                 clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
         if compress not in CODECS:
             raise ValueError(f"unknown codec {compress!r} (known: {', '.join(CODECS)})")
