@@ -388,23 +388,22 @@ class Spool:
         write_atomic(self.root / "position.json", data, self.tmp)
 
     # -- listing -------------------------------------------------------------------------
-    def files(self, folder: Path) -> Iterator[os.DirEntry[str]]:
+    def files(self, folder: Path) -> list[os.DirEntry[str]]:
         """The regular files in ``folder``. Anything else (a directory, FIFO, socket, symlink)
         is not lrq's: it is skipped and noted (:meth:`foreign`), so no listing, count, reaper
         or sweep ever opens, reads or deletes it."""
         try:
             with os.scandir(folder) as it:
-                for e in it:
-                    if is_regular(e):
-                        yield e
-                    else:
-                        try:
-                            what = kind(e.stat(follow_symlinks=False).st_mode)
-                        except FileNotFoundError:
-                            continue
-                        self.note_foreign(Path(e.path), what)
+                entries = list(it)
         except FileNotFoundError:
-            return
+            return []
+        regular = [e for e in entries if is_regular(e)]
+        if len(regular) < len(entries):  # rare: only then look at what the others are
+            for e in entries:
+                if not is_regular(e):
+                    with contextlib.suppress(FileNotFoundError):
+                        self.note_foreign(Path(e.path), kind(e.stat(follow_symlinks=False).st_mode))
+        return regular
 
     def note_foreign(self, path: Path, what: str) -> None:
         """Remember an entry lrq did not write; log it once per process."""
@@ -418,8 +417,7 @@ class Spool:
         """Entries lrq did not write that this process came across (path -> what), after
         looking through every folder once more for those a listing alone finds."""
         for folder in (self.left, self.right, self.failed, self.quarantine, self.tmp):
-            for _ in self.files(folder):
-                pass
+            self.files(folder)
         return {p: w for p, w in sorted(self._foreign.items()) if os.path.lexists(p)}
 
     def _names(self, folder: Path, suffix: str) -> set[str]:
