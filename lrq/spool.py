@@ -854,6 +854,9 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.right / name)
             return "claim released"
+        if state is State.QUARANTINED:
+            raise LrqError(f"batch {name} is quarantined (its signature did not verify); if lrq "
+                           f"wrote it, re-sign it: lrq requeue --quarantined {name}")
         raise LrqError(f"batch {name} is {state.value}; only failed or claimed batches can be requeued")
 
     def resign(self, name: str) -> None:

@@ -59,6 +59,8 @@ def test_requeue_quarantined_re_signs_only_after_confirmation(tmp_path: Path) ->
     r = lrq("-c", str(cfg), "work", "--burst")
     assert r.returncode == 1 and "quarantined" in r.stderr
     assert status(cfg)["quarantined"] == 1
+    r = lrq("-c", str(cfg), "requeue", bad.stem)
+    assert r.returncode == 1 and f"lrq requeue --quarantined {bad.stem}" in r.stderr, r.stderr
     r = requeue(cfg, bad.stem)
     assert r.returncode == 2 and "needs confirmation" in r.stderr and "--yes" in r.stderr
     assert status(cfg)["quarantined"] == 1
