@@ -46,11 +46,14 @@ def test_foreign_entries_are_skipped_and_reported_and_real_batches_go_through(
     c = sp.counts()
     assert (c.pending, c.claimed, c.done, c.failed) == (3, 0, 0, 0)
     assert sp.stale_claims(lease=0, now=sp.clock() + 100) == []
+    assert sp.claim(names[0]) is not None  # a real claim beside them, its heartbeat to go stale
+    stale = sp.stale_claims(lease=1, now=sp.clock() + 100)
+    assert [s.name for s in stale] == [names[0]]
     st = app.status()["queues"]["docs"]
-    assert st["pending"] == 3
+    assert (st["pending"], st["claimed"]) == (2, 1)
     assert st["foreign"]["count"] == len(planted)
     reports = cleanup.run(app, now=sp.clock() + 10**9)
-    assert not reports[0].skipped
+    assert not reports[0].skipped and reports[0].reclaimed == [names[0]]
     w = app.worker(q)
     w.run(burst=True)
     assert w.stats.batches == 3 and w.stats.failed == 0
