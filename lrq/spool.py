@@ -53,7 +53,10 @@ An id this data dir signed with (listed in ``<data_dir>/key-ids``) that the conf
 has means the key changed: the batch stays pending, nothing is quarantined, and the worker
 stops with :class:`~lrq.errors.KeyMismatch` (an LRQ2 file, which has no key id, counts as
 such when no pending batch verifies). ``lrq run`` and ``lrq work`` check a sample of pending
-batches the same way before claiming (:meth:`Spool.key_problem`).
+batches the same way before claiming (:meth:`Spool.key_problem`). A planted file cannot stop the queue
+this way: naming an id of ours without our key makes it "altered", any other id a stranger,
+and both are quarantined; only ids listed in ``key-ids`` (0600, in the 0700 data dir) stop a
+worker.
 
 Leases: the owner of a claim touches ``right/<name>`` (its mtime is the heartbeat) while it
 works. :meth:`Spool.stale_claims` finds claims whose owner is dead (same host, pid gone or
