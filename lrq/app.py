@@ -16,7 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from lrq import signing, sources
 from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
-from lrq.disk import Budget, Floor
+from lrq.disk import Budget, Floor, Held
 from lrq.errors import BatchCorrupt, ConfigError, SinkError
 from lrq.sink import Sink
 from lrq.sniffer import Sniffer
@@ -98,8 +98,9 @@ class App:
 
     def spool(self, q: QueueConfig) -> Spool:
         if q.name not in self._spools:
-            self._spools[q.name] = Spool(self.cfg.data_dir, q.name, key=self.key,
-                                         compress=q.compress).ensure()
+            self._spools[q.name] = Spool(
+                self.cfg.data_dir, q.name, key=self.key, compress=q.compress,
+                previous=signing.previous_keys(self.cfg.previous_secrets)).ensure()
         return self._spools[q.name]
 
     def sink(self, q: QueueConfig) -> Sink:
@@ -119,6 +120,10 @@ class App:
         self.cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return Budget(self.cfg.data_dir, list(self.cfg.queues), self.cfg.log_file,
                       self.cfg.cleanup.max_bytes, Floor.parse(self.cfg.cleanup.min_free, "min_free"))
+
+    def held(self) -> Held:
+        """What holds the data dir's filesystem (for "no room" messages)."""
+        return self.budget().held(self.spool(q).counts() for q in self.queues())
 
     def sniffer(self, q: QueueConfig) -> Sniffer:
         return Sniffer(q, self.spool(q), self.source(q), budget=self.budget())
@@ -146,26 +151,48 @@ class App:
                 f"(fields: {', '.join(fields)}); set key to one of them, or map a column to "
                 f"it in [queues.{q.name}.source] columns")
 
+    def check_keys(self) -> None:
+        """Raise :class:`~lrq.errors.KeyMismatch` when pending batches show the key changed,
+        before anything is claimed (see :meth:`lrq.spool.Spool.key_problem`)."""
+        for q in self.queues():
+            problem = self.spool(q).key_problem()
+            if problem is not None:
+                raise problem
+
     # -- reports -------------------------------------------------------------------------
     def status(self, name: str | None = None) -> dict[str, Any]:
         out: dict[str, Any] = {"data_dir": str(self.cfg.data_dir), "queues": {}}
         total = 0
+        every = []
         for q in self.queues(name):
             sp = self.spool(q)
-            counts = sp.counts().as_dict()
+            every.append(sp.counts())
+            counts = every[-1].as_dict()
             total += counts["bytes"]
-            out["queues"][q.name] = {**counts, "stale": len(sp.stale_claims(q.lease)),
+            stale = len(sp.stale_claims(q.lease))
+            foreign = sp.foreign()
+            problem = sp.key_problem()
+            out["queues"][q.name] = {**counts, "stale": stale,
+                                     "foreign": {"count": len(foreign), "sample": [
+                                         f"{p} ({w})" for p, w in list(foreign.items())[:5]]},
+                                     "key_problem": str(problem) if problem else None,
                                      "position": sp.read_position()}
             if "database" not in out:
                 self._status_db(q, out)
         out["bytes"] = total
         budget = self.budget()
-        sp = budget.space()
-        out["disk"] = {"used": budget.used(), "max_bytes": budget.max_bytes,
-                       "free_bytes": sp.free_bytes, "total_bytes": sp.total_bytes,
-                       "free_inodes": sp.free_inodes, "total_inodes": sp.total_inodes,
+        space = budget.space()
+        used = budget.used()
+        nxt = max((self.spool(q).last_batch_bytes() for q in self.queues(name)), default=0)
+        blocked = budget.blocked(used, nxt, space)
+        held = budget.held(every)
+        out["disk"] = {"used": used, "max_bytes": budget.max_bytes,
+                       "free_bytes": space.free_bytes, "total_bytes": space.total_bytes,
+                       "free_inodes": space.free_inodes, "total_inodes": space.total_inodes,
                        "min_free": self.cfg.cleanup.min_free,
-                       "below_min_free": sp.below(budget.floor)}
+                       "below_min_free": space.below(budget.floor),
+                       "blocked": blocked and f"{blocked[1]}; {held.advice()}",
+                       "held": held.as_dict()}
         return out
 
     def _status_db(self, q: QueueConfig, out: dict[str, Any]) -> None:

@@ -7,8 +7,10 @@ One pass, in order:
 2. **Sweep** files in ``tmp/`` older than ``cleanup.tmp_age`` (writers that died).
 3. **Retention**: done batches older than ``keep_done``, failed and quarantined ones older
    than ``keep_failed``.
-4. **Budget**: while the data dir is above 80% of ``max_bytes``, or free space is below
-   ``min_free``, remove done batches oldest first.
+4. **Budget**: while the sniffer could not publish its next batch
+   (:meth:`lrq.disk.Budget.blocked`: near ``max_bytes``, or free space minus the batch below
+   ``min_free``), or the data dir is above 80% of ``max_bytes``, remove done batches oldest
+   first. If that is not enough, the report and the log say what holds the space.
 
 It never removes a pending or claimed batch, nor a failed one inside ``keep_failed``: if
 those alone fill the budget, the sniffer's backpressure holds new work back instead.
@@ -16,6 +18,7 @@ Runs as ``lrq cleanup`` and as a scheduled job, one at a time per data dir (``fl
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lrq.app import App
-from lrq.disk import TRIM_AT
+from lrq.disk import Space
 from lrq.errors import AlreadyRunning
 from lrq.spool import flock
 
@@ -41,6 +44,8 @@ class Report:
     failed_removed: int = 0
     bytes_freed: int = 0
     skipped: str = ""
+    #: Set when the sniffer still has no room after trimming: why, and what holds the space.
+    still_blocked: str = ""
 
     def lines(self, dry_run: bool) -> list[str]:
         verb = "would " if dry_run else ""
@@ -51,7 +56,9 @@ class Report:
                 f"{verb}remove {self.done_removed} done batches past keep_done and "
                 f"{self.done_trimmed} more for the budget, {self.failed_removed} failed past "
                 f"keep_failed, {self.tmp_removed} orphan tmp files; "
-                f"{self.bytes_freed} bytes {'to free' if dry_run else 'freed'}"]
+                f"{self.bytes_freed} bytes {'to free' if dry_run else 'freed'}"] + (
+                    [f"{self.queue}: no room for the next batch: {self.still_blocked}"]
+                    if self.still_blocked else [])
 
     @property
     def changed(self) -> bool:
@@ -95,7 +102,7 @@ def _queue_pass(app: App, q: Any, report: Report, t: float, dry_run: bool) -> No
         if not dry_run:
             log.warning("reclaimed queue=%s batch=%s attempt=%d outcome=%s reason=%s",
                         q.name, stale.name, stale.attempt, outcome, stale.reason)
-    for entry in os.scandir(sp.tmp):
+    for entry in sp.files(sp.tmp):
         try:
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
@@ -120,29 +127,41 @@ def _queue_pass(app: App, q: Any, report: Report, t: float, dry_run: bool) -> No
 
 
 def _budget_pass(app: App, queues: list[Any], reports: dict[str, Report], dry_run: bool) -> None:
+    """Trim done batches, oldest first, while :meth:`~lrq.disk.Budget.pressure` holds: the
+    sniffer's own predicate for the next batch (sized as the newest batch file), or usage
+    above ``TRIM_AT``. A dry run counts the bytes it would free as free space."""
     budget = app.budget()
     used = budget.used()
-    why = budget.pressure(used)
+    spools = {q.name: app.spool(q) for q in queues}
+    nxt = max((sp.last_batch_bytes() for sp in spools.values()), default=0)
+    space = budget.space()
+    why = budget.pressure(used, nxt, space)
     if why is None:
         return
-    spools = {q.name: app.spool(q) for q in queues}
     oldest = sorted((done_at, qname, name) for qname, sp in spools.items()
                     for done_at, name in sp.done_batches())
-    target = TRIM_AT * budget.max_bytes
     freed = 0
     for _, qname, name in oldest:
-        if used - freed <= target and (dry_run or budget.space().below(budget.floor) is None):
+        if budget.pressure(used - freed, nxt, _after(space, freed) if dry_run else None) is None:
             break
         sp = spools[qname]
         size = _size(sp, name) if dry_run else sp.remove_done(name)
         freed += size
         reports[qname].done_trimmed += 1
         reports[qname].bytes_freed += size
-    left = budget.pressure(used - freed) if not dry_run else None
+    left = budget.pressure(used - freed, nxt, _after(space, freed) if dry_run else None)
+    if left:
+        held = budget.held(sp.counts() for sp in spools.values())
+        left = f"{left}; {held.advice()}"
+        reports[queues[0].name].still_blocked = left
     log.log(logging.WARNING if left else logging.INFO,
             "trimmed %d done batches (%d bytes) because %s%s",
             sum(r.done_trimmed for r in reports.values()), freed, why,
-            f"; still: {left} (pending and claimed batches are never removed)" if left else "")
+            f"; still: {left}" if left else "")
+
+
+def _after(space: Space, freed: int) -> Space:
+    return dataclasses.replace(space, free_bytes=space.free_bytes + freed)
 
 
 def _size(sp: Any, name: str) -> int:

@@ -72,6 +72,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     app = _app(args)
     _log_to_file(app.cfg)
     app.cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    app.check_keys()  # a changed key stops here, before the sniffer or a worker starts
     return schedule.run(app, until_idle=args.until_idle, launcher=launcher)
 
 
@@ -91,8 +92,8 @@ def cmd_sniff(args: argparse.Namespace) -> int:
             else "more to fetch"
         print(f"{q.name}: published {total} batches; source {state}")
         if sniffer.paused in ("budget", "min_free", "disk-full"):
-            print(f"lrq: {q.name}: no room on disk for more batches; run `lrq cleanup` or see "
-                  "`lrq status`", file=sys.stderr)
+            print(f"lrq: {q.name}: no room on disk for more batches ({sniffer.pause_detail}); "
+                  f"{app.held().advice()}", file=sys.stderr)
             return EXIT_PROBLEM
     return EXIT_OK
 
@@ -123,6 +124,8 @@ def _graceful(stop: threading.Event, grace: float, current: list[Any]) -> None:
 
 def cmd_work(args: argparse.Namespace) -> int:
     app = _app(args)
+    if not os.environ.get("LRQ_CHILD"):  # the scheduler checked before starting its workers
+        app.check_keys()
     stop = threading.Event()
     current: list[Any] = []
     _graceful(stop, app.cfg.grace, current)
@@ -168,6 +171,8 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     from lrq.spool import State
 
     app = _app(args)
+    if args.quarantined:
+        return _resign_quarantined(app, args)
     if not args.names and not args.failed:
         raise ConfigError("name batches to requeue, or pass --failed for every failed batch")
     spools = [app.spool(q) for q in app.queues(args.queue)]
@@ -186,6 +191,36 @@ def cmd_requeue(args: argparse.Namespace) -> int:
         print(f"lrq: no batch named {name}", file=sys.stderr)
     print(f"requeued {len(todo)} batches")
     return EXIT_PROBLEM if missing else EXIT_OK
+
+
+def _resign_quarantined(app: Any, args: argparse.Namespace) -> int:
+    """``requeue --quarantined NAME...``: re-sign after the operator confirms (see its help)."""
+    from lrq.spool import State
+
+    if not args.names:
+        raise ConfigError("name the quarantined batches to re-sign (see `lrq status`, "
+                          "`lrq show NAME`); there is no --quarantined for all of them")
+    spools = [app.spool(q) for q in app.queues(args.queue)]
+    todo = []
+    for name in args.names:
+        sp = next((sp for sp in spools if sp.state(name) is State.QUARANTINED), None)
+        if sp is None:
+            raise ConfigError(f"no quarantined batch named {name}")
+        todo.append((sp, name))
+    if not args.yes:
+        if not sys.stdin.isatty():
+            raise ConfigError("re-signing quarantined batches needs confirmation: run it on a "
+                              "terminal, or pass --yes")
+        print(f"Re-sign {len(todo)} quarantined batch(es) with the current key? Workers will then "
+              "unpickle them, which runs any code a forged file carries: confirm only files "
+              "you know lrq wrote. [y/N] ", end="", flush=True)
+        if sys.stdin.readline().strip().lower() not in ("y", "yes"):
+            print("nothing re-signed")
+            return EXIT_PROBLEM
+    for sp, name in todo:
+        sp.resign(name)
+        print(f"{sp.queue}: {name}: re-signed, pending again")
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -211,6 +246,14 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"({d['used'] / max(d['max_bytes'], 1):.0%}); filesystem free {_human(d['free_bytes'])} "
           f"of {_human(d['total_bytes'])}, {d['free_inodes']} inodes; min_free {d['min_free']}"
           + (f"  WARNING: {d['below_min_free']}" if d["below_min_free"] else ""))
+    if d["blocked"]:
+        print(f"WARNING: no room for the next batch: {d['blocked']}")
+    for name, s in st["queues"].items():
+        if s["key_problem"]:
+            print(f"WARNING: {s['key_problem']}")
+        if s["foreign"]["count"]:
+            print(f"WARNING: {name}: {s['foreign']['count']} entries lrq did not write (skipped; "
+                  f"remove them): {', '.join(s['foreign']['sample'])}")
     if down:
         print(f"database unreachable: {st['database']['error']}")
         return EXIT_PROBLEM
@@ -421,6 +464,12 @@ def parser() -> argparse.ArgumentParser:
     rq = add("requeue", cmd_requeue, "put failed (or stuck claimed) batches back to pending")
     rq.add_argument("names", nargs="*", metavar="NAME")
     rq.add_argument("--failed", action="store_true", help="every failed batch")
+    rq.add_argument("--quarantined", action="store_true",
+                    help="re-sign the named quarantined batches with the current key and make "
+                         "them pending (only the signature is recomputed; nothing is unpickled "
+                         "until a worker takes them): asks first; confirm only files lrq wrote")
+    rq.add_argument("--yes", action="store_true",
+                    help="with --quarantined: no question (for scripts)")
     rq.add_argument("--queue", help="only this queue")
     sh = add("show", cmd_show, "inspect one batch")
     sh.add_argument("name")

@@ -106,6 +106,8 @@ class Config:
     log_backups: int = 5
     #: Key that signs batch files; else env LRQ_SECRET, else <data_dir>/secret.key (generated).
     secret: str | None = None
+    #: Earlier keys that still verify batch files (rotation); also env LRQ_PREVIOUS_SECRETS.
+    previous_secrets: tuple[str, ...] = ()
 
     def queue(self, name: str | None) -> list[QueueConfig]:
         """The named queue (or every queue when ``name`` is None)."""
@@ -276,7 +278,12 @@ def from_dict(raw: dict[str, Any], path: Path, env: dict[str, str] | None = None
     where = str(path)
     _take(raw, {"data_dir": str, "db_url": str, "queues": dict, "cleanup": dict,
                 "interval": (int, float), "grace": (int, float), "log_file": str,
-                "log_max_bytes": (int, str), "log_backups": int, "secret": str}, where)
+                "log_max_bytes": (int, str), "log_backups": int, "secret": str,
+                "previous_secrets": list}, where)
+    previous = raw.get("previous_secrets", [])
+    if not all(isinstance(x, str) and x for x in previous):
+        raise ConfigError(f"{where}: previous_secrets must be a list of non-empty strings "
+                          '(earlier values of `secret`), e.g. previous_secrets = ["old key"]')
     base = path.parent
     data_dir = base / env.get("LRQ_DATA_DIR", raw.get("data_dir", "data"))
     db_url = env.get("LRQ_DB_URL") or raw.get("db_url") or f"sqlite:///{data_dir / 'results.db'}"
@@ -300,6 +307,7 @@ def from_dict(raw: dict[str, Any], path: Path, env: dict[str, str] | None = None
         grace=positive(float(raw.get("grace", Config.grace)), f"{where}: grace"), log_file=log_file,
         log_max_bytes=parse_bytes(raw.get("log_max_bytes", Config.log_max_bytes), "log_max_bytes"),
         log_backups=raw.get("log_backups", Config.log_backups), secret=raw.get("secret"),
+        previous_secrets=tuple(previous),
     )
 
 

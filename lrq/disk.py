@@ -4,13 +4,19 @@
 and its own log files. Database files are not counted: results are the point, and cleanup
 cannot delete them. The free-space floor (``min_free``) guards the filesystem as a whole,
 whatever fills it.
+
+:meth:`Budget.blocked` is the one predicate for "no room for the next batch": the sniffer
+pauses on it and cleanup trims done batches until it clears, so cleanup never stops short of
+what the sniffer waits for. When no done batch is left to trim, :class:`Held` says what
+holds the space (pending, claimed, failed batches, tmp, logs, other files).
 """
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Iterable
 
 from lrq.errors import ConfigError
 
@@ -87,9 +93,9 @@ def tree_bytes(path: Path) -> int:
     return total
 
 
-def usage(data_dir: Path, queues: list[str], log_file: Path | None) -> int:
-    """Bytes lrq holds in the data dir: the queue folders and its log files."""
-    total = sum(tree_bytes(data_dir / q / f) for q in queues for f in QUEUE_FOLDERS)
+def log_bytes(log_file: Path | None) -> int:
+    """Bytes of lrq's log file and its rotated copies."""
+    total = 0
     if log_file is not None:
         for p in log_file.parent.glob(log_file.name + "*"):
             try:
@@ -97,6 +103,46 @@ def usage(data_dir: Path, queues: list[str], log_file: Path | None) -> int:
             except FileNotFoundError:
                 pass
     return total
+
+
+def usage(data_dir: Path, queues: list[str], log_file: Path | None) -> int:
+    """Bytes lrq holds in the data dir: the queue folders and its log files."""
+    return (sum(tree_bytes(data_dir / q / f) for q in queues for f in QUEUE_FOLDERS)
+            + log_bytes(log_file))
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+@dataclass(frozen=True)
+class Held:
+    """What holds the data dir's filesystem, in bytes: lrq's batches by state, its tmp files
+    and logs, and everything else on the filesystem (databases, other programs' files)."""
+
+    pending: int
+    claimed: int
+    done: int
+    failed: int
+    tmp: int
+    logs: int
+    other: int
+    free: int
+
+    def describe(self) -> str:
+        return (f"pending batches {mb(self.pending)}, claimed {mb(self.claimed)}, "
+                f"done {mb(self.done)}, failed and quarantined {mb(self.failed)}, "
+                f"tmp {mb(self.tmp)}, logs {mb(self.logs)}, other files on the filesystem "
+                f"{mb(self.other)}; free {mb(self.free)}")
+
+    def advice(self) -> str:
+        """What an operator can do about a full disk, given what holds it."""
+        if self.done:
+            return f"run `lrq cleanup`: done batches hold {mb(self.done)}"
+        return f"nothing cleanup may remove holds it: {self.describe()}"
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
 
 
 class Budget:
@@ -116,8 +162,37 @@ class Budget:
     def space(self) -> Space:
         return space(self.data_dir)
 
-    def pressure(self, used: int) -> str | None:
-        """Why cleanup should trim done batches now (before their ``keep_done``), or None."""
+    def blocked(self, used: int, next_bytes: int,
+                space: Space | None = None) -> tuple[str, str] | None:
+        """Why a batch of ``next_bytes`` cannot be published now, as (``"budget"`` or
+        ``"min_free"``, detail), or None. ``used`` is :meth:`used`; ``space`` defaults to a
+        fresh look at the filesystem."""
+        # Two batches of headroom under max_bytes: usage is counted once per sniffer tick,
+        # while workers add claims and markers, logs grow, and the next batch may be larger.
+        if used + 2 * next_bytes > self.max_bytes:
+            return "budget", (f"the data dir holds {used} bytes; the next batch would leave "
+                              f"less than a batch of room under max_bytes {self.max_bytes}")
+        below = (space or self.space()).below(self.floor, next_bytes)
+        return ("min_free", below) if below else None
+
+    def pressure(self, used: int, next_bytes: int = 0, space: Space | None = None) -> str | None:
+        """Why cleanup should trim done batches now (before their ``keep_done``), or None:
+        the sniffer is (or would be) :meth:`blocked`, or usage is above ``TRIM_AT``."""
+        blocked = self.blocked(used, next_bytes, space)
+        if blocked:
+            return blocked[1]
         if used > TRIM_AT * self.max_bytes:
             return f"data dir holds {used} bytes, over {TRIM_AT:.0%} of max_bytes {self.max_bytes}"
-        return self.space().below(self.floor)
+        return None
+
+    def held(self, counts: Iterable[Any]) -> Held:
+        """What holds the space, from every queue's :class:`~lrq.spool.Counts`."""
+        counts = list(counts)
+        sp = self.space()
+        used = self.used()
+        return Held(pending=sum(c.pending_bytes for c in counts),
+                    claimed=sum(c.claimed_bytes for c in counts),
+                    done=sum(c.done_bytes for c in counts),
+                    failed=sum(c.failed_bytes for c in counts),
+                    tmp=sum(c.tmp_bytes for c in counts), logs=log_bytes(self.log_file),
+                    other=max(0, sp.total_bytes - sp.free_bytes - used), free=sp.free_bytes)

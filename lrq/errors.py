@@ -28,6 +28,16 @@ class BatchCorrupt(LrqError):
         super().__init__(f"batch file {path} is corrupt: {reason}")
 
 
+class ForeignEntry(LrqError):
+    """An entry in a queue folder that lrq did not write: a directory, FIFO, socket, symlink
+    or unreadable file. It is skipped and reported, never read, followed or deleted."""
+
+    def __init__(self, path: object, what: str) -> None:
+        self.path = path
+        self.what = what
+        super().__init__(f"{path} is {what}: not lrq's; remove it")
+
+
 class ClaimLost(LrqError):
     """A worker no longer owns the batch it is processing."""
 
@@ -50,6 +60,20 @@ class AlreadyRunning(LrqError):
 
 class BatchUnsigned(BatchCorrupt):
     """A batch file's signature does not match: lrq did not write it (or it was altered)."""
+
+
+class KeyMismatch(ConfigError):
+    """A batch file was signed with a key this configuration does not have (the key changed):
+    the files are fine, the key is wrong, so nothing is quarantined."""
+
+    def __init__(self, queue: str, name: str, key_id: str | None) -> None:
+        self.queue = queue
+        self.name = name
+        which = f"key id {key_id}" if key_id else "no configured key verifies it"
+        super().__init__(
+            f"queue {queue}: batch {name} was signed with another key ({which}); nothing was "
+            "quarantined. Set `secret` (or LRQ_SECRET) back to the key that wrote it, or add "
+            "that key to `previous_secrets` (or LRQ_PREVIOUS_SECRETS)")
 
 
 class Retryable(LrqError):

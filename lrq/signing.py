@@ -2,6 +2,11 @@
 
 The key comes from ``secret`` in the config, else ``LRQ_SECRET``, else ``<data_dir>/secret.key``,
 which the first process to need it creates (32 random bytes, mode 0600).
+
+Rotation: keys listed in ``previous_secrets`` (config) or ``LRQ_PREVIOUS_SECRETS``
+(comma-separated) still verify batch files; only the current key signs. Each file names its
+key by a *key id* (:func:`key_id`, a short HMAC of a fixed string, which reveals nothing of
+the key), so a file signed with a key lrq does not have is told apart from an altered one.
 """
 from __future__ import annotations
 
@@ -10,10 +15,26 @@ import hmac
 import os
 import secrets
 from pathlib import Path
+from typing import Iterable
 
 DIGEST = hashlib.sha256
 SIZE = DIGEST().digest_size
 KEY_FILE = "secret.key"
+KEY_ID_SIZE = 8
+PREVIOUS_ENV = "LRQ_PREVIOUS_SECRETS"
+
+
+def key_id(key: bytes) -> bytes:
+    """A key's id in batch headers: the first 8 bytes of HMAC(key, a fixed string)."""
+    return hmac.new(key, b"lrq batch-file key id", DIGEST).digest()[:KEY_ID_SIZE]
+
+
+def previous_keys(secrets_: Iterable[str] = (), env: dict[str, str] | None = None) -> tuple[bytes, ...]:
+    """Keys that still verify (rotation): the config's ``previous_secrets``, then
+    ``LRQ_PREVIOUS_SECRETS`` split on commas."""
+    env = os.environ if env is None else env
+    listed = [*secrets_, *env.get(PREVIOUS_ENV, "").split(",")]
+    return tuple(dict.fromkeys(s.strip().encode() for s in listed if s.strip()))
 
 
 def sign(key: bytes, data: bytes | memoryview) -> bytes:

@@ -8,8 +8,9 @@ and a crash then re-publishes at most that much, which is absorbed the same way.
 
 Backpressure: the sniffer stops prefetching while ``max_pending`` batches (or bytes; one
 batch may always wait, however large, or a byte limit below one batch would stall) wait,
-while the next batch would take the data dir past ``cleanup.max_bytes``, or while free space
-(bytes or inodes) is below ``cleanup.min_free``. A write that still hits ENOSPC/EDQUOT
+or while :meth:`lrq.disk.Budget.blocked` says the next batch does not fit (the data dir near
+``cleanup.max_bytes``, or free space minus the next batch below ``cleanup.min_free``); cleanup
+trims done batches on that same predicate. A write that still hits ENOSPC/EDQUOT
 leaves nothing behind, acknowledges nothing, and backs off. Each pause is logged once, and
 so is the resume.
 """
@@ -45,6 +46,8 @@ class Sniffer:
         self.drained = False
         #: Why prefetching is paused ("max_pending", "budget", "min_free", "disk-full"), or None.
         self.paused: str | None = None
+        #: The pause's detail, for the operator.
+        self.pause_detail = ""
         self.last_bytes = 0
         #: Called after each batch is published (the scheduler starts workers from it, so
         #: they need not wait for a long tick to end).
@@ -135,23 +138,14 @@ class Sniffer:
         if q.max_pending_bytes is not None and pending and pending_bytes + nxt > q.max_pending_bytes:
             return "max_pending", (f"pending batches hold {pending_bytes} bytes "
                                    f"(max_pending {q.max_pending_bytes} bytes)")
-        if self.budget is None:
-            return None
-        # Two batches of headroom: usage is counted once per tick, while workers add claims
-        # and markers, logs grow, and the next batch may be larger than the last.
-        if used + 2 * nxt > self.budget.max_bytes:
-            return "budget", (f"the data dir holds {used} bytes; the next batch would leave "
-                              f"less than a batch of room under max_bytes {self.budget.max_bytes}")
-        below = self.budget.space().below(self.budget.floor, nxt)
-        if below:
-            return "min_free", below
-        return None
+        return self.budget.blocked(used, nxt) if self.budget else None
 
     def _pause(self, why: str, detail: str) -> None:
         if self.paused != why:
             level = logging.INFO if why == "max_pending" else logging.WARNING
             log.log(level, "paused queue=%s reason=%s: %s", self.queue.name, why, detail)
         self.paused = why
+        self.pause_detail = detail
 
     def _resume(self, pending: int) -> None:
         if self.paused:

@@ -12,7 +12,14 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
     failed/<name>.pkl    a batch that could not be processed, beside failed/<name>.error
     quarantine/<name>.pkl a file whose signature did not verify: never unpickled
     position.json        the source position, advanced only after the batch file is durable
+    ../key-ids           ids of the keys this data dir has signed batches with, one per line
     <job>.lock           flock files making the sniffer (and the scheduler) single per folder
+
+Only regular files are lrq's. Anything else in these folders (a directory, FIFO, socket,
+symlink, or a file that cannot be read) is a *foreign entry*: every listing skips it, no
+reader opens it in a way that could block or follow it
+(:func:`lrq.batchfile.read_regular`), cleanup never deletes it, and it is logged once per
+process (``foreign-entry``) and shown by ``lrq status``.
 
 Names are ``<UTC time to the microsecond>-<shortuuid>``, e.g.
 ``20261123T064512123456-Xk3pQ9aLm2Zt``: unique, and sorting by name sorts by creation (one
@@ -33,13 +40,26 @@ those is pending does it list ``left/`` and ``right/`` in full and cache that. A
 lists and sorts both folders whenever its cache is used up, so a process's first one costs
 O(backlog). A pick answers "nothing pending" only after a full listing.
 
-Batch file: the magic ``LRQ2\\n``, an HMAC-SHA256 (32 bytes) of everything after it, one
-codec byte (0 none, 1 zlib, 2 zstd), then the pickle of ``{"name", "queue", "created",
-"position", "items"}`` compressed with that codec. The signature is checked before anything
-is decompressed or unpickled, so only files written with this data dir's key are read.
+Batch file: the magic ``LRQ3\\n``, the signing key's id (8 bytes, :func:`lrq.signing.key_id`),
+an HMAC-SHA256 (32 bytes) of everything after it, one codec byte (0 none, 1 zlib, 2 zstd),
+then the pickle of ``{"name", "queue", "created", "position", "items"}`` compressed with
+that codec. The signature is checked before anything is decompressed or unpickled, so only
+files written with one of this data dir's keys (``secret``, ``previous_secrets``) are read.
+Files of the older ``LRQ2\\n`` format (no key id) are still read.
 Optional keys, absent from files that do not need them (and from files written before them),
 read as their default: ``"replace_dead": True`` marks a batch ``lrq retry-dead`` published
 from dead letters; storing it removes those keys' old dead letters in the same transaction.
+
+A file whose signature fails is judged by its key id: one of ours with a failing HMAC was
+altered, and one never used here was not written by lrq: both are moved to ``quarantine/``.
+An id this data dir signed with (listed in ``<data_dir>/key-ids``) that the config no longer
+has means the key changed: the batch stays pending, nothing is quarantined, and the worker
+stops with :class:`~lrq.errors.KeyMismatch` (an LRQ2 file, which has no key id, counts as
+such when no pending batch verifies). ``lrq run`` and ``lrq work`` check a sample of pending
+batches the same way before claiming (:meth:`Spool.key_problem`). A planted file cannot stop the queue
+this way: naming an id of ours without our key makes it "altered", any other id a stranger,
+and both are quarantined; only ids listed in ``key-ids`` (0600, in the 0700 data dir) stop a
+worker.
 
 Leases: the owner of a claim touches ``right/<name>`` (its mtime is the heartbeat) while it
 works. :meth:`Spool.stale_claims` finds claims whose owner is dead (same host, pid gone or
@@ -69,13 +89,14 @@ import fcntl
 import functools
 import itertools
 import json
+import logging
 import os
 import pickle
 import random
 import secrets
 import socket
+import stat
 import time
-import zlib
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,21 +105,28 @@ from typing import Any, Callable, Iterator
 import shortuuid
 
 from lrq import failpoints, signing
-from lrq.errors import AlreadyRunning, BatchCorrupt, BatchUnsigned, LrqError
+from lrq.batchfile import (CODECS, MAGIC, check, compress, decompress,  # noqa: F401 (MAGIC)
+                           is_regular, key_id_in, kind, read_regular, seal)
+from lrq.errors import (AlreadyRunning, BatchCorrupt, BatchUnsigned, ForeignEntry, KeyMismatch,
+                        LrqError)
 
-MAGIC = b"LRQ2\n"
+log = logging.getLogger(__name__)
+
+#: Where a data dir lists the ids of the keys it has signed batches with.
+KEY_IDS = "key-ids"
+#: Pending batches the start-up key check reads.
+KEY_SAMPLE = 16
 SUFFIX = ".pkl"
 DONE = ".done"
 ERROR = ".error"
 ATTEMPT = ".attempt"
-#: Batch-file codecs (the byte after the signature). zstd is the default: on sample batches
-#: it keeps 26% of the pickle at ~300 MB/s (bench/compression.py); zlib needs 2.3x the CPU.
-CODECS = {"none": 0, "zlib": 1, "zstd": 2}
 #: Entries of ``left/`` a random pick with no names cached samples before listing them all.
 PROBE = 64
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 _uuid = shortuuid.ShortUUID()
+#: Foreign entries already logged by this process (each is logged once, however often seen).
+_WARNED: set[str] = set()
 
 
 class State(enum.Enum):
@@ -163,28 +191,6 @@ class Counts:
         return asdict(self)
 
 
-def _compress(codec: int, data: bytes) -> bytes:
-    if codec == 1:
-        return zlib.compress(data, 1)
-    if codec == 2:
-        import zstandard
-
-        return zstandard.ZstdCompressor(level=3).compress(data)
-    return data
-
-
-def _decompress(codec: int, data: memoryview) -> bytes | memoryview:
-    if codec == 0:
-        return data
-    if codec == 1:
-        return zlib.decompress(data)
-    if codec == 2:
-        import zstandard
-
-        return zstandard.ZstdDecompressor().decompress(data)
-    raise ValueError(f"unknown codec byte {codec}")
-
-
 def process_start() -> int:
     """This process's start time in clock ticks since boot (tells a reused pid apart).
 
@@ -221,7 +227,7 @@ def _entries_from(fd: int, offset: int, limit: int) -> list[str]:
     """Up to ``limit`` names of the directory open at ``fd``, read from ``offset`` on."""
     os.lseek(fd, offset, os.SEEK_SET)
     with os.scandir(fd) as it:
-        return [e.name for e in itertools.islice(it, limit)]
+        return [e.name for e in itertools.islice(it, limit) if is_regular(e)]
 
 
 def fsync_dir(path: Path) -> None:
@@ -261,7 +267,8 @@ class Spool:
     """One queue's folders. Safe to use from many processes at once."""
 
     def __init__(self, data_dir: Path, queue: str, *, key: bytes | None = None,
-                 compress: str = "none", clock: Callable[[], float] = time.time,
+                 previous: tuple[bytes, ...] = (), compress: str = "none",
+                 clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
         if compress not in CODECS:
             raise ValueError(f"unknown codec {compress!r} (known: {', '.join(CODECS)})")
@@ -274,11 +281,16 @@ class Spool:
         self.failed = self.root / "failed"
         self.quarantine = self.root / "quarantine"
         self._key = key
+        self._previous = previous
+        self._keys: dict[bytes, bytes] | None = None
+        self._key_noted = False
         self.clock = clock
         self.rng = rng or random.Random()
         self._last_us = 0
         self._candidates: list[str] = []
         self._none_pending_at: tuple[int, int] | None = None
+        #: Entries lrq did not write, seen by this process: path -> what it is.
+        self._foreign: dict[str, str] = {}
 
     def ensure(self) -> "Spool":
         for d in (self.root.parent, self.root, self.left, self.right, self.tmp, self.failed,
@@ -291,6 +303,68 @@ class Spool:
         if self._key is None:
             self._key = signing.load_key(None, self.root.parent)
         return self._key
+
+    @property
+    def keys(self) -> dict[bytes, bytes]:
+        """Every key that verifies, by key id, the current one first."""
+        if self._keys is None:
+            self._keys = {signing.key_id(k): k for k in (self.key, *self._previous)}
+        return self._keys
+
+    def seen_key_ids(self) -> set[bytes]:
+        """Ids of every key this data dir has signed batches with."""
+        try:
+            text = read_regular(self.root.parent / KEY_IDS).decode(errors="replace")
+        except (FileNotFoundError, ForeignEntry):
+            return set()
+        out = set()
+        for line in text.split():
+            with contextlib.suppress(ValueError):
+                out.add(bytes.fromhex(line))
+        return out
+
+    def _signed(self, payload: bytes) -> bytes:
+        """A batch file around ``payload`` (codec byte + body), signed with the current key.
+
+        Before the first file a key signs, its id is added to ``<data_dir>/key-ids``: a later
+        reader without that key then knows the key changed (stop, quarantine nothing), where
+        a key id never used here marks a file lrq did not write (quarantine it)."""
+        kid = next(iter(self.keys))
+        if not self._key_noted:
+            if kid not in self.seen_key_ids():
+                fd = os.open(self.root.parent / KEY_IDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+                             FILE_MODE)
+                try:
+                    os.write(fd, kid.hex().encode() + b"\n")  # one small append: atomic
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            self._key_noted = True
+        return seal(self.key, kid, payload)
+
+    def _signature(self, data: bytes) -> tuple[str, int]:
+        """:func:`lrq.batchfile.check` with this spool's keys."""
+        return check(data, self.keys, self.seen_key_ids)
+
+    def key_problem(self) -> KeyMismatch | None:
+        """A key mismatch shown by a sample of pending batches, or None: a batch signed with
+        a key this data dir used but the config lacks, or old (LRQ2) batches none of which
+        verifies. Checked before ``lrq run`` and ``lrq work`` claim anything."""
+        claims = self._claims()
+        names = [n for n in self._sample_left() if n not in claims][:KEY_SAMPLE]
+        verified, unverified = False, []
+        for name in names:
+            try:
+                data = read_regular(self.left / f"{name}{SUFFIX}")
+            except (FileNotFoundError, ForeignEntry):
+                continue
+            verdict, _ = self._signature(data)
+            if verdict == "other-key":
+                return KeyMismatch(self.queue, name, key_id_in(data))
+            verified |= verdict == "ok"
+            if verdict == "unverified":
+                unverified.append(name)
+        return KeyMismatch(self.queue, unverified[0], None) if unverified and not verified else None
 
     # -- names ---------------------------------------------------------------------------
     def new_name(self) -> str:
@@ -309,15 +383,14 @@ class Spool:
         if replace_dead:
             body["replace_dead"] = True
         codec = CODECS[self.compress]
-        payload = bytes([codec]) + _compress(codec, pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL))
-        data = MAGIC + signing.sign(self.key, payload) + payload
-        write_atomic(self.left / f"{name}{SUFFIX}", data, self.tmp)
+        payload = bytes([codec]) + compress(codec, pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL))
+        write_atomic(self.left / f"{name}{SUFFIX}", self._signed(payload), self.tmp)
         failpoints.hit("sniff-after-rename")
         return name
 
     def read_position(self) -> Any:
         try:
-            return json.loads((self.root / "position.json").read_text())["position"]
+            return json.loads(read_regular(self.root / "position.json"))["position"]
         except FileNotFoundError:
             return None
 
@@ -326,12 +399,41 @@ class Spool:
         write_atomic(self.root / "position.json", data, self.tmp)
 
     # -- listing -------------------------------------------------------------------------
-    def _names(self, folder: Path, suffix: str) -> set[str]:
+    def files(self, folder: Path) -> list[os.DirEntry[str]]:
+        """The regular files in ``folder``. Anything else (a directory, FIFO, socket, symlink)
+        is not lrq's: it is skipped and noted (:meth:`foreign`), so no listing, count, reaper
+        or sweep ever opens, reads or deletes it."""
         try:
-            return {e.name[: -len(suffix)] if suffix else e.name
-                    for e in os.scandir(folder) if e.name.endswith(suffix)}
+            with os.scandir(folder) as it:
+                entries = list(it)
         except FileNotFoundError:
-            return set()
+            return []
+        regular = [e for e in entries if is_regular(e)]
+        if len(regular) < len(entries):  # rare: only then look at what the others are
+            for e in entries:
+                if not is_regular(e):
+                    with contextlib.suppress(FileNotFoundError):
+                        self.note_foreign(Path(e.path), kind(e.stat(follow_symlinks=False).st_mode))
+        return regular
+
+    def note_foreign(self, path: Path, what: str) -> None:
+        """Remember an entry lrq did not write; log it once per process."""
+        self._foreign[str(path)] = what
+        if str(path) not in _WARNED:
+            _WARNED.add(str(path))
+            log.warning("foreign-entry queue=%s path=%s what=%s: not lrq's; remove it",
+                        self.queue, path, what)
+
+    def foreign(self) -> dict[str, str]:
+        """Entries lrq did not write that this process came across (path -> what), after
+        looking through every folder once more for those a listing alone finds."""
+        for folder in (self.left, self.right, self.failed, self.quarantine, self.tmp):
+            self.files(folder)
+        return {p: w for p, w in sorted(self._foreign.items()) if os.path.lexists(p)}
+
+    def _names(self, folder: Path, suffix: str) -> set[str]:
+        return {e.name[: -len(suffix)] if suffix else e.name
+                for e in self.files(folder) if e.name.endswith(suffix)}
 
     def _claims(self) -> set[str]:
         return {n for n in self._names(self.right, "") if "." not in n}
@@ -345,15 +447,11 @@ class Spool:
         """(pending batches, their bytes), statting only the pending files."""
         claims = self._claims()
         count = size = 0
-        try:
-            with os.scandir(self.left) as it:
-                for e in it:
-                    if e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claims:
-                        with contextlib.suppress(FileNotFoundError):
-                            size += e.stat(follow_symlinks=False).st_size
-                            count += 1
-        except FileNotFoundError:
-            pass
+        for e in self.files(self.left):
+            if e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claims:
+                with contextlib.suppress(FileNotFoundError):
+                    size += e.stat(follow_symlinks=False).st_size
+                    count += 1
         return count, size
 
     def has_pending(self) -> bool:
@@ -368,9 +466,8 @@ class Spool:
         if stamps == self._none_pending_at:
             return False
         claimed = self._claims()
-        with os.scandir(self.left) as it:
-            found = any(e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claimed
-                        for e in it)
+        found = any(e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claimed
+                    for e in self.files(self.left))
         settled_before = time.time_ns() - 1_000_000_000
         self._none_pending_at = stamps if not found and max(stamps) < settled_before else None
         return found
@@ -398,13 +495,9 @@ class Spool:
         sizes: dict[Path, dict[str, int]] = {}
         for folder in (self.left, self.right, self.failed, self.quarantine, self.tmp):
             found = sizes[folder] = {}
-            try:
-                with os.scandir(folder) as it:
-                    for e in it:
-                        with contextlib.suppress(FileNotFoundError):
-                            found[e.name] = e.stat(follow_symlinks=False).st_size
-            except FileNotFoundError:
-                pass
+            for e in self.files(folder):
+                with contextlib.suppress(FileNotFoundError):
+                    found[e.name] = e.stat(follow_symlinks=False).st_size
         right = sizes[self.right]
         done = {n[: -len(DONE)] for n in right if n.endswith(DONE)}
         claims = {n for n in right if "." not in n}
@@ -425,6 +518,14 @@ class Spool:
             done_bytes=by_state[State.DONE][1], failed_bytes=bad,
             tmp_bytes=sum(sizes[self.tmp].values()))
 
+    def last_batch_bytes(self) -> int:
+        """Size of the newest batch file in ``left/`` (any state): cleanup's estimate of the
+        sniffer's next batch."""
+        names = self._names(self.left, SUFFIX)
+        with contextlib.suppress(FileNotFoundError):
+            return (self.left / f"{max(names)}{SUFFIX}").stat().st_size if names else 0
+        return 0
+
     # -- retention -----------------------------------------------------------------------
     def done_batches(self) -> list[tuple[float, str]]:
         """``(done time, name)`` of every done batch, oldest first."""
@@ -439,31 +540,34 @@ class Spool:
         first: until the markers go too, the batch still reads as done, never as pending."""
         if not self.is_done(name):
             raise LrqError(f"batch {name} is not done; cleanup never removes it")
-        freed = 0
-        for path in (self.left / f"{name}{SUFFIX}", self.right / f"{name}{ATTEMPT}",
-                     self.right / name, self.right / f"{name}{DONE}"):
-            with contextlib.suppress(FileNotFoundError):
-                freed += path.stat().st_size
-                path.unlink()
-        return freed
+        return sum(self._remove(path) for path in (
+            self.left / f"{name}{SUFFIX}", self.right / f"{name}{ATTEMPT}", self.right / name,
+            self.right / f"{name}{DONE}"))
+
+    def _remove(self, path: Path) -> int:
+        """Unlink a file of lrq's and return its size; leave (and note) anything else."""
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                self.note_foreign(path, kind(st.st_mode))
+                return 0
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return st.st_size
 
     def failed_batches(self) -> list[tuple[float, Path]]:
         """``(failed time, batch file)`` in ``failed/`` and ``quarantine/``, oldest first."""
         out = []
         for folder in (self.failed, self.quarantine):
-            for path in folder.glob(f"*{SUFFIX}"):
+            for path in (Path(e.path) for e in self.files(folder) if e.name.endswith(SUFFIX)):
                 err = folder / f"{path.stem}{ERROR}"
                 with contextlib.suppress(FileNotFoundError):
                     out.append(((err if err.exists() else path).stat().st_mtime, path))
         return sorted(out)
 
     def remove_failed(self, path: Path) -> int:
-        freed = 0
-        for p in (path, path.with_suffix(ERROR)):
-            with contextlib.suppress(FileNotFoundError):
-                freed += p.stat().st_size
-                p.unlink()
-        return freed
+        return self._remove(path) + self._remove(path.with_suffix(ERROR))
 
     def state(self, name: str) -> State:
         if (self.right / f"{name}{DONE}").exists():
@@ -515,9 +619,12 @@ class Spool:
     def attempts(self, name: str) -> dict[str, Any]:
         """``{"attempts": n, "history": [...]}``: attempts that ended without finishing."""
         try:
-            return json.loads((self.right / f"{name}{ATTEMPT}").read_text())
+            return json.loads(read_regular(self.right / f"{name}{ATTEMPT}"))
+        except ForeignEntry as e:
+            self.note_foreign(e.path, e.what)
         except (FileNotFoundError, ValueError):
-            return {"attempts": 0, "history": []}
+            pass
+        return {"attempts": 0, "history": []}
 
     def _record_attempt(self, claim: Claim, reason: str) -> dict[str, Any]:
         record = self.attempts(claim.name)
@@ -542,8 +649,8 @@ class Spool:
         """Is ``right/<name>`` still this claim (same token)? Asked before every commit and
         heartbeat, so only the token is looked at, not the whole record rebuilt."""
         try:
-            return json.loads((self.right / claim.name).read_bytes())["token"] == claim.token
-        except (FileNotFoundError, ValueError, KeyError, TypeError):  # gone, or not lrq's
+            return json.loads(read_regular(self.right / claim.name))["token"] == claim.token
+        except (FileNotFoundError, ForeignEntry, ValueError, KeyError, TypeError):  # not lrq's
             return False
 
     def read_claim(self, name: str) -> Claim | None:
@@ -612,20 +719,31 @@ class Spool:
         for folder in (self.left, self.failed, self.quarantine):
             path = folder / f"{name}{SUFFIX}"
             try:
-                data = path.read_bytes()
+                data = read_regular(path)
                 break
             except FileNotFoundError:
                 continue
+            except ForeignEntry as e:  # a worker moves it to failed/, out of the way
+                self.note_foreign(path, e.what)
+                raise BatchCorrupt(path, f"cannot be read: it is {e.what}") from e
         else:
             raise FileNotFoundError(f"batch {name} is not in {self.left}, {self.failed} or {self.quarantine}")
-        if not data.startswith(MAGIC):
-            raise BatchUnsigned(path, "not an lrq batch file (bad magic); not unpickled")
+        verdict, start = self._signature(data)
+        if verdict == "other-key":
+            raise KeyMismatch(self.queue, name, key_id_in(data))
+        if verdict == "unverified" and self.key_problem() is not None:
+            raise KeyMismatch(self.queue, name, None)  # no pending batch verifies: the key
+        if verdict != "ok":
+            raise BatchUnsigned(path, {
+                "foreign": "not an lrq batch file (bad magic or truncated header)",
+                "altered": "signature does not match its key: the file was altered",
+                "stranger": "signature does not match: signed with a key this data dir never "
+                            f"used (key id {key_id_in(data)})",
+                "unverified": "signature does not match this data dir's keys",
+            }[verdict] + "; not unpickled")
         view = memoryview(data)
-        start = len(MAGIC) + signing.SIZE
-        if len(data) <= start or not signing.valid(self.key, view[start:], data[len(MAGIC):start]):
-            raise BatchUnsigned(path, "signature does not match this data dir's key; not unpickled")
         try:
-            body = pickle.loads(_decompress(data[start], view[start + 1:]))
+            body = pickle.loads(decompress(data[start], view[start + 1:]))
             return Batch(name=body["name"], queue=body["queue"], created=body["created"],
                          position=body["position"], items=body["items"],
                          replace_dead=bool(body.get("replace_dead", False)))
@@ -683,9 +801,12 @@ class Spool:
         for name in self.claimed():
             try:
                 beat = (self.right / name).stat().st_mtime
+                c = self.read_claim(name)
             except FileNotFoundError:
                 continue
-            c = self.read_claim(name)
+            except ForeignEntry as e:  # e.g. unreadable: skipped, never reaped or deleted
+                self.note_foreign(e.path, e.what)
+                continue
             if c is None:
                 # Not written by this lrq (claims are linked in whole): wait out the lease.
                 if now - beat > lease:
@@ -726,7 +847,7 @@ class Spool:
     @staticmethod
     def read_claim_file(path: Path) -> Claim | None:
         try:
-            return Claim(**json.loads(path.read_text()))
+            return Claim(**json.loads(read_regular(path)))
         except (FileNotFoundError, ValueError, TypeError):
             return None
 
@@ -745,13 +866,36 @@ class Spool:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.right / name)
             return "claim released"
+        if state is State.QUARANTINED:
+            raise LrqError(f"batch {name} is quarantined (its signature did not verify); if lrq "
+                           f"wrote it, re-sign it: lrq requeue --quarantined {name}")
         raise LrqError(f"batch {name} is {state.value}; only failed or claimed batches can be requeued")
+
+    def resign(self, name: str) -> None:
+        """Sign a quarantined batch again with the current key and make it pending, once an
+        operator vouches for it (e.g. written before a key change). Only the HMAC is
+        recomputed over the stored payload: nothing is decompressed or unpickled here, but a
+        worker will unpickle it, which runs whatever code a forged file carries."""
+        state = self.state(name)
+        if state is not State.QUARANTINED:
+            raise LrqError(f"batch {name} is {state.value}, not quarantined; nothing re-signed")
+        path = self.quarantine / f"{name}{SUFFIX}"
+        data = read_regular(path)
+        verdict, start = self._signature(data)
+        if verdict == "foreign":
+            raise LrqError(f"{path} is not an lrq batch file (bad magic or truncated header); "
+                           "it cannot be re-signed: remove it")
+        write_atomic(self.left / f"{name}{SUFFIX}", self._signed(data[start:]), self.tmp)
+        for leftover in (path, self.quarantine / f"{name}{ERROR}", self.right / f"{name}{ATTEMPT}"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(leftover)
+        fsync_dir(self.quarantine)
 
     def read_error(self, name: str) -> dict[str, Any] | None:
         for folder in (self.failed, self.quarantine):
             try:
-                return json.loads((folder / f"{name}{ERROR}").read_text())
-            except FileNotFoundError:
+                return json.loads(read_regular(folder / f"{name}{ERROR}"))
+            except (FileNotFoundError, ForeignEntry, ValueError):
                 continue
         return None
 

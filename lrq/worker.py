@@ -13,6 +13,8 @@ What can go wrong, and what the worker does:
 * **A handler call hangs**: ``handler_timeout`` interrupts it (SIGALRM, in the main thread)
   and the call counts as failed.
 * **The lease is lost** (the reaper took the claim back): the worker does not commit.
+* **The batch was signed with a key the config no longer has** (:class:`~lrq.errors.KeyMismatch`):
+  the claim is released uncounted, nothing is quarantined, and the run stops with the error.
 * **SIGTERM/SIGINT**: see :meth:`Worker.abandon`.
 
 :meth:`Worker.run` *stores behind* (``pipeline``, on by default): a batch's results are
@@ -43,7 +45,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from lrq import failpoints
 from lrq.config import QueueConfig
 from lrq.errors import (BatchCorrupt, BatchUnsigned, ClaimLost, HandlerError, HandlerTimeout,
-                        Retryable, SinkError)
+                        KeyMismatch, Retryable, SinkError)
 from lrq.sink import Sink
 from lrq.spool import Claim, Spool
 
@@ -278,6 +280,9 @@ class Worker:
         t0 = time.monotonic()
         try:
             batch = self.spool.load(claim.name)
+        except KeyMismatch:
+            self.spool.release(claim)  # the key is wrong, not the file: uncounted, kept
+            raise
         except BatchUnsigned as e:
             self.spool.quarantine_batch(claim, str(e))
             self._count(failed=1)

@@ -13,9 +13,10 @@ from typing import Iterator
 
 import pytest
 
+from lrq import cleanup
 from lrq.disk import space, usage
 from lrq.sample import documents
-from lrqtest import ROOT, lrq, write_config
+from lrqtest import ROOT, load_app, lrq, write_config
 
 
 @pytest.fixture
@@ -100,3 +101,47 @@ def test_a_source_larger_than_the_disk_flows_through_within_budget(tmp_path: Pat
     v = lrq("-c", str(cfg), "verify")
     assert v.returncode == 0, v.stdout
     assert f"source {docs}, results {docs}, dead letters 0, missing 0, duplicated 0" in v.stdout
+
+
+@pytest.mark.parametrize("tmpfs", ["4m"], indirect=True)
+def test_cleanup_frees_what_the_sniffer_waits_for_so_it_never_stalls(tmp_path: Path,
+                                                                     tmpfs: Path) -> None:
+    """The sniffer pauses when free space minus the next batch is under min_free; cleanup
+    must trim done batches until that clears, not only once free space itself is under it
+    (that gap held a 4 MB data dir paused for good with nothing pending)."""
+    docs = 12_000  # 12 batches of ~290 KB: three times what fits above min_free
+    cfg = config(tmp_path, tmpfs, docs, batch_size=1000, compress="none",
+                 cleanup={"max_bytes": "1GB", "min_free": "1MB", "keep_done": "7d"})
+    app = load_app(cfg)  # one long-lived sniffer, as under `lrq run`: it knows the batch size
+    q = app.queues("docs")[0]
+    sniffer, worker = app.sniffer(q), app.worker(q)
+    paused = 0
+    for _ in range(30):
+        sniffer.tick()
+        worker.run(burst=True)
+        if sniffer.drained:
+            break
+        assert sniffer.paused == "min_free", sniffer.paused
+        paused += 1
+        assert sum(r.done_trimmed for r in cleanup.run(app)) > 0, "cleanup freed nothing"
+    st = app.status()["queues"]["docs"]
+    assert paused >= 2 and st["ledger_items"] == docs and st["pending"] == 0, (paused, st)
+
+
+@pytest.mark.parametrize("tmpfs", ["4m"], indirect=True)
+def test_when_nothing_can_be_freed_every_command_says_what_holds_the_space(
+        tmp_path: Path, tmpfs: Path) -> None:
+    cfg = config(tmp_path, tmpfs, 12_000, batch_size=1000, compress="none",
+                 cleanup={"max_bytes": "1GB", "min_free": "1MB"})
+    (tmpfs / "ballast").write_bytes(b"x" * 500_000)  # not lrq's: "other files"
+    sniff = lrq("-c", str(cfg), "sniff")
+    assert sniff.returncode == 1 and "no room on disk" in sniff.stderr, sniff.stderr
+    for text in (sniff.stderr, lrq("-c", str(cfg), "cleanup", check=True).stdout,
+                 lrq("-c", str(cfg), "status", check=True).stdout):
+        assert "nothing cleanup may remove" in text and "pending batches" in text, text
+        assert "other files on the filesystem" in text, text
+    st = json.loads(lrq("-c", str(cfg), "status", "--json", check=True).stdout)
+    held = st["disk"]["held"]
+    assert held["pending"] == st["queues"]["docs"]["pending_bytes"] > 0
+    assert held["done"] == 0 and held["other"] >= 500_000
+    assert st["disk"]["blocked"]

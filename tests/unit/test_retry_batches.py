@@ -6,6 +6,7 @@ import pickle
 from pathlib import Path
 
 from lrq import signing
+from lrq.batchfile import MAGIC_V2
 from lrq.spool import MAGIC, Spool
 
 
@@ -19,7 +20,7 @@ def test_a_batch_file_without_the_field_loads_as_an_ordinary_batch(tmp_path: Pat
     body = {"name": name, "queue": "docs", "created": 1.0, "position": 7,
             "items": [{"id": 1}]}  # the format before replace_dead
     payload = bytes([0]) + pickle.dumps(body)
-    (sp.left / f"{name}.pkl").write_bytes(MAGIC + signing.sign(sp.key, payload) + payload)
+    (sp.left / f"{name}.pkl").write_bytes(MAGIC_V2 + signing.sign(sp.key, payload) + payload)
     batch = sp.load(name)
     assert (batch.items, batch.position, batch.replace_dead) == ([{"id": 1}], 7, False)
 
@@ -30,5 +31,5 @@ def test_publish_marks_retry_batches_and_leaves_others_as_before(tmp_path: Path)
     retry = sp.publish([{"id": 2}], replace_dead=True)
     assert not sp.load(plain).replace_dead and sp.load(retry).replace_dead
     raw = (sp.left / f"{plain}.pkl").read_bytes()
-    body = pickle.loads(raw[len(MAGIC) + signing.SIZE + 1:])
+    body = pickle.loads(raw[len(MAGIC) + signing.KEY_ID_SIZE + signing.SIZE + 1:])
     assert set(body) == {"name", "queue", "created", "position", "items"}
