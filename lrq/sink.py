@@ -5,29 +5,57 @@ Result rows are unique by ``(queue, key)`` (generic table) or by the model's key
 are inserted with the dialect's on-conflict form, so replaying a batch, or a batch holding
 items another batch already stored, adds nothing. The ledger's primary key
 ``(queue, name)`` lets exactly one transaction record a batch.
+
+What the database answers decides what happens (:func:`lrq.db.fault`):
+
+* **A row it refuses** (NOT NULL, CHECK, foreign key, another unique key, a value too long or
+  out of range: ``IntegrityError``/``DataError`` or the dialect's code for one). The batch
+  is not at fault, that row is. The whole insert is tried first, as on the happy path; when
+  it fails this way (and the ledger does not already hold the batch: a replay stays
+  ``Stored(recorded=False)``), the transaction is rolled back and done again with each group
+  of rows inserted inside a SAVEPOINT, halved on refusal until each refused row is alone.
+  Each refused row is dead-lettered with the database's message and the refused result
+  (``the database refused the result: NOT NULL constraint failed: t.col`` and a line
+  ``result: {...}``, as PostgreSQL names no column for a value too long); its dead letter's item is the batch's input
+  item with the same key when the worker passes ``inputs`` (so it can be retried), else
+  the refused result. The rest, the dead letters and the ledger row (its ``results`` and
+  ``dead`` counts corrected) commit together. On SQLite, whose connections run without the
+  driver's own transaction handling (``BEGIN IMMEDIATE``, see :mod:`lrq.db`), SAVEPOINTs
+  nest inside that transaction like on the servers.
+* **An unreachable database** (failed connect, disconnect, timeout, lock wait, deadlock,
+  full disk): :class:`~lrq.errors.DatabaseUnreachable`; the worker releases the batch without
+  counting an attempt and backs off.
+* **A statement it refuses whatever the rows** (missing table or column, privileges):
+  :class:`~lrq.errors.StatementRefused`, naming the table and what to check; the worker
+  counts an attempt, so the batch ends in ``failed/`` after ``max_attempts``.
+
+Not covered: a value too long for lrq's own ``key`` column (255 characters) is refused in
+the dead-letter table too, so that batch fails as a refused statement.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from sqlalchemy import (JSON, BigInteger, Column, DateTime, Integer, MetaData, String, Table,
                         Text, UniqueConstraint, func, inspect, select)
-from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
 
 from lrq import failpoints
 from lrq.config import QueueConfig, load_object
-from lrq.db import dumps_json, insert_ignore, reader
-from lrq.errors import ConfigError, HandlerError, SinkError
+from lrq.db import Fault, dumps_json, fault, insert_ignore, reader
+from lrq.errors import (ConfigError, DatabaseUnreachable, HandlerError, SinkError,
+                        StatementRefused)
 
 log = logging.getLogger(__name__)
 
 LEDGER = "lrq_batches"
 GENERIC_FIELDS = ("queue", "key", "batch", "value")
 DEAD = "lrq_dead_letters"
+MESSAGE_CHARS = 2000  # of the database's message kept in a refused row's dead letter
 
 
 def ledger_table(metadata: MetaData) -> Table:
@@ -134,10 +162,11 @@ class Sink:
                     if inspect(self.engine).has_table(table.name):
                         continue  # another process created it between the check and the create
                 except OperationalError as again:
-                    raise SinkError(f"cannot reach results database {self.engine.url!r}: "
-                                    f"{again.orig}") from again
-                raise SinkError(f"cannot create table {table.name} in {self.engine.url!r}: "
-                                f"{getattr(e, 'orig', None) or e}") from e
+                    raise DatabaseUnreachable(f"cannot reach results database "
+                                              f"{self.engine.url!r}: {again.orig}") from again
+                raise self._error(f"cannot create table {table.name} in {self.engine.url!r}", e,
+                                  "the database user needs the right to create it, or create "
+                                  "it beforehand") from e
         return self
 
     def is_recorded(self, name: str) -> bool:
@@ -161,40 +190,134 @@ class Sink:
         return results
 
     def store(self, batch: str, items: int, results: list[dict[str, Any]], attempt: int = 1, *,
-              dead: list[tuple[dict[str, Any], str]] = ()) -> Stored:
+              dead: list[tuple[dict[str, Any], str]] = (),
+              inputs: list[dict[str, Any]] | None = None) -> Stored:
         """Commit results, dead letters ``(item, error)`` and the ledger row together; a batch
-        already in the ledger is left as is."""
+        already in the ledger is left as is.
+
+        Rows the database refuses are isolated and dead-lettered in the same transaction (see
+        the module docstring); their dead letter carries the item of ``inputs`` with the same
+        key (the batch's items, as the worker passes them), else the refused result.
+        Raises :class:`DatabaseUnreachable` or :class:`StatementRefused`."""
         rows = self.rows(batch, results)
         # Encoded before the transaction: on SQLite it holds the write lock, which the other
         # workers wait for (1 ms of JSON per 1000 results).
         bulk = self._bulk_params(rows) if self.generic and rows else None
-        dead_rows = [{"queue": self.queue.name, "key": str(item.get(self.key)), "batch": batch,
-                      "error": error, "item": item} for item, error in dead]
+        dead_rows = self._dead_rows(batch, dead)
         try:
-            with self.engine.begin() as conn:
-                if conn.execute(select(self.ledger.c.name).where(
-                        self.ledger.c.queue == self.queue.name,
-                        self.ledger.c.name == batch)).first() is not None:
+            try:
+                with self.engine.begin() as conn:
+                    if self._recorded(conn, batch):
+                        return Stored(recorded=False, results=0)
+                    conn.execute(self.ledger.insert().values(
+                        queue=self.queue.name, name=batch, items=items, results=len(rows),
+                        dead=len(dead_rows), attempt=attempt))
+                    self._insert_rows(conn, rows, bulk, range(len(rows)))
+                    if dead_rows:
+                        conn.execute(self._insert_dead, dead_rows)
+                    failpoints.hit("during-txn")
+            except DBAPIError as e:
+                if fault(e) is not Fault.ROW:
+                    raise
+                if self.is_recorded(batch):  # the ledger's key: another attempt recorded it
                     return Stored(recorded=False, results=0)
-                conn.execute(self.ledger.insert().values(
-                    queue=self.queue.name, name=batch, items=items, results=len(rows),
-                    dead=len(dead_rows), attempt=attempt))
-                if bulk is not None:
-                    conn.exec_driver_sql(self._bulk_sql, bulk)
-                else:
-                    for group in _same_fields(rows):
-                        conn.execute(self._insert, group)
-                if dead_rows:
-                    conn.execute(self._insert_dead, dead_rows)
-                failpoints.hit("during-txn")
-        except IntegrityError as e:
-            if self.is_recorded(batch):
-                return Stored(recorded=False, results=0)
-            raise SinkError(f"storing batch {batch} into {self.table.name} failed: {e.orig}") from e
+                log.warning("refused queue=%s batch=%s table=%s: isolating the rows the "
+                            "database refuses: %s", self.queue.name, batch, self.table.name,
+                            _first_line(e))
+                return self._store_isolating(batch, items, rows, bulk, dead_rows, attempt,
+                                             inputs)
         except SQLAlchemyError as e:
-            raise SinkError(f"storing batch {batch} into {self.table.name} failed: "
-                            f"{getattr(e, 'orig', None) or e}") from e
+            raise self._error(f"storing batch {batch} into {self.table.name} failed", e) from e
         return Stored(recorded=True, results=len(rows), dead=len(dead_rows))
+
+    def _store_isolating(self, batch: str, items: int, rows: list[dict[str, Any]],
+                         bulk: list[Any] | None, dead_rows: list[dict[str, Any]], attempt: int,
+                         inputs: list[dict[str, Any]] | None) -> Stored:
+        """The whole insert failed on a row's values: the same transaction again, each group
+        of rows inserted inside a SAVEPOINT and halved on refusal until the refused rows are
+        alone; those are dead-lettered with the database's message."""
+        with self.engine.begin() as conn:
+            if self._recorded(conn, batch):
+                return Stored(recorded=False, results=0)
+            conn.execute(self.ledger.insert().values(
+                queue=self.queue.name, name=batch, items=items, results=len(rows),
+                dead=len(dead_rows), attempt=attempt))
+            refused: list[tuple[int, str]] = []
+            for group in _same_fields(rows, indexes=True):
+                self._bisect(conn, rows, bulk, group, refused)
+            by_key = {str(it.get(self.key)): it for it in inputs or ()}
+            for i, error in refused:
+                key, value = self._row_key(rows[i]), self._row_value(rows[i])
+                dead_rows.append({"queue": self.queue.name, "key": key, "batch": batch,
+                                  "error": f"the database refused the result: {error}\n"
+                                           f"result: {dumps_json(value)[:MESSAGE_CHARS]}",
+                                  "item": by_key.get(key, value)})
+                log.warning("dead-lettered queue=%s key=%s error=the database refused the "
+                            "result: %s", self.queue.name, key, error.splitlines()[0])
+            if dead_rows:
+                conn.execute(self._insert_dead, dead_rows)
+            stored = len(rows) - len(refused)
+            conn.execute(self.ledger.update().where(
+                self.ledger.c.queue == self.queue.name, self.ledger.c.name == batch).values(
+                results=stored, dead=len(dead_rows)))
+            failpoints.hit("during-txn")
+        return Stored(recorded=True, results=stored, dead=len(dead_rows))
+
+    def _bisect(self, conn: Connection, rows: list[dict[str, Any]], bulk: list[Any] | None,
+                part: list[int], refused: list[tuple[int, str]]) -> None:
+        """Insert ``rows[part]`` inside a SAVEPOINT; on a refused row, halve and recurse (a
+        lone refused row goes into ``refused`` with the database's message). k refused rows
+        of n cost about 2·k·log2(n) statements."""
+        try:
+            with conn.begin_nested():
+                self._insert_rows(conn, rows, bulk, part)
+        except DBAPIError as e:
+            if fault(e) is not Fault.ROW:
+                raise
+            if len(part) == 1:
+                refused.append((part[0], str(e.orig)[:MESSAGE_CHARS]))
+                return
+            mid = len(part) // 2
+            self._bisect(conn, rows, bulk, part[:mid], refused)
+            self._bisect(conn, rows, bulk, part[mid:], refused)
+
+    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]], bulk: list[Any] | None,
+                     part: Sequence[int]) -> None:
+        """Insert ``rows[part]`` (all of them: a ``range``, taken without copying)."""
+        if not part:
+            return
+        whole = isinstance(part, range) and len(part) == len(rows)
+        if bulk is not None:
+            conn.exec_driver_sql(self._bulk_sql, bulk if whole else [bulk[i] for i in part])
+            return
+        chosen = rows if whole else [rows[i] for i in part]
+        for group in _same_fields(chosen):
+            conn.execute(self._insert, group)
+
+    def _recorded(self, conn: Connection, batch: str) -> bool:
+        return conn.execute(select(self.ledger.c.name).where(
+            self.ledger.c.queue == self.queue.name,
+            self.ledger.c.name == batch)).first() is not None
+
+    def _dead_rows(self, batch: str, dead: Sequence[tuple[dict[str, Any], str]]) -> list[dict[str, Any]]:
+        return [{"queue": self.queue.name, "key": str(item.get(self.key)), "batch": batch,
+                 "error": error, "item": item} for item, error in dead]
+
+    def _row_key(self, row: dict[str, Any]) -> str:
+        return str(row["key"] if self.generic else row[self.key])
+
+    def _row_value(self, row: dict[str, Any]) -> dict[str, Any]:
+        return row["value"] if self.generic else row
+
+    def _error(self, what: str, e: SQLAlchemyError, fix: str | None = None) -> SinkError:
+        """``e`` as :class:`DatabaseUnreachable` or :class:`StatementRefused`, with the
+        database's message and, for a statement, what to check."""
+        message = f"{what}: {getattr(e, 'orig', None) or e}"
+        if fault(e) is Fault.UNREACHABLE:
+            return DatabaseUnreachable(message)
+        fix = fix or (f"check that table {self.table.name} has the columns the results carry "
+                      "and that the database user may write it")
+        return StatementRefused(f"{message} (a schema or configuration problem: {fix})")
 
     def _bulk_params(self, rows: list[dict[str, Any]]) -> list[Any]:
         if self._bulk_positional:
@@ -252,13 +375,18 @@ class Sink:
             return int(conn.execute(q).scalar_one())
 
 
-def _same_fields(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Rows grouped by their set of fields: an executemany takes its columns from the first
-    row, so mixing shapes would drop fields silently or fail the batch."""
-    groups: dict[frozenset[str], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(frozenset(r), []).append(r)
+def _same_fields(rows: list[dict[str, Any]], indexes: bool = False) -> list[list[Any]]:
+    """Rows (or, with ``indexes``, their positions) grouped by their set of fields: an
+    executemany takes its columns from the first row, so mixing shapes would drop fields
+    silently or fail the batch."""
+    groups: dict[frozenset[str], list[Any]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(frozenset(r), []).append(i if indexes else r)
     return list(groups.values())
+
+
+def _first_line(e: SQLAlchemyError) -> str:
+    return str(getattr(e, "orig", None) or e).splitlines()[0]
 
 
 def _is_unique(table: Table, column: str) -> bool:
