@@ -160,3 +160,36 @@ def test_a_missing_column_is_a_refused_statement_naming_it(engine: Engine) -> No
     with pytest.raises(StatementRefused, match=r"(?s)score.*schema or configuration problem"):
         sink.store("b1", 2, results(2, {}))
     assert sink.count() == 0 and sink.ledger_stats() == (0, 0) and sink.dead_count() == 0
+
+
+def test_a_lock_wait_that_times_out_is_an_unreachable_database(
+        db_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another transaction holds the ledger row this batch needs: the wait ends in the
+    dialect's timeout (SQLite busy, PostgreSQL statement_timeout, MariaDB lock wait), which is
+    the database, not the batch: released without counting, not refused."""
+    import lrq.db
+    from lrq.errors import DatabaseUnreachable
+    from lrq.worker import is_infrastructure
+
+    monkeypatch.setattr(lrq.db, "SQLITE_BUSY_MS", 100)
+    if db_url.startswith("postgresql"):
+        monkeypatch.setattr(lrq.db, "STATEMENT_TIMEOUT", 1)
+    engine, holder = make_engine(db_url), make_engine(db_url)
+    if engine.dialect.name in ("mysql", "mariadb"):
+        event.listen(engine, "connect", lambda dbapi, _rec: dbapi.cursor().execute(
+            "SET SESSION innodb_lock_wait_timeout = 1"))
+    try:
+        _Base.metadata.create_all(engine)
+        sink = Sink(engine, queue()).prepare()
+        with holder.begin() as conn:
+            conn.execute(sink.ledger.insert().values(queue="docs", name="b1", items=1,
+                                                     results=0, dead=0, attempt=1))
+            with pytest.raises(DatabaseUnreachable) as caught:
+                sink.store("b1", 2, results(2, {}))
+            conn.rollback()
+        assert is_infrastructure(caught.value)
+        assert re.search(r"(?i)locked|timeout|cancel", str(caught.value)), caught.value
+        assert sink.store("b1", 2, results(2, {})).recorded  # the lock gone, it goes through
+    finally:
+        engine.dispose()
+        holder.dispose()
