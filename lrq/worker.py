@@ -10,6 +10,13 @@ What can go wrong, and what the worker does:
   5xx/429, disk full, or the handler raises :class:`~lrq.errors.Retryable`): the items are
   not at fault.
   The claim is released without counting an attempt and the worker backs off.
+* **The database refuses a result row** (NOT NULL, CHECK, too long, foreign key): the sink
+  dead-letters that row with the database's message and stores the rest (see
+  :mod:`lrq.sink`). **It refuses the statement** whatever the rows (a missing table or
+  column, a privilege): the attempt counts, and after ``max_attempts`` the batch moves to
+  ``failed/`` with the message (:meth:`Worker._attempt_failed`).
+* **Commits keep failing without progress**: :meth:`Worker.run` backs off, doubling, and
+  gives up after ``INFRA_TRIES``; only a batch that settles resets the count (see there).
 * **A handler call hangs**: ``handler_timeout`` interrupts it (SIGALRM, in the main thread)
   and the call counts as failed.
 * **The lease is lost** (the reaper took the claim back): the worker does not commit.
