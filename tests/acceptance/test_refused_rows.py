@@ -48,9 +48,10 @@ TOO_LONG = {n for n in range(1, DOCS + 1) if n % 29 == 0} - NOT_NULL - CHECK
 
 
 def test_a_run_with_refused_rows_ends_and_verify_is_exact(tmp_path: Path, db_url: str) -> None:
-    (tmp_path / "strict.py").write_text(MODULE)
+    (tmp_path / "refusing_model.py").write_text(MODULE)
     cfg = write_config(tmp_path, docs=DOCS, batch_size=25, chunk_size=10, workers=2,
-                       handler="strict:handle", result_table=None, model="strict:Strict",
+                       handler="refusing_model:handle", result_table=None,
+                       model="refusing_model:Strict",
                        top={"db_url": db_url})
     run = lrq("-c", str(cfg), "run", "--until-idle", timeout=RUN_TIMEOUT)
     assert run.returncode == 0, run.stderr[-3000:]

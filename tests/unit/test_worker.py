@@ -506,7 +506,7 @@ def test_a_statement_the_database_refuses_counts_attempts_then_fails_the_batch(
 
 
 def test_a_result_the_database_refuses_is_dead_lettered_with_its_item(tmp_path: Path) -> None:
-    (tmp_path / "strict.py").write_text(
+    (tmp_path / "notnull_model.py").write_text(
         "from sqlalchemy import String\n"
         "from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column\n"
         "class Base(DeclarativeBase):\n    pass\n"
@@ -515,7 +515,7 @@ def test_a_result_the_database_refuses_is_dead_lettered_with_its_item(tmp_path: 
         "    doc_id: Mapped[str] = mapped_column(String(50), primary_key=True)\n"
         "    note: Mapped[str] = mapped_column(String(50), nullable=False)\n")
     app = load_app(write_config(tmp_path, docs=None, chunk_size=4, result_table=None,
-                                model="strict:Strict"))
+                                model="notnull_model:Strict"))
     name = publish(app, 6)
     w = app.worker(queue(app))
     w.handler = lambda items: [{"doc_id": i["doc_id"],
