@@ -25,6 +25,11 @@ What the database answers decides what happens (:func:`lrq.db.fault`):
 * **An unreachable database** (failed connect, disconnect, timeout, lock wait, deadlock,
   full disk): :class:`~lrq.errors.DatabaseUnreachable`; the worker releases the batch without
   counting an attempt and backs off.
+* **A connection lost during the statement while the database answers a probe right after**
+  (MySQL closes the connection on a packet over ``max_allowed_packet``; a server limit may
+  kill the query): the batch's own statement is at fault, so it is treated as refused
+  (counted), or it would be released uncounted forever. A lost connection with the
+  database then unreachable stays :class:`~lrq.errors.DatabaseUnreachable`.
 * **A statement it refuses whatever the rows** (missing table or column, privileges):
   :class:`~lrq.errors.StatementRefused`, naming the table and what to check; the worker
   counts an attempt, so the batch ends in ``failed/`` after ``max_attempts``.
@@ -227,8 +232,24 @@ class Sink:
                 return self._store_isolating(batch, items, rows, bulk, dead_rows, attempt,
                                              inputs)
         except SQLAlchemyError as e:
-            raise self._error(f"storing batch {batch} into {self.table.name} failed", e) from e
+            what = f"storing batch {batch} into {self.table.name} failed"
+            if isinstance(e, DBAPIError) and e.connection_invalidated and self._answers():
+                raise StatementRefused(
+                    f"{what}: the connection was lost during the statement, yet the database "
+                    f"answers at once: this batch's statement is at fault (larger than the "
+                    f"server's max_allowed_packet? killed by a server limit?): {e.orig}") from e
+            raise self._error(what, e) from e
         return Stored(recorded=True, results=len(rows), dead=len(dead_rows))
+
+    def _answers(self) -> bool:
+        """Does the database answer a ``SELECT 1`` on a new connection (bounded by the
+        engine's connect timeout)?"""
+        try:
+            with reader(self.engine) as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return True
+        except SQLAlchemyError:
+            return False
 
     def _store_isolating(self, batch: str, items: int, rows: list[dict[str, Any]],
                          bulk: list[Any] | None, dead_rows: list[dict[str, Any]], attempt: int,

@@ -107,7 +107,8 @@ def is_infrastructure(exc: BaseException) -> bool:
 
     A database error is infrastructure only when :func:`lrq.db.fault` reads it as the
     database being unreachable: a row or a statement it refuses would fail the same way on
-    every retry, so it is not waited out."""
+    every retry, so it is not waited out. A :class:`SinkError` is the sink's verdict: only
+    :class:`DatabaseUnreachable` is infrastructure, whatever error lies beneath it."""
     import requests
     from urllib3 import exceptions as u3
 
@@ -115,9 +116,11 @@ def is_infrastructure(exc: BaseException) -> bool:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        if isinstance(e, SinkError):  # the sink's verdict on the error beneath it
+            return isinstance(e, DatabaseUnreachable)
         if isinstance(e, SQLAlchemyError) and fault(e) is Fault.UNREACHABLE:
             return True
-        if isinstance(e, (Retryable, DatabaseUnreachable, ConnectionError, TimeoutError,
+        if isinstance(e, (Retryable, ConnectionError, TimeoutError,
                           requests.ConnectionError, requests.Timeout,
                           requests.exceptions.RetryError, u3.MaxRetryError, u3.ProtocolError,
                           u3.TimeoutError)):

@@ -193,3 +193,57 @@ def test_a_lock_wait_that_times_out_is_an_unreachable_database(
     finally:
         engine.dispose()
         holder.dispose()
+
+
+@pytest.mark.parametrize("answers", [True, False])
+def test_a_connection_lost_while_the_database_answers_is_the_batchs_fault(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch, answers: bool) -> None:
+    """MySQL closes the connection on a packet over max_allowed_packet: a disconnect that
+    comes back on every retry of that batch only. If the database answers at once, the
+    attempt counts (StatementRefused); if it does not, it is down (DatabaseUnreachable)."""
+    from sqlalchemy.exc import OperationalError
+
+    from lrq.errors import DatabaseUnreachable
+    from lrq.worker import is_infrastructure
+
+    sink = Sink(engine, queue()).prepare()
+
+    def lost(*_args: Any) -> None:
+        raise OperationalError("INSERT", {}, Exception("server has gone away"),
+                               connection_invalidated=True)
+
+    monkeypatch.setattr(sink, "_insert_rows", lost)
+    if not answers:
+        monkeypatch.setattr(sink, "_answers", lambda: False)
+    with pytest.raises(StatementRefused if answers else DatabaseUnreachable) as caught:
+        sink.store("b1", 2, results(2, {}))
+    assert is_infrastructure(caught.value) is not answers
+    assert "server has gone away" in str(caught.value)
+    assert sink.ledger_stats() == (0, 0)
+
+
+@pytest.mark.services
+def test_a_batch_over_max_allowed_packet_is_refused_not_waited_for(mariadb_url: str) -> None:
+    """MariaDB answers a statement over max_allowed_packet by closing the connection: for
+    that batch only, every time. It counts attempts (so it ends in failed/), while smaller
+    batches are stored."""
+    admin = make_engine(mariadb_url)
+    with admin.connect() as conn:
+        before = conn.exec_driver_sql("SELECT @@GLOBAL.max_allowed_packet").scalar_one()
+        conn.exec_driver_sql("SET GLOBAL max_allowed_packet = 65536")
+    engine = make_engine(mariadb_url)  # new connections take the new limit
+    try:
+        sink = Sink(engine, QueueConfig(
+            name="docs", handler="workers.wordcount:handle", key="doc_id",
+            result_table="doc_results",
+            source=SourceConfig(url="sqlite:///unused.db", table="source_data"))).prepare()
+        big = [{"doc_id": f"d{i}", "text": "x" * 1000} for i in range(200)]  # ~200 KB
+        with pytest.raises(StatementRefused, match=r"max_allowed_packet"):
+            sink.store("big", 200, big)
+        assert sink.store("small", 20, big[:20]).recorded
+        assert sink.count() == 20 and sink.ledger_stats() == (1, 20)
+    finally:
+        engine.dispose()
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"SET GLOBAL max_allowed_packet = {int(before)}")
+        admin.dispose()
