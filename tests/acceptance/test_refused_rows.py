@@ -80,3 +80,38 @@ def test_a_run_with_refused_rows_ends_and_verify_is_exact(tmp_path: Path, db_url
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert (f"source {DOCS}, results {DOCS - len(refused)}, dead letters {len(refused)}, "
             "missing 0, duplicated 0, not in source 0") in verify.stdout
+
+
+def test_a_results_table_missing_a_column_fails_every_batch_and_the_run_ends(
+        tmp_path: Path, db_url: str) -> None:
+    """A statement the database refuses whatever the rows (the table lacks a column the
+    model has) is not waited out: each batch counts its attempts and, at max_attempts, is in
+    failed/ with the database's message; the run ends. Before, it was released uncounted
+    forever."""
+    from lrq.db import make_engine
+
+    (tmp_path / "refusing_model.py").write_text(MODULE)
+    cfg = write_config(tmp_path, docs=100, batch_size=25, chunk_size=10, workers=2,
+                       handler="refusing_model:handle", result_table=None,
+                       model="refusing_model:Strict", backoff=0.05, max_attempts=3,
+                       top={"db_url": db_url})
+    engine = make_engine(db_url)
+    serial = {"sqlite": "INTEGER PRIMARY KEY", "postgresql": "SERIAL PRIMARY KEY"}.get(
+        engine.dialect.name, "INT AUTO_INCREMENT PRIMARY KEY")
+    with engine.begin() as conn:  # an older version of the table, without `words`
+        conn.exec_driver_sql(f"CREATE TABLE strict_results (id {serial}, "
+                             "doc_id VARCHAR(50) UNIQUE, note VARCHAR(20) NOT NULL)")
+    engine.dispose()
+
+    run = lrq("-c", str(cfg), "run", "--until-idle", timeout=RUN_TIMEOUT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    app = load_app(cfg)
+    q = app.queues("docs")[0]
+    sp = app.spool(q)
+    counts = sp.counts()
+    assert (counts.failed, counts.pending, counts.claimed, counts.done) == (4, 0, 0, 0)
+    for path in sp.failed.glob("*.pkl"):
+        error = sp.read_error(path.stem)
+        assert "gave up after 3 attempts (max_attempts)" in error["error"], error
+        assert "words" in error["error"] and "schema or configuration problem" in error["error"]
+    assert app.sink(q).count() == 0 and app.sink(q).ledger_stats() == (0, 0)
