@@ -212,11 +212,9 @@ class Sink:
         try:
             try:
                 with self.engine.begin() as conn:
-                    if self._recorded(conn, batch):
+                    if not self._open_batch(conn, batch, items, len(rows), len(dead_rows),
+                                            attempt):
                         return Stored(recorded=False, results=0)
-                    conn.execute(self.ledger.insert().values(
-                        queue=self.queue.name, name=batch, items=items, results=len(rows),
-                        dead=len(dead_rows), attempt=attempt))
                     self._insert_rows(conn, rows, bulk, range(len(rows)))
                     if dead_rows:
                         conn.execute(self._insert_dead, dead_rows)
@@ -258,11 +256,8 @@ class Sink:
         of rows inserted inside a SAVEPOINT and halved on refusal until the refused rows are
         alone; those are dead-lettered with the database's message."""
         with self.engine.begin() as conn:
-            if self._recorded(conn, batch):
+            if not self._open_batch(conn, batch, items, len(rows), len(dead_rows), attempt):
                 return Stored(recorded=False, results=0)
-            conn.execute(self.ledger.insert().values(
-                queue=self.queue.name, name=batch, items=items, results=len(rows),
-                dead=len(dead_rows), attempt=attempt))
             refused: list[tuple[int, str]] = []
             for group in _same_fields(rows, indexes=True):
                 self._bisect(conn, rows, bulk, group, refused)
@@ -315,10 +310,19 @@ class Sink:
         for group in _same_fields(chosen):
             conn.execute(self._insert, group)
 
-    def _recorded(self, conn: Connection, batch: str) -> bool:
-        return conn.execute(select(self.ledger.c.name).where(
-            self.ledger.c.queue == self.queue.name,
-            self.ledger.c.name == batch)).first() is not None
+    def _open_batch(self, conn: Connection, batch: str, items: int, results: int, dead: int,
+                    attempt: int) -> bool:
+        """Insert the ledger row first, in ``conn``'s transaction; False when the ledger
+        already holds the batch. The row's key makes a concurrent writer of the same batch
+        wait for this transaction, then fail (a replay)."""
+        if conn.execute(select(self.ledger.c.name).where(
+                self.ledger.c.queue == self.queue.name,
+                self.ledger.c.name == batch)).first() is not None:
+            return False
+        conn.execute(self.ledger.insert().values(
+            queue=self.queue.name, name=batch, items=items, results=results, dead=dead,
+            attempt=attempt))
+        return True
 
     def _dead_rows(self, batch: str, dead: Sequence[tuple[dict[str, Any], str]]) -> list[dict[str, Any]]:
         return [{"queue": self.queue.name, "key": str(item.get(self.key)), "batch": batch,
