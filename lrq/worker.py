@@ -244,7 +244,9 @@ class Worker:
 
     def process(self, claim: Claim) -> None:
         """Process a claimed batch. Raises :class:`Retryable` after releasing the claim when
-        infrastructure failed; every other outcome ends with the batch done, failed or
+        infrastructure failed, and :class:`~lrq.errors.StatementRefused` after counting the
+        attempt (released, or in ``failed/`` at ``max_attempts``) when the database refused
+        the commit's statement; every other outcome ends with the batch done, failed or
         quarantined."""
         handled = self.handle_claim(claim)
         if handled is not None:
