@@ -11,9 +11,12 @@ What the database answers decides what happens (:func:`lrq.db.fault`):
 * **A row it refuses** (NOT NULL, CHECK, foreign key, another unique key, a value too long or
   out of range: ``IntegrityError``/``DataError`` or the dialect's code for one). The batch
   is not at fault, that row is. The whole insert is tried first, as on the happy path; when
-  it fails this way (and the ledger does not already hold the batch: a replay stays
-  ``Stored(recorded=False)``), the transaction is rolled back and done again with each group
-  of rows inserted inside a SAVEPOINT, halved on refusal until each refused row is alone.
+  it fails on anything but an unreachable database (and the ledger does not already hold the
+  batch: a replay stays ``Stored(recorded=False)``), the transaction is rolled back and done
+  again with each group of rows inserted inside a SAVEPOINT, halved on refusal until each
+  refused row is alone. A refusal the driver calls a statement error (a dict for a text column,
+  which no driver binds) is one row's
+  when other rows go in; when no row goes in, it is the statement's (below).
   Each refused row is dead-lettered with the database's message and the refused result
   (``the database refused the result: NOT NULL constraint failed: t.col`` and a line
   ``result: {...}``, as PostgreSQL names no column for a value too long); its dead letter's item is the batch's input
@@ -30,7 +33,8 @@ What the database answers decides what happens (:func:`lrq.db.fault`):
   kill the query): the batch's own statement is at fault, so it is treated as refused
   (counted), or it would be released uncounted forever. A lost connection with the
   database then unreachable stays :class:`~lrq.errors.DatabaseUnreachable`.
-* **A statement it refuses whatever the rows** (missing table or column, privileges):
+* **A statement it refuses whatever the rows** (missing table or column, privileges; every
+  row refused with a statement error):
   :class:`~lrq.errors.StatementRefused`, naming the table and what to check; the worker
   counts an attempt, so the batch ends in ``failed/`` after ``max_attempts``.
 
@@ -47,7 +51,7 @@ from typing import Any, Iterator, Sequence
 from sqlalchemy import (JSON, BigInteger, Column, DateTime, Integer, MetaData, String, Table,
                         Text, UniqueConstraint, func, inspect, select)
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, StatementError
 
 from lrq import failpoints
 from lrq.config import QueueConfig, load_object
@@ -61,6 +65,10 @@ LEDGER = "lrq_batches"
 GENERIC_FIELDS = ("queue", "key", "batch", "value")
 DEAD = "lrq_dead_letters"
 MESSAGE_CHARS = 2000  # of the database's message kept in a refused row's dead letter
+#: What an insert raises when the database or its driver refuses it: SQLAlchemy's errors,
+#: and a driver's own TypeError/ValueError for a value it cannot bind (PyMySQL: "dict can
+#: not be used as parameter"), which SQLAlchemy passes on unwrapped.
+_REFUSED = (StatementError, TypeError, ValueError)
 
 
 def ledger_table(metadata: MetaData) -> Table:
@@ -219,17 +227,18 @@ class Sink:
                     if dead_rows:
                         conn.execute(self._insert_dead, dead_rows)
                     failpoints.hit("during-txn")
-            except DBAPIError as e:
-                if fault(e) is not Fault.ROW:
+            except _REFUSED as e:
+                kind = fault(e)
+                if kind is Fault.UNREACHABLE:
                     raise
-                if self.is_recorded(batch):  # the ledger's key: another attempt recorded it
-                    return Stored(recorded=False, results=0)
+                if kind is Fault.ROW and self.is_recorded(batch):
+                    return Stored(recorded=False, results=0)  # the ledger's key: a replay
                 log.warning("refused queue=%s batch=%s table=%s: isolating the rows the "
                             "database refuses: %s", self.queue.name, batch, self.table.name,
                             _first_line(e))
                 return self._store_isolating(batch, items, rows, bulk, dead_rows, attempt,
                                              inputs)
-        except SQLAlchemyError as e:
+        except (SQLAlchemyError, TypeError, ValueError) as e:
             what = f"storing batch {batch} into {self.table.name} failed"
             if isinstance(e, DBAPIError) and e.connection_invalidated and self._answers():
                 raise StatementRefused(
@@ -258,11 +267,16 @@ class Sink:
         with self.engine.begin() as conn:
             if not self._open_batch(conn, batch, items, len(rows), len(dead_rows), attempt):
                 return Stored(recorded=False, results=0)
-            refused: list[tuple[int, str]] = []
+            refused: list[tuple[int, Exception]] = []
             for group in _same_fields(rows, indexes=True):
                 self._bisect(conn, rows, bulk, group, refused)
+            statement = [e for _i, e in refused if fault(e) is Fault.STATEMENT]
+            if statement and len(refused) == len(rows):  # no row went in: not the rows
+                raise self._error(f"storing batch {batch} into {self.table.name} failed "
+                                  f"(every result was refused)", statement[0])
             by_key = {str(it.get(self.key)): it for it in inputs or ()}
-            for i, error in refused:
+            for i, e in refused:
+                error = str(getattr(e, "orig", None) or e)[:MESSAGE_CHARS]
                 key, value = self._row_key(rows[i]), self._row_value(rows[i])
                 dead_rows.append({"queue": self.queue.name, "key": key, "batch": batch,
                                   "error": f"the database refused the result: {error}\n"
@@ -280,18 +294,18 @@ class Sink:
         return Stored(recorded=True, results=stored, dead=len(dead_rows))
 
     def _bisect(self, conn: Connection, rows: list[dict[str, Any]], bulk: list[Any] | None,
-                part: list[int], refused: list[tuple[int, str]]) -> None:
-        """Insert ``rows[part]`` inside a SAVEPOINT; on a refused row, halve and recurse (a
-        lone refused row goes into ``refused`` with the database's message). k refused rows
-        of n cost about 2·k·log2(n) statements."""
+                part: list[int], refused: list[tuple[int, Exception]]) -> None:
+        """Insert ``rows[part]`` inside a SAVEPOINT; on a refusal, halve and recurse (a lone
+        refused row goes into ``refused`` with the database's error). k refused rows of n
+        cost about 2·k·log2(n) statements."""
         try:
             with conn.begin_nested():
                 self._insert_rows(conn, rows, bulk, part)
-        except DBAPIError as e:
-            if fault(e) is not Fault.ROW:
+        except _REFUSED as e:
+            if fault(e) is Fault.UNREACHABLE:
                 raise
             if len(part) == 1:
-                refused.append((part[0], str(e.orig)[:MESSAGE_CHARS]))
+                refused.append((part[0], e))
                 return
             mid = len(part) // 2
             self._bisect(conn, rows, bulk, part[:mid], refused)
@@ -334,7 +348,7 @@ class Sink:
     def _row_value(self, row: dict[str, Any]) -> dict[str, Any]:
         return row["value"] if self.generic else row
 
-    def _error(self, what: str, e: SQLAlchemyError, fix: str | None = None) -> SinkError:
+    def _error(self, what: str, e: Exception, fix: str | None = None) -> SinkError:
         """``e`` as :class:`DatabaseUnreachable` or :class:`StatementRefused`, with the
         database's message and, for a statement, what to check."""
         message = f"{what}: {getattr(e, 'orig', None) or e}"
