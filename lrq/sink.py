@@ -14,17 +14,17 @@ What the database answers decides what happens (:func:`lrq.db.fault`):
   it fails on anything but an unreachable database (and the ledger does not already hold the
   batch: a replay stays ``Stored(recorded=False)``), the transaction is rolled back and done
   again with each group of rows inserted inside a SAVEPOINT, halved on refusal until each
-  refused row is alone. A refusal the driver calls a statement error (a dict for a text column,
-  which no driver binds) is one row's
-  when other rows go in; when no row goes in, it is the statement's (below).
-  Each refused row is dead-lettered with the database's message and the refused result
-  (``the database refused the result: NOT NULL constraint failed: t.col`` and a line
-  ``result: {...}``, as PostgreSQL names no column for a value too long); its dead letter's item is the batch's input
-  item with the same key when the worker passes ``inputs`` (so it can be retried), else
-  the refused result. The rest, the dead letters and the ledger row (its ``results`` and
-  ``dead`` counts corrected) commit together. On SQLite, whose connections run without the
-  driver's own transaction handling (``BEGIN IMMEDIATE``, see :mod:`lrq.db`), SAVEPOINTs
-  nest inside that transaction like on the servers.
+  refused row is alone. A refusal the driver calls a statement error (a dict for a text
+  column, which no driver binds) is one row's when other rows go in; when no row goes in, it
+  is the statement's (below). Each refused row is dead-lettered with the database's message
+  and the refused result (``the database refused the result: NOT NULL constraint failed:
+  t.col``, then a line ``result: {...}``: PostgreSQL names no column for a value too long).
+  Its dead letter's item is the batch's input item with the same key when the worker passes
+  ``inputs`` (so it can be retried), else the refused result. The rest, the dead letters and
+  the ledger row (its ``results`` and ``dead`` counts corrected) commit together. On SQLite,
+  whose connections run without the driver's own transaction handling (``BEGIN
+  IMMEDIATE``, see :mod:`lrq.db`), SAVEPOINTs nest inside that transaction as on the
+  servers.
 * **An unreachable database** (failed connect, disconnect, timeout, lock wait, deadlock,
   full disk): :class:`~lrq.errors.DatabaseUnreachable`; the worker releases the batch without
   counting an attempt and backs off.
@@ -34,9 +34,9 @@ What the database answers decides what happens (:func:`lrq.db.fault`):
   (counted), or it would be released uncounted forever. A lost connection with the
   database then unreachable stays :class:`~lrq.errors.DatabaseUnreachable`.
 * **A statement it refuses whatever the rows** (missing table or column, privileges; every
-  row refused with a statement error):
-  :class:`~lrq.errors.StatementRefused`, naming the table and what to check; the worker
-  counts an attempt, so the batch ends in ``failed/`` after ``max_attempts``.
+  row refused with a statement error): :class:`~lrq.errors.StatementRefused`, naming the
+  table and what to check; the worker counts an attempt, so the batch ends in ``failed/``
+  after ``max_attempts``.
 
 Not covered: a value too long for lrq's own ``key`` column (255 characters) is refused in
 the dead-letter table too, so that batch fails as a refused statement.
