@@ -338,7 +338,8 @@ class Sink:
             attempt=attempt))
         return True
 
-    def _dead_rows(self, batch: str, dead: Sequence[tuple[dict[str, Any], str]]) -> list[dict[str, Any]]:
+    def _dead_rows(self, batch: str,
+                   dead: Sequence[tuple[dict[str, Any], str]]) -> list[dict[str, Any]]:
         return [{"queue": self.queue.name, "key": str(item.get(self.key)), "batch": batch,
                  "error": error, "item": item} for item, error in dead]
 

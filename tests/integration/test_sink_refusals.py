@@ -138,8 +138,9 @@ def test_every_row_refused_still_records_the_batch(engine: Engine) -> None:
 def test_a_value_the_driver_cannot_bind_is_one_rows_refusal_unless_every_row_has_it(
         engine: Engine) -> None:
     """A dict for a text column: no driver binds it (SQLite and psycopg refuse it, PyMySQL
-    writes SQL the server cannot parse); each calls it a statement error. Other rows going in shows it is the
-    row's; when no row goes in, it is the statement's, and counts an attempt."""
+    writes SQL the server cannot parse); each calls it a statement error. Other rows going
+    in show it is the row's; when no row goes in, it is the statement's, and counts an
+    attempt."""
     sink = Sink(engine, queue()).prepare()
     stored = sink.store("b1", 6, results(6, {1: {"note": {"a": 1}}, 4: {"note": {"c": [2]}}}),
                         inputs=items(6))
@@ -147,7 +148,8 @@ def test_a_value_the_driver_cannot_bind_is_one_rows_refusal_unless_every_row_has
     assert stored_keys(sink) == ["d0", "d2", "d3", "d5"]
     assert sorted(sink.dead_keys()) == ["d1", "d4"]
     with pytest.raises(StatementRefused, match=r"every result was refused"):
-        sink.store("b2", 2, [{"doc_id": "x1", "note": {"a": 1}}, {"doc_id": "x2", "note": {"b": 2}}])
+        sink.store("b2", 2, [{"doc_id": "x1", "note": {"a": 1}},
+                             {"doc_id": "x2", "note": {"b": 2}}])
     assert not sink.is_recorded("b2") and sink.dead_count() == 2
 
 
