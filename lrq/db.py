@@ -1,6 +1,9 @@
-"""Engines: pre-ping, bounded connect waits, SQLite in WAL with immediate transactions."""
+"""Engines: pre-ping, bounded connect waits, SQLite in WAL with immediate transactions; and
+:func:`fault`, which reads a database error as a refused row, a refused statement or an
+unreachable database."""
 from __future__ import annotations
 
+import enum
 import json
 import os
 from typing import Any
@@ -9,6 +12,7 @@ import orjson
 from sqlalchemy import Table, create_engine, event, literal_column
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.sql.dml import Insert
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 from lrq.errors import ConfigError
@@ -145,3 +149,76 @@ def insert_ignore(engine: Engine, table: Table, unique: list[str]) -> Insert:
         return mysql.insert(table).on_duplicate_key_update({k: literal_column(f"`{k}`")})
     raise ConfigError(f"db_url: lrq cannot store results in {name!r} "
                       "(supported: sqlite, postgresql, mysql, mariadb)")
+
+
+class Fault(enum.Enum):
+    """What a database error says is at fault (see :func:`fault`)."""
+
+    #: The row's values: NOT NULL, CHECK, foreign key, a unique key other than the one lrq
+    #: upserts on, a value too long or out of range, a trigger's refusal. Other rows are fine.
+    ROW = "row"
+    #: The statement, whatever the rows: a missing table or column, a privilege, syntax.
+    STATEMENT = "statement"
+    #: The database: a failed connect, a disconnect, a timeout, a lock wait, a deadlock, a
+    #: full disk. The same statement may succeed later.
+    UNREACHABLE = "unreachable"
+
+
+# PostgreSQL SQLSTATE classes: 22 data exception, 23 integrity constraint, P0 a trigger's
+# RAISE; 08 connection, 40 rollback (deadlock, serialization), 53 resources, 55 lock not
+# available, 57 operator intervention (statement timeout, shutdown), 58 system error.
+_PG_ROW = ("22", "23", "P0")
+_PG_UNREACHABLE = ("08", "40", "53", "55", "57", "58")
+# MySQL/MariaDB server error numbers (client errors, 2000-2999, are all unreachable). A
+# packet over max_allowed_packet (1153) is the batch's size, not the server: a statement.
+_MY_ROW = {1048, 1062, 1216, 1263, 1264, 1265, 1292, 1364, 1366, 1367, 1406, 1451, 1452,
+           1644, 3819, 4025}
+_MY_UNREACHABLE = {1021, 1037, 1040, 1041, 1042, 1043, 1045, 1053, 1077, 1078, 1079, 1080,
+                   1114, 1152, 1154, 1155, 1156, 1157, 1158, 1159, 1160, 1161, 1184,
+                   1205, 1213, 1317, 1927, 1969, 3024}
+# SQLite primary result codes: 18 TOOBIG, 19 CONSTRAINT, 20 MISMATCH, 25 RANGE; 5 BUSY,
+# 6 LOCKED, 7 NOMEM, 8 READONLY, 10 IOERR, 11 CORRUPT, 13 FULL, 14 CANTOPEN, 15 PROTOCOL,
+# 26 NOTADB.
+_SQLITE_ROW = {18, 19, 20, 25}
+_SQLITE_UNREACHABLE = {5, 6, 7, 8, 10, 11, 13, 14, 15, 26}
+
+
+def fault(exc: BaseException) -> Fault:
+    """Read a SQLAlchemy error as :class:`Fault`, by the driver's own code where it has one
+    (PostgreSQL's SQLSTATE, MySQL's error number, SQLite's result code), else by the DB-API
+    class: ``IntegrityError``/``DataError`` are rows, ``OperationalError`` and disconnects
+    are the database, anything else (``ProgrammingError``, ...) is the statement.
+
+    The codes matter because the classes mislead: PyMySQL raises an unknown column or a
+    failed CHECK as ``OperationalError``, and SQLite a missing table as one."""
+    if isinstance(exc, (sa_exc.DisconnectionError, sa_exc.TimeoutError)):
+        return Fault.UNREACHABLE  # a pre-ping's disconnect, the pool's wait for a connection
+    if not isinstance(exc, sa_exc.DBAPIError):
+        return Fault.STATEMENT  # compiling or binding failed before the database saw it
+    if exc.connection_invalidated:
+        return Fault.UNREACHABLE
+    orig = exc.orig
+    args = getattr(orig, "args", ())
+    if type(orig).__module__.startswith("pymysql") and args and isinstance(args[0], int):
+        number = args[0]
+        if number in _MY_ROW:
+            return Fault.ROW
+        if 2000 <= number < 3000 or number in _MY_UNREACHABLE or number == 0:
+            return Fault.UNREACHABLE
+        return Fault.STATEMENT
+    state = getattr(orig, "sqlstate", None)
+    if isinstance(state, str) and len(state) == 5:
+        if state.startswith(_PG_ROW):
+            return Fault.ROW
+        return Fault.UNREACHABLE if state.startswith(_PG_UNREACHABLE) else Fault.STATEMENT
+    code = getattr(orig, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        code &= 0xFF
+        if code in _SQLITE_ROW:
+            return Fault.ROW
+        return Fault.UNREACHABLE if code in _SQLITE_UNREACHABLE else Fault.STATEMENT
+    if isinstance(exc, (sa_exc.IntegrityError, sa_exc.DataError)):
+        return Fault.ROW
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError)):
+        return Fault.UNREACHABLE
+    return Fault.STATEMENT

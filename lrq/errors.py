@@ -51,7 +51,24 @@ class SourceError(LrqError):
 
 
 class SinkError(LrqError):
-    """The results database cannot be written."""
+    """The results database cannot be written.
+
+    Raised as one of its subclasses when the database's answer says which kind of failure it
+    is; a bare ``SinkError`` is a fault of lrq's own and, like :class:`StatementRefused`, is
+    not treated as infrastructure."""
+
+
+class DatabaseUnreachable(SinkError):
+    """The results database cannot be reached or is busy (a failed connect, a disconnect, a
+    timeout, a lock wait, a deadlock, a full disk): infrastructure, the batch is not at fault.
+    The worker releases the batch without counting an attempt and backs off."""
+
+
+class StatementRefused(SinkError):
+    """The results database refused a statement for a reason that is not one row's values:
+    a missing table or column, a privilege, a value lrq cannot bind. A schema or
+    configuration problem: the batch counts an attempt and, after ``max_attempts``, moves to
+    ``failed/`` with this message."""
 
 
 class AlreadyRunning(LrqError):

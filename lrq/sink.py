@@ -5,6 +5,41 @@ Result rows are unique by ``(queue, key)`` (generic table) or by the model's key
 are inserted with the dialect's on-conflict form, so replaying a batch, or a batch holding
 items another batch already stored, adds nothing. The ledger's primary key
 ``(queue, name)`` lets exactly one transaction record a batch.
+
+What the database answers decides what happens (:func:`lrq.db.fault`):
+
+* **A row it refuses** (NOT NULL, CHECK, foreign key, another unique key, a value too long or
+  out of range: ``IntegrityError``/``DataError`` or the dialect's code for one). The batch
+  is not at fault, that row is. The whole insert is tried first, as on the happy path; when
+  it fails on anything but an unreachable database (and the ledger does not already hold the
+  batch: a replay stays ``Stored(recorded=False)``), the transaction is rolled back and done
+  again with each group of rows inserted inside a SAVEPOINT, halved on refusal until each
+  refused row is alone. A refusal the driver calls a statement error (a dict for a text
+  column, which no driver binds) is one row's when other rows go in; when no row goes in, it
+  is the statement's (below). Each refused row is dead-lettered with the database's message
+  and the refused result (``the database refused the result: NOT NULL constraint failed:
+  t.col``, then a line ``result: {...}``: PostgreSQL names no column for a value too long).
+  Its dead letter's item is the batch's input item with the same key when the worker passes
+  ``inputs`` (so it can be retried), else the refused result. The rest, the dead letters and
+  the ledger row (its ``results`` and ``dead`` counts corrected) commit together. On SQLite,
+  whose connections run without the driver's own transaction handling (``BEGIN
+  IMMEDIATE``, see :mod:`lrq.db`), SAVEPOINTs nest inside that transaction as on the
+  servers.
+* **An unreachable database** (failed connect, disconnect, timeout, lock wait, deadlock,
+  full disk): :class:`~lrq.errors.DatabaseUnreachable`; the worker releases the batch without
+  counting an attempt and backs off.
+* **A connection lost during the statement while the database answers a probe right after**
+  (MySQL closes the connection on a packet over ``max_allowed_packet``; a server limit may
+  kill the query): the batch's own statement is at fault, so it is treated as refused
+  (counted), or it would be released uncounted forever. A lost connection with the
+  database then unreachable stays :class:`~lrq.errors.DatabaseUnreachable`.
+* **A statement it refuses whatever the rows** (missing table or column, privileges; every
+  row refused with a statement error): :class:`~lrq.errors.StatementRefused`, naming the
+  table and what to check; the worker counts an attempt, so the batch ends in ``failed/``
+  after ``max_attempts``.
+
+Not covered: a value too long for lrq's own ``key`` column (255 characters) is refused in
+the dead-letter table too, so that batch fails as a refused statement.
 """
 from __future__ import annotations
 
@@ -12,17 +47,18 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 from datetime import datetime
-from typing import Any, Collection, Iterator
+from typing import Any, Collection, Iterator, Sequence
 
 from sqlalchemy import (JSON, BigInteger, Column, DateTime, Integer, MetaData, String, Table,
                         Text, UniqueConstraint, delete, func, inspect, select)
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, StatementError
 
 from lrq import failpoints
 from lrq.config import QueueConfig, load_object
-from lrq.db import dumps_json, insert_ignore, reader
-from lrq.errors import ConfigError, HandlerError, SinkError
+from lrq.db import Fault, dumps_json, fault, insert_ignore, reader
+from lrq.errors import (ConfigError, DatabaseUnreachable, HandlerError, SinkError,
+                        StatementRefused)
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +67,11 @@ GENERIC_FIELDS = ("queue", "key", "batch", "value")
 DEAD = "lrq_dead_letters"
 #: Keys per ``DELETE ... IN`` when a retried batch replaces its dead letters.
 DELETE_CHUNK = 1000
+MESSAGE_CHARS = 2000  # of the database's message kept in a refused row's dead letter
+#: What an insert raises when the database or its driver refuses it: SQLAlchemy's errors,
+#: and a driver's own TypeError/ValueError for a value it cannot bind (PyMySQL: "dict can
+#: not be used as parameter"), which SQLAlchemy passes on unwrapped.
+_REFUSED = (StatementError, TypeError, ValueError)
 
 
 def ledger_table(metadata: MetaData) -> Table:
@@ -152,10 +193,11 @@ class Sink:
                     if inspect(self.engine).has_table(table.name):
                         continue  # another process created it between the check and the create
                 except OperationalError as again:
-                    raise SinkError(f"cannot reach results database {self.engine.url!r}: "
-                                    f"{again.orig}") from again
-                raise SinkError(f"cannot create table {table.name} in {self.engine.url!r}: "
-                                f"{getattr(e, 'orig', None) or e}") from e
+                    raise DatabaseUnreachable(f"cannot reach results database "
+                                              f"{self.engine.url!r}: {again.orig}") from again
+                raise self._error(f"cannot create table {table.name} in {self.engine.url!r}", e,
+                                  "the database user needs the right to create it, or create "
+                                  "it beforehand") from e
         return self
 
     def is_recorded(self, name: str) -> bool:
@@ -179,52 +221,175 @@ class Sink:
         return results
 
     def store(self, batch: str, items: int, results: list[dict[str, Any]], attempt: int = 1, *,
-              dead: list[tuple[dict[str, Any], str]] = (), replace_dead: bool = False) -> Stored:
+              dead: list[tuple[dict[str, Any], str]] = (),
+              inputs: list[dict[str, Any]] | None = None, replace_dead: bool = False) -> Stored:
         """Commit results, dead letters ``(item, error)`` and the ledger row together; a batch
         already in the ledger is left as is. ``replace_dead`` (a ``lrq retry-dead`` batch):
         the same transaction first deletes the earlier dead letters of the batch's keys, so
-        a retried item ends with its result or its new dead letter, never both or neither."""
+        a retried item ends with its result or its new dead letter, never both or neither.
+
+        Rows the database refuses are isolated and dead-lettered in the same transaction (see
+        the module docstring); their dead letter carries the item of ``inputs`` with the same
+        key (the batch's items, as the worker passes them), else the refused result.
+        Raises :class:`DatabaseUnreachable` or :class:`StatementRefused`."""
         rows = self.rows(batch, results)
         # Encoded before the transaction: on SQLite it holds the write lock, which the other
         # workers wait for (1 ms of JSON per 1000 results).
         bulk = self._bulk_params(rows) if self.generic and rows else None
-        dead_rows = [{"queue": self.queue.name, "key": str(item.get(self.key)), "batch": batch,
-                      "error": error, "item": item} for item, error in dead]
+        dead_rows = self._dead_rows(batch, dead)
+        replace = self._keys_of(rows, dead_rows) if replace_dead else None
         try:
-            with self.engine.begin() as conn:
-                if conn.execute(select(self.ledger.c.name).where(
-                        self.ledger.c.queue == self.queue.name,
-                        self.ledger.c.name == batch)).first() is not None:
-                    return Stored(recorded=False, results=0)
-                conn.execute(self.ledger.insert().values(
-                    queue=self.queue.name, name=batch, items=items, results=len(rows),
-                    dead=len(dead_rows), attempt=attempt))
-                if replace_dead:
-                    self._delete_dead(conn, rows, dead_rows)
-                if bulk is not None:
-                    conn.exec_driver_sql(self._bulk_sql, bulk)
-                else:
-                    for group in _same_fields(rows):
-                        conn.execute(self._insert, group)
-                if dead_rows:
-                    conn.execute(self._insert_dead, dead_rows)
-                failpoints.hit("during-txn")
-        except IntegrityError as e:
-            if self.is_recorded(batch):
-                return Stored(recorded=False, results=0)
-            raise SinkError(f"storing batch {batch} into {self.table.name} failed: {e.orig}") from e
-        except SQLAlchemyError as e:
-            raise SinkError(f"storing batch {batch} into {self.table.name} failed: "
-                            f"{getattr(e, 'orig', None) or e}") from e
+            try:
+                with self.engine.begin() as conn:
+                    if not self._open_batch(conn, batch, items, len(rows), len(dead_rows),
+                                            attempt, replace):
+                        return Stored(recorded=False, results=0)
+                    self._insert_rows(conn, rows, bulk, range(len(rows)))
+                    if dead_rows:
+                        conn.execute(self._insert_dead, dead_rows)
+                    failpoints.hit("during-txn")
+            except _REFUSED as e:
+                kind = fault(e)
+                if kind is Fault.UNREACHABLE:
+                    raise
+                if kind is Fault.ROW and self.is_recorded(batch):
+                    return Stored(recorded=False, results=0)  # the ledger's key: a replay
+                log.warning("refused queue=%s batch=%s table=%s: isolating the rows the "
+                            "database refuses: %s", self.queue.name, batch, self.table.name,
+                            _first_line(e))
+                return self._store_isolating(batch, items, rows, bulk, dead_rows, attempt,
+                                             inputs, replace)
+        except (SQLAlchemyError, TypeError, ValueError) as e:
+            what = f"storing batch {batch} into {self.table.name} failed"
+            if isinstance(e, DBAPIError) and e.connection_invalidated and self._answers():
+                raise StatementRefused(
+                    f"{what}: the connection was lost during the statement, yet the database "
+                    f"answers at once: this batch's statement is at fault (larger than the "
+                    f"server's max_allowed_packet? killed by a server limit?): {e.orig}") from e
+            raise self._error(what, e) from e
         return Stored(recorded=True, results=len(rows), dead=len(dead_rows))
 
-    def _delete_dead(self, conn: Connection, rows: list[dict[str, Any]],
-                     dead_rows: list[dict[str, Any]]) -> None:
-        field = "key" if self.generic else self.key
-        keys = sorted({str(r[field]) for r in rows} | {r["key"] for r in dead_rows})
-        for i in range(0, len(keys), DELETE_CHUNK):
-            conn.execute(delete(self.dead).where(self.dead.c.queue == self.queue.name,
-                                                 self.dead.c.key.in_(keys[i:i + DELETE_CHUNK])))
+    def _answers(self) -> bool:
+        """Does the database answer a ``SELECT 1`` on a new connection (bounded by the
+        engine's connect timeout)?"""
+        try:
+            with reader(self.engine) as conn:
+                conn.exec_driver_sql("SELECT 1")
+            return True
+        except SQLAlchemyError:
+            return False
+
+    def _store_isolating(self, batch: str, items: int, rows: list[dict[str, Any]],
+                         bulk: list[Any] | None, dead_rows: list[dict[str, Any]], attempt: int,
+                         inputs: list[dict[str, Any]] | None,
+                         replace: list[str] | None = None) -> Stored:
+        """The whole insert failed on a row's values: the same transaction again, each group
+        of rows inserted inside a SAVEPOINT and halved on refusal until the refused rows are
+        alone; those are dead-lettered with the database's message."""
+        with self.engine.begin() as conn:
+            if not self._open_batch(conn, batch, items, len(rows), len(dead_rows), attempt,
+                                    replace):
+                return Stored(recorded=False, results=0)
+            refused: list[tuple[int, Exception]] = []
+            for group in _same_fields(rows, indexes=True):
+                self._bisect(conn, rows, bulk, group, refused)
+            statement = [e for _i, e in refused if fault(e) is Fault.STATEMENT]
+            if statement and len(refused) == len(rows):  # no row went in: not the rows
+                raise self._error(f"storing batch {batch} into {self.table.name} failed "
+                                  f"(every result was refused)", statement[0])
+            by_key = {str(it.get(self.key)): it for it in inputs or ()}
+            for i, e in refused:
+                error = str(getattr(e, "orig", None) or e)[:MESSAGE_CHARS]
+                key, value = self._row_key(rows[i]), self._row_value(rows[i])
+                dead_rows.append({"queue": self.queue.name, "key": key, "batch": batch,
+                                  "error": f"the database refused the result: {error}\n"
+                                           f"result: {dumps_json(value)[:MESSAGE_CHARS]}",
+                                  "item": by_key.get(key, value)})
+                log.warning("dead-lettered queue=%s key=%s error=the database refused the "
+                            "result: %s", self.queue.name, key, error.splitlines()[0])
+            if dead_rows:
+                conn.execute(self._insert_dead, dead_rows)
+            stored = len(rows) - len(refused)
+            conn.execute(self.ledger.update().where(
+                self.ledger.c.queue == self.queue.name, self.ledger.c.name == batch).values(
+                results=stored, dead=len(dead_rows)))
+            failpoints.hit("during-txn")
+        return Stored(recorded=True, results=stored, dead=len(dead_rows))
+
+    def _bisect(self, conn: Connection, rows: list[dict[str, Any]], bulk: list[Any] | None,
+                part: list[int], refused: list[tuple[int, Exception]]) -> None:
+        """Insert ``rows[part]`` inside a SAVEPOINT; on a refusal, halve and recurse (a lone
+        refused row goes into ``refused`` with the database's error). k refused rows of n
+        cost about 2·k·log2(n) statements."""
+        try:
+            with conn.begin_nested():
+                self._insert_rows(conn, rows, bulk, part)
+        except _REFUSED as e:
+            if fault(e) is Fault.UNREACHABLE:
+                raise
+            if len(part) == 1:
+                refused.append((part[0], e))
+                return
+            mid = len(part) // 2
+            self._bisect(conn, rows, bulk, part[:mid], refused)
+            self._bisect(conn, rows, bulk, part[mid:], refused)
+
+    def _insert_rows(self, conn: Connection, rows: list[dict[str, Any]], bulk: list[Any] | None,
+                     part: Sequence[int]) -> None:
+        """Insert ``rows[part]`` (all of them: a ``range``, taken without copying)."""
+        if not part:
+            return
+        whole = isinstance(part, range) and len(part) == len(rows)
+        if bulk is not None:
+            conn.exec_driver_sql(self._bulk_sql, bulk if whole else [bulk[i] for i in part])
+            return
+        chosen = rows if whole else [rows[i] for i in part]
+        for group in _same_fields(chosen):
+            conn.execute(self._insert, group)
+
+    def _open_batch(self, conn: Connection, batch: str, items: int, results: int, dead: int,
+                    attempt: int, replace: list[str] | None = None) -> bool:
+        """Insert the ledger row first, in ``conn``'s transaction; False when the ledger
+        already holds the batch. The row's key makes a concurrent writer of the same batch
+        wait for this transaction, then fail (a replay). Then the dead letters of the keys in
+        ``replace`` are deleted (a retried batch's)."""
+        if conn.execute(select(self.ledger.c.name).where(
+                self.ledger.c.queue == self.queue.name,
+                self.ledger.c.name == batch)).first() is not None:
+            return False
+        conn.execute(self.ledger.insert().values(
+            queue=self.queue.name, name=batch, items=items, results=results, dead=dead,
+            attempt=attempt))
+        for i in range(0, len(replace or ()), DELETE_CHUNK):
+            conn.execute(delete(self.dead).where(
+                self.dead.c.queue == self.queue.name,
+                self.dead.c.key.in_((replace or [])[i:i + DELETE_CHUNK])))
+        return True
+
+    def _keys_of(self, rows: list[dict[str, Any]], dead_rows: list[dict[str, Any]]) -> list[str]:
+        """The keys of a batch's result rows and dead letters, as the tables store them."""
+        return sorted({self._row_key(r) for r in rows} | {r["key"] for r in dead_rows})
+
+    def _dead_rows(self, batch: str,
+                   dead: Sequence[tuple[dict[str, Any], str]]) -> list[dict[str, Any]]:
+        return [{"queue": self.queue.name, "key": str(item.get(self.key)), "batch": batch,
+                 "error": error, "item": item} for item, error in dead]
+
+    def _row_key(self, row: dict[str, Any]) -> str:
+        return str(row["key"] if self.generic else row[self.key])
+
+    def _row_value(self, row: dict[str, Any]) -> dict[str, Any]:
+        return row["value"] if self.generic else row
+
+    def _error(self, what: str, e: Exception, fix: str | None = None) -> SinkError:
+        """``e`` as :class:`DatabaseUnreachable` or :class:`StatementRefused`, with the
+        database's message and, for a statement, what to check."""
+        message = f"{what}: {getattr(e, 'orig', None) or e}"
+        if fault(e) is Fault.UNREACHABLE:
+            return DatabaseUnreachable(message)
+        fix = fix or (f"check that table {self.table.name} has the columns the results carry "
+                      "and that the database user may write it")
+        return StatementRefused(f"{message} (a schema or configuration problem: {fix})")
 
     def _bulk_params(self, rows: list[dict[str, Any]]) -> list[Any]:
         if self._bulk_positional:
@@ -307,13 +472,18 @@ class Sink:
             return int(conn.execute(q).scalar_one())
 
 
-def _same_fields(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """Rows grouped by their set of fields: an executemany takes its columns from the first
-    row, so mixing shapes would drop fields silently or fail the batch."""
-    groups: dict[frozenset[str], list[dict[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(frozenset(r), []).append(r)
+def _same_fields(rows: list[dict[str, Any]], indexes: bool = False) -> list[list[Any]]:
+    """Rows (or, with ``indexes``, their positions) grouped by their set of fields: an
+    executemany takes its columns from the first row, so mixing shapes would drop fields
+    silently or fail the batch."""
+    groups: dict[frozenset[str], list[Any]] = {}
+    for i, r in enumerate(rows):
+        groups.setdefault(frozenset(r), []).append(i if indexes else r)
     return list(groups.values())
+
+
+def _first_line(e: SQLAlchemyError) -> str:
+    return str(getattr(e, "orig", None) or e).splitlines()[0]
 
 
 def _is_unique(table: Table, column: str) -> bool:

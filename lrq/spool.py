@@ -772,6 +772,13 @@ class Spool:
             os.unlink(self.right / claim.name)
         return True
 
+    def give_back(self, claim: Claim, reason: str) -> None:
+        """Release a claim whose attempt failed, counting the attempt (unlike :meth:`release`):
+        the next claim is attempt + 1, and the history keeps ``reason``."""
+        if self.owns(claim):
+            self._record_attempt(claim, reason)
+            self.release(claim)
+
     def fail(self, claim: Claim, error: str, folder: Path | None = None) -> Path:
         """Move a claimed batch to ``failed/`` (or ``folder``) with an error file beside it."""
         folder = folder or self.failed

@@ -10,6 +10,13 @@ What can go wrong, and what the worker does:
   5xx/429, disk full, or the handler raises :class:`~lrq.errors.Retryable`): the items are
   not at fault.
   The claim is released without counting an attempt and the worker backs off.
+* **The database refuses a result row** (NOT NULL, CHECK, too long, foreign key): the sink
+  dead-letters that row with the database's message and stores the rest (see
+  :mod:`lrq.sink`). **It refuses the statement** whatever the rows (a missing table or
+  column, a privilege): the attempt counts, and after ``max_attempts`` the batch moves to
+  ``failed/`` with the message (:meth:`Worker._attempt_failed`).
+* **Commits keep failing without progress**: :meth:`Worker.run` backs off, doubling, and
+  gives up after ``INFRA_TRIES``; only a batch that settles resets the count (see there).
 * **A handler call hangs**: ``handler_timeout`` interrupts it (SIGALRM, in the main thread)
   and the call counts as failed.
 * **The lease is lost** (the reaper took the claim back): the worker does not commit.
@@ -44,8 +51,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from lrq import failpoints
 from lrq.config import QueueConfig
-from lrq.errors import (BatchCorrupt, BatchUnsigned, ClaimLost, HandlerError, HandlerTimeout,
-                        KeyMismatch, Retryable, SinkError)
+from lrq.db import Fault, fault
+from lrq.errors import (BatchCorrupt, BatchUnsigned, ClaimLost, DatabaseUnreachable,
+                        HandlerError, HandlerTimeout, KeyMismatch, Retryable, SinkError)
 from lrq.sink import Sink
 from lrq.spool import Claim, Spool
 
@@ -65,6 +73,11 @@ class RunStats:
     failed: int = 0
     dead: int = 0
     infra_errors: int = 0
+    #: Commits the database refused as a statement (not a row): released with the attempt
+    #: counted, or moved to ``failed/`` at ``max_attempts`` (then also in ``failed``).
+    refused: int = 0
+    #: Batches found already in the ledger and only marked done.
+    finalized: int = 0
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -74,6 +87,12 @@ class RunStats:
     @property
     def rate(self) -> float:
         return self.items / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def settled(self) -> int:
+        """Batches this run brought to an end (done, finalized, failed or quarantined): the
+        progress that tells a run's failures apart from a database that is down."""
+        return self.batches + self.finalized + self.failed
 
 
 class Poison(Exception):
@@ -86,7 +105,12 @@ class Poison(Exception):
 
 def is_infrastructure(exc: BaseException) -> bool:
     """Is ``exc`` (or anything in its ``__cause__`` chain) a failure of something other than
-    the items: a database, a network, a service that is down or overloaded?"""
+    the items: a database, a network, a service that is down or overloaded?
+
+    A database error is infrastructure only when :func:`lrq.db.fault` reads it as the
+    database being unreachable: a row or a statement it refuses would fail the same way on
+    every retry, so it is not waited out. A :class:`SinkError` is the sink's verdict: only
+    :class:`DatabaseUnreachable` is infrastructure, whatever error lies beneath it."""
     import requests
     from urllib3 import exceptions as u3
 
@@ -94,7 +118,11 @@ def is_infrastructure(exc: BaseException) -> bool:
     e: BaseException | None = exc
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, (Retryable, SinkError, ConnectionError, TimeoutError, SQLAlchemyError,
+        if isinstance(e, SinkError):  # the sink's verdict on the error beneath it
+            return isinstance(e, DatabaseUnreachable)
+        if isinstance(e, SQLAlchemyError) and fault(e) is Fault.UNREACHABLE:
+            return True
+        if isinstance(e, (Retryable, ConnectionError, TimeoutError,
                           requests.ConnectionError, requests.Timeout,
                           requests.exceptions.RetryError, u3.MaxRetryError, u3.ProtocolError,
                           u3.TimeoutError)):
@@ -186,6 +214,8 @@ class Handled:
     started: float
     #: A ``lrq retry-dead`` batch: its store replaces its keys' dead letters.
     replace_dead: bool = False
+    #: The batch's items: a result the database refuses is dead-lettered with its item.
+    inputs: list[dict[str, Any]] | None = None
 
 
 class Worker:
@@ -218,7 +248,9 @@ class Worker:
 
     def process(self, claim: Claim) -> None:
         """Process a claimed batch. Raises :class:`Retryable` after releasing the claim when
-        infrastructure failed; every other outcome ends with the batch done, failed or
+        infrastructure failed, and :class:`~lrq.errors.StatementRefused` after counting the
+        attempt (released, or in ``failed/`` at ``max_attempts``) when the database refused
+        the commit's statement; every other outcome ends with the batch done, failed or
         quarantined."""
         handled = self.handle_claim(claim)
         if handled is not None:
@@ -305,7 +337,8 @@ class Worker:
             # waiting on a service leaves it free.
             behind.start()
         results, dead = self.handle(batch.items)
-        return Handled(claim, lost, len(batch.items), results, dead, t0, batch.replace_dead)
+        return Handled(claim, lost, len(batch.items), results, dead, t0, batch.replace_dead,
+                       batch.items)
 
     def _bad_keys(self, items: list[Item]) -> str | None:
         """Why the batch's keys cannot identify its items, or None. Keys are compared as the
@@ -329,10 +362,14 @@ class Worker:
             raise ClaimLost(claim.name)
         try:
             stored = self.sink.store(claim.name, h.items, h.results, claim.attempt, dead=h.dead,
-                                     replace_dead=h.replace_dead)
+                                     inputs=h.inputs, replace_dead=h.replace_dead)
         except HandlerError as e:  # results the sink cannot take: the handler's fault
             self._fail(claim, str(e), e)
             return
+        except SinkError as e:
+            if not is_infrastructure(e):
+                self._attempt_failed(claim, e)
+            raise
         failpoints.hit("after-commit")
         if not stored.recorded:  # committed by an earlier attempt: only the marker was missing
             self._finalize(claim)
@@ -344,6 +381,20 @@ class Worker:
                  self.queue.name, claim.name, h.items, stored.results, stored.dead,
                  time.monotonic() - h.started)
 
+    def _attempt_failed(self, claim: Claim, e: SinkError) -> None:
+        """The database refused the commit's statement (a schema or configuration problem, not
+        one row): the attempt counts, so a batch that keeps failing ends in ``failed/`` after
+        ``max_attempts`` with the database's message instead of being released forever."""
+        self._count(refused=1)
+        limit = self.queue.max_attempts
+        if claim.attempt >= limit:
+            self._fail(claim, f"gave up after {claim.attempt} attempts (max_attempts); "
+                       f"the last: {e}", e)
+            return
+        self.spool.give_back(claim, f"{type(e).__name__}: {e}")
+        log.error("released queue=%s batch=%s attempt=%d of %d reason=%s: %s",
+                  self.queue.name, claim.name, claim.attempt, limit, type(e).__name__, e)
+
     def _count(self, **add: int) -> None:
         with self._lock:
             for k, n in add.items():
@@ -352,6 +403,7 @@ class Worker:
     def _finalize(self, claim: Claim) -> None:
         """Mark done a batch the ledger already holds (its committer died before the marker)."""
         self.spool.mark_done(claim, {"finalized": True})
+        self._count(finalized=1)
         log.info("finalized queue=%s batch=%s", self.queue.name, claim.name)
 
     def _fail(self, claim: Claim, message: str, exc: BaseException | None = None) -> None:
@@ -437,11 +489,19 @@ class Worker:
             max_seconds: float | None = None, idle_wait: float = 1.0,
             idle_exit: float | None = None, progress: bool = False) -> RunStats:
         """Process batches until none is pending (``burst``) or none came for ``idle_exit``
-        seconds, a limit is hit, ``stop`` is set, or infrastructure keeps failing
-        (``INFRA_TRIES`` times in a row, with backoff)."""
+        seconds, a limit is hit, ``stop`` is set, or commits keep failing without progress
+        (``INFRA_TRIES`` times, with a backoff that doubles each time).
+
+        *Progress* is a batch brought to an end (:attr:`RunStats.settled`), not a handler
+        call that succeeded: storing behind, a commit's error surfaces a step after the next
+        batch was handled, so counting a handled batch as progress would reset the count
+        before every error and never let the backoff grow. A refused statement
+        (:class:`~lrq.errors.StatementRefused`) backs off like an unreachable database, and
+        its batch also counts an attempt (see :meth:`_attempt_failed`)."""
         self.stats = RunStats()
         next_report = time.monotonic() + PROGRESS_EVERY
         failures = 0
+        settled = 0
         idle_since: float | None = None
         # Storing behind would let a run overshoot max_batches by the batch in flight.
         behind = StoreBehind(self) if self.queue.pipeline and max_batches is None else None
@@ -453,20 +513,24 @@ class Worker:
                     break
                 try:
                     worked = self._step(behind)
-                    failures = 0
                 except Exception as e:
-                    if not is_infrastructure(e):
+                    if not _backs_off(e):
                         raise
+                    if self.stats.settled != settled:
+                        failures, settled = 0, self.stats.settled
                     failures += 1
-                    self._count(infra_errors=1)
+                    if is_infrastructure(e):
+                        self._count(infra_errors=1)
                     if failures >= INFRA_TRIES:
-                        log.error("giving up queue=%s after %d infrastructure failures: %s",
+                        log.error("giving up queue=%s after %d failures without progress: %s",
                                   self.queue.name, failures, e)
                         break
                     wait = min(self.queue.backoff * 2 ** failures, MAX_BACKOFF)
                     log.warning("backoff queue=%s seconds=%.1f error=%s", self.queue.name, wait, e)
                     self.stop.wait(wait)
                     continue
+                if self.stats.settled != settled or not worked:
+                    failures, settled = 0, self.stats.settled
                 if worked:
                     idle_since = None
                 else:
@@ -511,15 +575,22 @@ class Worker:
                 behind.start()  # a batch queued before this step failed is not held back
 
     def _drain(self, behind: StoreBehind) -> None:
-        """Wait for the last commit; an infrastructure failure there is counted (its batch was
-        released), anything else raised."""
+        """Wait for the last commit; an infrastructure failure or a refused statement there is
+        counted (its batch was released, or failed), anything else raised."""
         try:
             behind.close()
         except Exception as e:
-            if not is_infrastructure(e):
+            if not _backs_off(e):
                 raise
-            self._count(infra_errors=1)
+            if is_infrastructure(e):
+                self._count(infra_errors=1)
             log.warning("backoff queue=%s seconds=0.0 error=%s", self.queue.name, e)
+
+
+def _backs_off(e: BaseException) -> bool:
+    """Does ``e`` make :meth:`Worker.run` wait and try again (infrastructure, or a statement
+    the database refused, whose batch has counted an attempt) rather than end the run?"""
+    return is_infrastructure(e) or isinstance(e, SinkError)
 
 
 class StoreBehind:

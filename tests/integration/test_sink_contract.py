@@ -17,8 +17,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from lrq.config import QueueConfig, SourceConfig
 from lrq.db import make_engine
-from lrq.errors import ConfigError, HandlerError, SinkError
+from lrq.errors import ConfigError, DatabaseUnreachable, HandlerError, SinkError
 from lrq.sink import DEAD, LEDGER, Sink
+from lrq.worker import is_infrastructure
 
 MODEL = "workers.models:DocEntMap"
 JOIN_TIMEOUT = 60.0  # bound on any thread a test starts; the engines' own timeouts are shorter
@@ -321,6 +322,9 @@ def test_unreachable_database_is_a_sink_error(backend: str, closed_port: int, tm
         assert "cannot reach results database" in str(prepare)
         assert isinstance(store, SinkError), store
         assert "storing batch b1" in str(store)
+        # A failed connect is the database, not the batch: released uncounted, backed off.
+        assert isinstance(prepare, DatabaseUnreachable) and isinstance(store, DatabaseUnreachable)
+        assert is_infrastructure(prepare) and is_infrastructure(store)
     finally:
         engine.dispose()
 

@@ -1,6 +1,7 @@
 """The worker on a SQLite sink: store, replay, finalize, retries, poison isolation, leases."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import threading
@@ -454,3 +455,99 @@ def test_store_behind_waits_for_every_commit_and_logs_a_second_error(caplog) -> 
         behind.close()
     assert finished == ["a", "b"]
     assert "commit b failed" in caplog.text
+
+
+# -- failures without progress -----------------------------------------------------------
+
+class RecordedWaits(threading.Event):
+    """A stop event whose waits return at once and are recorded (the backoff's lengths)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.waits.append(timeout or 0.0)
+        return self.is_set()
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_commit_that_keeps_failing_backs_off_longer_each_time_then_gives_up(
+        tmp_path: Path, pipeline: bool) -> None:
+    """Storing behind, a commit's error surfaces after the next batch was handled: that
+    handled batch is not progress, so the count of failures is not reset and the backoff
+    grows. (Before, with pipeline on, the count went 1, 0, 1, 0, ... and the run never ended.)"""
+    from sqlalchemy.exc import OperationalError
+
+    from lrq.worker import INFRA_TRIES
+
+    app = load_app(write_config(tmp_path, docs=None, chunk_size=4, backoff=1.0,
+                                pipeline=pipeline))
+    name = publish(app, 4)
+    stop = RecordedWaits()
+    w = app.worker(queue(app), stop=stop)
+
+    def unreachable(*_args, **_kwargs):
+        raise OperationalError("INSERT", {}, Exception("server closed the connection"))
+
+    w.sink.store = unreachable
+    stats = w.run(burst=True, max_seconds=30)  # the bound, should the run not give up
+    # Storing behind, the batch handled again as the run gave up is committed (and fails)
+    # before the run returns: one more error, without a wait.
+    assert INFRA_TRIES <= stats.infra_errors <= INFRA_TRIES + pipeline and stats.batches == 0
+    assert stop.waits == [2.0, 4.0, 8.0, 16.0, 32.0]  # gave up after 6, not at max_seconds
+    assert w.spool.state(name) is State.PENDING
+    assert w.spool.attempts(name)["attempts"] == 0  # the database was down: nothing counted
+
+
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_a_statement_the_database_refuses_counts_attempts_then_fails_the_batch(
+        tmp_path: Path, pipeline: bool, caplog) -> None:
+    """A schema problem (the results table lacks a column) is not the database being down:
+    each commit counts an attempt, and at max_attempts the batch is in failed/ with the
+    database's message. (Before, it was released uncounted forever.)"""
+    app = load_app(write_config(tmp_path, docs=None, chunk_size=4, backoff=0,
+                                pipeline=pipeline, max_attempts=3))
+    names = [publish(app, 4), publish(app, 4, start=4)]
+    w = app.worker(queue(app), stop=RecordedWaits())
+    with w.sink.engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE doc_results DROP COLUMN value")
+    caplog.set_level("WARNING", logger="lrq.worker")
+    stats = w.run(burst=True, max_seconds=30)
+    assert (stats.refused, stats.failed, stats.batches, stats.infra_errors) == (6, 2, 0, 0)
+    for name in names:
+        assert w.spool.state(name) is State.FAILED
+        error = w.spool.read_error(name)
+        assert "gave up after 3 attempts (max_attempts)" in error["error"]
+        assert "no column named value" in error["error"]
+        assert "schema or configuration problem" in error["error"]
+        assert [h["attempt"] for h in error["history"]] == [1, 2]
+    assert "released queue=docs batch=" in caplog.text and "attempt=1 of 3" in caplog.text
+
+
+def test_a_result_the_database_refuses_is_dead_lettered_with_its_item(tmp_path: Path) -> None:
+    (tmp_path / "notnull_model.py").write_text(
+        "from sqlalchemy import String\n"
+        "from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column\n"
+        "class Base(DeclarativeBase):\n    pass\n"
+        "class Strict(Base):\n"
+        "    __tablename__ = 'strict'\n"
+        "    doc_id: Mapped[str] = mapped_column(String(50), primary_key=True)\n"
+        "    note: Mapped[str] = mapped_column(String(50), nullable=False)\n")
+    app = load_app(write_config(tmp_path, docs=None, chunk_size=4, result_table=None,
+                                model="notnull_model:Strict"))
+    name = publish(app, 6)
+    w = app.worker(queue(app))
+    w.handler = lambda items: [{"doc_id": i["doc_id"],
+                                "note": None if i["doc_id"] in ("d1", "d4") else "ok"}
+                               for i in items]
+    assert w.run(burst=True).batches == 1
+    assert w.spool.state(name) is State.DONE and w.stats.dead == 2
+    assert sorted(w.sink.keys()) == ["d0", "d2", "d3", "d5"]
+    dead = {d["key"]: d["error"] for d in w.sink.dead_letters()}
+    assert sorted(dead) == ["d1", "d4"]
+    assert "NOT NULL constraint failed: strict.note" in dead["d1"]
+    with w.sink.engine.connect() as conn:
+        items = conn.exec_driver_sql("SELECT item FROM lrq_dead_letters ORDER BY key").scalars()
+        assert [json.loads(i) for i in items] == [{"doc_id": "d1", "content": "w1 x y"},
+                                                  {"doc_id": "d4", "content": "w4 x y"}]
