@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass, field
-from typing import Any, Collection
+from typing import Any
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -310,7 +311,7 @@ class App:
                 info["items"] = len(batch.items)
                 info["keys"] = [str(i.get(q.key)) for i in batch.items[:10]]
                 info["position"] = batch.position
-            except Exception as e:  # show what we can of a broken batch
+            except Exception as e:  # noqa: BLE001 (show what we can of a broken batch)
                 info["load_error"] = str(e)
             error = sp.read_error(name)
             if error is not None:

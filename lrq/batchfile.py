@@ -8,8 +8,8 @@ import errno
 import os
 import stat
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from lrq import signing
 from lrq.errors import ForeignEntry

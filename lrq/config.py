@@ -15,7 +15,8 @@ import tomllib
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
@@ -258,7 +259,7 @@ def _queue(name: str, table: dict[str, Any], base: Path, where: str) -> QueueCon
     return QueueConfig(name=name, source=_source(table["source"], base, f"{where}.source"), **values)
 
 
-def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> Config:
+def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
     """Read and validate a config file; raise :class:`ConfigError` naming what is wrong."""
     env = os.environ if env is None else env
     p = Path(path or env.get("LRQ_CONFIG") or DEFAULT_CONFIG)
@@ -273,7 +274,7 @@ def load(path: str | os.PathLike[str] | None = None, env: dict[str, str] | None 
     return from_dict(raw, p.resolve(), env)
 
 
-def from_dict(raw: dict[str, Any], path: Path, env: dict[str, str] | None = None) -> Config:
+def from_dict(raw: dict[str, Any], path: Path, env: Mapping[str, str] | None = None) -> Config:
     env = {} if env is None else env
     where = str(path)
     _take(raw, {"data_dir": str, "db_url": str, "queues": dict, "cleanup": dict,

@@ -10,10 +10,10 @@ from typing import Any
 
 import orjson
 from sqlalchemy import Table, create_engine, event, literal_column
-from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.sql.dml import Insert
 from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+from sqlalchemy.sql.dml import Insert
 
 from lrq.errors import ConfigError
 

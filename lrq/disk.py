@@ -12,11 +12,13 @@ holds the space (pending, claimed, failed batches, tmp, logs, other files).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from lrq.errors import ConfigError
 
@@ -35,7 +37,7 @@ class Floor:
     bytes: int = 0
 
     @classmethod
-    def parse(cls, value: str, where: str) -> "Floor":
+    def parse(cls, value: str, where: str) -> Floor:
         from lrq.config import parse_bytes
 
         text = str(value).strip()
@@ -98,10 +100,8 @@ def log_bytes(log_file: Path | None) -> int:
     total = 0
     if log_file is not None:
         for p in log_file.parent.glob(log_file.name + "*"):
-            try:
+            with contextlib.suppress(FileNotFoundError):  # rotated away meanwhile
                 total += p.stat().st_size
-            except FileNotFoundError:
-                pass
     return total
 
 

@@ -76,7 +76,8 @@ def peek(url: str, table: str, rows: int = 5) -> int:
     with engine.connect() as conn:
         total = conn.execute(select(func.count()).select_from(t)).scalar_one()
         print(f"{table}: {total} rows; the first {rows}:")
-        for r in conn.execute(select(t).order_by(t.c[t.primary_key.columns.keys()[0]]).limit(rows)).mappings():
+        first = t.c[t.primary_key.columns.keys()[0]]
+        for r in conn.execute(select(t).order_by(first).limit(rows)).mappings():
             print("  " + ", ".join(f"{k}={str(v)[:60]}" for k, v in r.items()))
     return 0
 

@@ -14,8 +14,8 @@ import hashlib
 import hmac
 import os
 import secrets
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Iterable
 
 DIGEST = hashlib.sha256
 SIZE = DIGEST().digest_size
@@ -29,7 +29,7 @@ def key_id(key: bytes) -> bytes:
     return hmac.new(key, b"lrq batch-file key id", DIGEST).digest()[:KEY_ID_SIZE]
 
 
-def previous_keys(secrets_: Iterable[str] = (), env: dict[str, str] | None = None) -> tuple[bytes, ...]:
+def previous_keys(secrets_: Iterable[str] = (), env: Mapping[str, str] | None = None) -> tuple[bytes, ...]:
     """Keys that still verify (rotation): the config's ``previous_secrets``, then
     ``LRQ_PREVIOUS_SECRETS`` split on commas."""
     env = os.environ if env is None else env
@@ -45,7 +45,7 @@ def valid(key: bytes, data: bytes | memoryview, signature: bytes) -> bool:
     return hmac.compare_digest(sign(key, data), signature)
 
 
-def load_key(secret: str | None, data_dir: Path, env: dict[str, str] | None = None) -> bytes:
+def load_key(secret: str | None, data_dir: Path, env: Mapping[str, str] | None = None) -> bytes:
     env = os.environ if env is None else env
     if secret:
         return secret.encode()

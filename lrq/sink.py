@@ -44,21 +44,35 @@ the dead-letter table too, so that batch fails as a refused statement.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from datetime import datetime
-from typing import Any, Collection, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
-from sqlalchemy import (JSON, BigInteger, Column, DateTime, Integer, MetaData, String, Table,
-                        Text, UniqueConstraint, delete, func, inspect, select)
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    delete,
+    func,
+    inspect,
+    select,
+)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, StatementError
 
 from lrq import failpoints
 from lrq.config import QueueConfig, load_object
 from lrq.db import Fault, dumps_json, fault, insert_ignore, reader
-from lrq.errors import (ConfigError, DatabaseUnreachable, HandlerError, SinkError,
-                        StatementRefused)
+from lrq.errors import ConfigError, DatabaseUnreachable, HandlerError, SinkError, StatementRefused
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +196,7 @@ class Sink:
                 raise SinkError(f"unexpected parameter order {compiled.positiontup} for "
                                 f"{self.table.name} on {engine.dialect.name}")
 
-    def prepare(self) -> "Sink":
+    def prepare(self) -> Sink:
         """Create the ledger, dead-letter and results tables if they are missing. Safe when
         several processes start at once: losing the race to create a table is fine."""
         for table in (self.ledger, self.dead, self.table):
@@ -221,7 +235,7 @@ class Sink:
         return results
 
     def store(self, batch: str, items: int, results: list[dict[str, Any]], attempt: int = 1, *,
-              dead: list[tuple[dict[str, Any], str]] = (),
+              dead: Sequence[tuple[dict[str, Any], str]] = (),
               inputs: list[dict[str, Any]] | None = None, replace_dead: bool = False) -> Stored:
         """Commit results, dead letters ``(item, error)`` and the ledger row together; a batch
         already in the ledger is left as is. ``replace_dead`` (a ``lrq retry-dead`` batch):
@@ -482,7 +496,7 @@ def _same_fields(rows: list[dict[str, Any]], indexes: bool = False) -> list[list
     return list(groups.values())
 
 
-def _first_line(e: SQLAlchemyError) -> str:
+def _first_line(e: BaseException) -> str:
     return str(getattr(e, "orig", None) or e).splitlines()[0]
 
 

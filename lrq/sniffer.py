@@ -19,7 +19,8 @@ from __future__ import annotations
 import errno
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from lrq.config import QueueConfig
 from lrq.disk import TRIM_AT, Budget

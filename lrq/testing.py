@@ -1,7 +1,8 @@
 """In-memory parts for fast unit tests (never the only test of a path)."""
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from lrq.sources import Fetched
 

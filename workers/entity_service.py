@@ -35,8 +35,13 @@ from urllib.parse import SplitResult, unquote, urlsplit
 
 import orjson
 import urllib3
-from urllib3.exceptions import (ConnectTimeoutError, MaxRetryError, NewConnectionError,
-                                ReadTimeoutError, ResponseError)
+from urllib3.exceptions import (
+    ConnectTimeoutError,
+    MaxRetryError,
+    NewConnectionError,
+    ReadTimeoutError,
+    ResponseError,
+)
 from urllib3.util import Retry
 
 from lrq.errors import HandlerError, Retryable
@@ -217,7 +222,7 @@ def _environment_proxy(parts: SplitResult) -> str | None:
     """The proxy the environment sets for ``parts``' scheme, unless ``no_proxy`` exempts it."""
     proxies = urllib.request.getproxies_environment()
     proxy = proxies.get(parts.scheme) or proxies.get("all")
-    if not proxy or urllib.request.proxy_bypass_environment(
+    if not proxy or urllib.request.proxy_bypass_environment(  # type: ignore[attr-defined]
             parts.netloc.rpartition("@")[2], proxies):
         return None
     return proxy
@@ -258,6 +263,8 @@ class EntityServer(ThreadingHTTPServer):
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
+        if isinstance(host, bytes):  # typeshed allows it; an AF_INET server has a str
+            host = host.decode()
         return f"http://{host}:{port}"
 
 
@@ -326,7 +333,7 @@ class _EntityRequestHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        self._headers_buffer.append(b"\r\n" + data)  # end of headers, then the body
+        self._headers_buffer.append(b"\r\n" + data)  # type: ignore[attr-defined]  # headers' end, then the body
         wait = not_before - time.monotonic()
         if wait > 0:
             # The remote model's latency: this is what the service does, not synchronisation.

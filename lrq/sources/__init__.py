@@ -5,8 +5,9 @@ saves the one returned, only after the batch file is durable (see :mod:`lrq.spoo
 """
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Protocol
 
 from lrq.config import SourceConfig
 

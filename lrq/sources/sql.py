@@ -7,7 +7,8 @@ grows for new rows (an auto-increment id or an insertion timestamp with a unique
 from __future__ import annotations
 
 import sqlite3
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from sqlalchemy import MetaData, Table, bindparam, select
 from sqlalchemy.engine import Engine
