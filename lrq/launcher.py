@@ -14,6 +14,10 @@ reaches only the scheduler, which forwards SIGTERM), stdout on /dev/null, stderr
 pipe the scheduler relays line by line, and the process title ``lrq work QUEUE -c CONFIG``
 so that ``ps`` shows what it is. If the server dies, multiprocessing starts a new one on
 the next spawn.
+
+The server exits when the scheduler does (it watches a pipe only the scheduler holds), even
+on ``kill -9``; each child asks for SIGTERM when the server dies and watches the scheduler
+itself too (:mod:`lrq.process`), so workers stop with their scheduler.
 """
 from __future__ import annotations
 
@@ -33,8 +37,8 @@ from setproctitle import setproctitle
 #: ORM (user models) and urllib3 (HTTP handlers), ~0.1 s of a worker's start when a handler
 #: needs them. Users' own modules are not preloaded: one that opens a connection or starts a
 #: thread at import would hand every worker a copy of it.
-PRELOAD = ["lrq.cli", "lrq.app", "lrq.worker", "lrq.sink", "lrq.spool", "lrq.db",
-           "lrq.sources.sql", "sqlalchemy.dialects.sqlite", "sqlalchemy.orm", "urllib3"]
+PRELOAD = ["lrq.cli", "lrq.app", "lrq.worker", "lrq.sink", "lrq.spool", "lrq.process",
+           "lrq.db", "lrq.sources.sql", "sqlalchemy.dialects.sqlite", "sqlalchemy.orm", "urllib3"]
 
 
 class Launcher:
@@ -92,6 +96,9 @@ class Child:
 
 
 def _child_main(argv: list[str], stderr: Connection, title: str, env: dict[str, str]) -> None:
+    from lrq import process
+
+    process.die_with_parent(signal.SIGTERM)  # first: the sooner asked, the smaller the gap
     os.setsid()
     os.dup2(stderr.fileno(), 2)
     stderr.close()
@@ -103,6 +110,11 @@ def _child_main(argv: list[str], stderr: Connection, title: str, env: dict[str, 
     os.environ.update(env)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)  # lrq work installs its own
+    process.watch_scheduler(env.get(process.SCHEDULER_ENV))  # covers the gap above
     from lrq.cli import main
 
-    sys.exit(main(argv))
+    try:
+        code = main(argv)
+    finally:
+        process.unregister_workers()  # multiprocessing skips atexit
+    sys.exit(code)

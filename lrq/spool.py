@@ -13,6 +13,8 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
     quarantine/<name>.pkl a file whose signature did not verify: never unpickled
     position.json        the source position, advanced only after the batch file is durable
     <job>.lock           flock files making the sniffer (and the scheduler) single per folder
+    workers/<pid>-<start> one empty file per live ``lrq work`` process of this queue (see
+                         :mod:`lrq.process`); a scheduler counts them before it starts more
 
 Names are ``<UTC time to the microsecond>-<shortuuid>``, e.g.
 ``20261123T064512123456-Xk3pQ9aLm2Zt``: unique, and sorting by name sorts by creation (one
@@ -45,6 +47,16 @@ aside with one atomic rename (the batch is pending again, attempt + 1) or, past
 ``max_attempts``, moves the batch to ``failed/``. An owner that finds its claim gone has
 lost its lease and must not commit; the ledger's primary key stops it if it tries anyway.
 
+Deaths: an attempt whose owner is dead (not merely silent) is a *death*; its history entry
+in ``right/<name>.attempt`` carries ``"exit": {"code": <int or null>, "signal": <"SIGSEGV"
+or null>}`` (both null when only the dead pid was seen). A batch's second death hands it to
+:mod:`lrq.reaper` instead of requeueing it, whatever ``max_attempts`` says (which bounds the
+other failures): :meth:`Spool.split` publishes its two halves as new batches and retires it,
+so the item that kills its worker ends alone in a one-item batch, which is dead-lettered.
+A half's name keeps the batch's time stamp and derives its random part from the batch's
+name and the half (:func:`half_name`), so an interrupted split, redone, writes the same two
+files; a half that already exists in any state is not written again.
+
 Crash windows and what covers them:
 
 * killed while writing ``tmp/``: the file is never visible; the source position did not move,
@@ -56,6 +68,13 @@ Crash windows and what covers them:
   counting the attempt.
 * killed after the database commit, before the done marker: the next claimer finds the batch
   in the ledger and only writes the marker.
+* a splitting reaper holds the batch's claim, so its own death is one more death of the
+  batch and the next reap splits again. Killed after one or both halves are in ``left/``:
+  the redone split writes only what is missing (the halves' items are never lost; a half
+  already processed is not rewritten); killed after the batch file is removed, before its
+  claim and attempt record are: the next reap finds the claim without a batch and removes
+  them. An item may be handled both in a half and in its batch (if the batch is claimed
+  again before its split is redone); the unique keys absorb the second store.
 """
 from __future__ import annotations
 
@@ -64,6 +83,7 @@ import enum
 import errno
 import fcntl
 import functools
+import hashlib
 import itertools
 import json
 import os
@@ -71,7 +91,9 @@ import pickle
 import random
 import secrets
 import socket
+import signal
 import time
+import uuid
 import zlib
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -136,6 +158,54 @@ class Stale:
     name: str
     reason: str
     attempt: int
+    #: The owner is known dead (this host, pid gone or reused), not merely silent.
+    dead: bool = False
+    pid: int = 0
+    start: int = 0
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a worker process ended, as its parent saw it: an exit status, a signal, or
+    neither when only the dead pid was seen (a by-hand ``lrq work``)."""
+
+    code: int | None = None
+    signal: str | None = None
+
+    @classmethod
+    def of(cls, returncode: int | None) -> "Exit":
+        """From a ``subprocess``/``multiprocessing`` return code (negative: killed by that
+        signal; None: unknown)."""
+        if returncode is None:
+            return cls()
+        if returncode < 0:
+            try:
+                return cls(signal=signal.Signals(-returncode).name)
+            except ValueError:
+                return cls(signal=f"signal {-returncode}")
+        return cls(code=returncode)
+
+    def describe(self) -> str:
+        """``killed by SIGSEGV (exit -11)``, ``exited with code 3`` or ``died (exit unknown)``."""
+        if self.signal is not None:
+            number = getattr(signal.Signals, self.signal, None)
+            return f"killed by {self.signal}" + (f" (exit -{number.value})" if number else "")
+        if self.code is not None:
+            return f"exited with code {self.code}"
+        return "died (exit unknown)"
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """What :meth:`Spool.take_back` did with a stale claim. ``dying``: the batch's worker
+    died ``split_after`` times; the reaper holds it (``held``) to split it or dead-letter
+    its one item, and must release the claim if it cannot."""
+
+    outcome: str  # requeued | failed | gone | dying
+    #: Why the claim was stale, with how its owner ended when it is dead.
+    reason: str = ""
+    deaths: tuple[Exit, ...] = ()
+    held: Claim | None = None
 
 
 @dataclass(frozen=True)
@@ -189,13 +259,16 @@ def process_start() -> int:
     return _start_of(os.getpid())
 
 
-@functools.lru_cache(maxsize=1)
-def _start_of(pid: int) -> int:
+def start_of(pid: int) -> int:
+    """Process ``pid``'s start time in clock ticks since boot; 0 when it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         return int(stat.rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+_start_of = functools.lru_cache(maxsize=1)(start_of)
 
 
 def owner_alive(pid: int, start: int) -> bool:
@@ -217,6 +290,15 @@ def _entries_from(fd: int, offset: int, limit: int) -> list[str]:
     os.lseek(fd, offset, os.SEEK_SET)
     with os.scandir(fd) as it:
         return [e.name for e in itertools.islice(it, limit)]
+
+
+def half_name(name: str, half: int) -> str:
+    """The name of half 0 or 1 of batch ``name`` when it is split: the same time stamp (a
+    fifo pick takes it where the batch was), and a random-looking part derived from the
+    batch's name, so a split that is redone names the same files."""
+    stamp = name.rsplit("-", 1)[0]
+    digest = hashlib.sha256(f"{name}/{half}".encode()).digest()
+    return f"{stamp}-{_uuid.encode(uuid.UUID(bytes=digest[:16]))[:12]}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -295,10 +377,13 @@ class Spool:
         return f"{stamp}{us % 1_000_000:06d}-{_uuid.random(12)}"
 
     # -- publishing ----------------------------------------------------------------------
-    def publish(self, items: list[dict[str, Any]], position: Any = None) -> str:
-        """Write a batch durably into ``left/`` and return its name."""
-        name = self.new_name()
-        body = {"name": name, "queue": self.queue, "created": self.clock(),
+    def publish(self, items: list[dict[str, Any]], position: Any = None, *,
+                name: str | None = None, created: float | None = None) -> str:
+        """Write a batch durably into ``left/`` and return its name (a new one, unless
+        ``name`` is given: the halves of a split)."""
+        name = name or self.new_name()
+        body = {"name": name, "queue": self.queue,
+                "created": self.clock() if created is None else created,
                 "position": position, "items": items}
         codec = CODECS[self.compress]
         payload = bytes([codec]) + _compress(codec, pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL))
@@ -511,12 +596,15 @@ class Spool:
         except (FileNotFoundError, ValueError):
             return {"attempts": 0, "history": []}
 
-    def _record_attempt(self, claim: Claim, reason: str) -> dict[str, Any]:
+    def _record_attempt(self, claim: Claim, reason: str,
+                        exit: Exit | None = None) -> dict[str, Any]:
         record = self.attempts(claim.name)
         record["attempts"] = max(record["attempts"], claim.attempt)
-        record["history"] = (record["history"] + [{
-            "attempt": claim.attempt, "host": claim.host, "pid": claim.pid,
-            "claimed_at": claim.claimed_at, "ended_at": self.clock(), "reason": reason}])[-20:]
+        entry = {"attempt": claim.attempt, "host": claim.host, "pid": claim.pid,
+                 "claimed_at": claim.claimed_at, "ended_at": self.clock(), "reason": reason}
+        if exit is not None:
+            entry["exit"] = asdict(exit)
+        record["history"] = (record["history"] + [entry])[-20:]
         write_atomic(self.right / f"{claim.name}{ATTEMPT}", json.dumps(record).encode(), self.tmp)
         return record
 
@@ -682,37 +770,83 @@ class Spool:
                 if now - beat > lease:
                     out.append(Stale(name, "unreadable claim", self.attempts(name)["attempts"] + 1))
             elif c.host == host and not owner_alive(c.pid, c.start):
-                out.append(Stale(name, f"owner pid {c.pid} is dead", c.attempt))
+                out.append(Stale(name, f"owner pid {c.pid} is dead", c.attempt, dead=True,
+                                 pid=c.pid, start=c.start))
             elif now - beat > lease:
                 out.append(Stale(name, f"no heartbeat for {now - beat:.0f}s (lease {lease:.0f}s)",
                                  c.attempt))
         return out
 
-    def reap(self, stale: Stale, max_attempts: int) -> str:
+    def reap(self, stale: Stale, max_attempts: int, exit: Exit | None = None) -> str:
         """Take back one stale claim: pending again, or ``failed/`` past ``max_attempts``.
+        Returns "requeued", "failed" or "gone"; see :meth:`take_back`."""
+        return self.take_back(stale, max_attempts, exit=exit).outcome
+
+    def take_back(self, stale: Stale, max_attempts: int, *, exit: Exit | None = None,
+                  split_after: int | None = None) -> Reaped:
+        """Take back one stale claim and record the attempt (with ``exit``, how its owner
+        ended, when the owner is dead). Then: pending again; or, at the batch's
+        ``split_after``-th death, held for the caller (outcome ``dying``); or ``failed/``
+        past ``max_attempts``.
 
         The claim is first renamed into ``tmp/`` (atomic: one reaper wins, and its owner's next
-        heartbeat sees the lease is gone). Returns "requeued", "failed" or "gone".
+        heartbeat sees the lease is gone). A claim whose batch file is gone (its owner was
+        killed inside :meth:`fail` or :meth:`split`) is removed with its attempt record.
         """
-        aside = self.tmp / f"{stale.name}.reaped.{_uuid.random(8)}"
+        name = stale.name
+        aside = self.tmp / f"{name}.reaped.{_uuid.random(8)}"
         try:
-            os.rename(self.right / stale.name, aside)
+            os.rename(self.right / name, aside)
         except FileNotFoundError:
-            return "gone"
+            return Reaped("gone", stale.reason)
+        done = (self.right / f"{name}{DONE}").exists()
+        if not done and not (self.left / f"{name}{SUFFIX}").exists():
+            for leftover in (aside, self.right / f"{name}{ATTEMPT}"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+            return Reaped("gone", stale.reason)
         claim = self.read_claim_file(aside) or Claim(
-            name=stale.name, token="", attempt=stale.attempt, host="?", pid=0, start=0,
+            name=name, token="", attempt=stale.attempt, host="?", pid=0, start=0,
             claimed_at=0.0)
-        record = self._record_attempt(claim, stale.reason)
+        exit = (exit or Exit()) if stale.dead else None
+        reason = f"{stale.reason}: {exit.describe()}" if exit is not None else stale.reason
+        prior = self.attempts(name)
+        deaths = tuple(Exit(**h["exit"]) for h in prior["history"] if h.get("exit"))
+        deaths += (exit,) if exit is not None else ()
+        dying = not done and split_after is not None and len(deaths) >= split_after
+        spent = not done and max(prior["attempts"], claim.attempt) >= max_attempts
+        # Held at once, before the attempt is recorded: the batch is pending from the rename
+        # until this claim, and a worker taking it meanwhile would process whole a batch
+        # that is being split or failed.
+        held = self.claim(name) if dying or spent else None
+        self._record_attempt(claim, reason, exit)
         os.unlink(aside)
-        if (self.right / f"{stale.name}{DONE}").exists() or record["attempts"] < max_attempts:
-            return "requeued"
-        if not (self.left / f"{stale.name}{SUFFIX}").exists():
-            return "gone"
-        held = self.claim(stale.name)  # hold it while moving, so no worker takes it meanwhile
         if held is None:
-            return "requeued"
-        self.fail(held, f"gave up after {record['attempts']} attempts; the last: {stale.reason}")
-        return "failed"
+            return Reaped("requeued", reason, deaths)
+        if dying:
+            return Reaped("dying", reason, deaths, held)
+        attempts = max(prior["attempts"], claim.attempt)
+        self.fail(held, f"gave up after {attempts} attempts; the last: {reason}")
+        return Reaped("failed", reason, deaths)
+
+    def split(self, held: Claim, batch: Batch) -> tuple[str, str]:
+        """Publish the two halves of a held batch as new batches, then retire the batch
+        (its file, attempt record and claim, in that order). Each step is atomic and every
+        crash point leaves the items in the batch, its halves, or both (see the module
+        docstring); returns the halves' names."""
+        mid = (len(batch.items) + 1) // 2
+        halves = (half_name(held.name, 0), half_name(held.name, 1))
+        for i, (name, items) in enumerate(zip(halves, (batch.items[:mid], batch.items[mid:]))):
+            if self.state(name) is State.MISSING:
+                self.publish(items, batch.position, name=name, created=batch.created)
+            failpoints.hit(f"split-after-half-{i}")
+        os.unlink(self.left / f"{held.name}{SUFFIX}")
+        fsync_dir(self.left)
+        failpoints.hit("split-after-retire")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.right / f"{held.name}{ATTEMPT}")
+        self.release(held)
+        return halves
 
     @staticmethod
     def read_claim_file(path: Path) -> Claim | None:
