@@ -15,12 +15,15 @@ pipe the scheduler relays line by line, and the process title ``lrq work QUEUE -
 so that ``ps`` shows what it is. If the server dies, multiprocessing starts a new one on
 the next spawn.
 
-The server exits when the scheduler does (it watches a pipe only the scheduler holds), even
-on ``kill -9``; each child asks for SIGTERM when the server dies and watches the scheduler
-itself too (:mod:`lrq.process`), so workers stop with their scheduler.
+The server exits when the scheduler does, even on ``kill -9``: it watches a pipe whose
+writing end the scheduler holds (multiprocessing hands each child a copy too, which the
+child closes, or a running child would keep the server alive). Each child asks for SIGTERM
+when the server dies and watches the scheduler itself too (:mod:`lrq.process`), so workers
+stop with their scheduler.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
@@ -99,6 +102,7 @@ def _child_main(argv: list[str], stderr: Connection, title: str, env: dict[str, 
     from lrq import process
 
     process.die_with_parent(signal.SIGTERM)  # first: the sooner asked, the smaller the gap
+    _let_the_server_go()
     os.setsid()
     os.dup2(stderr.fileno(), 2)
     stderr.close()
@@ -110,7 +114,8 @@ def _child_main(argv: list[str], stderr: Connection, title: str, env: dict[str, 
     os.environ.update(env)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)  # lrq work installs its own
-    process.watch_scheduler(env.get(process.SCHEDULER_ENV))  # covers the gap above
+    if not process.watch_scheduler(env.get(process.SCHEDULER_ENV)):  # covers the gap above
+        sys.exit(0)
     from lrq.cli import main
 
     try:
@@ -118,3 +123,16 @@ def _child_main(argv: list[str], stderr: Connection, title: str, env: dict[str, 
     finally:
         process.unregister_workers()  # multiprocessing skips atexit
     sys.exit(code)
+
+
+def _let_the_server_go() -> None:
+    """Close this child's copy of the pipe end the fork server watches for the scheduler's
+    exit. Held open, it keeps the server running after the scheduler died, and with it every
+    child (whose PR_SET_PDEATHSIG waits for the server's death). The child starts no
+    processes of its own through the server, which is what the copy is for."""
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if server is not None and fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None

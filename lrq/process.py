@@ -54,14 +54,18 @@ def scheduler_env() -> dict[str, str]:
     return {SCHEDULER_ENV: f"{os.getpid()}:{process_start()}"}
 
 
-def watch_scheduler(value: str | None, every: float = WATCH_EVERY) -> threading.Thread | None:
-    """Start a daemon thread sending this process SIGTERM once the scheduler named by
-    ``value`` (``pid:start``, see :func:`scheduler_env`) is gone; None without one. The first
-    check is at once: the scheduler may have died before :func:`die_with_parent` was asked."""
+def watch_scheduler(value: str | None, every: float = WATCH_EVERY) -> bool:
+    """Watch the scheduler named by ``value`` (``pid:start``, see :func:`scheduler_env`)
+    from a daemon thread that sends this process SIGTERM once it is gone. False, and no
+    thread, when it is gone already (it may have died before :func:`die_with_parent` was
+    asked): the caller exits instead of starting work. True without a scheduler to watch."""
     try:
         pid, start = (int(part) for part in (value or "").split(":"))
     except ValueError:
-        return None
+        return True
+    if not owner_alive(pid, start):
+        log.warning("orphaned: scheduler pid %d is gone; not starting", pid)
+        return False
 
     def watch() -> None:
         while owner_alive(pid, start):
@@ -69,9 +73,8 @@ def watch_scheduler(value: str | None, every: float = WATCH_EVERY) -> threading.
         log.warning("orphaned: scheduler pid %d is gone; stopping", pid)
         os.kill(os.getpid(), signal.SIGTERM)
 
-    thread = threading.Thread(target=watch, daemon=True, name="lrq-watch-scheduler")
-    thread.start()
-    return thread
+    threading.Thread(target=watch, daemon=True, name="lrq-watch-scheduler").start()
+    return True
 
 
 _registered: list[Path] = []
