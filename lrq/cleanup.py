@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from lrq import reaper
+from lrq import process, reaper
 from lrq.app import App
 from lrq.config import QueueConfig
 from lrq.disk import TRIM_AT
@@ -98,6 +98,8 @@ def reap(app: App, q: QueueConfig, report: Report, t: float, *, dry_run: bool = 
     the scheduler reaps a child that exited non-zero at once). Safe beside another reaper:
     each claim is taken back by one atomic rename, and a batch being split is held."""
     sp = app.spool(q)
+    if pid is None and not dry_run:
+        process.live_workers(sp)  # removes the files of dead workers (see lrq.process)
     for stale in sp.stale_claims(q.lease, t):
         if pid is not None and not (stale.dead and stale.pid == pid):
             continue
