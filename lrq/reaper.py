@@ -13,10 +13,11 @@ die ``max_attempts`` times and move to ``failed/`` with all its good items. So a
 each processed, or dying, on its own. Each split halves the items, so a batch of ``n`` items
 needs at most ``SPLIT_AFTER * (ceil(log2(n)) + 1)`` deaths until the item that kills its
 worker is alone in a one-item batch and is dead-lettered with the exit codes or signals, its
-batch marked done. A batch that died for another reason (the OOM killer chose its worker; it
-was committing behind while the handler died on the next batch) is at worst split: splitting
-loses nothing. A dying batch the ledger already holds (its worker died after the commit)
-is only marked done.
+batch marked done. A worker storing one batch behind while its handler runs the next
+holds both claims; the one whose handler calls were over (:meth:`lrq.spool.Spool.mark_handled`)
+is requeued uncounted and the death charged to the other. A batch that died for another
+reason (the OOM killer chose its worker) is at worst split: splitting loses nothing. A dying
+batch the ledger already holds (its worker died after the commit) is only marked done.
 
 Events: ``reclaimed``, ``split``, ``dead-lettered``,
 ``finalized``, ``split-failed``.
@@ -92,8 +93,10 @@ def take_back(app: App, q: QueueConfig, stale: Stale, exits: Exits | None = None
 
 def predict(sp: Spool, stale: Stale, max_attempts: int) -> str:
     """What :func:`take_back` would do, for ``lrq cleanup --dry-run``."""
+    if stale.collateral:
+        return "requeued"
     history = sp.attempts(stale.name)["history"]
-    deaths = sum(1 for h in history if h.get("exit")) + stale.dead
+    deaths = sum(1 for h in history if h.get("exit") and h.get("counted", True)) + stale.dead
     if deaths >= SPLIT_AFTER:
         return "split"
     return "failed" if stale.attempt >= max_attempts else "requeued"

@@ -95,9 +95,10 @@ import signal
 import time
 import uuid
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from stat import S_IWUSR
 from typing import Any, Callable, Iterator
 
 import shortuuid
@@ -117,6 +118,8 @@ CODECS = {"none": 0, "zlib": 1, "zstd": 2}
 PROBE = 64
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+#: A claim's mode once its handler calls are over (:meth:`Spool.mark_handled`).
+HANDLED_MODE = 0o400
 _uuid = shortuuid.ShortUUID()
 
 
@@ -162,6 +165,9 @@ class Stale:
     dead: bool = False
     pid: int = 0
     start: int = 0
+    #: The owner died while storing this batch and another of its batches was in the
+    #: handler: that one is charged with the death, this one is requeued uncounted.
+    collateral: bool = False
 
 
 @dataclass(frozen=True)
@@ -596,14 +602,17 @@ class Spool:
         except (FileNotFoundError, ValueError):
             return {"attempts": 0, "history": []}
 
-    def _record_attempt(self, claim: Claim, reason: str,
-                        exit: Exit | None = None) -> dict[str, Any]:
+    def _record_attempt(self, claim: Claim, reason: str, exit: Exit | None = None,
+                        counted: bool = True) -> dict[str, Any]:
         record = self.attempts(claim.name)
-        record["attempts"] = max(record["attempts"], claim.attempt)
+        if counted:
+            record["attempts"] = max(record["attempts"], claim.attempt)
         entry = {"attempt": claim.attempt, "host": claim.host, "pid": claim.pid,
                  "claimed_at": claim.claimed_at, "ended_at": self.clock(), "reason": reason}
         if exit is not None:
             entry["exit"] = asdict(exit)
+        if not counted:
+            entry["counted"] = False
         record["history"] = (record["history"] + [entry])[-20:]
         write_atomic(self.right / f"{claim.name}{ATTEMPT}", json.dumps(record).encode(), self.tmp)
         return record
@@ -755,15 +764,19 @@ class Spool:
         return self.fail(claim, error, self.quarantine)
 
     def stale_claims(self, lease: float, now: float | None = None) -> list[Stale]:
-        """Claims whose owner is dead (this host) or whose heartbeat is older than ``lease``."""
+        """Claims whose owner is dead (this host) or whose heartbeat is older than ``lease``.
+        A dead owner's claims marked handled (:meth:`mark_handled`) are ``collateral`` when
+        one of its claims was not: the batch in the handler is the one that killed it."""
         now = self.clock() if now is None else now
         host = socket.gethostname()
         out = []
+        handled = set()
         for name in self.claimed():
             try:
-                beat = (self.right / name).stat().st_mtime
+                st = (self.right / name).stat()
             except FileNotFoundError:
                 continue
+            beat = st.st_mtime
             c = self.read_claim(name)
             if c is None:
                 # Not written by this lrq (claims are linked in whole): wait out the lease.
@@ -772,10 +785,22 @@ class Spool:
             elif c.host == host and not owner_alive(c.pid, c.start):
                 out.append(Stale(name, f"owner pid {c.pid} is dead", c.attempt, dead=True,
                                  pid=c.pid, start=c.start))
+                if not st.st_mode & S_IWUSR:
+                    handled.add(name)
             elif now - beat > lease:
                 out.append(Stale(name, f"no heartbeat for {now - beat:.0f}s (lease {lease:.0f}s)",
                                  c.attempt))
-        return out
+        in_handler = {(s.pid, s.start) for s in out if s.dead and s.name not in handled}
+        return [replace(s, collateral=True)
+                if s.name in handled and (s.pid, s.start) in in_handler else s for s in out]
+
+    def mark_handled(self, claim: Claim) -> None:
+        """Note on the claim that its handler calls are over (only storing is left), by
+        clearing its write bit: one chmod, no write. If the owner dies while another of its
+        batches is in the handler, this one was not the cause (see :meth:`stale_claims`)."""
+        if self.owns(claim):
+            with contextlib.suppress(FileNotFoundError):
+                os.chmod(self.right / claim.name, HANDLED_MODE)
 
     def reap(self, stale: Stale, max_attempts: int, exit: Exit | None = None) -> str:
         """Take back one stale claim: pending again, or ``failed/`` past ``max_attempts``.
@@ -811,7 +836,14 @@ class Spool:
         exit = (exit or Exit()) if stale.dead else None
         reason = f"{stale.reason}: {exit.describe()}" if exit is not None else stale.reason
         prior = self.attempts(name)
-        deaths = tuple(Exit(**h["exit"]) for h in prior["history"] if h.get("exit"))
+        deaths = tuple(Exit(**h["exit"]) for h in prior["history"]
+                       if h.get("exit") and h.get("counted", True))
+        if stale.collateral:
+            # Like a release: its items were handled; the batch in the handler is charged.
+            reason += "; it was being stored while another batch was in the handler: not counted"
+            self._record_attempt(claim, reason, exit, counted=False)
+            os.unlink(aside)
+            return Reaped("requeued", reason, deaths)
         deaths += (exit,) if exit is not None else ()
         dying = not done and split_after is not None and len(deaths) >= split_after
         spent = not done and max(prior["attempts"], claim.attempt) >= max_attempts

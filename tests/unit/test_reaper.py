@@ -319,3 +319,29 @@ def test_a_failed_split_releases_the_batch_unless_a_half_is_written(tmp_path: Pa
     (stale,) = sp.stale_claims(lease=3600)
     assert reaper.take_back(app, q, stale) == "split"
     assert sorted(sp.pending()) == sorted(written) and sp.state(name) is State.MISSING
+
+
+def test_a_death_is_charged_to_the_batch_in_the_handler_not_to_one_being_stored(
+        spool: Spool) -> None:
+    """Storing behind, a worker holds the batch it commits and the one in its handler: a
+    handler that kills it must not count against the first (twice: an innocent item would be
+    dead-lettered)."""
+    stored, handling = spool.publish([{"k": 1}]), spool.publish([{"k": 2}])
+    pid = dead_pid()
+    for name in (stored, handling):
+        spool.claim(name)
+        forge_owner(spool, name, pid=pid)
+    spool.mark_handled(spool.read_claim(stored))
+    by_name = {s.name: s for s in spool.stale_claims(lease=3600)}
+    assert by_name[stored].collateral and not by_name[handling].collateral
+    assert spool.reap(by_name[stored], 1) == "requeued"  # even at max_attempts = 1
+    assert spool.attempts(stored)["attempts"] == 0
+    (entry,) = spool.attempts(stored)["history"]
+    assert entry["counted"] is False and entry["exit"] == {"code": None, "signal": None}
+    assert spool.claim(stored).attempt == 1
+    # Alone, a handled batch is charged: its worker died storing it, nothing else ran.
+    forge_owner(spool, stored, pid=dead_pid())
+    spool.mark_handled(spool.read_claim(stored))
+    alone = next(s for s in spool.stale_claims(lease=3600) if s.name == stored)
+    assert not alone.collateral
+    assert spool.take_back(alone, 3, split_after=2).deaths == (Exit(),)
