@@ -5,7 +5,8 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
     tmp/<name>.pkl       a batch being written; never read; orphans are swept by cleanup
     left/<name>.pkl      a published batch: tmp write, fsync, rename here, fsync left/
     right/<name>         the claim (the ack): exclusive create (link(2) of a written file), one winner;
-                         holds the owner record as JSON (host, pid, process start, attempt, token)
+                         holds the owner record as JSON (host, pid, process start, attempt, token);
+                         mode 0400 once the batch's handler calls are over (only storing is left)
     right/<name>.done    the done marker, written after the database commit; the batch ledger
                          in the results database is the truth it can be rebuilt from
     right/<name>.attempt attempts so far and why they ended, for a batch that was reclaimed
@@ -18,7 +19,8 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
 
 Names are ``<UTC time to the microsecond>-<shortuuid>``, e.g.
 ``20261123T064512123456-Xk3pQ9aLm2Zt``: unique, and sorting by name sorts by creation (one
-process never hands out the same microsecond twice).
+process never hands out the same microsecond twice); the halves of a split batch keep its
+time stamp.
 
 A batch is *pending* when ``left/<name>.pkl`` exists and ``right/<name>`` does not, *claimed*
 when ``right/<name>`` exists without ``right/<name>.done``, *done* with both, *failed* when it
@@ -49,7 +51,9 @@ lost its lease and must not commit; the ledger's primary key stops it if it trie
 
 Deaths: an attempt whose owner is dead (not merely silent) is a *death*; its history entry
 in ``right/<name>.attempt`` carries ``"exit": {"code": <int or null>, "signal": <"SIGSEGV"
-or null>}`` (both null when only the dead pid was seen). A batch's second death hands it to
+or null>}`` (both null when only the dead pid was seen). A death is charged to the batch in
+the handler: a dead owner's claim of mode 0400 is requeued uncounted (``"counted": false``)
+when another of its claims was still in the handler. A batch's second death hands it to
 :mod:`lrq.reaper` instead of requeueing it, whatever ``max_attempts`` says (which bounds the
 other failures): :meth:`Spool.split` publishes its two halves as new batches and retires it,
 so the item that kills its worker ends alone in a one-item batch, which is dead-lettered.
@@ -73,8 +77,10 @@ Crash windows and what covers them:
   the redone split writes only what is missing (the halves' items are never lost; a half
   already processed is not rewritten); killed after the batch file is removed, before its
   claim and attempt record are: the next reap finds the claim without a batch and removes
-  them. An item may be handled both in a half and in its batch (if the batch is claimed
-  again before its split is redone); the unique keys absorb the second store.
+  them. The batch stays claimed from the reap that decides its split until it is retired
+  (a split that fails once a half exists keeps it held), so no worker processes it whole
+  beside a half; were one to (the microseconds between :meth:`Spool.take_back`'s rename
+  and its claim), the unique keys would absorb the second store.
 """
 from __future__ import annotations
 
