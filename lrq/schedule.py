@@ -149,6 +149,7 @@ class Runner:
             log.error("worker-exit queue=%s pid=%d code=%s: %s", q.name, child.pid, code,
                       exit.describe())
             self._reap(q, child.pid)
+            self._start_worker(q)  # what it held is pending again (or split): not at the next tick
 
     def _slot(self, q: QueueConfig) -> bool:
         """Take one of ``q``'s ``workers`` slots for a new process, counting the live worker
