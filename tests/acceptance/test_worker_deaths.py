@@ -68,6 +68,7 @@ def test_run_until_idle_dead_letters_the_item_that_kills_its_worker(tmp_path: Pa
                        cwd=ROOT, capture_output=True, text=True, timeout=BOUND)
     assert "idle: sources drained" in p.stderr, p.stderr[-3000:]
     assert "split queue=docs" in p.stderr
+    assert 4 <= p.stderr.count("worker-exit queue=docs") <= 16  # see BOUND
     assert_all_once(tmp_path, cfg, 500, dead=1)
     ((key, batch, error),) = rows(tmp_path, "SELECT key, batch, error FROM lrq_dead_letters")
     assert key == KILLER
