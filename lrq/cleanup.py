@@ -3,7 +3,8 @@
 One pass, in order:
 
 1. **Reap** stale claims (dead owner, or heartbeat older than ``lease``): pending again, or
-   ``failed/`` past ``max_attempts``.
+   ``failed/`` past ``max_attempts``; at a batch's second death, split in two new batches
+   or, with one item, dead-lettered (see :mod:`lrq.reaper`).
 2. **Sweep** files in ``tmp/`` older than ``cleanup.tmp_age`` (writers that died).
 3. **Retention**: done batches older than ``keep_done``, failed and quarantined ones older
    than ``keep_failed``.
@@ -25,7 +26,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from lrq import process, reaper
 from lrq.app import App
+from lrq.config import QueueConfig
 from lrq.disk import Space
 from lrq.errors import AlreadyRunning
 from lrq.spool import flock
@@ -38,6 +41,9 @@ class Report:
     queue: str
     reclaimed: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    #: Batches whose worker died twice, split in halves; one-item ones dead-lettered.
+    split: list[str] = field(default_factory=list)
+    dead_lettered: list[str] = field(default_factory=list)
     tmp_removed: int = 0
     done_removed: int = 0
     done_trimmed: int = 0
@@ -53,6 +59,8 @@ class Report:
             return [f"{self.queue}: skipped ({self.skipped})"]
         return [f"{self.queue}: {verb}reclaim {len(self.reclaimed)} stale claims, "
                 f"{verb}fail {len(self.failed)} batches past max_attempts, "
+                f"{verb}split {len(self.split)} batches whose worker died twice and "
+                f"{verb}dead-letter {len(self.dead_lettered)} items that killed their worker, "
                 f"{verb}remove {self.done_removed} done batches past keep_done and "
                 f"{self.done_trimmed} more for the budget, {self.failed_removed} failed past "
                 f"keep_failed, {self.tmp_removed} orphan tmp files; "
@@ -62,16 +70,18 @@ class Report:
 
     @property
     def changed(self) -> bool:
-        return bool(self.reclaimed or self.failed or self.tmp_removed or self.done_removed
-                    or self.done_trimmed or self.failed_removed)
+        return bool(self.reclaimed or self.failed or self.split or self.dead_lettered
+                    or self.tmp_removed or self.done_removed or self.done_trimmed
+                    or self.failed_removed)
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
 def run(app: App, *, queue: str | None = None, now: float | None = None,
-        dry_run: bool = False) -> list[Report]:
-    """One cleanup pass over every queue (or one); see the module docstring."""
+        dry_run: bool = False, exits: reaper.Exits | None = None) -> list[Report]:
+    """One cleanup pass over every queue (or one); see the module docstring. ``exits``: how
+    the scheduler's worker processes ended, recorded with their dead claims."""
     cfg = app.cfg
     queues = app.queues(queue)
     reports = {q.name: Report(q.name) for q in queues}
@@ -80,6 +90,7 @@ def run(app: App, *, queue: str | None = None, now: float | None = None,
     try:
         with flock(cfg.data_dir / "cleanup.lock", f"cleanup of {cfg.data_dir}"):
             for q in queues:
+                reap(app, q, reports[q.name], t, dry_run=dry_run, exits=exits)
                 _queue_pass(app, q, reports[q.name], t, dry_run)
             _budget_pass(app, queues, reports, dry_run)
     except AlreadyRunning as e:
@@ -88,20 +99,29 @@ def run(app: App, *, queue: str | None = None, now: float | None = None,
     return list(reports.values())
 
 
+def reap(app: App, q: QueueConfig, report: Report, t: float, *, dry_run: bool = False,
+         exits: reaper.Exits | None = None, pid: int | None = None) -> None:
+    """Take back ``q``'s stale claims (only those of the dead process ``pid``, when given:
+    the scheduler reaps a child that exited non-zero at once). Safe beside another reaper:
+    each claim is taken back by one atomic rename, and a batch being split is held."""
+    sp = app.spool(q)
+    if pid is None and not dry_run:
+        process.live_workers(sp)  # removes the files of dead workers (see lrq.process)
+    for stale in sp.stale_claims(q.lease, t):
+        if pid is not None and not (stale.dead and stale.pid == pid):
+            continue
+        if dry_run:
+            outcome = reaper.predict(sp, stale, q.max_attempts)
+        else:
+            outcome = reaper.take_back(app, q, stale, exits)
+        if outcome != "gone":
+            {"failed": report.failed, "split": report.split, "dead-lettered":
+             report.dead_lettered}.get(outcome, report.reclaimed).append(stale.name)
+
+
 def _queue_pass(app: App, q: Any, report: Report, t: float, dry_run: bool) -> None:
     sp = app.spool(q)
     c = app.cfg.cleanup
-    for stale in sp.stale_claims(q.lease, t):
-        if dry_run:
-            outcome = "failed" if stale.attempt >= q.max_attempts else "requeued"
-        else:
-            outcome = sp.reap(stale, q.max_attempts)
-        if outcome == "gone":
-            continue
-        (report.failed if outcome == "failed" else report.reclaimed).append(stale.name)
-        if not dry_run:
-            log.warning("reclaimed queue=%s batch=%s attempt=%d outcome=%s reason=%s",
-                        q.name, stale.name, stale.attempt, outcome, stale.reason)
     for entry in sp.files(sp.tmp):
         try:
             st = entry.stat(follow_symlinks=False)

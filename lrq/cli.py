@@ -123,6 +123,8 @@ def _graceful(stop: threading.Event, grace: float, current: list[Any]) -> None:
 
 
 def cmd_work(args: argparse.Namespace) -> int:
+    from lrq.process import register_worker
+
     app = _app(args)
     if not os.environ.get("LRQ_CHILD"):  # the scheduler checked before starting its workers
         app.check_keys()
@@ -134,6 +136,7 @@ def cmd_work(args: argparse.Namespace) -> int:
         app.check_key(q)
         worker = app.worker(q, stop=stop)
         current[:] = [worker]
+        register_worker(worker.spool)  # a scheduler counts this process among the workers
         log.info("working queue=%s pid=%d", q.name, os.getpid())  # signals are handled now
         if args.batch:
             if not worker.run_named(args.batch):

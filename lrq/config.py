@@ -70,7 +70,8 @@ class QueueConfig:
     handler_timeout: float = 300.0
     #: A claim whose heartbeat is older than this is taken back by the reaper.
     lease: float = 60.0
-    #: A batch whose worker died this many times moves to failed/.
+    #: A batch whose attempts ended unfinished this many times moves to failed/ (a batch
+    #: whose worker died twice is split instead, see lrq.reaper).
     max_attempts: int = 3
     #: Batch-file codec: "zstd" (default), "zlib" or "none".
     compress: str = "zstd"

@@ -2,7 +2,9 @@
 when it reaches that point, so tests can check each crash window with a real dead process.
 
 Points: ``sniff-mid-write``, ``sniff-after-rename``, ``after-claim``, ``during-txn``,
-``after-commit``. Unset in production; the check is one dictionary lookup.
+``after-commit``; in a reaper's split (:meth:`lrq.spool.Spool.split`): ``split-after-half-0``,
+``split-after-half-1`` (both halves written), ``split-after-retire`` (the batch file removed,
+its claim not yet). Unset in production; the check is one dictionary lookup.
 """
 from __future__ import annotations
 

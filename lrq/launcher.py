@@ -14,9 +14,16 @@ reaches only the scheduler, which forwards SIGTERM), stdout on /dev/null, stderr
 pipe the scheduler relays line by line, and the process title ``lrq work QUEUE -c CONFIG``
 so that ``ps`` shows what it is. If the server dies, multiprocessing starts a new one on
 the next spawn.
+
+The server exits when the scheduler does, even on ``kill -9``: it watches a pipe whose
+writing end the scheduler holds (multiprocessing hands each child a copy too, which the
+child closes, or a running child would keep the server alive). Each child asks for SIGTERM
+when the server dies and watches the scheduler itself too (:mod:`lrq.process`), so workers
+stop with their scheduler.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
@@ -33,8 +40,8 @@ from setproctitle import setproctitle
 #: ORM (user models) and urllib3 (HTTP handlers), ~0.1 s of a worker's start when a handler
 #: needs them. Users' own modules are not preloaded: one that opens a connection or starts a
 #: thread at import would hand every worker a copy of it.
-PRELOAD = ["lrq.cli", "lrq.app", "lrq.worker", "lrq.sink", "lrq.spool", "lrq.db",
-           "lrq.sources.sql", "sqlalchemy.dialects.sqlite", "sqlalchemy.orm", "urllib3"]
+PRELOAD = ["lrq.cli", "lrq.app", "lrq.worker", "lrq.sink", "lrq.spool", "lrq.process",
+           "lrq.db", "lrq.sources.sql", "sqlalchemy.dialects.sqlite", "sqlalchemy.orm", "urllib3"]
 
 
 class Launcher:
@@ -92,6 +99,10 @@ class Child:
 
 
 def _child_main(argv: list[str], stderr: Connection, title: str, env: dict[str, str]) -> None:
+    from lrq import process
+
+    process.die_with_parent(signal.SIGTERM)  # first: the sooner asked, the smaller the gap
+    _let_the_server_go()
     os.setsid()
     os.dup2(stderr.fileno(), 2)
     stderr.close()
@@ -103,6 +114,25 @@ def _child_main(argv: list[str], stderr: Connection, title: str, env: dict[str, 
     os.environ.update(env)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)  # lrq work installs its own
+    if not process.watch_scheduler(env.get(process.SCHEDULER_ENV)):  # covers the gap above
+        sys.exit(0)
     from lrq.cli import main
 
-    sys.exit(main(argv))
+    try:
+        code = main(argv)
+    finally:
+        process.unregister_workers()  # multiprocessing skips atexit
+    sys.exit(code)
+
+
+def _let_the_server_go() -> None:
+    """Close this child's copy of the pipe end the fork server watches for the scheduler's
+    exit. Held open, it keeps the server running after the scheduler died, and with it every
+    child (whose PR_SET_PDEATHSIG waits for the server's death). The child starts no
+    processes of its own through the server, which is what the copy is for."""
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if server is not None and fd is not None:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        server._forkserver_alive_fd = None

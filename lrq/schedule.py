@@ -8,6 +8,12 @@ seconds. A worker job only starts a process when something is pending; that proc
 drains batches until none came for two seconds or ``run_seconds`` pass, so CPU-bound
 handlers use every core.
 
+A worker process that exits non-zero has its claims reaped at once, with its exit code or
+signal recorded (:mod:`lrq.reaper`: a batch whose worker died twice is split, and an item
+that kills its worker ends dead-lettered). Workers stop when the scheduler dies, even by
+``kill -9``, and a scheduler counts the live workers of its data dir (an old scheduler's,
+a by-hand ``lrq work``) before it starts more (:mod:`lrq.process`).
+
 Signals only set a flag. A supervisor job sees it (or, with ``until_idle``, sees that the
 sources are drained and nothing is pending, claimed or running) and stops the scheduler;
 children are then asked to stop with SIGTERM and killed after ``grace`` seconds.
@@ -28,12 +34,13 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from lrq import cleanup
+from lrq import cleanup, process
 from lrq.app import App
 from lrq.config import QueueConfig
 from lrq.errors import AlreadyRunning, LrqError
 from lrq.launcher import Child, Launcher
-from lrq.spool import flock
+from lrq.reaper import Exits
+from lrq.spool import Exit, flock, start_of
 
 log = logging.getLogger(__name__)
 child_log = logging.getLogger("lrq.child")
@@ -64,6 +71,10 @@ class Runner:
         self.until_idle = until_idle
         self.stop = threading.Event()
         self.children: dict[int, tuple[str, Child]] = {}
+        #: How this scheduler's worker processes ended, for the reaper.
+        self.exits = Exits()
+        self._starting: dict[str, int] = {q.name: 0 for q in app.queues()}
+        self._others: dict[str, list[int]] = {q.name: [] for q in app.queues()}
         self.launcher = launcher or Launcher()  # started on the first spawn unless warmed
         self._lock = threading.Lock()
         self.sniffers = {q.name: app.sniffer(q) for q in app.queues()}
@@ -103,19 +114,26 @@ class Runner:
                 log.debug("worker start skipped queue=%s: %s", q.name, e)
 
     def work(self, q: QueueConfig) -> None:
-        if self.stop.is_set() or not self.spools[q.name].has_pending():
+        if self.stop.is_set() or not self.spools[q.name].has_pending() or not self._slot(q):
             return
         cfg = str(self.app.cfg.path)
         argv = ["-c", cfg, "work", q.name, "--idle-exit", str(CHILD_IDLE_EXIT),
                 "--max-seconds", str(q.run_seconds)]
         try:
             child = self.launcher.spawn(argv, f"lrq work {q.name} -c {cfg}",
-                                        {**os.environ, CHILD_ENV: "1"})
-        except (OSError, EOFError) as e:  # the fork server died; the next start makes a new one
+                                        {**os.environ, CHILD_ENV: "1", **process.scheduler_env()})
+        except BaseException as e:
+            with self._lock:
+                self._starting[q.name] -= 1
+            if not isinstance(e, (OSError, EOFError)):
+                raise
+            # The fork server died; the next start makes a new one.
             log.error("worker-start-failed queue=%s error=%s: %s", q.name, type(e).__name__, e)
             return
         with self._lock:
+            self._starting[q.name] -= 1
             self.children[child.pid] = (q.name, child)
+        start = start_of(child.pid)  # 0 if it already ended: its claims then read "exit unknown"
         log.debug("spawned queue=%s pid=%d", q.name, child.pid)
         try:
             for line in child.lines():  # ends when the child exits
@@ -129,12 +147,46 @@ class Runner:
             with self._lock:
                 self.children.pop(child.pid, None)
             child.finished.set()
+        exit = Exit.of(code)
+        self.exits.record(child.pid, start, exit)
         if code != 0:
-            log.error("worker-exit queue=%s pid=%d code=%s", q.name, child.pid, code)
+            log.error("worker-exit queue=%s pid=%d code=%s: %s", q.name, child.pid, code,
+                      exit.describe())
+            self._reap(q, child.pid)
+            self._start_worker(q)  # what it held is pending again (or split): not at the next tick
+
+    def _slot(self, q: QueueConfig) -> bool:
+        """Take one of ``q``'s ``workers`` slots for a new process, counting the live worker
+        processes this scheduler did not start (an earlier scheduler's, a by-hand ``lrq
+        work``); False when none is free. The caller gives the slot back once its child is
+        in ``children``."""
+        live = process.live_workers(self.spools[q.name])
+        with self._lock:
+            ours = {pid for pid, (name, _) in self.children.items() if name == q.name}
+            others = [pid for pid in live if pid not in ours]
+            if others != self._others[q.name]:
+                self._others[q.name] = others
+                log.log(logging.WARNING if others else logging.INFO,
+                        "workers-alive queue=%s others=%d pids=%s workers=%d: %s", q.name,
+                        len(others), ",".join(map(str, others)) or "-", q.workers,
+                        "counted against the slots" if others else "none besides ours")
+            if len(ours) + self._starting[q.name] + len(others) >= q.workers:
+                return False
+            self._starting[q.name] += 1
+            return True
+
+    def _reap(self, q: QueueConfig, pid: int) -> None:
+        """Take back a dead child's claims now, with its exit, rather than at the next
+        cleanup tick."""
+        try:
+            cleanup.reap(self.app, q, cleanup.Report(q.name), time.time(), exits=self.exits,
+                         pid=pid)
+        except Exception:
+            log.exception("reap-failed queue=%s pid=%d", q.name, pid)
 
     def clean(self) -> None:
         try:
-            for report in cleanup.run(self.app):
+            for report in cleanup.run(self.app, exits=self.exits):
                 if report.changed:
                     log.info("cleanup %s", report.lines(dry_run=False)[0])
         except Exception:

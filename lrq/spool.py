@@ -5,7 +5,8 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
     tmp/<name>.pkl       a batch being written; never read; orphans are swept by cleanup
     left/<name>.pkl      a published batch: tmp write, fsync, rename here, fsync left/
     right/<name>         the claim (the ack): exclusive create (link(2) of a written file), one winner;
-                         holds the owner record as JSON (host, pid, process start, attempt, token)
+                         holds the owner record as JSON (host, pid, process start, attempt, token);
+                         mode 0400 once the batch's handler calls are over (only storing is left)
     right/<name>.done    the done marker, written after the database commit; the batch ledger
                          in the results database is the truth it can be rebuilt from
     right/<name>.attempt attempts so far and why they ended, for a batch that was reclaimed
@@ -14,6 +15,8 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
     position.json        the source position, advanced only after the batch file is durable
     ../key-ids           ids of the keys this data dir has signed batches with, one per line
     <job>.lock           flock files making the sniffer (and the scheduler) single per folder
+    workers/<pid>-<start> one empty file per live ``lrq work`` process of this queue (see
+                         :mod:`lrq.process`); a scheduler counts them before it starts more
 
 Only regular files are lrq's. Anything else in these folders (a directory, FIFO, socket,
 symlink, or a file that cannot be read) is a *foreign entry*: every listing skips it, no
@@ -23,7 +26,8 @@ process (``foreign-entry``) and shown by ``lrq status``.
 
 Names are ``<UTC time to the microsecond>-<shortuuid>``, e.g.
 ``20261123T064512123456-Xk3pQ9aLm2Zt``: unique, and sorting by name sorts by creation (one
-process never hands out the same microsecond twice).
+process never hands out the same microsecond twice); the halves of a split batch keep its
+time stamp.
 
 A batch is *pending* when ``left/<name>.pkl`` exists and ``right/<name>`` does not, *claimed*
 when ``right/<name>`` exists without ``right/<name>.done``, *done* with both, *failed* when it
@@ -68,6 +72,18 @@ aside with one atomic rename (the batch is pending again, attempt + 1) or, past
 ``max_attempts``, moves the batch to ``failed/``. An owner that finds its claim gone has
 lost its lease and must not commit; the ledger's primary key stops it if it tries anyway.
 
+Deaths: an attempt whose owner is dead (not merely silent) is a *death*; its history entry
+in ``right/<name>.attempt`` carries ``"exit": {"code": <int or null>, "signal": <"SIGSEGV"
+or null>}`` (both null when only the dead pid was seen). A death is charged to the batch in
+the handler: a dead owner's claim of mode 0400 is requeued uncounted (``"counted": false``)
+when another of its claims was still in the handler. A batch's second death hands it to
+:mod:`lrq.reaper` instead of requeueing it, whatever ``max_attempts`` says (which bounds the
+other failures): :meth:`Spool.split` publishes its two halves as new batches and retires it,
+so the item that kills its worker ends alone in a one-item batch, which is dead-lettered.
+A half's name keeps the batch's time stamp and derives its random part from the batch's
+name and the half (:func:`half_name`), so an interrupted split, redone, writes the same two
+files; a half that already exists in any state is not written again.
+
 Crash windows and what covers them:
 
 * killed while writing ``tmp/``: the file is never visible; the source position did not move,
@@ -79,6 +95,15 @@ Crash windows and what covers them:
   counting the attempt.
 * killed after the database commit, before the done marker: the next claimer finds the batch
   in the ledger and only writes the marker.
+* a splitting reaper holds the batch's claim, so its own death is one more death of the
+  batch and the next reap splits again. Killed after one or both halves are in ``left/``:
+  the redone split writes only what is missing (the halves' items are never lost; a half
+  already processed is not rewritten); killed after the batch file is removed, before its
+  claim and attempt record are: the next reap finds the claim without a batch and removes
+  them. The batch stays claimed from the reap that decides its split until it is retired
+  (a split that fails once a half exists keeps it held), so no worker processes it whole
+  beside a half; were one to (the microseconds between :meth:`Spool.take_back`'s rename
+  and its claim), the unique keys would absorb the second store.
 """
 from __future__ import annotations
 
@@ -87,6 +112,7 @@ import enum
 import errno
 import fcntl
 import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -94,21 +120,33 @@ import os
 import pickle
 import random
 import secrets
+import signal
 import socket
 import stat
 import time
-from dataclasses import asdict, dataclass
+import uuid
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from stat import S_IWUSR
 from typing import Any, Callable, Iterator
 
 import shortuuid
 
 from lrq import failpoints, signing
-from lrq.batchfile import (CODECS, MAGIC, check, compress, decompress,  # noqa: F401 (MAGIC)
-                           is_regular, key_id_in, kind, read_regular, seal)
-from lrq.errors import (AlreadyRunning, BatchCorrupt, BatchUnsigned, ForeignEntry, KeyMismatch,
-                        LrqError)
+from lrq.batchfile import (  # noqa: F401 (MAGIC)
+    CODECS,
+    MAGIC,
+    check,
+    compress,
+    decompress,
+    is_regular,
+    key_id_in,
+    kind,
+    read_regular,
+    seal,
+)
+from lrq.errors import AlreadyRunning, BatchCorrupt, BatchUnsigned, ForeignEntry, KeyMismatch, LrqError
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +162,8 @@ ATTEMPT = ".attempt"
 PROBE = 64
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+#: A claim's mode once its handler calls are over (:meth:`Spool.mark_handled`).
+HANDLED_MODE = 0o400
 _uuid = shortuuid.ShortUUID()
 #: Foreign entries already logged by this process (each is logged once, however often seen).
 _WARNED: set[str] = set()
@@ -169,6 +209,57 @@ class Stale:
     name: str
     reason: str
     attempt: int
+    #: The owner is known dead (this host, pid gone or reused), not merely silent.
+    dead: bool = False
+    pid: int = 0
+    start: int = 0
+    #: The owner died while storing this batch and another of its batches was in the
+    #: handler: that one is charged with the death, this one is requeued uncounted.
+    collateral: bool = False
+
+
+@dataclass(frozen=True)
+class Exit:
+    """How a worker process ended, as its parent saw it: an exit status, a signal, or
+    neither when only the dead pid was seen (a by-hand ``lrq work``)."""
+
+    code: int | None = None
+    signal: str | None = None
+
+    @classmethod
+    def of(cls, returncode: int | None) -> "Exit":
+        """From a ``subprocess``/``multiprocessing`` return code (negative: killed by that
+        signal; None: unknown)."""
+        if returncode is None:
+            return cls()
+        if returncode < 0:
+            try:
+                return cls(signal=signal.Signals(-returncode).name)
+            except ValueError:
+                return cls(signal=f"signal {-returncode}")
+        return cls(code=returncode)
+
+    def describe(self) -> str:
+        """``killed by SIGSEGV (exit -11)``, ``exited with code 3`` or ``died (exit unknown)``."""
+        if self.signal is not None:
+            number = getattr(signal.Signals, self.signal, None)
+            return f"killed by {self.signal}" + (f" (exit -{number.value})" if number else "")
+        if self.code is not None:
+            return f"exited with code {self.code}"
+        return "died (exit unknown)"
+
+
+@dataclass(frozen=True)
+class Reaped:
+    """What :meth:`Spool.take_back` did with a stale claim. ``dying``: the batch's worker
+    died ``split_after`` times; the reaper holds it (``held``) to split it or dead-letter
+    its one item, and must release the claim if it cannot."""
+
+    outcome: str  # requeued | failed | gone | dying
+    #: Why the claim was stale, with how its owner ended when it is dead.
+    reason: str = ""
+    deaths: tuple[Exit, ...] = ()
+    held: Claim | None = None
 
 
 @dataclass(frozen=True)
@@ -200,13 +291,16 @@ def process_start() -> int:
     return _start_of(os.getpid())
 
 
-@functools.lru_cache(maxsize=1)
-def _start_of(pid: int) -> int:
+def start_of(pid: int) -> int:
+    """Process ``pid``'s start time in clock ticks since boot; 0 when it is gone."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
         return int(stat.rsplit(")", 1)[1].split()[19])
     except (OSError, IndexError, ValueError):
         return 0
+
+
+_start_of = functools.lru_cache(maxsize=1)(start_of)
 
 
 def owner_alive(pid: int, start: int) -> bool:
@@ -228,6 +322,15 @@ def _entries_from(fd: int, offset: int, limit: int) -> list[str]:
     os.lseek(fd, offset, os.SEEK_SET)
     with os.scandir(fd) as it:
         return [e.name for e in itertools.islice(it, limit) if is_regular(e)]
+
+
+def half_name(name: str, half: int) -> str:
+    """The name of half 0 or 1 of batch ``name`` when it is split: the same time stamp (a
+    fifo pick takes it where the batch was), and a random-looking part derived from the
+    batch's name, so a split that is redone names the same files."""
+    stamp = name.rsplit("-", 1)[0]
+    digest = hashlib.sha256(f"{name}/{half}".encode()).digest()
+    return f"{stamp}-{_uuid.encode(uuid.UUID(bytes=digest[:16]))[:12]}"
 
 
 def fsync_dir(path: Path) -> None:
@@ -375,10 +478,13 @@ class Spool:
 
     # -- publishing ----------------------------------------------------------------------
     def publish(self, items: list[dict[str, Any]], position: Any = None, *,
-                replace_dead: bool = False) -> str:
-        """Write a batch durably into ``left/`` and return its name."""
-        name = self.new_name()
-        body = {"name": name, "queue": self.queue, "created": self.clock(),
+                replace_dead: bool = False, name: str | None = None,
+                created: float | None = None) -> str:
+        """Write a batch durably into ``left/`` and return its name (a new one, unless
+        ``name`` is given: the halves of a split)."""
+        name = name or self.new_name()
+        body = {"name": name, "queue": self.queue,
+                "created": self.clock() if created is None else created,
                 "position": position, "items": items}
         if replace_dead:
             body["replace_dead"] = True
@@ -626,12 +732,18 @@ class Spool:
             pass
         return {"attempts": 0, "history": []}
 
-    def _record_attempt(self, claim: Claim, reason: str) -> dict[str, Any]:
+    def _record_attempt(self, claim: Claim, reason: str, exit: Exit | None = None,
+                        counted: bool = True) -> dict[str, Any]:
         record = self.attempts(claim.name)
-        record["attempts"] = max(record["attempts"], claim.attempt)
-        record["history"] = (record["history"] + [{
-            "attempt": claim.attempt, "host": claim.host, "pid": claim.pid,
-            "claimed_at": claim.claimed_at, "ended_at": self.clock(), "reason": reason}])[-20:]
+        if counted:
+            record["attempts"] = max(record["attempts"], claim.attempt)
+        entry = {"attempt": claim.attempt, "host": claim.host, "pid": claim.pid,
+                 "claimed_at": claim.claimed_at, "ended_at": self.clock(), "reason": reason}
+        if exit is not None:
+            entry["exit"] = asdict(exit)
+        if not counted:
+            entry["counted"] = False
+        record["history"] = (record["history"] + [entry])[-20:]
         write_atomic(self.right / f"{claim.name}{ATTEMPT}", json.dumps(record).encode(), self.tmp)
         return record
 
@@ -801,55 +913,125 @@ class Spool:
         return self.fail(claim, error, self.quarantine)
 
     def stale_claims(self, lease: float, now: float | None = None) -> list[Stale]:
-        """Claims whose owner is dead (this host) or whose heartbeat is older than ``lease``."""
+        """Claims whose owner is dead (this host) or whose heartbeat is older than ``lease``.
+        A dead owner's claims marked handled (:meth:`mark_handled`) are ``collateral`` when
+        one of its claims was not: the batch in the handler is the one that killed it."""
         now = self.clock() if now is None else now
         host = socket.gethostname()
         out = []
+        handled = set()
         for name in self.claimed():
             try:
-                beat = (self.right / name).stat().st_mtime
+                st = (self.right / name).stat()
                 c = self.read_claim(name)
             except FileNotFoundError:
                 continue
             except ForeignEntry as e:  # e.g. unreadable: skipped, never reaped or deleted
                 self.note_foreign(e.path, e.what)
                 continue
+            beat = st.st_mtime
             if c is None:
                 # Not written by this lrq (claims are linked in whole): wait out the lease.
                 if now - beat > lease:
                     out.append(Stale(name, "unreadable claim", self.attempts(name)["attempts"] + 1))
             elif c.host == host and not owner_alive(c.pid, c.start):
-                out.append(Stale(name, f"owner pid {c.pid} is dead", c.attempt))
+                out.append(Stale(name, f"owner pid {c.pid} is dead", c.attempt, dead=True,
+                                 pid=c.pid, start=c.start))
+                if not st.st_mode & S_IWUSR:
+                    handled.add(name)
             elif now - beat > lease:
                 out.append(Stale(name, f"no heartbeat for {now - beat:.0f}s (lease {lease:.0f}s)",
                                  c.attempt))
-        return out
+        in_handler = {(s.pid, s.start) for s in out if s.dead and s.name not in handled}
+        return [replace(s, collateral=True)
+                if s.name in handled and (s.pid, s.start) in in_handler else s for s in out]
 
-    def reap(self, stale: Stale, max_attempts: int) -> str:
+    def mark_handled(self, claim: Claim) -> None:
+        """Note on the claim that its handler calls are over (only storing is left), by
+        clearing its write bit: one chmod (~5 us; reading the claim first to check the token
+        would be 20 us), so call it only while the lease is held. If the owner dies while
+        another of its batches is in the handler, this one was not the cause (see
+        :meth:`stale_claims`)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(self.right / claim.name, HANDLED_MODE)
+
+    def reap(self, stale: Stale, max_attempts: int, exit: Exit | None = None) -> str:
         """Take back one stale claim: pending again, or ``failed/`` past ``max_attempts``.
+        Returns "requeued", "failed" or "gone"; see :meth:`take_back`."""
+        return self.take_back(stale, max_attempts, exit=exit).outcome
+
+    def take_back(self, stale: Stale, max_attempts: int, *, exit: Exit | None = None,
+                  split_after: int | None = None) -> Reaped:
+        """Take back one stale claim and record the attempt (with ``exit``, how its owner
+        ended, when the owner is dead). Then: pending again; or, at the batch's
+        ``split_after``-th death, held for the caller (outcome ``dying``); or ``failed/``
+        past ``max_attempts``.
 
         The claim is first renamed into ``tmp/`` (atomic: one reaper wins, and its owner's next
-        heartbeat sees the lease is gone). Returns "requeued", "failed" or "gone".
+        heartbeat sees the lease is gone). A claim whose batch file is gone (its owner was
+        killed inside :meth:`fail` or :meth:`split`) is removed with its attempt record.
         """
-        aside = self.tmp / f"{stale.name}.reaped.{_uuid.random(8)}"
+        name = stale.name
+        aside = self.tmp / f"{name}.reaped.{_uuid.random(8)}"
         try:
-            os.rename(self.right / stale.name, aside)
+            os.rename(self.right / name, aside)
         except FileNotFoundError:
-            return "gone"
+            return Reaped("gone", stale.reason)
+        done = (self.right / f"{name}{DONE}").exists()
+        if not done and not (self.left / f"{name}{SUFFIX}").exists():
+            for leftover in (aside, self.right / f"{name}{ATTEMPT}"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+            return Reaped("gone", stale.reason)
         claim = self.read_claim_file(aside) or Claim(
-            name=stale.name, token="", attempt=stale.attempt, host="?", pid=0, start=0,
+            name=name, token="", attempt=stale.attempt, host="?", pid=0, start=0,
             claimed_at=0.0)
-        record = self._record_attempt(claim, stale.reason)
+        exit = (exit or Exit()) if stale.dead else None
+        reason = f"{stale.reason}: {exit.describe()}" if exit is not None else stale.reason
+        prior = self.attempts(name)
+        deaths = tuple(Exit(**h["exit"]) for h in prior["history"]
+                       if h.get("exit") and h.get("counted", True))
+        if stale.collateral:
+            # Like a release: its items were handled; the batch in the handler is charged.
+            reason += "; it was being stored while another batch was in the handler: not counted"
+            self._record_attempt(claim, reason, exit, counted=False)
+            os.unlink(aside)
+            return Reaped("requeued", reason, deaths)
+        deaths += (exit,) if exit is not None else ()
+        dying = not done and split_after is not None and len(deaths) >= split_after
+        spent = not done and max(prior["attempts"], claim.attempt) >= max_attempts
+        # Held at once, before the attempt is recorded: the batch is pending from the rename
+        # until this claim, and a worker taking it meanwhile would process whole a batch
+        # that is being split or failed.
+        held = self.claim(name) if dying or spent else None
+        self._record_attempt(claim, reason, exit)
         os.unlink(aside)
-        if (self.right / f"{stale.name}{DONE}").exists() or record["attempts"] < max_attempts:
-            return "requeued"
-        if not (self.left / f"{stale.name}{SUFFIX}").exists():
-            return "gone"
-        held = self.claim(stale.name)  # hold it while moving, so no worker takes it meanwhile
         if held is None:
-            return "requeued"
-        self.fail(held, f"gave up after {record['attempts']} attempts; the last: {stale.reason}")
-        return "failed"
+            return Reaped("requeued", reason, deaths)
+        if dying:
+            return Reaped("dying", reason, deaths, held)
+        attempts = max(prior["attempts"], claim.attempt)
+        self.fail(held, f"gave up after {attempts} attempts; the last: {reason}")
+        return Reaped("failed", reason, deaths)
+
+    def split(self, held: Claim, batch: Batch) -> tuple[str, str]:
+        """Publish the two halves of a held batch as new batches, then retire the batch
+        (its file, attempt record and claim, in that order). Each step is atomic and every
+        crash point leaves the items in the batch, its halves, or both (see the module
+        docstring); returns the halves' names."""
+        mid = (len(batch.items) + 1) // 2
+        halves = (half_name(held.name, 0), half_name(held.name, 1))
+        for i, (name, items) in enumerate(zip(halves, (batch.items[:mid], batch.items[mid:]))):
+            if self.state(name) is State.MISSING:
+                self.publish(items, batch.position, name=name, created=batch.created)
+            failpoints.hit(f"split-after-half-{i}")
+        os.unlink(self.left / f"{held.name}{SUFFIX}")
+        fsync_dir(self.left)
+        failpoints.hit("split-after-retire")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.right / f"{held.name}{ATTEMPT}")
+        self.release(held)
+        return halves
 
     @staticmethod
     def read_claim_file(path: Path) -> Claim | None:

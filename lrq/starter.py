@@ -27,8 +27,8 @@ result_table = "doc_results"               # generic table (queue, key, value JS
 # backoff = 0.5                            # seconds between tries, doubled each time (max 60)
 # handler_timeout = 300                    # a handler call running longer counts as failed
 # lease = 60                               # a claim without heartbeat this long is reclaimed
-# max_attempts = 3                         # a batch whose worker died (or whose commit the
-#                                          # database refused) this often -> failed/
+# max_attempts = 3                         # a batch that failed this often -> failed/
+#                                          # (one whose worker died twice is split instead)
 # pipeline = true                          # store a batch while the handler runs the next one
 
 [queues.docs.source]

@@ -269,6 +269,8 @@ class Worker:
         finally:
             if handled is None:
                 self._let_go(claim)
+        if handled is not None and not lost.is_set():
+            self.spool.mark_handled(claim)  # a death from here on is not its items' doing
         return handled
 
     def commit(self, handled: Handled) -> None:

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
+from lrq import process
 from lrq.launcher import Launcher
+from lrq.spool import start_of
 from lrqtest import poll, write_config
 
 
@@ -46,3 +50,34 @@ def test_a_forked_worker_has_its_title_and_session_and_stops_on_signals(tmp_path
     killed.send_signal(signal.SIGKILL)
     assert killed.wait(timeout=60) == -signal.SIGKILL
     killed.send_signal(signal.SIGTERM)  # already gone: no error
+
+
+def test_a_forked_worker_stops_once_its_scheduler_is_gone(tmp_path: Path) -> None:
+    """The second line behind PR_SET_PDEATHSIG: the scheduler named in the environment is
+    checked at the child's start and every second after."""
+    cfg = write_config(tmp_path, docs=None)
+    argv = ["-c", str(cfg), "work", "docs", "--idle-exit", "30"]
+    launcher = Launcher()
+    scheduler = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        named = f"{scheduler.pid}:{start_of(scheduler.pid)}"
+        child = launcher.spawn(argv, "lrq work docs",
+                               {**os.environ, "LRQ_CHILD": "1", process.SCHEDULER_ENV: named})
+        lines = child.lines()
+        assert f"working queue=docs pid={child.pid}" in next(lines)  # its handlers are set
+        workers = tmp_path / "data/docs/workers"
+        assert [p.name for p in workers.iterdir()] == [f"{child.pid}-{start_of(child.pid)}"]
+    finally:
+        scheduler.kill()
+        scheduler.wait()
+    rest = list(lines)
+    assert child.wait(timeout=60) == 0
+    assert any(f"orphaned: scheduler pid {scheduler.pid} is gone; stopping" in line
+               for line in rest), rest
+    assert any("stopping signal=SIGTERM" in line for line in rest)  # lrq work's graceful stop
+    assert list(workers.iterdir()) == []  # its worker file is removed at exit
+
+    late = launcher.spawn(argv, "lrq work docs",
+                          {**os.environ, "LRQ_CHILD": "1", process.SCHEDULER_ENV: named})
+    assert any("orphaned" in line for line in late.lines())
+    assert late.wait(timeout=60) == 0  # gone before it started: it does not start work

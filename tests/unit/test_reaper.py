@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -10,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from lrq import cleanup
-from lrq.spool import Spool, State
+from lrq import cleanup, reaper
+from lrq.spool import Exit, Spool, Stale, State, half_name
 from lrqtest import load_app, write_config
 
 
@@ -155,3 +156,192 @@ def test_settled_is_not_fooled_by_a_claim_reaped_between_listings(spool: Spool) 
     assert not spool.settled()
     spool.mark_done(c)
     assert spool.settled()
+
+
+# -- deaths: exit codes, splits, the killer item dead-lettered ----------------------------
+def die(sp: Spool, name: str, **owner) -> Stale:
+    """Claim ``name`` as a worker that then died; the stale claim the reaper sees."""
+    assert sp.claim(name) is not None
+    forge_owner(sp, name, pid=dead_pid(), **owner)
+    (stale,) = sp.stale_claims(lease=3600)
+    assert stale.dead
+    return stale
+
+
+def test_a_dead_owner_s_exit_is_recorded_and_a_silent_one_has_none(spool: Spool) -> None:
+    name = spool.publish([{"k": 1}])
+    spool.reap(die(spool, name), 5, exit=Exit.of(-signal.SIGSEGV))
+    spool.reap(die(spool, name), 5)  # a by-hand worker: only the dead pid was seen
+    spool.claim(name)
+    forge_owner(spool, name, host="another-host")
+    (silent,) = spool.stale_claims(lease=60, now=time.time() + 61)
+    assert not silent.dead
+    spool.reap(silent, 5)
+    history = spool.attempts(name)["history"]
+    assert history[0]["exit"] == {"code": None, "signal": "SIGSEGV"}
+    assert history[0]["reason"].endswith("is dead: killed by SIGSEGV (exit -11)")
+    assert history[1]["exit"] == {"code": None, "signal": None}
+    assert history[1]["reason"].endswith("is dead: died (exit unknown)")
+    assert "exit" not in history[2]
+
+
+def test_exit_descriptions() -> None:
+    assert Exit.of(3) == Exit(code=3) and Exit.of(3).describe() == "exited with code 3"
+    assert Exit.of(-9).describe() == "killed by SIGKILL (exit -9)"
+    assert Exit.of(None).describe() == "died (exit unknown)"
+    assert reaper.killed_message((Exit.of(-11), Exit.of(-11))) == \
+        "worker killed by SIGSEGV (exit -11) handling this item, 2 times"
+    assert reaper.killed_message((Exit.of(3), Exit.of(None))) == \
+        "worker exited with code 3; died (exit unknown) handling this item, 2 times"
+
+
+def test_the_second_death_holds_the_batch_and_a_split_publishes_its_halves(spool: Spool) -> None:
+    items = [{"k": i} for i in range(5)]
+    name = spool.publish(items, position=42)
+    assert spool.take_back(die(spool, name), 3, split_after=2).outcome == "requeued"
+    reaped = spool.take_back(die(spool, name), 3, split_after=2)
+    assert reaped.outcome == "dying" and len(reaped.deaths) == 2
+    assert spool.state(name) is State.CLAIMED and spool.owns(reaped.held)
+    first, second = spool.split(reaped.held, spool.load(name))
+    assert (first, second) == (half_name(name, 0), half_name(name, 1))
+    assert first.split("-")[0] == second.split("-")[0] == name.split("-")[0]
+    assert spool.state(name) is State.MISSING
+    assert not (spool.right / f"{name}.attempt").exists()
+    halves = [spool.load(first), spool.load(second)]
+    assert [h.items for h in halves] == [items[:3], items[3:]]
+    assert {h.position for h in halves} == {42}  # the source receipt goes with the items
+    assert sorted(spool.pending()) == sorted([first, second])
+    assert spool.claim(first).attempt == 1  # a new batch: its own history
+
+
+def test_a_redone_split_writes_only_what_is_missing(spool: Spool) -> None:
+    name = spool.publish([{"k": i} for i in range(4)])
+    batch = spool.load(name)
+    spool.take_back(die(spool, name), 3, split_after=2)
+    held = spool.take_back(die(spool, name), 3, split_after=2).held
+    first = half_name(name, 0)
+    spool.publish(batch.items[:2], name=first)  # written before its reaper died...
+    done = spool.claim(first)
+    spool.mark_done(done)  # ...and processed since
+    assert spool.split(held, batch) == (first, half_name(name, 1))
+    assert spool.state(first) is State.DONE and spool.pending() == [half_name(name, 1)]
+
+
+def test_max_attempts_still_bounds_failures_that_are_not_deaths(spool: Spool) -> None:
+    name = spool.publish([{"k": 1}, {"k": 2}])
+    spool.reap(die(spool, name), 3)
+    for _ in range(2):
+        spool.claim(name)
+        forge_owner(spool, name, host="another-host")
+        (silent,) = spool.stale_claims(lease=60, now=time.time() + 61)
+        outcome = spool.take_back(silent, 3, split_after=2).outcome
+    assert outcome == "failed" and spool.state(name) is State.FAILED
+
+
+def test_a_reaped_claim_without_its_batch_file_is_removed(spool: Spool) -> None:
+    """Its owner was killed inside fail() or split(), after the batch file moved."""
+    name = spool.publish([{"k": 1}])
+    stale = die(spool, name)
+    (spool.right / f"{name}.attempt").write_text('{"attempts": 1, "history": []}')
+    (spool.left / f"{name}.pkl").unlink()
+    assert not spool.settled()
+    assert spool.take_back(stale, 3, split_after=2).outcome == "gone"
+    assert not (spool.right / name).exists() and not (spool.right / f"{name}.attempt").exists()
+    assert spool.settled()
+
+
+def app_with(tmp_path: Path, *items: dict) -> tuple:
+    app = load_app(write_config(tmp_path, docs=None))
+    q = app.queues("docs")[0]
+    return app, q, app.spool(q), app.spool(q).publish(list(items))
+
+
+def test_the_reaper_splits_until_the_killer_is_alone_and_dead_letters_it(tmp_path: Path) -> None:
+    app, q, sp, name = app_with(tmp_path, *({"doc_id": f"d{i}"} for i in range(4)))
+    exits = reaper.Exits()
+    killer = "d2"
+
+    def worker_dies_on(batch: str) -> str:
+        stale = die(sp, batch)
+        exits.record(stale.pid, stale.start, Exit.of(-signal.SIGSEGV))
+        return reaper.take_back(app, q, stale, exits)
+
+    outcomes = []
+    while True:
+        holding = [n for n in sp.pending() if killer in {i["doc_id"] for i in sp.load(n).items}]
+        if not holding:
+            break
+        outcomes.append(worker_dies_on(holding[0]))
+    # 4 items -> 2 -> 1: two deaths at each level, the last dead-letters the item.
+    assert outcomes == ["requeued", "split"] * 2 + ["requeued", "dead-lettered"]
+    sink = app.sink(q)
+    (dead,) = sink.dead_letters()
+    assert dead["key"] == killer
+    assert dead["error"] == "worker killed by SIGSEGV (exit -11) handling this item, 2 times"
+    # Every other item is still pending, in batches of its own; none failed.
+    left = sorted(i["doc_id"] for n in sp.pending() for i in sp.load(n).items)
+    assert left == ["d0", "d1", "d3"] and sp.counts().failed == 0
+    assert sink.ledger_stats() == (1, 1)  # the killer's batch: done, one item
+
+
+def test_a_dying_batch_already_in_the_ledger_is_only_marked_done(tmp_path: Path) -> None:
+    app, q, sp, name = app_with(tmp_path, {"doc_id": "a"}, {"doc_id": "b"})
+    app.sink(q).store(name, 2, [{"doc_id": "a"}, {"doc_id": "b"}])  # died after its commit
+    assert reaper.take_back(app, q, die(sp, name)) == "requeued"
+    assert reaper.take_back(app, q, die(sp, name)) == "finalized"
+    assert sp.state(name) is State.DONE and sp.pending() == []
+
+
+def test_a_failed_split_releases_the_batch_unless_a_half_is_written(tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    app, q, sp, name = app_with(tmp_path, *({"doc_id": d} for d in "abcd"))
+    real = Spool.publish
+    written = []
+
+    def publish_then_fill_the_disk(self: Spool, *args, **kw) -> str:
+        if len(written) == allowed:
+            raise OSError(28, "No space left on device")
+        written.append(real(self, *args, **kw))
+        return written[-1]
+
+    monkeypatch.setattr(Spool, "publish", publish_then_fill_the_disk)
+    allowed = 0
+    reaper.take_back(app, q, die(sp, name))
+    assert reaper.take_back(app, q, die(sp, name)) == "requeued"
+    assert sp.state(name) is State.PENDING  # nothing begun: pending again
+    allowed = 1
+    assert reaper.take_back(app, q, die(sp, name)) == "requeued"
+    # A half is in left/: released, the batch could be processed whole beside it. Held, it
+    # is split again once its claim is stale (here: its holder is dead).
+    assert sp.state(name) is State.CLAIMED and sp.pending() == written
+    allowed = 2
+    forge_owner(sp, name, pid=dead_pid())
+    (stale,) = sp.stale_claims(lease=3600)
+    assert reaper.take_back(app, q, stale) == "split"
+    assert sorted(sp.pending()) == sorted(written) and sp.state(name) is State.MISSING
+
+
+def test_a_death_is_charged_to_the_batch_in_the_handler_not_to_one_being_stored(
+        spool: Spool) -> None:
+    """Storing behind, a worker holds the batch it commits and the one in its handler: a
+    handler that kills it must not count against the first (twice: an innocent item would be
+    dead-lettered)."""
+    stored, handling = spool.publish([{"k": 1}]), spool.publish([{"k": 2}])
+    pid = dead_pid()
+    for name in (stored, handling):
+        spool.claim(name)
+        forge_owner(spool, name, pid=pid)
+    spool.mark_handled(spool.read_claim(stored))
+    by_name = {s.name: s for s in spool.stale_claims(lease=3600)}
+    assert by_name[stored].collateral and not by_name[handling].collateral
+    assert spool.reap(by_name[stored], 1) == "requeued"  # even at max_attempts = 1
+    assert spool.attempts(stored)["attempts"] == 0
+    (entry,) = spool.attempts(stored)["history"]
+    assert entry["counted"] is False and entry["exit"] == {"code": None, "signal": None}
+    assert spool.claim(stored).attempt == 1
+    # Alone, a handled batch is charged: its worker died storing it, nothing else ran.
+    forge_owner(spool, stored, pid=dead_pid())
+    spool.mark_handled(spool.read_claim(stored))
+    alone = next(s for s in spool.stale_claims(lease=3600) if s.name == stored)
+    assert not alone.collateral
+    assert spool.take_back(alone, 3, split_after=2).deaths == (Exit(),)
