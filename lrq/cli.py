@@ -1,7 +1,9 @@
 """``lrq``: the command line. Each command is a few lines calling the library.
 
 Exit codes: 0 ok, 1 the command ran and found a problem (verify mismatch, failed batch),
-2 bad usage or configuration, 3 another process holds the lock (scheduler, sniffer).
+2 bad usage or configuration, 3 another process holds the lock (scheduler, sniffer),
+4 the handler is broken (``lrq work``, ``lrq run --until-idle``: see ``handler-broken`` in
+the log).
 """
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
-from lrq.errors import AlreadyRunning, ConfigError, LrqError
+from lrq.errors import AlreadyRunning, ConfigError, HandlerBroken, LrqError
 
 if TYPE_CHECKING:
     from lrq.config import Config
 
 EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
+EXIT_BROKEN = HandlerBroken.exit_code
 log = logging.getLogger("lrq")
 
 EXAMPLES = """\
@@ -116,17 +119,20 @@ def cmd_work(args: argparse.Namespace) -> int:
         worker = app.worker(q, stop=stop)
         current[:] = [worker]
         log.info("working queue=%s pid=%d", q.name, os.getpid())  # signals are handled now
-        if args.batch:
-            if not worker.run_named(args.batch):
-                print(f"lrq: batch {args.batch} is {worker.spool.state(args.batch).value}, "
-                      "not pending", file=sys.stderr)
-                return EXIT_PROBLEM
-        elif args.once:
-            if not worker.run_once():
-                log.info("idle queue=%s nothing pending", q.name)
-        else:
-            worker.run(burst=args.burst, max_seconds=args.max_seconds, progress=True,
-                       idle_exit=args.idle_exit, idle_wait=0.2 if args.idle_exit else 1.0)
+        try:
+            if args.batch:
+                if not worker.run_named(args.batch):
+                    print(f"lrq: batch {args.batch} is {worker.spool.state(args.batch).value}, "
+                          "not pending", file=sys.stderr)
+                    return EXIT_PROBLEM
+            elif args.once:
+                if not worker.run_once():
+                    log.info("idle queue=%s nothing pending", q.name)
+            else:
+                worker.run(burst=args.burst, max_seconds=args.max_seconds, progress=True,
+                           idle_exit=args.idle_exit, idle_wait=0.2 if args.idle_exit else 1.0)
+        except HandlerBroken:  # logged once, as handler-broken, by the worker
+            return EXIT_BROKEN
         s = worker.stats
         failed += s.failed + s.infra_errors
         log.info("finished queue=%s batches=%d items=%d dead=%d failed=%d infra_errors=%d "

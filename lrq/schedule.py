@@ -8,6 +8,12 @@ seconds. A worker job only starts a process when something is pending; that proc
 drains batches until none came for two seconds or ``run_seconds`` pass, so CPU-bound
 handlers use every core.
 
+A worker process that exits with :attr:`HandlerBroken.exit_code <lrq.errors.HandlerBroken>`
+found its queue's handler broken (and failed one batch): the queue gets no new worker for
+``BROKEN_PAUSE`` seconds, doubled each time it happens again (at most ``BROKEN_PAUSE_MAX``),
+and one worker at a time until a run ends otherwise; ``until_idle`` stops the scheduler
+instead and :meth:`Runner.run` returns that exit status.
+
 Signals only set a flag. A supervisor job sees it (or, with ``until_idle``, sees that the
 sources are drained and nothing is pending, claimed or running) and stops the scheduler;
 children are then asked to stop with SIGTERM and killed after ``grace`` seconds.
@@ -27,7 +33,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from lrq import cleanup
 from lrq.app import App
 from lrq.config import QueueConfig
-from lrq.errors import AlreadyRunning, LrqError
+from lrq.errors import AlreadyRunning, HandlerBroken, LrqError
 from lrq.launcher import Child, Launcher
 from lrq.spool import flock
 
@@ -37,6 +43,8 @@ child_log = logging.getLogger("lrq.child")
 SUPERVISE_EVERY = 0.25  # seconds
 CHILD_IDLE_EXIT = 2.0  # seconds a worker process waits for new batches before exiting
 CHILD_ENV = "LRQ_CHILD"
+BROKEN_PAUSE = 30.0  # seconds without workers for a queue whose handler is broken ...
+BROKEN_PAUSE_MAX = 600.0  # ... doubled each time, up to this
 
 
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
@@ -66,6 +74,8 @@ class Runner:
         for q in app.queues():
             self.sniffers[q.name].on_publish = lambda q=q: self._start_worker(q)
         self.spools = {q.name: app.spool(q) for q in app.queues()}
+        #: Queues whose handler is broken: (no worker before this monotonic time, times seen).
+        self.broken: dict[str, tuple[float, int]] = {}
         slots = sum(1 + q.workers for q in app.queues()) + 3
         self.scheduler = BlockingScheduler(
             executors={"default": ThreadPoolExecutor(slots)},
@@ -99,7 +109,7 @@ class Runner:
                 log.debug("worker start skipped queue=%s: %s", q.name, e)
 
     def work(self, q: QueueConfig) -> None:
-        if self.stop.is_set() or not self.spools[q.name].has_pending():
+        if self.stop.is_set() or self._paused(q) or not self.spools[q.name].has_pending():
             return
         cfg = str(self.app.cfg.path)
         argv = ["-c", cfg, "work", q.name, "--idle-exit", str(CHILD_IDLE_EXIT),
@@ -127,6 +137,31 @@ class Runner:
             child.finished.set()
         if code != 0:
             log.error("worker-exit queue=%s pid=%d code=%s", q.name, child.pid, code)
+        if code == HandlerBroken.exit_code:
+            self._pause(q)
+        elif code is not None and code >= 0:
+            self.broken.pop(q.name, None)
+
+    def _paused(self, q: QueueConfig) -> bool:
+        """A broken handler's queue: no worker before its pause ends, then one at a time."""
+        if q.name not in self.broken:
+            return False
+        with self._lock:
+            running = any(name == q.name for name, _ in self.children.values())
+        return running or time.monotonic() < self.broken[q.name][0]
+
+    def _pause(self, q: QueueConfig) -> None:
+        if self.until_idle:
+            log.error("stopping: the handler of queue %s is broken (see handler-broken above)",
+                      q.name)
+            self.broken[q.name] = (float("inf"), 1)
+            self.stop.set()
+            return
+        n = self.broken.get(q.name, (0.0, 0))[1] + 1
+        wait = min(BROKEN_PAUSE * 2 ** (n - 1), BROKEN_PAUSE_MAX)
+        self.broken[q.name] = (time.monotonic() + wait, n)
+        log.error("paused queue=%s seconds=%.0f reason=handler-broken: no worker until then; "
+                  "fix the handler, then `lrq requeue --failed`", q.name, wait)
 
     def clean(self) -> None:
         try:
@@ -173,7 +208,7 @@ class Runner:
         self.scheduler.start()  # returns after supervise() shuts it down
         self._stop_children()
         log.info("stopped")
-        return 0
+        return HandlerBroken.exit_code if self.until_idle and self.broken else 0
 
     def _stop_children(self) -> None:
         with self._lock:
