@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from test_worker import echo, publish, queue, rows
 
 from lrq.errors import HandlerBroken, HandlerTimeout
 from lrq.spool import State
@@ -19,25 +19,6 @@ from lrqtest import load_app, write_config
 def app(tmp_path: Path):
     return load_app(write_config(tmp_path, docs=None, batch_size=200, chunk_size=50,
                                  backoff=0.5, retries=2))
-
-
-def queue(app):
-    return app.queues("docs")[0]
-
-
-def publish(app, n: int, start: int = 0) -> str:
-    return app.spool(queue(app)).publish(
-        [{"doc_id": f"d{i}", "content": f"w{i} x y"} for i in range(start, start + n)])
-
-
-def rows(app) -> int:
-    sink = app.sink(queue(app))
-    with sink.engine.connect() as c:
-        return c.execute(select(func.count()).select_from(sink.table)).scalar_one()
-
-
-def echo(items):
-    return [{"doc_id": i["doc_id"]} for i in items]
 
 
 def test_one_percent_poison_is_dead_lettered_without_a_single_sleep(app) -> None:
