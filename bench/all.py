@@ -8,6 +8,7 @@ what they are when run alone:
 ``w2``     ``bench/w2_service.py``  W2 model service: lrq against the service's ceiling
 ``claim``  ``bench/claim_cost.py``  claim cost against 1k, 10k, 100k pending batches
 ``idle``   ``bench/idle_cpu.py``    CPU of an idle ``lrq run`` scheduler
+``poison`` ``bench/poison.py``      W1 with 1% poison items against the same run without
 
 A part fails when it exits non-zero, runs past its time limit (its process group gets
 SIGTERM, then SIGKILL), writes no JSON, or its JSON lacks a figure the summary reads; the
@@ -45,6 +46,7 @@ W1_TARGET_BATCH = 1000
 W2_TARGET = 0.9      # lrq items/s over the service's ceiling
 CLAIM_TARGET = 2.0   # claim p50 at the largest backlog over p50 at the smallest
 IDLE_TARGET = 1.0    # % of one core, strictly under
+POISON_TARGET = 0.5  # W1 with 1% poison, items/s over the same run without
 
 QUIET_SECONDS = 60   # a part silent this long gets a "still running" line
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -54,7 +56,7 @@ EXAMPLES = """\
 examples:
   python bench/all.py                   full: W1 100k,1M x batch 100,1000; W2; claim; idle 60 s
   python bench/all.py --quick           every part's --quick (~2-5 min)
-  python bench/all.py --only w1,idle    some parts only (order is always w1, w2, claim, idle)
+  python bench/all.py --only w1,idle    some parts only (order is always w1, w2, claim, idle, poison)
   python bench/all.py --repeat 3        W1 and W2: 3 runs per configuration, median
 """
 
@@ -173,6 +175,14 @@ def idle_figures(r: dict[str, Any]) -> list[Row]:
     return rows
 
 
+def poison_figures(r: dict[str, Any]) -> list[Row]:
+    """``ratio``: poison items/s over clean items/s, from ``results[]``."""
+    rate = {x["kind"]: x["items_per_s"] for x in r["results"]}
+    return [Row("poison", f"N={_n(r['settings']['docs'])} B=200 C=50 1% poison/clean items/s",
+                r["ratio"], ">=", POISON_TARGET,
+                f"poison {rate['poison']:,.0f}/s, clean {rate['clean']:,.0f}/s")]
+
+
 PARTS = (
     Part("w1", "W1", "W1 docs-to-db", "run.py",
          ("--docs", "100000,1000000", "--batch", "100,1000"),
@@ -182,6 +192,8 @@ PARTS = (
     Part("claim", "claim", "claim cost against backlog", "claim_cost.py", (), (600, 1800),
          claim_figures),
     Part("idle", "idle", "idle cost", "idle_cpu.py", (), (600, 1800), idle_figures),
+    Part("poison", "poison", "W1 with 1% poison", "poison.py", (), (600, 1800),
+         poison_figures, takes_repeat=True),
 )
 
 

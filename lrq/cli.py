@@ -3,8 +3,9 @@
 Exit codes: 0 ok, 1 the command ran and found a problem (verify mismatch, or dead letters
 with ``verify --strict``; a batch failed or quarantined by ``work`` or during
 ``run --until-idle``; database unreachable), 2 bad usage or configuration (a key the source
-lacks included), 3 another process holds the lock (scheduler, sniffer), 141 stdout was
-closed early (a pipe into ``head``; no traceback).
+lacks included), 3 another process holds the lock (scheduler, sniffer), 4 the handler is
+broken (``lrq work``, ``lrq run --until-idle``: see ``handler-broken`` in the log), 141 stdout
+was closed early (a pipe into ``head``; no traceback).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
-from lrq.errors import AlreadyRunning, ConfigError, LrqError
+from lrq.errors import AlreadyRunning, ConfigError, HandlerBroken, LrqError
 
 if TYPE_CHECKING:
     from lrq.config import Config
@@ -32,6 +33,7 @@ EXIT_OK, EXIT_PROBLEM, EXIT_USAGE, EXIT_BUSY = 0, 1, 2, 3
 #: stdout's reader went away (``lrq show X | head -1``): 128 + SIGPIPE, as a shell reports
 #: a program the signal ended, so ``set -o pipefail`` scripts see the output was cut short.
 EXIT_PIPE = 141
+EXIT_BROKEN = HandlerBroken.exit_code
 log = logging.getLogger("lrq")
 
 EXAMPLES = """\
@@ -138,17 +140,20 @@ def cmd_work(args: argparse.Namespace) -> int:
         current[:] = [worker]
         register_worker(worker.spool)  # a scheduler counts this process among the workers
         log.info("working queue=%s pid=%d", q.name, os.getpid())  # signals are handled now
-        if args.batch:
-            if not worker.run_named(args.batch):
-                print(f"lrq: batch {args.batch} is {worker.spool.state(args.batch).value}, "
-                      "not pending", file=sys.stderr)
-                return EXIT_PROBLEM
-        elif args.once:
-            if not worker.run_once():
-                log.info("idle queue=%s nothing pending", q.name)
-        else:
-            worker.run(burst=args.burst, max_seconds=args.max_seconds, progress=True,
-                       idle_exit=args.idle_exit, idle_wait=0.2 if args.idle_exit else 1.0)
+        try:
+            if args.batch:
+                if not worker.run_named(args.batch):
+                    print(f"lrq: batch {args.batch} is {worker.spool.state(args.batch).value}, "
+                          "not pending", file=sys.stderr)
+                    return EXIT_PROBLEM
+            elif args.once:
+                if not worker.run_once():
+                    log.info("idle queue=%s nothing pending", q.name)
+            else:
+                worker.run(burst=args.burst, max_seconds=args.max_seconds, progress=True,
+                           idle_exit=args.idle_exit, idle_wait=0.2 if args.idle_exit else 1.0)
+        except HandlerBroken:  # logged once, as handler-broken, by the worker
+            return EXIT_BROKEN
         s = worker.stats
         failed += s.failed + s.infra_errors
         log.info("finished queue=%s batches=%d items=%d dead=%d failed=%d infra_errors=%d "

@@ -62,11 +62,13 @@ class QueueConfig:
     max_pending_bytes: int | None = None
     #: A scheduled worker process exits after this long, so a slow leak cannot grow forever.
     run_seconds: float = 300.0
-    #: Tries of a failing handler call before it is split (and of a single item before it is
-    #: dead-lettered); waits ``backoff * 2**n`` seconds between tries.
+    #: Extra tries of a failing handler call: of a lone item before it is dead-lettered (at
+    #: once), and of a call failing for a transient cause or a timeout (after
+    #: ``backoff * 2**n`` seconds). Item errors split a call without retrying it; see
+    #: :mod:`lrq.policy`.
     retries: int = 2
     backoff: float = 0.5
-    #: A handler call running longer than this is interrupted and counts as failed.
+    #: A handler call running longer than this is interrupted (a timeout, see lrq.policy).
     handler_timeout: float = 300.0
     #: A claim whose heartbeat is older than this is taken back by the reaper.
     lease: float = 60.0

@@ -103,3 +103,23 @@ class Retryable(LrqError):
 
 class HandlerTimeout(LrqError):
     """A handler call ran past ``handler_timeout``."""
+
+
+class HandlerBroken(HandlerError):
+    """The handler fails on every item the same way, or hangs: it is broken, not the items.
+
+    Raised by :class:`lrq.policy.HandlerPolicy` once the evidence is in (see its docstring).
+    The worker moves the batch to ``failed/`` with this error (nothing of it is
+    dead-lettered), logs ``handler-broken`` once and its run ends with :attr:`exit_code`;
+    the scheduler pauses the queue (``lrq run --until-idle`` stops). Fix the handler or the
+    service, then ``lrq requeue --failed``.
+    """
+
+    #: Exit status of ``lrq work`` and ``lrq run --until-idle`` when the handler is broken.
+    exit_code = 4
+
+    def __init__(self, handler: str, error: str, why: str, detail: str = "") -> None:
+        self.handler = handler
+        self.error = error
+        self.detail = detail
+        super().__init__(f"handler {handler} is broken: {why}: {error}")

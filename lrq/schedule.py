@@ -14,6 +14,14 @@ that kills its worker ends dead-lettered). Workers stop when the scheduler dies,
 ``kill -9``, and a scheduler counts the live workers of its data dir (an old scheduler's,
 a by-hand ``lrq work``) before it starts more (:mod:`lrq.process`).
 
+A worker process that exits with :attr:`HandlerBroken.exit_code <lrq.errors.HandlerBroken>`
+found its queue's handler broken (and failed one batch); one that exits 2 could not work for
+its configuration (a handler module that no longer imports, a batch-signing key that
+changed). Starting another at once would fail the same way, so the queue gets no new worker
+for ``BROKEN_PAUSE`` seconds, doubled each time it happens again (at most
+``BROKEN_PAUSE_MAX``), and one worker at a time until a run ends otherwise; ``until_idle``
+stops the scheduler instead and :meth:`Runner.run` returns that exit status.
+
 Signals only set a flag. A supervisor job sees it (or, with ``until_idle``, sees that the
 sources are drained and nothing is pending, claimed or running) and stops the scheduler;
 children are then asked to stop with SIGTERM and killed after ``grace`` seconds.
@@ -37,7 +45,7 @@ from apscheduler.schedulers.blocking import BlockingScheduler
 from lrq import cleanup, process
 from lrq.app import App
 from lrq.config import QueueConfig
-from lrq.errors import AlreadyRunning, LrqError
+from lrq.errors import AlreadyRunning, HandlerBroken, LrqError
 from lrq.launcher import Child, Launcher
 from lrq.reaper import Exits
 from lrq.spool import Exit, flock, start_of
@@ -48,6 +56,10 @@ child_log = logging.getLogger("lrq.child")
 SUPERVISE_EVERY = 0.25  # seconds
 CHILD_IDLE_EXIT = 2.0  # seconds a worker process waits for new batches before exiting
 CHILD_ENV = "LRQ_CHILD"
+BROKEN_PAUSE = 30.0  # seconds without workers for a queue whose handler is broken ...
+BROKEN_PAUSE_MAX = 600.0  # ... doubled each time, up to this
+#: Worker exits that another worker would repeat at once: the queue pauses (see above).
+STOPPING_EXITS = {HandlerBroken.exit_code: "handler-broken", 2: "worker-config-error"}
 
 
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING,
@@ -81,6 +93,10 @@ class Runner:
         for q in app.queues():
             self.sniffers[q.name].on_publish = lambda q=q: self._start_worker(q)
         self.spools = {q.name: app.spool(q) for q in app.queues()}
+        #: Queues whose handler is broken: (no worker before this monotonic time, times seen).
+        self.broken: dict[str, tuple[float, int]] = {}
+        #: The exit status that stopped an ``until_idle`` run before it drained, if one did.
+        self.stopped_by: int | None = None
         slots = sum(1 + q.workers for q in app.queues()) + 3
         self.scheduler = BlockingScheduler(
             executors={"default": ThreadPoolExecutor(slots)},
@@ -114,7 +130,8 @@ class Runner:
                 log.debug("worker start skipped queue=%s: %s", q.name, e)
 
     def work(self, q: QueueConfig) -> None:
-        if self.stop.is_set() or not self.spools[q.name].has_pending() or not self._slot(q):
+        if (self.stop.is_set() or self._paused(q) or not self.spools[q.name].has_pending()
+                or not self._slot(q)):
             return
         cfg = str(self.app.cfg.path)
         argv = ["-c", cfg, "work", q.name, "--idle-exit", str(CHILD_IDLE_EXIT),
@@ -153,6 +170,11 @@ class Runner:
             log.error("worker-exit queue=%s pid=%d code=%s: %s", q.name, child.pid, code,
                       exit.describe())
             self._reap(q, child.pid)
+        if code in STOPPING_EXITS:
+            self._pause(q, code)
+        elif code is not None and code >= 0:
+            self.broken.pop(q.name, None)
+        if code != 0 and q.name not in self.broken:
             self._start_worker(q)  # what it held is pending again (or split): not at the next tick
 
     def _slot(self, q: QueueConfig) -> bool:
@@ -183,6 +205,32 @@ class Runner:
                          pid=pid)
         except Exception:
             log.exception("reap-failed queue=%s pid=%d", q.name, pid)
+
+    def _paused(self, q: QueueConfig) -> bool:
+        """A queue whose workers cannot work (:data:`STOPPING_EXITS`): no worker before its
+        pause ends, then one at a time."""
+        if q.name not in self.broken:
+            return False
+        with self._lock:
+            running = any(name == q.name for name, _ in self.children.values())
+        return running or time.monotonic() < self.broken[q.name][0]
+
+    def _pause(self, q: QueueConfig, code: int) -> None:
+        why = STOPPING_EXITS[code]
+        fix = ("fix the handler, then `lrq requeue --failed`" if code == HandlerBroken.exit_code
+               else "fix what the worker's error line above names")
+        if self.until_idle:
+            log.error("stopping: queue %s cannot work (%s, see above): %s", q.name, why, fix)
+            self.broken[q.name] = (float("inf"), 1)
+            if self.stopped_by is None:
+                self.stopped_by = code
+            self.stop.set()
+            return
+        n = self.broken.get(q.name, (0.0, 0))[1] + 1
+        wait = min(BROKEN_PAUSE * 2 ** (n - 1), BROKEN_PAUSE_MAX)
+        self.broken[q.name] = (time.monotonic() + wait, n)
+        log.error("paused queue=%s seconds=%.0f reason=%s: no worker until then; %s", q.name,
+                  wait, why, fix)
 
     def clean(self) -> None:
         try:
@@ -229,7 +277,10 @@ class Runner:
         before = self._set_aside()
         self.scheduler.start()  # returns after supervise() shuts it down
         self._stop_children()
-        return self._report(before)
+        code = self._report(before)
+        if self.until_idle and self.stopped_by is not None:
+            return self.stopped_by  # the reason the run could not drain
+        return code
 
     def _set_aside(self) -> dict[Path, tuple[str, bool]]:
         """Every batch file in a queue's ``failed/`` or ``quarantine/`` now, with its queue

@@ -23,9 +23,9 @@ result_table = "doc_results"               # generic table (queue, key, value JS
 # max_pending = 50                         # sniffer pauses while this many batches (or "500MB") wait
 # compress = "zstd"                        # batch files: "zstd", "zlib" or "none"
 # run_seconds = 300                        # a scheduled worker process exits after this long
-# retries = 2                              # tries of a failing handler call before splitting it
-# backoff = 0.5                            # seconds between tries, doubled each time (max 60)
-# handler_timeout = 300                    # a handler call running longer counts as failed
+# retries = 2                              # extra tries: a lone bad item's (at once), a transient failure's
+# backoff = 0.5                            # seconds before a transient retry, doubled each time (max 60)
+# handler_timeout = 300                    # a handler call running longer is interrupted (a timeout)
 # lease = 60                               # a claim without heartbeat this long is reclaimed
 # max_attempts = 3                         # a batch that failed this often -> failed/
 #                                          # (one whose worker died twice is split instead)

@@ -2,10 +2,9 @@
 
 What can go wrong, and what the worker does:
 
-* **A handler call raises** (or returns something unusable): it is tried ``1 + retries``
-  times with exponential backoff; a chunk that keeps failing is split in halves until the
-  failing items are alone; each of those gets its own retries and is then *dead-lettered*
-  with its error. Everything else in the batch is stored.
+* **The handler fails**: :mod:`lrq.policy` decides (chunks, tries, splits, timeouts, the
+  result check): item errors split the call at once and dead-letter the bad items alone, no
+  wait; infrastructure errors and timeouts are retried with backoff first.
 * **Infrastructure fails** (database unreachable, service timeout, connection refused, HTTP
   5xx/429, disk full, or the handler raises :class:`~lrq.errors.Retryable`): the items are
   not at fault.
@@ -17,8 +16,14 @@ What can go wrong, and what the worker does:
   ``failed/`` with the message (:meth:`Worker._attempt_failed`).
 * **Commits keep failing without progress**: :meth:`Worker.run` backs off, doubling, and
   gives up after ``INFRA_TRIES``; only a batch that settles resets the count (see there).
-* **A handler call hangs**: ``handler_timeout`` interrupts it (SIGALRM, in the main thread)
-  and the call counts as failed.
+* **The handler is broken** (every item fails the same way, or calls hang):
+  :class:`~lrq.errors.HandlerBroken`. The batch moves to ``failed/`` with the error, nothing
+  is dead-lettered, one ``handler-broken`` line is logged at ERROR, and the run ends with it
+  (``lrq work`` exits 4; the scheduler pauses the queue, ``run --until-idle`` stops).
+* **A handler call will not stop** (it caught the soft timeout and went on): the heartbeat
+  thread, the batch's watchdog, logs ``batch-overrun`` and ends the process once the call is
+  ``overrun_after(handler_timeout)`` old (see :mod:`lrq.policy`); the reaper takes the
+  claim back.
 * **The lease is lost** (the reaper took the claim back): the worker does not commit.
 * **The batch was signed with a key the config no longer has** (:class:`~lrq.errors.KeyMismatch`):
   the claim is released uncounted, nothing is quarantined, and the run stops with the error.
@@ -31,15 +36,15 @@ heartbeat until its commit ends; at most one commit is in flight, and the handle
 in the main thread only.
 
 Log lines start with a stable event name (``claimed``, ``done``, ``finalized``, ``failed``,
-``quarantined``, ``dead-lettered``, ``released``, ``lease-lost``, ``backoff``, ``progress``)
+``quarantined``, ``dead-lettered``, ``released``, ``lease-lost``, ``backoff``, ``progress``,
+``handler-broken``, ``batch-overrun``)
 followed by ``key=value`` fields.
 """
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
-import signal
+import os
 import threading
 import time
 import traceback
@@ -47,22 +52,22 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from lrq import failpoints
 from lrq.config import QueueConfig
-from lrq.db import Fault, fault
-from lrq.errors import (BatchCorrupt, BatchUnsigned, ClaimLost, DatabaseUnreachable,
-                        HandlerError, HandlerTimeout, KeyMismatch, Retryable, SinkError)
+from lrq.errors import (BatchCorrupt, BatchUnsigned, ClaimLost, HandlerBroken, HandlerError,
+                        KeyMismatch, Retryable, SinkError)
+from lrq.policy import (MAX_BACKOFF, Handler, HandlerPolicy, Item, is_infrastructure,
+                        soft_timeout)
 from lrq.sink import Sink
 from lrq.spool import Claim, Spool
 
+__all__ = ["Worker", "Heartbeat", "StoreBehind", "RunStats", "is_infrastructure",
+           "soft_timeout"]
+
 log = logging.getLogger(__name__)
 
-Handler = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
-Item = dict[str, Any]
 PROGRESS_EVERY = 5.0  # seconds between progress lines on long runs
-MAX_BACKOFF = 60.0  # seconds, the longest wait between tries
+OVERRUN_EXIT = 1  # exit status of a worker process ended by the watchdog
 INFRA_TRIES = 6  # consecutive infrastructure failures before a run gives up
 
 
@@ -95,77 +100,28 @@ class RunStats:
         return self.batches + self.finalized + self.failed
 
 
-class Poison(Exception):
-    """A handler call failed on every try (internal: triggers the split)."""
-
-    def __init__(self, error: str) -> None:
-        super().__init__(error)
-        self.error = error
-
-
-def is_infrastructure(exc: BaseException) -> bool:
-    """Is ``exc`` (or anything in its ``__cause__`` chain) a failure of something other than
-    the items: a database, a network, a service that is down or overloaded?
-
-    A database error is infrastructure only when :func:`lrq.db.fault` reads it as the
-    database being unreachable: a row or a statement it refuses would fail the same way on
-    every retry, so it is not waited out. A :class:`SinkError` is the sink's verdict: only
-    :class:`DatabaseUnreachable` is infrastructure, whatever error lies beneath it."""
-    import requests
-    from urllib3 import exceptions as u3
-
-    seen: set[int] = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, SinkError):  # the sink's verdict on the error beneath it
-            return isinstance(e, DatabaseUnreachable)
-        if isinstance(e, SQLAlchemyError) and fault(e) is Fault.UNREACHABLE:
-            return True
-        if isinstance(e, (Retryable, ConnectionError, TimeoutError,
-                          requests.ConnectionError, requests.Timeout,
-                          requests.exceptions.RetryError, u3.MaxRetryError, u3.ProtocolError,
-                          u3.TimeoutError)):
-            return True
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True  # disk full: wait for cleanup, the items are fine
-        if isinstance(e, requests.HTTPError) and e.response is not None and (
-                e.response.status_code >= 500 or e.response.status_code == 429):
-            return True
-        e = e.__cause__  # explicit `raise ... from`, not whatever was being handled
-    return False
-
-
-@contextlib.contextmanager
-def soft_timeout(seconds: float) -> Iterator[None]:
-    """Raise :class:`HandlerTimeout` in the block after ``seconds`` (main thread only)."""
-    if seconds <= 0 or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def expired(_sig: int, _frame: Any) -> None:
-        raise HandlerTimeout(f"handler call ran past handler_timeout ({seconds:g}s)")
-
-    previous = signal.signal(signal.SIGALRM, expired)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
-
-
 class Heartbeat:
     """Touches every claim a worker holds every ``every`` seconds, from one thread.
 
     :meth:`hold` returns an event that is set if the claim was taken back (the reaper decided
     its owner was dead). The thread starts with the first claim held and ends once a beat
     finds none; one thread per worker, not one per batch (starting and joining one cost
-    ~1.2 ms a batch)."""
+    ~1.2 ms a batch).
 
-    def __init__(self, spool: Spool, every: float) -> None:
+    It is also the batch's watchdog: each beat asks ``watch`` (the policy's
+    :meth:`~lrq.policy.HandlerPolicy.overrun`) whether the handler call in progress ran past
+    its deadline. If so it stops refreshing, marks every claim lost and calls
+    ``on_overrun``, by default :func:`end_process`: the process ends, the slot is freed and
+    the reaper takes the claims back, counting an attempt. Detection takes up to one beat
+    (``lease / 4``) past the deadline."""
+
+    def __init__(self, spool: Spool, every: float, *,
+                 watch: Callable[[], str | None] | None = None,
+                 on_overrun: Callable[[str], Any] | None = None) -> None:
         self.spool = spool
         self.every = every
+        self.watch = watch
+        self.on_overrun = on_overrun or end_process
         self._held: dict[str, tuple[Claim, threading.Event]] = {}
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -197,9 +153,29 @@ class Heartbeat:
                     self._thread = None
                     return
                 held = list(self._held.values())
+            overrun = self.watch() if self.watch is not None else None
+            if overrun is not None:
+                self._overrun(overrun, held)
+                return
             for claim, lost in held:
                 if not lost.is_set() and not self.spool.heartbeat(claim):
                     lost.set()
+
+    def _overrun(self, why: str, held: list[tuple[Claim, threading.Event]]) -> None:
+        with self._lock:
+            self._thread = None
+        for _claim, lost in held:
+            lost.set()  # nothing of these batches is committed now
+        log.error("batch-overrun queue=%s batches=%s: %s; ending the process, the reaper "
+                  "takes the batches back", self.spool.queue,
+                  ",".join(c.name for c, _ in held), why)
+        self.on_overrun(why)
+
+
+def end_process(_why: str) -> None:
+    """End a worker process whose handler will not stop (see :class:`Heartbeat`)."""
+    logging.shutdown()
+    os._exit(OVERRUN_EXIT)
 
 
 @dataclass
@@ -225,12 +201,13 @@ class Worker:
         self.queue = queue
         self.spool = spool
         self.sink = sink
-        self.handler = handler
         self.stop = stop or threading.Event()
-        self.sleep = sleep or time.sleep
+        #: Chunks, tries, splits, timeouts, result checks (see :mod:`lrq.policy`).
+        self.policy = HandlerPolicy(queue, handler, sleep=sleep or time.sleep)
         self.stats = RunStats()
-        #: Holds every claim of a batch being handled or committed (see :meth:`abandon`).
-        self.heartbeat = Heartbeat(spool, queue.lease / 4)
+        #: Holds every claim of a batch being handled or committed (see :meth:`abandon`), and
+        #: ends the process if a handler call will not stop.
+        self.heartbeat = Heartbeat(spool, queue.lease / 4, watch=self.policy.overrun)
         self._lock = threading.Lock()  # stats: the committer thread updates them too
 
     # -- one batch -----------------------------------------------------------------------
@@ -338,7 +315,11 @@ class Worker:
             # load the two contend for the GIL (either took ~2 ms longer), while a handler
             # waiting on a service leaves it free.
             behind.start()
-        results, dead = self.handle(batch.items)
+        try:
+            results, dead = self.handle(batch.items)
+        except HandlerBroken as e:
+            self._broken(claim, e)
+            raise
         return Handled(claim, lost, len(batch.items), results, dead, t0, batch.replace_dead,
                        batch.items)
 
@@ -357,6 +338,14 @@ class Worker:
                     f"{key!r} ({len(keys)} distinct); key must be unique per item: set `key` to "
                     "a unique field (see `lrq verify`)")
         return None
+
+    def _broken(self, claim: Claim, e: HandlerBroken) -> None:
+        """Fail the batch, nothing dead-lettered, and say so once; the run then ends."""
+        self.spool.fail(claim, f"{e}\n\nfirst failure:\n{e.detail}")
+        self._count(failed=1)
+        log.error("handler-broken queue=%s batch=%s: %s; the batch is in failed/, nothing "
+                  "was dead-lettered; fix the handler or its service, then `lrq requeue "
+                  "--failed`", self.queue.name, claim.name, e)
 
     def _commit(self, h: Handled) -> None:
         claim = h.claim
@@ -416,62 +405,26 @@ class Worker:
                   self.queue.name, claim.name, message, claim.name)
 
     # -- the handler ---------------------------------------------------------------------
+    @property
+    def handler(self) -> Handler:
+        return self.policy.handler
+
+    @handler.setter
+    def handler(self, handler: Handler) -> None:
+        self.policy.handler = handler
+
+    @property
+    def sleep(self) -> Callable[[float], Any]:
+        return self.policy.sleep
+
+    @sleep.setter
+    def sleep(self, sleep: Callable[[float], Any]) -> None:
+        self.policy.sleep = sleep
+
     def handle(self, items: list[Item]) -> tuple[list[Item], list[tuple[Item, str]]]:
-        """Run the handler over ``items`` in chunks; return (results, dead letters)."""
-        results: list[Item] = []
-        dead: list[tuple[Item, str]] = []
-        size = self.queue.chunk_size
-        for i in range(0, len(items), size):
-            self._isolate(items[i:i + size], self.queue.retries, results, dead)
-        return results, dead
-
-    def _isolate(self, chunk: list[Item], retries: int, results: list[Item],
-                 dead: list[tuple[Item, str]]) -> None:
-        try:
-            results.extend(self._call(chunk, retries))
-            return
-        except Poison as e:
-            if len(chunk) == 1:
-                dead.append((chunk[0], e.error))
-                log.warning("dead-lettered queue=%s key=%s error=%s", self.queue.name,
-                            chunk[0].get(self.queue.key), e.error.splitlines()[0])
-                return
-        mid = len(chunk) // 2
-        for half in (chunk[:mid], chunk[mid:]):
-            # Halves get one try; a lone item gets the full retries before it is dead-lettered.
-            self._isolate(half, self.queue.retries if len(half) == 1 else 0, results, dead)
-
-    def _call(self, chunk: list[Item], retries: int) -> list[Item]:
-        error = ""
-        for attempt in range(retries + 1):
-            if attempt:
-                self.sleep(min(self.queue.backoff * 2 ** (attempt - 1), MAX_BACKOFF))
-            try:
-                with soft_timeout(self.queue.handler_timeout):
-                    out = self.handler(chunk)
-                return self._check(chunk, out)
-            except Exception as e:
-                if is_infrastructure(e):
-                    raise
-                error = "".join(traceback.format_exception(e))[-4000:]
-                error = f"{type(e).__name__}: {e}\n{error}"
-        raise Poison(error)
-
-    def _check(self, chunk: list[Item], results: Any) -> list[Item]:
-        key = self.queue.key
-        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-            raise HandlerError(f"handler {self.queue.handler} must return a list of dicts, "
-                               f"got {type(results).__name__}")
-        if len(results) == len(chunk) and all(
-                r.get(key) == it[key] for r, it in zip(results, chunk)):
-            return results  # one result per item, in item order: the common case, no sort
-        want = sorted(str(it[key]) for it in chunk)
-        got = sorted(str(r.get(key)) for r in results)
-        if got != want:
-            raise HandlerError(f"handler {self.queue.handler} returned {len(results)} results "
-                               f"for {len(chunk)} items; each item needs one result carrying "
-                               f"its {key!r}")
-        return results
+        """Run the handler over ``items`` (see :class:`~lrq.policy.HandlerPolicy`); return
+        (results, dead letters)."""
+        return self.policy.run(items)
 
     # -- stopping ------------------------------------------------------------------------
     def abandon(self) -> bool:

@@ -107,8 +107,9 @@ def test_poison_items_are_isolated_and_dead_lettered(app) -> None:
     dead = {d["key"]: d["error"] for d in w.sink.dead_letters()}
     assert set(dead) == {"d3", "d6"}
     assert "ValueError: cannot map ['d3']" in dead["d3"] and "Traceback" in dead["d3"]
-    # chunk [d0..d3]: 3 tries, halves [d0,d1] ok and [d2,d3] once, then d2 ok and d3 3 tries.
-    assert calls[:8] == [4, 4, 4, 2, 2, 1, 1, 1] and calls.count(1) == 8
+    # chunk [d0..d3] once (an item error splits at once), halves [d0,d1] ok and [d2,d3]
+    # once, then d2 ok and d3 3 tries (1 + retries), no waits.
+    assert calls[:7] == [4, 2, 2, 1, 1, 1, 1] and calls.count(1) == 8
     assert w.stats.dead == 2
 
 
@@ -118,7 +119,7 @@ def test_a_flaky_call_succeeds_on_retry(app) -> None:
     def flaky(items):
         tries.append(1)
         if len(tries) < 3:
-            raise RuntimeError("transient model glitch")
+            raise Retryable("transient model glitch")
         return echo(items)
 
     sleeps: list[float] = []
@@ -153,10 +154,9 @@ def test_a_key_answered_twice_and_another_not_at_all_is_refused(app) -> None:
     from lrq.errors import HandlerError
 
     w = app.worker(queue(app))
-    items = [{"doc_id": "a"}, {"doc_id": "b"}]
-    assert w._check(items, [{"doc_id": "b"}, {"doc_id": "a"}])
+    assert w.policy.check(["a", "b"], [{"doc_id": "b"}, {"doc_id": "a"}])
     with pytest.raises(HandlerError, match="2 results for 2 items"):
-        w._check(items, [{"doc_id": "a"}, {"doc_id": "a"}])
+        w.policy.check(["a", "b"], [{"doc_id": "a"}, {"doc_id": "a"}])
 
 
 @pytest.mark.parametrize("error", [
