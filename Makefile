@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 LRQ    := $(VENV)/bin/lrq
 DOCS   ?= 30000
 
-.PHONY: venv demo test test-slow test-all services bench bench-quick clean
+.PHONY: venv demo lint test test-slow test-all services bench bench-quick clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -26,7 +26,12 @@ demo: venv
 services:
 	bash tests/services/install.sh
 
-test: venv services
+# ruff and mypy first: lint findings fail the run before the servers start.
+lint: venv
+	$(VENV)/bin/ruff check lrq workers
+	$(VENV)/bin/mypy
+
+test: venv lint services
 	$(PY) -m pytest -q
 
 test-slow: venv services

@@ -20,9 +20,10 @@ import select
 import signal
 import sys
 import threading
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from lrq.errors import AlreadyRunning, ConfigError, HandlerBroken, LrqError
 
@@ -355,9 +356,9 @@ def _iso(t: float | datetime | None) -> str | None:
         return None
     if isinstance(t, datetime):
         if t.tzinfo is not None:
-            t = t.astimezone(timezone.utc)
+            t = t.astimezone(UTC)
         return t.isoformat(timespec="seconds").replace("+00:00", "Z")
-    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds") \
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds") \
         .replace("+00:00", "Z")
 
 
@@ -393,9 +394,8 @@ def _readable(value: Any, key: str = "") -> Any:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from lrq.starter import STARTER
-
     from lrq.config import DEFAULT_CONFIG
+    from lrq.starter import STARTER
 
     path = Path(args.config or os.environ.get("LRQ_CONFIG") or DEFAULT_CONFIG)
     if path.exists() and not args.force:
@@ -543,9 +543,9 @@ def entry(argv: list[str] | None = None) -> NoReturn:
         sys.stdout.flush()
     except BrokenPipeError:
         code = EXIT_PIPE
-    except Exception:
+    except (OSError, ValueError):  # stdout closed or gone some other way: nothing to save
         pass
-    with contextlib.suppress(Exception):
+    with contextlib.suppress(OSError, ValueError):
         sys.stderr.flush()
     os._exit(code)
 

@@ -13,9 +13,9 @@ import sys
 import sysconfig
 import tomllib
 import traceback
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy.engine import make_url

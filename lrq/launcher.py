@@ -24,15 +24,14 @@ stop with their scheduler.
 from __future__ import annotations
 
 import contextlib
-import io
 import multiprocessing
 import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from multiprocessing import forkserver
 from multiprocessing.connection import Connection
-from typing import Iterator
 
 from setproctitle import setproctitle
 
@@ -79,7 +78,7 @@ class Child:
         self.finished = threading.Event()
         fd = os.dup(read.fileno())
         read.close()
-        self._stderr = io.open(fd, "r", errors="replace")
+        self._stderr = open(fd, errors="replace")  # noqa: SIM115 (closed by lines() at EOF)
 
     def lines(self) -> Iterator[str]:
         """The child's stderr, line by line, until it exits (and closes the pipe)."""
@@ -92,10 +91,8 @@ class Child:
         return self._proc.exitcode
 
     def send_signal(self, sig: int) -> None:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # already gone
             os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass  # already gone
 
 
 def _child_main(argv: list[str], stderr: Connection, title: str, env: dict[str, str]) -> None:

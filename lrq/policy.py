@@ -54,15 +54,15 @@ import signal
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from lrq.config import QueueConfig
 from lrq.db import Fault, fault
-from lrq.errors import (DatabaseUnreachable, HandlerBroken, HandlerError, HandlerTimeout,
-                        Retryable, SinkError)
+from lrq.errors import DatabaseUnreachable, HandlerBroken, HandlerError, HandlerTimeout, Retryable, SinkError
 
 log = logging.getLogger(__name__)
 

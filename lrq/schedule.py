@@ -126,7 +126,7 @@ class Runner:
         if running < q.workers:
             try:
                 self.scheduler.modify_job(f"work:{q.name}", next_run_time=_now())
-            except Exception as e:  # stopping: the job may be gone; the next tick will do
+            except Exception as e:  # noqa: BLE001 (stopping: the job may be gone; the next tick will do)
                 log.debug("worker start skipped queue=%s: %s", q.name, e)
 
     def work(self, q: QueueConfig) -> None:

@@ -48,16 +48,24 @@ import os
 import threading
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from lrq import failpoints
 from lrq.config import QueueConfig
-from lrq.errors import (BatchCorrupt, BatchUnsigned, ClaimLost, HandlerBroken, HandlerError,
-                        KeyMismatch, Retryable, SinkError)
-from lrq.policy import (MAX_BACKOFF, Handler, HandlerPolicy, Item, is_infrastructure,
-                        soft_timeout)
+from lrq.errors import (
+    BatchCorrupt,
+    BatchUnsigned,
+    ClaimLost,
+    HandlerBroken,
+    HandlerError,
+    KeyMismatch,
+    Retryable,
+    SinkError,
+)
+from lrq.policy import MAX_BACKOFF, Handler, HandlerPolicy, Item, is_infrastructure, soft_timeout
 from lrq.sink import Sink
 from lrq.spool import Claim, Spool
 
