@@ -21,7 +21,7 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
 Only regular files are lrq's. Anything else in these folders (a directory, FIFO, socket,
 symlink, or a file that cannot be read) is a *foreign entry*: every listing skips it, no
 reader opens it in a way that could block or follow it
-(:func:`lrq.batchfile.read_regular`), cleanup never deletes it, and it is logged once per
+(:func:`lrq.spool.batchfile.read_regular`), cleanup never deletes it, and it is logged once per
 process (``foreign-entry``) and shown by ``lrq status``.
 
 Names are ``<UTC time to the microsecond>-<shortuuid>``, e.g.
@@ -134,7 +134,7 @@ from typing import Any, Callable, Iterator
 import shortuuid
 
 from lrq import failpoints, signing
-from lrq.batchfile import (  # noqa: F401 (MAGIC)
+from lrq.spool.batchfile import (  # noqa: F401 (MAGIC)
     CODECS,
     MAGIC,
     check,
@@ -446,7 +446,7 @@ class Spool:
         return seal(self.key, kid, payload)
 
     def _signature(self, data: bytes) -> tuple[str, int]:
-        """:func:`lrq.batchfile.check` with this spool's keys."""
+        """:func:`lrq.spool.batchfile.check` with this spool's keys."""
         return check(data, self.keys, self.seen_key_ids)
 
     def key_problem(self) -> KeyMismatch | None:
