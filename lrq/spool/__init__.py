@@ -21,7 +21,7 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
 Only regular files are lrq's. Anything else in these folders (a directory, FIFO, socket,
 symlink, or a file that cannot be read) is a *foreign entry*: every listing skips it, no
 reader opens it in a way that could block or follow it
-(:func:`lrq.spool.batchfile.read_regular`), cleanup never deletes it, and it is logged once per
+(:func:`lrq.spool.files.read_regular`), cleanup never deletes it, and it is logged once per
 process (``foreign-entry``) and shown by ``lrq status``.
 
 Names are ``<UTC time to the microsecond>-<shortuuid>``, e.g.
@@ -109,11 +109,8 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import errno
-import fcntl
 import functools
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -125,46 +122,52 @@ import socket
 import stat
 import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from stat import S_IWUSR
-from typing import Any, Callable, Iterator
-
-import shortuuid
+from typing import Any
 
 from lrq import failpoints, signing
-from lrq.spool.batchfile import (  # noqa: F401 (MAGIC)
-    CODECS,
-    MAGIC,
-    check,
-    compress,
-    decompress,
+from lrq.errors import BatchCorrupt, BatchUnsigned, ForeignEntry, KeyMismatch, LrqError
+from lrq.spool.batchfile import CODECS, MAGIC, check, compress, decompress, key_id_in, seal
+from lrq.spool.files import (
+    ATTEMPT,
+    DIR_MODE,
+    DONE,
+    ERROR,
+    FILE_MODE,
+    SUFFIX,
+    _entries_from,
+    _uuid,
+    flock,
+    fsync_dir,
     is_regular,
-    key_id_in,
     kind,
     read_regular,
-    seal,
+    write_atomic,
 )
-from lrq.errors import AlreadyRunning, BatchCorrupt, BatchUnsigned, ForeignEntry, KeyMismatch, LrqError
 
 log = logging.getLogger(__name__)
 
+
 #: Where a data dir lists the ids of the keys it has signed batches with.
 KEY_IDS = "key-ids"
+
+
 #: Pending batches the start-up key check reads.
 KEY_SAMPLE = 16
-SUFFIX = ".pkl"
-DONE = ".done"
-ERROR = ".error"
-ATTEMPT = ".attempt"
+
+
 #: Entries of ``left/`` a random pick with no names cached samples before listing them all.
 PROBE = 64
-DIR_MODE = 0o700
-FILE_MODE = 0o600
+
+
 #: A claim's mode once its handler calls are over (:meth:`Spool.mark_handled`).
 HANDLED_MODE = 0o400
-_uuid = shortuuid.ShortUUID()
+
+
 #: Foreign entries already logged by this process (each is logged once, however often seen).
 _WARNED: set[str] = set()
 
@@ -227,7 +230,7 @@ class Exit:
     signal: str | None = None
 
     @classmethod
-    def of(cls, returncode: int | None) -> "Exit":
+    def of(cls, returncode: int | None) -> Exit:
         """From a ``subprocess``/``multiprocessing`` return code (negative: killed by that
         signal; None: unknown)."""
         if returncode is None:
@@ -317,13 +320,6 @@ def owner_alive(pid: int, start: int) -> bool:
     return start == 0 or int(fields[19]) == start
 
 
-def _entries_from(fd: int, offset: int, limit: int) -> list[str]:
-    """Up to ``limit`` names of the directory open at ``fd``, read from ``offset`` on."""
-    os.lseek(fd, offset, os.SEEK_SET)
-    with os.scandir(fd) as it:
-        return [e.name for e in itertools.islice(it, limit) if is_regular(e)]
-
-
 def half_name(name: str, half: int) -> str:
     """The name of half 0 or 1 of batch ``name`` when it is split: the same time stamp (a
     fifo pick takes it where the batch was), and a random-looking part derived from the
@@ -331,39 +327,6 @@ def half_name(name: str, half: int) -> str:
     stamp = name.rsplit("-", 1)[0]
     digest = hashlib.sha256(f"{name}/{half}".encode()).digest()
     return f"{stamp}-{_uuid.encode(uuid.UUID(bytes=digest[:16]))[:12]}"
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
-    """Write ``data`` to ``path`` so that a reader sees all of it or nothing.
-
-    Any error (including from fsync or close) removes the temporary file and propagates:
-    the caller must then treat the write as not having happened.
-    """
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{_uuid.random(8)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view[:1 << 20]):]
-                failpoints.hit("sniff-mid-write")
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.rename(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
 
 
 class Spool:
@@ -395,7 +358,7 @@ class Spool:
         #: Entries lrq did not write, seen by this process: path -> what it is.
         self._foreign: dict[str, str] = {}
 
-    def ensure(self) -> "Spool":
+    def ensure(self) -> Spool:
         for d in (self.root.parent, self.root, self.left, self.right, self.tmp, self.failed,
                   self.quarantine):
             d.mkdir(mode=DIR_MODE, exist_ok=True)
@@ -446,7 +409,7 @@ class Spool:
         return seal(self.key, kid, payload)
 
     def _signature(self, data: bytes) -> tuple[str, int]:
-        """:func:`lrq.spool.batchfile.check` with this spool's keys."""
+        """:func:`lrq.batchfile.check` with this spool's keys."""
         return check(data, self.keys, self.seen_key_ids)
 
     def key_problem(self) -> KeyMismatch | None:
@@ -469,14 +432,12 @@ class Spool:
                 unverified.append(name)
         return KeyMismatch(self.queue, unverified[0], None) if unverified and not verified else None
 
-    # -- names ---------------------------------------------------------------------------
     def new_name(self) -> str:
         us = max(int(self.clock() * 1_000_000), self._last_us + 1)
         self._last_us = us
-        stamp = datetime.fromtimestamp(us // 1_000_000, timezone.utc).strftime("%Y%m%dT%H%M%S")
+        stamp = datetime.fromtimestamp(us // 1_000_000, UTC).strftime("%Y%m%dT%H%M%S")
         return f"{stamp}{us % 1_000_000:06d}-{_uuid.random(12)}"
 
-    # -- publishing ----------------------------------------------------------------------
     def publish(self, items: list[dict[str, Any]], position: Any = None, *,
                 replace_dead: bool = False, name: str | None = None,
                 created: float | None = None) -> str:
@@ -504,7 +465,6 @@ class Spool:
         data = json.dumps({"position": position, "at": self.clock()}).encode()
         write_atomic(self.root / "position.json", data, self.tmp)
 
-    # -- listing -------------------------------------------------------------------------
     def files(self, folder: Path) -> list[os.DirEntry[str]]:
         """The regular files in ``folder``. Anything else (a directory, FIFO, socket, symlink)
         is not lrq's: it is skipped and noted (:meth:`foreign`), so no listing, count, reaper
@@ -632,7 +592,6 @@ class Spool:
             return (self.left / f"{max(names)}{SUFFIX}").stat().st_size if names else 0
         return 0
 
-    # -- retention -----------------------------------------------------------------------
     def done_batches(self) -> list[tuple[float, str]]:
         """``(done time, name)`` of every done batch, oldest first."""
         out = []
@@ -688,7 +647,6 @@ class Spool:
             return State.QUARANTINED
         return State.MISSING
 
-    # -- claiming ------------------------------------------------------------------------
     def claim(self, name: str) -> Claim | None:
         """Claim ``name`` with an exclusive create; None when someone else has it."""
         if os.path.lexists(self.right / name):
@@ -826,7 +784,6 @@ class Spool:
         # A small folder is read twice over: once from the offset, then from the start.
         return list(dict.fromkeys(n[: -len(SUFFIX)] for n in entries if n.endswith(SUFFIX)))
 
-    # -- reading -------------------------------------------------------------------------
     def load(self, name: str) -> Batch:
         for folder in (self.left, self.failed, self.quarantine):
             path = folder / f"{name}{SUFFIX}"
@@ -862,7 +819,6 @@ class Spool:
         except Exception as e:  # a truncated or foreign pickle can raise almost anything
             raise BatchCorrupt(path, f"{type(e).__name__}: {e}") from e
 
-    # -- finishing -----------------------------------------------------------------------
     def mark_done(self, claim: Claim, info: dict[str, Any] | None = None) -> None:
         """Write the done marker; call only after the results are committed."""
         data = json.dumps({"token": claim.token, "done_at": self.clock(), **(info or {})})
@@ -1088,27 +1044,15 @@ class Spool:
                 continue
         return None
 
-    # -- singletons ----------------------------------------------------------------------
     @contextlib.contextmanager
     def lock(self, job: str) -> Iterator[None]:
         with flock(self.root / f"{job}.lock", f"{job} of queue {self.queue}"):
             yield
 
 
-@contextlib.contextmanager
-def flock(path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive, non-blocking ``flock`` on ``path``; the kernel drops it if we die."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-            raise AlreadyRunning(f"{what} is already running (pid {holder}; lock {path})") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
-        yield
-    finally:
-        os.close(fd)
+__all__ = [
+    "ATTEMPT", "DIR_MODE", "DONE", "ERROR", "FILE_MODE", "HANDLED_MODE", "KEY_IDS", "KEY_SAMPLE",
+    "MAGIC", "PROBE", "SUFFIX", "Batch", "Claim", "Counts", "Exit", "Reaped", "Spool", "Stale",
+    "State", "flock", "fsync_dir", "half_name", "owner_alive", "process_start", "start_of",
+    "write_atomic",
+]
