@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lrq.spool import listing as listing_module
 from lrq.spool import PROBE, SUFFIX, Spool, State, owner_alive, process_start
+from lrq.spool import listing as listing_module
 
 
 @pytest.fixture
