@@ -347,18 +347,18 @@ FOCUS = (
     ("imports (all modules)", "<frozen importlib._bootstrap>", "_find_and_load"),
     ("Worker.process (all batches)", "lrq/worker.py", "process"),
     ("  Sink.is_recorded", "lrq/sink.py", "is_recorded"),
-    ("  Spool.load (read + unpickle)", "lrq/spool.py", "load"),
+    ("  Spool.load (read + unpickle)", "lrq/spool/batches.py", "load"),
     ("  Worker.handle (handler + checks)", "lrq/worker.py", "handle"),
     ("    workers.wordcount.handle", "workers/wordcount.py", "handle"),
     ("  Sink.store (one transaction)", "lrq/sink.py", "store"),
     ("    lrq.db._dumps (JSON per row)", "lrq/db.py", "_dumps"),
     ("    sqlite3 executemany", "~", "<method 'executemany' of 'sqlite3.Cursor' objects>"),
-    ("  Spool.mark_done", "lrq/spool.py", "mark_done"),
-    ("Spool.pick (listing + claim)", "lrq/spool.py", "pick"),
+    ("  Spool.mark_done", "lrq/spool/claims.py", "mark_done"),
+    ("Spool.pick (listing + claim)", "lrq/spool/claims.py", "pick"),
     ("Sniffer.tick", "lrq/sniffer.py", "tick"),
     ("  SqlSource.fetch", "lrq/sources/sql.py", "fetch"),
-    ("  Spool.publish (pickle + fsync)", "lrq/spool.py", "publish"),
-    ("  Spool.write_position (fsync)", "lrq/spool.py", "write_position"),
+    ("  Spool.publish (pickle + fsync)", "lrq/spool/batches.py", "publish"),
+    ("  Spool.write_position (fsync)", "lrq/spool/batches.py", "write_position"),
 )
 
 

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from lrq import signing
-from lrq.batchfile import MAGIC
+from lrq.spool.batchfile import MAGIC
 from lrqtest import ROOT, lrq, write_config
 
 

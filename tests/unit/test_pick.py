@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lrq import spool as spool_module
 from lrq.spool import PROBE, SUFFIX, Spool, State, owner_alive, process_start
+from lrq.spool import listing as listing_module
 
 
 @pytest.fixture
@@ -114,7 +114,7 @@ def test_the_probe_reads_a_bounded_window(spool: Spool, monkeypatch) -> None:
     backlog(spool, 3 * PROBE)
     window = fresh(spool)._sample_left()
     assert len(window) == PROBE and len(set(window)) == PROBE
-    monkeypatch.setattr(spool_module, "PROBE", 5)
+    monkeypatch.setattr(listing_module, "PROBE", 5)
     assert len(fresh(spool)._sample_left()) == 5
 
 

@@ -6,7 +6,7 @@ import pickle
 from pathlib import Path
 
 from lrq import signing
-from lrq.batchfile import MAGIC_V2
+from lrq.spool.batchfile import MAGIC_V2
 from lrq.spool import MAGIC, Spool
 
 

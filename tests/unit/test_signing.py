@@ -10,7 +10,7 @@ import pytest
 
 from lrq import signing
 from lrq.errors import BatchUnsigned, KeyMismatch
-from lrq.batchfile import MAGIC, MAGIC_V2
+from lrq.spool.batchfile import MAGIC, MAGIC_V2
 from lrq.spool import Spool, State
 from lrqtest import load_app, write_config
 

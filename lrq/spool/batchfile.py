@@ -1,18 +1,13 @@
-"""Batch files as bytes: the format's header, its signature check and codecs, and reading
-only regular files. :mod:`lrq.spool`'s docstring specifies the format; this module encodes
-and checks it without knowing about folders.
+"""Batch files as bytes: the format's header, its signature check and codecs.
+:mod:`lrq.spool`'s docstring specifies the format; this module encodes and checks it
+without knowing about folders (reading only regular files is :mod:`lrq.spool.files`').
 """
 from __future__ import annotations
 
-import errno
-import os
-import stat
 import zlib
 from collections.abc import Callable
-from pathlib import Path
 
 from lrq import signing
-from lrq.errors import ForeignEntry
 
 MAGIC = b"LRQ3\n"
 #: The format before key ids (still read, no longer written): magic, HMAC, codec, body.
@@ -76,46 +71,3 @@ def decompress(codec: int, data: memoryview) -> bytes | memoryview:
 
         return zstandard.ZstdDecompressor().decompress(data)
     raise ValueError(f"unknown codec byte {codec}")
-
-
-def kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def read_regular(path: Path) -> bytes:
-    """The bytes of a regular file lrq wrote, or :class:`ForeignEntry` for anything else.
-
-    Opened with ``O_NONBLOCK | O_NOFOLLOW`` and checked with ``fstat`` before reading: a FIFO
-    opens at once and is refused instead of blocking the read forever, a symlink is refused
-    instead of followed (to ``/dev/zero``, say), and an unreadable file is reported, not
-    raised as a traceback."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        what = "a symlink" if e.errno == errno.ELOOP else f"unreadable ({e.strerror})"
-        raise ForeignEntry(path, what) from e
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ForeignEntry(path, kind(mode))
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError as e:
-        raise ForeignEntry(path, f"unreadable ({e.strerror})") from e
-    finally:
-        os.close(fd)
-
-
-def is_regular(e: os.DirEntry[str]) -> bool:
-    try:
-        return e.is_file(follow_symlinks=False)
-    except OSError:
-        return False

@@ -1,0 +1,188 @@
+"""The spool: the only code that touches a queue's folders. This docstring is the protocol.
+
+Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
+
+    tmp/<name>.pkl       a batch being written; never read; orphans are swept by cleanup
+    left/<name>.pkl      a published batch: tmp write, fsync, rename here, fsync left/
+    right/<name>         the claim (the ack): exclusive create (link(2) of a written file), one winner;
+                         holds the owner record as JSON (host, pid, process start, attempt, token);
+                         mode 0400 once the batch's handler calls are over (only storing is left)
+    right/<name>.done    the done marker, written after the database commit; the batch ledger
+                         in the results database is the truth it can be rebuilt from
+    right/<name>.attempt attempts so far and why they ended, for a batch that was reclaimed
+    failed/<name>.pkl    a batch that could not be processed, beside failed/<name>.error
+    quarantine/<name>.pkl a file whose signature did not verify: never unpickled
+    position.json        the source position, advanced only after the batch file is durable
+    ../key-ids           ids of the keys this data dir has signed batches with, one per line
+    <job>.lock           flock files making the sniffer (and the scheduler) single per folder
+    workers/<pid>-<start> one empty file per live ``lrq work`` process of this queue (see
+                         :mod:`lrq.process`); a scheduler counts them before it starts more
+
+Only regular files are lrq's. Anything else in these folders (a directory, FIFO, socket,
+symlink, or a file that cannot be read) is a *foreign entry*: every listing skips it, no
+reader opens it in a way that could block or follow it
+(:func:`lrq.spool.files.read_regular`), cleanup never deletes it, and it is logged once per
+process (``foreign-entry``) and shown by ``lrq status``.
+
+Names are ``<UTC time to the microsecond>-<shortuuid>``, e.g.
+``20261123T064512123456-Xk3pQ9aLm2Zt``: unique, and sorting by name sorts by creation (one
+process never hands out the same microsecond twice); the halves of a split batch keep its
+time stamp.
+
+A batch is *pending* when ``left/<name>.pkl`` exists and ``right/<name>`` does not, *claimed*
+when ``right/<name>`` exists without ``right/<name>.done``, *done* with both, *failed* when it
+sits in ``failed/``.
+
+Picking (:meth:`Spool.pick`): whatever list a worker takes a name from may be stale; the
+claim's exclusive link decides, so a lost race or a batch removed since costs one failed
+create (or a stat, for a name that already has an entry in ``right/``). A random pick (the
+default) takes a random name from the names an earlier pick cached; with none left (always
+so in a new worker process) it caches ``PROBE`` entries of ``left/`` read from a random
+directory offset: on ext4 a random point in name-hash order, so the cost does not grow with
+the backlog and workers starting together do not race for the same names. Only when none of
+those is pending does it list ``left/`` and ``right/`` in full and cache that. A fifo pick
+lists and sorts both folders whenever its cache is used up, so a process's first one costs
+O(backlog). A pick answers "nothing pending" only after a full listing.
+
+Batch file: the magic ``LRQ3\\n``, the signing key's id (8 bytes, :func:`lrq.signing.key_id`),
+an HMAC-SHA256 (32 bytes) of everything after it, one codec byte (0 none, 1 zlib, 2 zstd),
+then the pickle of ``{"name", "queue", "created", "position", "items"}`` compressed with
+that codec. The signature is checked before anything is decompressed or unpickled, so only
+files written with one of this data dir's keys (``secret``, ``previous_secrets``) are read.
+Files of the older ``LRQ2\\n`` format (no key id) are still read.
+Optional keys, absent from files that do not need them (and from files written before them),
+read as their default: ``"replace_dead": True`` marks a batch ``lrq retry-dead`` published
+from dead letters; storing it removes those keys' old dead letters in the same transaction.
+
+A file whose signature fails is judged by its key id: one of ours with a failing HMAC was
+altered, and one never used here was not written by lrq: both are moved to ``quarantine/``.
+An id this data dir signed with (listed in ``<data_dir>/key-ids``) that the config no longer
+has means the key changed: the batch stays pending, nothing is quarantined, and the worker
+stops with :class:`~lrq.errors.KeyMismatch` (an LRQ2 file, which has no key id, counts as
+such when no pending batch verifies). ``lrq run`` and ``lrq work`` check a sample of pending
+batches the same way before claiming (:meth:`Spool.key_problem`). A planted file cannot stop the queue
+this way: naming an id of ours without our key makes it "altered", any other id a stranger,
+and both are quarantined; only ids listed in ``key-ids`` (0600, in the 0700 data dir) stop a
+worker.
+
+Leases: the owner of a claim touches ``right/<name>`` (its mtime is the heartbeat) while it
+works. :meth:`Spool.stale_claims` finds claims whose owner is dead (same host, pid gone or
+reused) or whose heartbeat is older than the lease; :meth:`Spool.reap` moves such a claim
+aside with one atomic rename (the batch is pending again, attempt + 1) or, past
+``max_attempts``, moves the batch to ``failed/``. An owner that finds its claim gone has
+lost its lease and must not commit; the ledger's primary key stops it if it tries anyway.
+
+Deaths: an attempt whose owner is dead (not merely silent) is a *death*; its history entry
+in ``right/<name>.attempt`` carries ``"exit": {"code": <int or null>, "signal": <"SIGSEGV"
+or null>}`` (both null when only the dead pid was seen). A death is charged to the batch in
+the handler: a dead owner's claim of mode 0400 is requeued uncounted (``"counted": false``)
+when another of its claims was still in the handler. A batch's second death hands it to
+:mod:`lrq.reaper` instead of requeueing it, whatever ``max_attempts`` says (which bounds the
+other failures): :meth:`Spool.split` publishes its two halves as new batches and retires it,
+so the item that kills its worker ends alone in a one-item batch, which is dead-lettered.
+A half's name keeps the batch's time stamp and derives its random part from the batch's
+name and the half (:func:`half_name`), so an interrupted split, redone, writes the same two
+files; a half that already exists in any state is not written again.
+
+Crash windows and what covers them:
+
+* killed while writing ``tmp/``: the file is never visible; the source position did not move,
+  so the same items are fetched again.
+* killed after the rename, before the position is saved: the items are published again in a
+  later batch; the results table's unique keys absorb the replay.
+* killed after the claim: the claim (written aside and linked into place, so never empty)
+  names its owner, so the reaper sees the owner is dead and makes the batch pending again,
+  counting the attempt.
+* killed after the database commit, before the done marker: the next claimer finds the batch
+  in the ledger and only writes the marker.
+* a splitting reaper holds the batch's claim, so its own death is one more death of the
+  batch and the next reap splits again. Killed after one or both halves are in ``left/``:
+  the redone split writes only what is missing (the halves' items are never lost; a half
+  already processed is not rewritten); killed after the batch file is removed, before its
+  claim and attempt record are: the next reap finds the claim without a batch and removes
+  them. The batch stays claimed from the reap that decides its split until it is retired
+  (a split that fails once a half exists keeps it held), so no worker processes it whole
+  beside a half; were one to (the microseconds between :meth:`Spool.take_back`'s rename
+  and its claim), the unique keys would absorb the second store.
+
+Code: :class:`Spool` is assembled from layers, each using only those before it:
+:mod:`lrq.spool.files` (file primitives: atomic write, fsync, flock, regular-file reads),
+:mod:`lrq.spool.batchfile` (a batch file's bytes: header, signature, codecs),
+:mod:`lrq.spool.listing` (listings, states, counts, retention), :mod:`lrq.spool.batches`
+(publishing and reading batches, keys, the position), :mod:`lrq.spool.claims` (claims,
+leases, attempts, picking, finishing) and :mod:`lrq.spool.reaping` (stale claims, take
+back, split).
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from lrq.spool.batches import KEY_IDS, KEY_SAMPLE, Batch
+from lrq.spool.batchfile import CODECS, MAGIC
+from lrq.spool.claims import HANDLED_MODE, Claim, Exit, owner_alive, process_start, start_of
+from lrq.spool.files import (
+    ATTEMPT,
+    DIR_MODE,
+    DONE,
+    ERROR,
+    FILE_MODE,
+    SUFFIX,
+    flock,
+    fsync_dir,
+    write_atomic,
+)
+from lrq.spool.listing import PROBE, Counts, State
+from lrq.spool.reaping import Reaped, Reaping, Stale, half_name
+
+__all__ = [
+    "ATTEMPT", "DIR_MODE", "DONE", "ERROR", "FILE_MODE", "HANDLED_MODE", "KEY_IDS", "KEY_SAMPLE",
+    "MAGIC", "PROBE", "SUFFIX", "Batch", "Claim", "Counts", "Exit", "Reaped", "Spool", "Stale",
+    "State", "flock", "fsync_dir", "half_name", "owner_alive", "process_start", "start_of",
+    "write_atomic",
+]
+
+
+class Spool(Reaping):
+    """One queue's folders. Safe to use from many processes at once."""
+
+    def __init__(self, data_dir: Path, queue: str, *, key: bytes | None = None,
+                 previous: tuple[bytes, ...] = (), compress: str = "none",
+                 clock: Callable[[], float] = time.time,
+                 rng: random.Random | None = None) -> None:
+        if compress not in CODECS:
+            raise ValueError(f"unknown codec {compress!r} (known: {', '.join(CODECS)})")
+        self.queue = queue
+        self.compress = compress
+        self.root = Path(data_dir) / queue
+        self.left = self.root / "left"
+        self.right = self.root / "right"
+        self.tmp = self.root / "tmp"
+        self.failed = self.root / "failed"
+        self.quarantine = self.root / "quarantine"
+        self._key = key
+        self._previous = previous
+        self._keys: dict[bytes, bytes] | None = None
+        self._key_noted = False
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self._last_us = 0
+        self._candidates: list[str] = []
+        self._none_pending_at: tuple[int, int] | None = None
+        #: Entries lrq did not write, seen by this process: path -> what it is.
+        self._foreign: dict[str, str] = {}
+
+    def ensure(self) -> Spool:
+        for d in (self.root.parent, self.root, self.left, self.right, self.tmp, self.failed,
+                  self.quarantine):
+            d.mkdir(mode=DIR_MODE, exist_ok=True)
+        return self
+
+    # -- singletons ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, job: str) -> Iterator[None]:
+        with flock(self.root / f"{job}.lock", f"{job} of queue {self.queue}"):
+            yield

@@ -1,0 +1,129 @@
+"""File primitives of the spool: names of the files beside a batch, atomic writes, directory
+fsyncs, ``flock`` singletons, and reading only regular files (anything else in a queue folder
+is a *foreign entry*, see :mod:`lrq.spool`). Nothing here knows what a batch or a claim is.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import shortuuid
+
+from lrq import failpoints
+from lrq.errors import AlreadyRunning, ForeignEntry
+
+SUFFIX = ".pkl"
+DONE = ".done"
+ERROR = ".error"
+ATTEMPT = ".attempt"
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+_uuid = shortuuid.ShortUUID()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
+    """Write ``data`` to ``path`` so that a reader sees all of it or nothing.
+
+    Any error (including from fsync or close) removes the temporary file and propagates:
+    the caller must then treat the write as not having happened.
+    """
+    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{_uuid.random(8)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view[:1 << 20]):]
+                failpoints.hit("sniff-mid-write")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def flock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive, non-blocking ``flock`` on ``path``; the kernel drops it if we die."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+            raise AlreadyRunning(f"{what} is already running (pid {holder}; lock {path})") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _entries_from(fd: int, offset: int, limit: int) -> list[str]:
+    """Up to ``limit`` names of the directory open at ``fd``, read from ``offset`` on."""
+    os.lseek(fd, offset, os.SEEK_SET)
+    with os.scandir(fd) as it:
+        return [e.name for e in itertools.islice(it, limit) if is_regular(e)]
+
+
+def kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return kind
+    return "not a regular file"
+
+
+def read_regular(path: Path) -> bytes:
+    """The bytes of a regular file lrq wrote, or :class:`ForeignEntry` for anything else.
+
+    Opened with ``O_NONBLOCK | O_NOFOLLOW`` and checked with ``fstat`` before reading: a FIFO
+    opens at once and is refused instead of blocking the read forever, a symlink is refused
+    instead of followed (to ``/dev/zero``, say), and an unreadable file is reported, not
+    raised as a traceback."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        what = "a symlink" if e.errno == errno.ELOOP else f"unreadable ({e.strerror})"
+        raise ForeignEntry(path, what) from e
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ForeignEntry(path, kind(mode))
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    except OSError as e:
+        raise ForeignEntry(path, f"unreadable ({e.strerror})") from e
+    finally:
+        os.close(fd)
+
+
+def is_regular(e: os.DirEntry[str]) -> bool:
+    try:
+        return e.is_file(follow_symlinks=False)
+    except OSError:
+        return False

@@ -1,0 +1,281 @@
+"""What is in a queue's folders: listings (regular files only; foreign entries noted),
+batch states and counts, the sample of ``left/`` a random pick starts from, and retention
+(removing done and failed batches). Reads and unlinks only; the protocol is in :mod:`lrq.spool`.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import os
+import secrets
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lrq.errors import LrqError
+from lrq.spool.files import ATTEMPT, DONE, ERROR, SUFFIX, _entries_from, is_regular, kind
+
+log = logging.getLogger(__name__)
+
+#: Entries of ``left/`` a random pick with no names cached samples before listing them all.
+PROBE = 64
+#: Foreign entries already logged by this process (each is logged once, however often seen).
+_WARNED: set[str] = set()
+
+
+class State(enum.Enum):
+    PENDING = "pending"
+    CLAIMED = "claimed"
+    DONE = "done"
+    FAILED = "failed"
+    QUARANTINED = "quarantined"
+    MISSING = "missing"
+
+
+@dataclass(frozen=True)
+class Counts:
+    pending: int
+    claimed: int
+    done: int
+    failed: int
+    quarantined: int
+    #: Every file in the queue's folders.
+    bytes: int
+    #: Bytes of batch files by state (markers and tmp/ are small and counted in ``bytes``).
+    pending_bytes: int = 0
+    claimed_bytes: int = 0
+    done_bytes: int = 0
+    failed_bytes: int = 0
+    tmp_bytes: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+class Listing:
+    """The listing layer of :class:`~lrq.spool.Spool`; its attributes are set there."""
+
+    queue: str
+    root: Path
+    left: Path
+    right: Path
+    tmp: Path
+    failed: Path
+    quarantine: Path
+    clock: Callable[[], float]
+    _none_pending_at: tuple[int, int] | None
+    #: Entries lrq did not write, seen by this process: path -> what it is.
+    _foreign: dict[str, str]
+
+    def files(self, folder: Path) -> list[os.DirEntry[str]]:
+        """The regular files in ``folder``. Anything else (a directory, FIFO, socket, symlink)
+        is not lrq's: it is skipped and noted (:meth:`foreign`), so no listing, count, reaper
+        or sweep ever opens, reads or deletes it."""
+        try:
+            with os.scandir(folder) as it:
+                entries = list(it)
+        except FileNotFoundError:
+            return []
+        regular = [e for e in entries if is_regular(e)]
+        if len(regular) < len(entries):  # rare: only then look at what the others are
+            for e in entries:
+                if not is_regular(e):
+                    with contextlib.suppress(FileNotFoundError):
+                        self.note_foreign(Path(e.path), kind(e.stat(follow_symlinks=False).st_mode))
+        return regular
+
+    def note_foreign(self, path: Path, what: str) -> None:
+        """Remember an entry lrq did not write; log it once per process."""
+        self._foreign[str(path)] = what
+        if str(path) not in _WARNED:
+            _WARNED.add(str(path))
+            log.warning("foreign-entry queue=%s path=%s what=%s: not lrq's; remove it",
+                        self.queue, path, what)
+
+    def foreign(self) -> dict[str, str]:
+        """Entries lrq did not write that this process came across (path -> what), after
+        looking through every folder once more for those a listing alone finds."""
+        for folder in (self.left, self.right, self.failed, self.quarantine, self.tmp):
+            self.files(folder)
+        return {p: w for p, w in sorted(self._foreign.items()) if os.path.lexists(p)}
+
+    def _names(self, folder: Path, suffix: str) -> set[str]:
+        return {e.name[: -len(suffix)] if suffix else e.name
+                for e in self.files(folder) if e.name.endswith(suffix)}
+
+    def _claims(self) -> set[str]:
+        return {n for n in self._names(self.right, "") if "." not in n}
+
+    def pending(self, ordered: bool = True) -> list[str]:
+        """Names in ``left/`` without a claim in ``right/``, oldest first (or unordered)."""
+        names = self._names(self.left, SUFFIX) - self._claims()
+        return sorted(names) if ordered else list(names)
+
+    def pending_stats(self) -> tuple[int, int]:
+        """(pending batches, their bytes), statting only the pending files."""
+        claims = self._claims()
+        count = size = 0
+        for e in self.files(self.left):
+            if e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claims:
+                with contextlib.suppress(FileNotFoundError):
+                    size += e.stat(follow_symlinks=False).st_size
+                    count += 1
+        return count, size
+
+    def has_pending(self) -> bool:
+        """Is any batch pending? Asked every second by an idle scheduler, so when neither
+        folder changed since the last "no" it answers without listing them. Folder mtimes are
+        coarse (a change in the same clock tick can keep the mtime), so an unchanged mtime is
+        trusted only once it is a second old."""
+        try:
+            stamps = (os.stat(self.left).st_mtime_ns, os.stat(self.right).st_mtime_ns)
+        except FileNotFoundError:
+            return False
+        if stamps == self._none_pending_at:
+            return False
+        claimed = self._claims()
+        found = any(e.name.endswith(SUFFIX) and e.name[: -len(SUFFIX)] not in claimed
+                    for e in self.files(self.left))
+        settled_before = time.time_ns() - 1_000_000_000
+        self._none_pending_at = stamps if not found and max(stamps) < settled_before else None
+        return found
+
+    def settled(self) -> bool:
+        """True when no batch is pending or claimed, judged from one snapshot.
+
+        ``right/`` is listed before ``left/``: a claim taken back (reaped, released) between
+        the two listings then shows as pending, never as gone, and a batch finished in
+        between shows as unfinished. Two separate questions ("pending?" then "claimed?") can
+        both answer no for a batch whose claim was reaped in between.
+        """
+        right = self._names(self.right, "")
+        left = self._names(self.left, SUFFIX)
+        if any(f"{n}{DONE}" not in right for n in left):
+            return False  # pending or claimed
+        # A claim whose batch file is gone (killed inside fail()) until the reaper clears it.
+        return not any("." not in n and f"{n}{DONE}" not in right for n in right)
+
+    def claimed(self) -> list[str]:
+        right = self._names(self.right, "")
+        return sorted(n for n in right if "." not in n and f"{n}{DONE}" not in right)
+
+    def counts(self) -> Counts:
+        sizes: dict[Path, dict[str, int]] = {}
+        for folder in (self.left, self.right, self.failed, self.quarantine, self.tmp):
+            found = sizes[folder] = {}
+            for e in self.files(folder):
+                with contextlib.suppress(FileNotFoundError):
+                    found[e.name] = e.stat(follow_symlinks=False).st_size
+        right = sizes[self.right]
+        done = {n[: -len(DONE)] for n in right if n.endswith(DONE)}
+        claims = {n for n in right if "." not in n}
+        by_state = {State.PENDING: [0, 0], State.CLAIMED: [0, 0], State.DONE: [0, 0]}
+        for n, size in sizes[self.left].items():
+            if n.endswith(SUFFIX):
+                stem = n[: -len(SUFFIX)]
+                st = State.DONE if stem in done else State.CLAIMED if stem in claims else State.PENDING
+                by_state[st][0] += 1
+                by_state[st][1] += size
+        bad = sum(sizes[self.failed].values()) + sum(sizes[self.quarantine].values())
+        return Counts(
+            pending=by_state[State.PENDING][0], claimed=len(claims - done), done=len(done),
+            failed=sum(n.endswith(SUFFIX) for n in sizes[self.failed]),
+            quarantined=sum(n.endswith(SUFFIX) for n in sizes[self.quarantine]),
+            bytes=sum(sum(f.values()) for f in sizes.values()),
+            pending_bytes=by_state[State.PENDING][1], claimed_bytes=by_state[State.CLAIMED][1],
+            done_bytes=by_state[State.DONE][1], failed_bytes=bad,
+            tmp_bytes=sum(sizes[self.tmp].values()))
+
+    def last_batch_bytes(self) -> int:
+        """Size of the newest batch file in ``left/`` (any state): cleanup's estimate of the
+        sniffer's next batch."""
+        names = self._names(self.left, SUFFIX)
+        with contextlib.suppress(FileNotFoundError):
+            return (self.left / f"{max(names)}{SUFFIX}").stat().st_size if names else 0
+        return 0
+
+    def _sample_left(self) -> list[str]:
+        """Up to :data:`PROBE` names from ``left/``, in folder order from a random offset.
+
+        On ext4 a directory offset is a place in name-hash order, so the read starts at a
+        random point of the backlog: it costs the same however long the backlog is, and
+        workers starting together spread out instead of racing for the same first entries.
+        Where the offset lands past the end (other filesystems), the read wraps to the start.
+        """
+        try:
+            fd = os.open(self.left, os.O_RDONLY | os.O_DIRECTORY)
+        except FileNotFoundError:
+            return []
+        try:
+            entries: list[str] = []
+            # Not self.rng: forked copies of one Spool would all start at the same offset.
+            with contextlib.suppress(OSError):  # an offset the filesystem refuses
+                entries = _entries_from(fd, secrets.randbits(63), PROBE)
+            if len(entries) < PROBE:
+                entries += _entries_from(fd, 0, PROBE - len(entries))
+        finally:
+            os.close(fd)
+        # A small folder is read twice over: once from the offset, then from the start.
+        return list(dict.fromkeys(n[: -len(SUFFIX)] for n in entries if n.endswith(SUFFIX)))
+
+    def state(self, name: str) -> State:
+        if (self.right / f"{name}{DONE}").exists():
+            return State.DONE
+        if (self.right / name).exists():
+            return State.CLAIMED
+        if (self.left / f"{name}{SUFFIX}").exists():
+            return State.PENDING
+        if (self.failed / f"{name}{SUFFIX}").exists():
+            return State.FAILED
+        if (self.quarantine / f"{name}{SUFFIX}").exists():
+            return State.QUARANTINED
+        return State.MISSING
+
+    def is_done(self, name: str) -> bool:
+        return (self.right / f"{name}{DONE}").exists()
+
+    # -- retention -----------------------------------------------------------------------
+    def done_batches(self) -> list[tuple[float, str]]:
+        """``(done time, name)`` of every done batch, oldest first."""
+        out = []
+        for name in self._names(self.right, DONE):
+            with contextlib.suppress(FileNotFoundError):
+                out.append(((self.right / f"{name}{DONE}").stat().st_mtime, name))
+        return sorted(out)
+
+    def remove_done(self, name: str) -> int:
+        """Delete a done batch and its markers; return the bytes freed. The batch file goes
+        first: until the markers go too, the batch still reads as done, never as pending."""
+        if not self.is_done(name):
+            raise LrqError(f"batch {name} is not done; cleanup never removes it")
+        return sum(self._remove(path) for path in (
+            self.left / f"{name}{SUFFIX}", self.right / f"{name}{ATTEMPT}", self.right / name,
+            self.right / f"{name}{DONE}"))
+
+    def _remove(self, path: Path) -> int:
+        """Unlink a file of lrq's and return its size; leave (and note) anything else."""
+        try:
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                self.note_foreign(path, kind(st.st_mode))
+                return 0
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        return st.st_size
+
+    def failed_batches(self) -> list[tuple[float, Path]]:
+        """``(failed time, batch file)`` in ``failed/`` and ``quarantine/``, oldest first."""
+        out = []
+        for folder in (self.failed, self.quarantine):
+            for path in (Path(e.path) for e in self.files(folder) if e.name.endswith(SUFFIX)):
+                err = folder / f"{path.stem}{ERROR}"
+                with contextlib.suppress(FileNotFoundError):
+                    out.append(((err if err.exists() else path).stat().st_mtime, path))
+        return sorted(out)
+
+    def remove_failed(self, path: Path) -> int:
+        return self._remove(path) + self._remove(path.with_suffix(ERROR))
