@@ -90,7 +90,7 @@ class Batches(Listing):
         return seal(self.key, kid, payload)
 
     def _signature(self, data: bytes) -> tuple[str, int]:
-        """:func:`lrq.batchfile.check` with this spool's keys."""
+        """:func:`lrq.spool.batchfile.check` with this spool's keys."""
         return check(data, self.keys, self.seen_key_ids)
 
     def key_problem(self) -> KeyMismatch | None:
