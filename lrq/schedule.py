@@ -199,10 +199,14 @@ class Runner:
 
     def _reap(self, q: QueueConfig, pid: int) -> None:
         """Take back a dead child's claims now, with its exit, rather than at the next
-        cleanup tick."""
+        cleanup tick; under the cleanup lock, so not beside the cleanup job or a by-hand
+        ``lrq cleanup``. If one holds it, that one (or the next tick) reaps them."""
         try:
-            cleanup.reap(self.app, q, cleanup.Report(q.name), time.time(), exits=self.exits,
-                         pid=pid)
+            with flock(self.app.cfg.data_dir / "cleanup.lock", "cleanup"):
+                cleanup.reap(self.app, q, cleanup.Report(q.name), time.time(),
+                             exits=self.exits, pid=pid)
+        except AlreadyRunning:
+            log.debug("reap-deferred queue=%s pid=%d: a cleanup is running", q.name, pid)
         except Exception:
             log.exception("reap-failed queue=%s pid=%d", q.name, pid)
 
