@@ -179,7 +179,8 @@ class Reaping(Claims):
         halves = (half_name(held.name, 0), half_name(held.name, 1))
         for i, (name, items) in enumerate(zip(halves, (batch.items[:mid], batch.items[mid:]))):
             if self.state(name) is State.MISSING:
-                self.publish(items, batch.position, name=name, created=batch.created)
+                self.publish(items, batch.position, name=name, created=batch.created,
+                             replace_dead=batch.replace_dead)
             failpoints.hit(f"split-after-half-{i}")
         os.unlink(self.left / f"{held.name}{SUFFIX}")
         fsync_dir(self.left)

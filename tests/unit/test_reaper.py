@@ -382,3 +382,26 @@ def test_the_scheduler_reaps_a_dead_child_only_under_the_cleanup_lock(tmp_path: 
         assert sp.state(name) is State.CLAIMED
     r._reap(q, pid)
     assert sp.state(name) is State.PENDING
+
+
+def test_a_retry_dead_batch_keeps_replace_dead_through_its_split_and_dead_letter(
+        tmp_path: Path) -> None:
+    """Before, the halves were plain batches: the killer's new dead letter was dropped by the
+    insert-ignore (its old one stayed), and an item stored later kept its old dead letter."""
+    app, q, sp, _ = app_with(tmp_path)
+    sink = app.sink(q)
+    sink.store("old", 2, [], dead=[({"doc_id": "a"}, "old error"), ({"doc_id": "b"}, "old error")])
+    name = sp.publish([{"doc_id": "a"}, {"doc_id": "b"}], replace_dead=True)  # lrq retry-dead
+    exits = reaper.Exits()
+
+    def dies(batch: str) -> str:
+        stale = die(sp, batch)
+        exits.record(stale.pid, stale.start, Exit.of(-signal.SIGSEGV))
+        return reaper.take_back(app, q, stale, exits)
+
+    assert [dies(name), dies(name)] == ["requeued", "split"]
+    first, second = half_name(name, 0), half_name(name, 1)
+    assert sp.load(first).replace_dead and sp.load(second).replace_dead
+    assert [dies(first), dies(first)] == ["requeued", "dead-lettered"]  # "a" kills its worker
+    (dead,) = sink.dead_records(keys=["a"])
+    assert dead.error == "worker killed by SIGSEGV (exit -11) handling this item, 2 times"
