@@ -8,9 +8,10 @@ seconds. A worker job only starts a process when something is pending; that proc
 drains batches until none came for two seconds or ``run_seconds`` pass, so CPU-bound
 handlers use every core.
 
-A worker process that exits non-zero has its claims reaped at once, with its exit code or
-signal recorded (:mod:`lrq.reaper`: a batch whose worker died twice is split, and an item
-that kills its worker ends dead-lettered). Workers stop when the scheduler dies, even by
+A worker process that exits non-zero has its claims reaped at once (or by the cleanup pass
+running then, or its next one: one reaper at a time), with its exit code or signal recorded
+(:mod:`lrq.reaper`: a batch whose worker died twice is split, and an item that kills its
+worker ends dead-lettered). Workers stop when the scheduler dies, even by
 ``kill -9``, and a scheduler counts the live workers of its data dir (an old scheduler's,
 a by-hand ``lrq work``) before it starts more (:mod:`lrq.process`).
 
