@@ -102,8 +102,10 @@ def run(app: App, *, queue: str | None = None, now: float | None = None,
 def reap(app: App, q: QueueConfig, report: Report, t: float, *, dry_run: bool = False,
          exits: reaper.Exits | None = None, pid: int | None = None) -> None:
     """Take back ``q``'s stale claims (only those of the dead process ``pid``, when given:
-    the scheduler reaps a child that exited non-zero at once). Safe beside another reaper:
-    each claim is taken back by one atomic rename, and a batch being split is held."""
+    the scheduler reaps a child that exited non-zero at once). Callers hold the cleanup
+    lock, but a reaper beside it would still be safe: each claim is taken back by one atomic
+    rename, checked to be the claim found stale (a live one renamed away is put back), and a
+    batch being split is held."""
     sp = app.spool(q)
     if pid is None and not dry_run:
         process.live_workers(sp)  # removes the files of dead workers (see lrq.process)

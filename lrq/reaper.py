@@ -132,7 +132,8 @@ def _end_dying(app: App, q: QueueConfig, sp: Spool, reaped: Reaped) -> str:
         return "split"
     error = killed_message(reaped.deaths)
     stored = sink.store(held.name, len(batch.items), [], held.attempt,
-                        dead=[(item, error) for item in batch.items])
+                        dead=[(item, error) for item in batch.items],
+                        replace_dead=batch.replace_dead)
     sp.mark_done(held, {"items": len(batch.items), "results": 0, "dead": stored.dead,
                         "killed": [d.describe() for d in reaped.deaths]})
     for item in batch.items:

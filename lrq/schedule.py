@@ -8,9 +8,10 @@ seconds. A worker job only starts a process when something is pending; that proc
 drains batches until none came for two seconds or ``run_seconds`` pass, so CPU-bound
 handlers use every core.
 
-A worker process that exits non-zero has its claims reaped at once, with its exit code or
-signal recorded (:mod:`lrq.reaper`: a batch whose worker died twice is split, and an item
-that kills its worker ends dead-lettered). Workers stop when the scheduler dies, even by
+A worker process that exits non-zero has its claims reaped at once (or by the cleanup pass
+running then, or its next one: one reaper at a time), with its exit code or signal recorded
+(:mod:`lrq.reaper`: a batch whose worker died twice is split, and an item that kills its
+worker ends dead-lettered). Workers stop when the scheduler dies, even by
 ``kill -9``, and a scheduler counts the live workers of its data dir (an old scheduler's,
 a by-hand ``lrq work``) before it starts more (:mod:`lrq.process`).
 
@@ -21,6 +22,16 @@ changed). Starting another at once would fail the same way, so the queue gets no
 for ``BROKEN_PAUSE`` seconds, doubled each time it happens again (at most
 ``BROKEN_PAUSE_MAX``), and one worker at a time until a run ends otherwise; ``until_idle``
 stops the scheduler instead and :meth:`Runner.run` returns that exit status.
+
+A worker process that exits 1 or by a signal holding no batch (the results database is
+down: it fails at its start, or releases what it held after its retries) would fail the same
+way if started again at once. The first such exit restarts at once; each one after it pauses
+the queue's new workers for ``FAILING_PAUSE`` seconds, doubled each time (at most
+``FAILING_PAUSE_MAX``), until a worker exits 0 or a dead worker is found holding a batch (a
+death the reaper counts toward splitting: an item that kills its worker is isolated without
+waiting). With ``until_idle``, the run stops with exit status 1 instead of pausing for
+``FAILING_PAUSE_MAX``: about a minute of failing workers (``FAILING_PAUSE`` doubled up to it)
+is not a state that drains.
 
 Signals only set a flag. A supervisor job sees it (or, with ``until_idle``, sees that the
 sources are drained and nothing is pending, claimed or running) and stops the scheduler;
@@ -58,6 +69,8 @@ CHILD_IDLE_EXIT = 2.0  # seconds a worker process waits for new batches before e
 CHILD_ENV = "LRQ_CHILD"
 BROKEN_PAUSE = 30.0  # seconds without workers for a queue whose handler is broken ...
 BROKEN_PAUSE_MAX = 600.0  # ... doubled each time, up to this
+FAILING_PAUSE = 1.0  # seconds without new workers after the 2nd failed worker in a row ...
+FAILING_PAUSE_MAX = 60.0  # ... doubled each time, up to this (until_idle: stop instead)
 #: Worker exits that another worker would repeat at once: the queue pauses (see above).
 STOPPING_EXITS = {HandlerBroken.exit_code: "handler-broken", 2: "worker-config-error"}
 
@@ -95,6 +108,8 @@ class Runner:
         self.spools = {q.name: app.spool(q) for q in app.queues()}
         #: Queues whose handler is broken: (no worker before this monotonic time, times seen).
         self.broken: dict[str, tuple[float, int]] = {}
+        #: Queues whose workers keep failing: (no worker before this monotonic time, in a row).
+        self.failing: dict[str, tuple[float, int]] = {}
         #: The exit status that stopped an ``until_idle`` run before it drained, if one did.
         self.stopped_by: int | None = None
         slots = sum(1 + q.workers for q in app.queues()) + 3
@@ -130,8 +145,9 @@ class Runner:
                 log.debug("worker start skipped queue=%s: %s", q.name, e)
 
     def work(self, q: QueueConfig) -> None:
-        if (self.stop.is_set() or self._paused(q) or not self.spools[q.name].has_pending()
-                or not self._slot(q)):
+        if (self.stop.is_set() or self._paused(q)
+                or time.monotonic() < self.failing.get(q.name, (0.0, 0))[0]
+                or not self.spools[q.name].has_pending() or not self._slot(q)):
             return
         cfg = str(self.app.cfg.path)
         argv = ["-c", cfg, "work", q.name, "--idle-exit", str(CHILD_IDLE_EXIT),
@@ -166,10 +182,12 @@ class Runner:
             child.finished.set()
         exit = Exit.of(code)
         self.exits.record(child.pid, start, exit)
+        held = None
         if code != 0:
             log.error("worker-exit queue=%s pid=%d code=%s: %s", q.name, child.pid, code,
                       exit.describe())
-            self._reap(q, child.pid)
+            held = self._reap(q, child.pid)
+        self._count_failure(q, code, held)
         if code in STOPPING_EXITS:
             self._pause(q, code)
         elif code is not None and code >= 0:
@@ -197,14 +215,51 @@ class Runner:
             self._starting[q.name] += 1
             return True
 
-    def _reap(self, q: QueueConfig, pid: int) -> None:
+    def _reap(self, q: QueueConfig, pid: int) -> bool | None:
         """Take back a dead child's claims now, with its exit, rather than at the next
-        cleanup tick."""
+        cleanup tick; under the cleanup lock, so not beside the cleanup job or a by-hand
+        ``lrq cleanup``. If one holds it, that one (or the next tick) reaps them. Returns
+        whether the child held a batch, None when unknown."""
+        report = cleanup.Report(q.name)
         try:
-            cleanup.reap(self.app, q, cleanup.Report(q.name), time.time(), exits=self.exits,
-                         pid=pid)
+            with flock(self.app.cfg.data_dir / "cleanup.lock", "cleanup"):
+                cleanup.reap(self.app, q, report, time.time(), exits=self.exits, pid=pid)
+        except AlreadyRunning:
+            log.debug("reap-deferred queue=%s pid=%d: a cleanup is running", q.name, pid)
+            return None
         except Exception:
             log.exception("reap-failed queue=%s pid=%d", q.name, pid)
+            return None
+        return bool(report.reclaimed or report.failed or report.split or report.dead_lettered)
+
+    def _count_failure(self, q: QueueConfig, code: int | None, held: bool | None) -> None:
+        """Count a worker of ``q`` that exited 1 or by a signal holding no batch (``held``:
+        what :meth:`_reap` found, None if it could not tell); one that exited 0 or held a
+        batch ends the count. See the module docstring."""
+        with self._lock:  # workers of a queue end in their own job threads
+            if code == 0 or held:
+                self.failing.pop(q.name, None)
+            elif code is not None and (code == 1 or code < 0) and held is not None:
+                self._failed(q)
+
+    def _failed(self, q: QueueConfig) -> None:
+        n = self.failing.get(q.name, (0.0, 0))[1] + 1
+        if n == 1:
+            self.failing[q.name] = (0.0, n)  # the first: restart at once
+            return
+        wait = FAILING_PAUSE * 2 ** (n - 2)
+        if wait >= FAILING_PAUSE_MAX and self.until_idle:
+            log.error("stopping: queue %s: %d workers in a row failed without holding a batch; "
+                      "fix what their error lines above name (the database?), then run again",
+                      q.name, n)
+            if self.stopped_by is None:
+                self.stopped_by = 1
+            self.stop.set()
+            return
+        wait = min(wait, FAILING_PAUSE_MAX)
+        self.failing[q.name] = (time.monotonic() + wait, n)
+        log.error("paused queue=%s seconds=%.0f reason=workers-failing failed=%d: no new worker "
+                  "until then", q.name, wait, n)
 
     def _paused(self, q: QueueConfig) -> bool:
         """A queue whose workers cannot work (:data:`STOPPING_EXITS`): no worker before its

@@ -35,6 +35,9 @@ class Stale:
     #: The owner died while storing this batch and another of its batches was in the
     #: handler: that one is charged with the death, this one is requeued uncounted.
     collateral: bool = False
+    #: The claim's token when it was found stale ("" if unreadable): taking it back checks
+    #: that ``right/<name>`` is still that claim, not a new worker's.
+    token: str = ""
 
 
 @dataclass(frozen=True)
@@ -86,12 +89,12 @@ class Reaping(Claims):
                     out.append(Stale(name, "unreadable claim", self.attempts(name)["attempts"] + 1))
             elif c.host == host and not owner_alive(c.pid, c.start):
                 out.append(Stale(name, f"owner pid {c.pid} is dead", c.attempt, dead=True,
-                                 pid=c.pid, start=c.start))
+                                 pid=c.pid, start=c.start, token=c.token))
                 if not st.st_mode & S_IWUSR:
                     handled.add(name)
             elif now - beat > lease:
                 out.append(Stale(name, f"no heartbeat for {now - beat:.0f}s (lease {lease:.0f}s)",
-                                 c.attempt))
+                                 c.attempt, token=c.token))
         in_handler = {(s.pid, s.start) for s in out if s.dead and s.name not in handled}
         return [replace(s, collateral=True)
                 if s.name in handled and (s.pid, s.start) in in_handler else s for s in out]
@@ -111,12 +114,24 @@ class Reaping(Claims):
         The claim is first renamed into ``tmp/`` (atomic: one reaper wins, and its owner's next
         heartbeat sees the lease is gone). A claim whose batch file is gone (its owner was
         killed inside :meth:`fail` or :meth:`split`) is removed with its attempt record.
+
+        Another reaper may have taken the stale claim back first, and a worker claimed the
+        batch again since: the renamed file is then that worker's live claim (another
+        token). It is linked back and the outcome is "gone"; should a third claim have
+        appeared in the instant between, the live worker loses its lease, which it notices
+        at its next heartbeat or commit (nothing is stored twice).
         """
         name = stale.name
         aside = self.tmp / f"{name}.reaped.{_uuid.random(8)}"
         try:
             os.rename(self.right / name, aside)
         except FileNotFoundError:
+            return Reaped("gone", stale.reason)
+        found = self.read_claim_file(aside)
+        if (found.token if found is not None else "") != stale.token:
+            with contextlib.suppress(FileExistsError):
+                os.link(aside, self.right / name)
+            os.unlink(aside)
             return Reaped("gone", stale.reason)
         done = (self.right / f"{name}{DONE}").exists()
         if not done and not (self.left / f"{name}{SUFFIX}").exists():
@@ -164,7 +179,8 @@ class Reaping(Claims):
         halves = (half_name(held.name, 0), half_name(held.name, 1))
         for i, (name, items) in enumerate(zip(halves, (batch.items[:mid], batch.items[mid:]))):
             if self.state(name) is State.MISSING:
-                self.publish(items, batch.position, name=name, created=batch.created)
+                self.publish(items, batch.position, name=name, created=batch.created,
+                             replace_dead=batch.replace_dead)
             failpoints.hit(f"split-after-half-{i}")
         os.unlink(self.left / f"{held.name}{SUFFIX}")
         fsync_dir(self.left)

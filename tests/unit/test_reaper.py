@@ -345,3 +345,63 @@ def test_a_death_is_charged_to_the_batch_in_the_handler_not_to_one_being_stored(
     alone = next(s for s in spool.stale_claims(lease=3600) if s.name == stored)
     assert not alone.collateral
     assert spool.take_back(alone, 3, split_after=2).deaths == (Exit(),)
+
+
+def test_a_second_reaper_with_an_old_stale_list_leaves_a_live_claim_alone(spool: Spool) -> None:
+    """Two reapers list the same dead claim; the first requeues it and a new worker claims the
+    batch. Before, the second renamed the new worker's claim away and recorded a second death
+    (a split after one real death)."""
+    name = spool.publish([{"k": 1}, {"k": 2}])
+    spool.claim(name)
+    forge_owner(spool, name, pid=dead_pid())
+    (first,) = spool.stale_claims(lease=3600)
+    (second,) = spool.stale_claims(lease=3600)
+    assert spool.take_back(first, 3, exit=Exit(signal="SIGKILL"), split_after=2).outcome == "requeued"
+    live = spool.claim(name)
+    assert live is not None
+    assert spool.take_back(second, 3, exit=Exit(signal="SIGKILL"), split_after=2).outcome == "gone"
+    assert spool.owns(live) and spool.state(name) is State.CLAIMED
+    assert len(spool.attempts(name)["history"]) == 1
+    assert not list(spool.tmp.iterdir())  # the aside file is not left behind
+
+
+def test_the_scheduler_reaps_a_dead_child_only_under_the_cleanup_lock(tmp_path: Path) -> None:
+    from lrq import schedule
+    from lrq.spool import flock
+
+    app = load_app(write_config(tmp_path, docs=10))
+    q = app.queues("docs")[0]
+    r = schedule.Runner(app)
+    sp = app.spool(q)
+    name = sp.publish([{"doc_id": 1}])
+    sp.claim(name)
+    pid = dead_pid()
+    forge_owner(sp, name, pid=pid)
+    with flock(app.cfg.data_dir / "cleanup.lock", "a cleanup"):
+        r._reap(q, pid)  # a cleanup is running: it (or its next tick) reaps the claim
+        assert sp.state(name) is State.CLAIMED
+    r._reap(q, pid)
+    assert sp.state(name) is State.PENDING
+
+
+def test_a_retry_dead_batch_keeps_replace_dead_through_its_split_and_dead_letter(
+        tmp_path: Path) -> None:
+    """Before, the halves were plain batches: the killer's new dead letter was dropped by the
+    insert-ignore (its old one stayed), and an item stored later kept its old dead letter."""
+    app, q, sp, _ = app_with(tmp_path)
+    sink = app.sink(q)
+    sink.store("old", 2, [], dead=[({"doc_id": "a"}, "old error"), ({"doc_id": "b"}, "old error")])
+    name = sp.publish([{"doc_id": "a"}, {"doc_id": "b"}], replace_dead=True)  # lrq retry-dead
+    exits = reaper.Exits()
+
+    def dies(batch: str) -> str:
+        stale = die(sp, batch)
+        exits.record(stale.pid, stale.start, Exit.of(-signal.SIGSEGV))
+        return reaper.take_back(app, q, stale, exits)
+
+    assert [dies(name), dies(name)] == ["requeued", "split"]
+    first, second = half_name(name, 0), half_name(name, 1)
+    assert sp.load(first).replace_dead and sp.load(second).replace_dead
+    assert [dies(first), dies(first)] == ["requeued", "dead-lettered"]  # "a" kills its worker
+    (dead,) = sink.dead_records(keys=["a"])
+    assert dead.error == "worker killed by SIGSEGV (exit -11) handling this item, 2 times"
