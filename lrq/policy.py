@@ -8,9 +8,16 @@ each; a failing call is classified, and only *transient* causes wait:
   either is split further. A lone item gets ``1 + retries`` immediate tries, then is
   dead-lettered with its error. k bad items cost O(k · log chunk) extra calls, no sleep.
 * **Transient** (infrastructure, see :func:`is_infrastructure`, or
-  :class:`~lrq.errors.Retryable`): the same call is tried again after
-  ``backoff * 2**n`` seconds (at most ``MAX_BACKOFF``), ``retries`` times; then the error is
-  raised and the worker releases the claim without counting an attempt.
+  :class:`~lrq.errors.Retryable`): transient until shown otherwise. A chunk's call is
+  tried again after ``backoff * 2**n`` seconds (at most ``MAX_BACKOFF``), ``retries``
+  times; then it is split like an item error, one try per part, no more waits. A lone
+  item failing so is dead-lettered with its error only if some call of this batch
+  succeeded (the service is up, this item makes it fail); when nothing of the batch
+  succeeded (both halves of the first split failed too) or a probe (below) fails so, the
+  error is raised and the worker releases the claim without counting an attempt: the
+  service is down. One item that always makes the service answer 500 thus costs its
+  chunk's waits and about ``2·log2(chunk_size)`` calls, instead of the batch being
+  released forever.
 * **Timeouts** (:class:`~lrq.errors.HandlerTimeout`: a call ran past ``handler_timeout``):
   transient until shown otherwise. A chunk's call is retried with backoff, ``retries``
   times; then it is split like an item error, with one try per part and per lone item.
@@ -161,13 +168,21 @@ class Failure:
     error: str
     signature: str
     timeout: bool = False
+    #: The exception of a transient (infrastructure) failure, raised if the service is down.
+    transient: BaseException | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def of(cls, exc: BaseException, timeout: bool = False) -> Failure:
+    def of(cls, exc: BaseException, timeout: bool = False,
+           transient: bool = False) -> Failure:
         trace = "".join(traceback.format_exception(exc))[-4000:]
         first = str(exc).splitlines()[0] if str(exc) else ""
         return cls(f"{type(exc).__name__}: {exc}\n{trace}", f"{type(exc).__name__}: {first}",
-                   timeout)
+                   timeout, exc if transient else None)
+
+    def raise_if_down(self, b: _Batch) -> None:
+        """A transient failure with no call of the batch succeeded: the service is down."""
+        if self.transient is not None and not b.ok:
+            raise self.transient
 
 
 @dataclass
@@ -183,6 +198,8 @@ class _Batch:
     streak: list[tuple[int, Failure]] = field(default_factory=list)
     #: Item ranges whose call timed out since the last success.
     timeouts: list[tuple[int, int]] = field(default_factory=list)
+    #: Some call of this batch succeeded (the service answers).
+    ok: bool = False
 
     def succeeded(self) -> None:
         self.streak.clear()
@@ -228,6 +245,7 @@ class HandlerPolicy:
         """[lo, hi) failed with ``failure``: a lone item is dead; else call both halves, then
         isolate within each that failed."""
         if hi - lo == 1:
+            failure.raise_if_down(b)
             self._dead(b, lo, failure)
             return
         mid = (lo + hi) // 2
@@ -236,6 +254,8 @@ class HandlerPolicy:
             out = self._attempt(b, a, z, chunk=False)
             if isinstance(out, Failure):
                 failed.append((a, z, out))
+        for _a, _z, f in failed:
+            f.raise_if_down(b)
         for a, z, f in failed:
             self._isolate(b, a, z, f)
 
@@ -256,7 +276,7 @@ class HandlerPolicy:
         while True:
             try:
                 out = self._call(b, lo, hi)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 (every failure is classified below)
                 if _is_timeout(e):
                     if chunk and waits < self.queue.retries:
                         self._wait(waits, e)
@@ -267,16 +287,17 @@ class HandlerPolicy:
                         self._timed_out(b, lo, hi, failure)
                     return failure
                 if is_infrastructure(e):
-                    if waits < self.queue.retries:
+                    if chunk and waits < self.queue.retries:
                         self._wait(waits, e)
                         waits += 1
                         continue
-                    raise
+                    return Failure.of(e, transient=True)
                 if hi - lo == 1 and item_tries < self.queue.retries:
                     item_tries += 1
                     continue
                 return Failure.of(e)
             b.succeeded()
+            b.ok = True
             if not probe:
                 b.results.extend(out)
             return out
@@ -338,6 +359,8 @@ class HandlerPolicy:
             b.succeeded()
             return
         out = self._attempt(b, j, j + 1, chunk=False, probe=True)
+        if isinstance(out, Failure) and out.transient is not None:
+            raise out.transient  # the service is down now, whatever the items
         if isinstance(out, Failure) and (out.timeout if failure.timeout
                                          else out.signature == failure.signature):
             what = ("calls on separate items all ran past handler_timeout "

@@ -7,7 +7,8 @@ What can go wrong, and what the worker does:
   wait; infrastructure errors and timeouts are retried with backoff first.
 * **Infrastructure fails** (database unreachable, service timeout, connection refused, HTTP
   5xx/429, disk full, or the handler raises :class:`~lrq.errors.Retryable`): the items are
-  not at fault.
+  not at fault, unless the service answers the rest of the batch (the policy then
+  dead-letters the one item it fails on, see :mod:`lrq.policy`).
   The claim is released without counting an attempt and the worker backs off.
 * **The database refuses a result row** (NOT NULL, CHECK, too long, foreign key): the sink
   dead-letters that row with the database's message and stores the rest (see

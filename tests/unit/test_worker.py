@@ -182,6 +182,23 @@ def test_infrastructure_errors_release_the_batch_without_counting(app, error) ->
     assert w.run_once() and rows(app) == 4
 
 
+def test_one_item_the_service_always_refuses_with_a_5xx_is_dead_lettered(app) -> None:
+    def one_503(items):
+        if any(it["doc_id"] == "d2" for it in items):
+            r = requests.Response()
+            r.status_code = 503
+            raise requests.HTTPError("503 Service Unavailable", response=r)
+        return echo(items)
+
+    name = publish(app, 8)
+    w = app.worker(queue(app))
+    w.handler, w.sleep = one_503, lambda s: None
+    assert w.run_once()
+    assert w.spool.state(name) is State.DONE and rows(app) == 7
+    assert [d["key"] for d in w.sink.dead_letters()] == ["d2"]
+    assert "HTTPError: 503" in w.sink.dead_letters()[0]["error"]
+
+
 def test_http_5xx_is_infrastructure_but_4xx_is_poison(app) -> None:
     from lrq.worker import is_infrastructure
 
