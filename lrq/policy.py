@@ -81,6 +81,21 @@ MAX_BACKOFF = 60.0  # seconds, the longest wait between tries
 BROKEN_AFTER = 3  # isolated items failing alike, nothing succeeding between: suspect
 HUNG_AFTER = 2  # calls on disjoint items timing out, nothing succeeding between: suspect
 OVERRUN_GRACE = 5.0  # seconds, at least, a call gets past handler_timeout to unwind
+MESSAGE_CHARS = 2000  # of an exception's message kept in a dead letter (a response body...)
+TRACE_CHARS = 4000  # of its traceback
+#: The most of an error text a dead letter keeps: 4 bytes a character stay within MariaDB's
+#: TEXT (65,535 bytes), which refuses a longer one, and the whole batch with it.
+ERROR_CHARS = 12_000
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` if it fits in ``limit`` characters, else its head and tail with the cut
+    between them said."""
+    if len(text) <= limit:
+        return text
+    cut = f"\n[... {len(text) - limit} characters cut ...]\n"
+    keep = max(limit - len(cut), 0)
+    return text[:keep // 2] + cut + text[len(text) - (keep - keep // 2):]
 
 
 def is_infrastructure(exc: BaseException) -> bool:
@@ -174,10 +189,13 @@ class Failure:
     @classmethod
     def of(cls, exc: BaseException, timeout: bool = False,
            transient: bool = False) -> Failure:
-        trace = "".join(traceback.format_exception(exc))[-4000:]
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        return cls(f"{type(exc).__name__}: {exc}\n{trace}", f"{type(exc).__name__}: {first}",
-                   timeout, exc if transient else None)
+        message = str(exc)
+        # its head (the outer frames) and tail (the innermost and the message's end): a
+        # message as long as a response body would fill a plain tail
+        trace = clip("".join(traceback.format_exception(exc)), TRACE_CHARS)
+        first = message.splitlines()[0][:MESSAGE_CHARS] if message else ""
+        return cls(f"{type(exc).__name__}: {clip(message, MESSAGE_CHARS)}\n{trace}",
+                   f"{type(exc).__name__}: {first}", timeout, exc if transient else None)
 
     def raise_if_down(self, b: _Batch) -> None:
         """A transient failure with no call of the batch succeeded: the service is down."""

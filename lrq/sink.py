@@ -73,6 +73,7 @@ from lrq import failpoints
 from lrq.config import QueueConfig, load_object
 from lrq.db import Fault, dumps_json, fault, insert_ignore, reader
 from lrq.errors import ConfigError, DatabaseUnreachable, HandlerError, SinkError, StatementRefused
+from lrq.policy import ERROR_CHARS, clip
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +388,7 @@ class Sink:
     def _dead_rows(self, batch: str,
                    dead: Sequence[tuple[dict[str, Any], str]]) -> list[dict[str, Any]]:
         return [{"queue": self.queue.name, "key": str(item.get(self.key)), "batch": batch,
-                 "error": error, "item": item} for item, error in dead]
+                 "error": clip(error, ERROR_CHARS), "item": item} for item, error in dead]
 
     def _row_key(self, row: dict[str, Any]) -> str:
         return str(row["key"] if self.generic else row[self.key])
