@@ -40,6 +40,11 @@ not mistaken for a broken handler, unless the probe is a fourth. Cost to the ver
 * a hung service: ``(1 + r) + 2 + 1`` calls of ``T`` each, plus ``b·(2**r - 1)`` of
   backoff: 6 × 300 s + 1.5 s ≈ 30 min with the defaults, 6.5 s with ``T = 1``.
 
+**Results with a field the model lacks** (a queue with ``model``): each call's results are
+checked against the model's columns (``columns``, from the sink; one set difference over
+the union of their keys, ~40 µs per 1,000 results of 5 fields), so such a result is an item
+error, dead-lettered alone, instead of failing its whole batch at commit.
+
 **Items the handler changes.** Keys are read before a call and results are checked against
 them; the handler gets shallow copies of the items (``dict(item)``), so popping or setting a
 field changes neither the check nor the dead letter, which stores the original item. Nested
@@ -230,8 +235,11 @@ class HandlerPolicy:
 
     def __init__(self, queue: QueueConfig, handler: Handler, *,
                  sleep: Callable[[float], Any] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 columns: frozenset[str] | None = None) -> None:
         self.queue = queue
+        #: The fields a result may have (the model's columns), None: any.
+        self.columns = columns
         self.handler = handler
         self.sleep = sleep
         self.clock = clock
@@ -341,12 +349,18 @@ class HandlerPolicy:
         return self.check(b.keys[lo:hi], out)
 
     def check(self, keys: list[Any], results: Any) -> list[Item]:
-        """``results`` if they are one dict per key, carrying it (any order); else raise
-        :class:`HandlerError`."""
+        """``results`` if they are one dict per key, carrying it (any order), with no field
+        but :attr:`columns` (when given); else raise :class:`HandlerError`, so the call is
+        split and the item at fault dead-lettered alone, not its batch failed at commit."""
         key = self.queue.key
         if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
             raise HandlerError(f"handler {self.queue.handler} must return a list of dicts, "
                                f"got {type(results).__name__}")
+        if self.columns is not None and results:
+            extra = set().union(*results) - self.columns
+            if extra:
+                raise HandlerError(f"results have fields {sorted(extra)} that model "
+                                   f"{self.queue.model} has no columns for")
         if len(results) == len(keys) and all(r.get(key) == k for r, k in zip(results, keys)):
             return results  # one result per item, in item order: the common case, no sort
         want = sorted(str(k) for k in keys)

@@ -184,6 +184,9 @@ class Sink:
             self.generic = True
             self.unique = ["queue", "key"]
         self._insert = insert_ignore(engine, self.table, self.unique)
+        #: The fields a result may have (the model's columns); None: any (the generic table).
+        self.columns: frozenset[str] | None = (
+            None if self.generic else frozenset(self._columns))
         if self.generic:
             # lrq's own table has a known shape (three strings and JSON), so its rows skip
             # SQLAlchemy's per-row processing: the statement is compiled once and sent to
@@ -227,6 +230,8 @@ class Sink:
                          "value": r} for r in results]
             except KeyError:
                 raise HandlerError(f"a result has no {self.key!r} field (the queue's key)") from None
+        # The policy checks each call's results (an item with a field too many is dead-lettered
+        # alone); this is the backstop for callers without it.
         extra = set().union(*(r.keys() for r in results)) - self._columns if results else set()
         if extra:
             raise HandlerError(f"results have fields {sorted(extra)} that model "

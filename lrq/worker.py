@@ -212,7 +212,8 @@ class Worker:
         self.sink = sink
         self.stop = stop or threading.Event()
         #: Chunks, tries, splits, timeouts, result checks (see :mod:`lrq.policy`).
-        self.policy = HandlerPolicy(queue, handler, sleep=sleep or time.sleep)
+        self.policy = HandlerPolicy(queue, handler, sleep=sleep or time.sleep,
+                                    columns=sink.columns)
         self.stats = RunStats()
         #: Holds every claim of a batch being handled or committed (see :meth:`abandon`), and
         #: ends the process if a handler call will not stop.

@@ -568,3 +568,28 @@ def test_a_result_the_database_refuses_is_dead_lettered_with_its_item(tmp_path: 
         items = conn.exec_driver_sql("SELECT item FROM lrq_dead_letters ORDER BY key").scalars()
         assert [json.loads(i) for i in items] == [{"doc_id": "d1", "content": "w1 x y"},
                                                   {"doc_id": "d4", "content": "w4 x y"}]
+
+
+def test_a_result_with_a_field_the_model_lacks_is_dead_lettered_alone(tmp_path: Path) -> None:
+    (tmp_path / "strict_model.py").write_text(
+        "from sqlalchemy import String\n"
+        "from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column\n"
+        "class Base(DeclarativeBase):\n    pass\n"
+        "class Strict(Base):\n"
+        "    __tablename__ = 'strict'\n"
+        "    doc_id: Mapped[str] = mapped_column(String(50), primary_key=True)\n"
+        "    note: Mapped[str] = mapped_column(String(50), nullable=False)\n")
+    app = load_app(write_config(tmp_path, docs=None, chunk_size=4, result_table=None,
+                                model="strict_model:Strict"))
+    name = publish(app, 10)
+    w = app.worker(queue(app))
+    w.handler = lambda items: [{"doc_id": i["doc_id"], "note": "ok",
+                                **({"debug": 1} if i["doc_id"] == "d6" else {})}
+                               for i in items]
+    assert w.run(burst=True).batches == 1
+    assert w.spool.state(name) is State.DONE and w.stats.dead == 1 and w.stats.failed == 0
+    assert sorted(w.sink.keys()) == sorted(f"d{i}" for i in range(10) if i != 6)
+    (dead,) = w.sink.dead_letters()
+    assert dead["key"] == "d6"
+    assert "results have fields ['debug'] that model strict_model:Strict has no columns" \
+        in dead["error"]
