@@ -542,8 +542,9 @@ def test_a_statement_the_database_refuses_counts_attempts_then_fails_the_batch(
     assert "released queue=docs batch=" in caplog.text and "attempt=1 of 3" in caplog.text
 
 
-def test_a_result_the_database_refuses_is_dead_lettered_with_its_item(tmp_path: Path) -> None:
-    (tmp_path / "notnull_model.py").write_text(
+def strict_app(tmp_path: Path, module: str):
+    """An app whose results go into model ``module:Strict`` (doc_id, note NOT NULL)."""
+    (tmp_path / f"{module}.py").write_text(
         "from sqlalchemy import String\n"
         "from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column\n"
         "class Base(DeclarativeBase):\n    pass\n"
@@ -551,8 +552,12 @@ def test_a_result_the_database_refuses_is_dead_lettered_with_its_item(tmp_path: 
         "    __tablename__ = 'strict'\n"
         "    doc_id: Mapped[str] = mapped_column(String(50), primary_key=True)\n"
         "    note: Mapped[str] = mapped_column(String(50), nullable=False)\n")
-    app = load_app(write_config(tmp_path, docs=None, chunk_size=4, result_table=None,
-                                model="notnull_model:Strict"))
+    return load_app(write_config(tmp_path, docs=None, chunk_size=4, result_table=None,
+                                 model=f"{module}:Strict"))
+
+
+def test_a_result_the_database_refuses_is_dead_lettered_with_its_item(tmp_path: Path) -> None:
+    app = strict_app(tmp_path, "notnull_model")
     name = publish(app, 6)
     w = app.worker(queue(app))
     w.handler = lambda items: [{"doc_id": i["doc_id"],
@@ -571,16 +576,7 @@ def test_a_result_the_database_refuses_is_dead_lettered_with_its_item(tmp_path: 
 
 
 def test_a_result_with_a_field_the_model_lacks_is_dead_lettered_alone(tmp_path: Path) -> None:
-    (tmp_path / "strict_model.py").write_text(
-        "from sqlalchemy import String\n"
-        "from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column\n"
-        "class Base(DeclarativeBase):\n    pass\n"
-        "class Strict(Base):\n"
-        "    __tablename__ = 'strict'\n"
-        "    doc_id: Mapped[str] = mapped_column(String(50), primary_key=True)\n"
-        "    note: Mapped[str] = mapped_column(String(50), nullable=False)\n")
-    app = load_app(write_config(tmp_path, docs=None, chunk_size=4, result_table=None,
-                                model="strict_model:Strict"))
+    app = strict_app(tmp_path, "strict_model")
     name = publish(app, 10)
     w = app.worker(queue(app))
     w.handler = lambda items: [{"doc_id": i["doc_id"], "note": "ok",
