@@ -17,10 +17,13 @@ What can go wrong, and what the worker does:
   ``failed/`` with the message (:meth:`Worker._attempt_failed`).
 * **Commits keep failing without progress**: :meth:`Worker.run` backs off, doubling, and
   gives up after ``INFRA_TRIES``; only a batch that settles resets the count (see there).
-* **The handler is broken** (every item fails the same way, or calls hang):
-  :class:`~lrq.errors.HandlerBroken`. The batch moves to ``failed/`` with the error, nothing
-  is dead-lettered, one ``handler-broken`` line is logged at ERROR, and the run ends with it
+* **The handler is broken** (every item fails the same way, or calls hang, or the database
+  refuses every result of a batch the same way): :class:`~lrq.errors.HandlerBroken`. The
+  batch moves to ``failed/`` with the error, nothing is dead-lettered, one
+  ``handler-broken`` line is logged at ERROR, and the run ends with it
   (``lrq work`` exits 4; the scheduler pauses the queue, ``run --until-idle`` stops).
+  Storing behind, a batch handled while that commit ran is released uncounted, not
+  committed (:meth:`StoreBehind.start`).
 * **A handler call will not stop** (it caught the soft timeout and went on): the heartbeat
   thread, the batch's watchdog, logs ``batch-overrun`` and ends the process once the call is
   ``overrun_after(handler_timeout)`` old (see :mod:`lrq.policy`); the reaper takes the
@@ -289,6 +292,13 @@ class Worker:
     def _let_go(self, claim: Claim) -> None:
         self.heartbeat.drop(claim)
 
+    def release_handled(self, handled: Handled, reason: str) -> None:
+        """Give a handled batch back uncounted, uncommitted (the run ends before its commit)."""
+        if self.spool.release(handled.claim):
+            log.warning("released queue=%s batch=%s reason=%s", self.queue.name,
+                        handled.claim.name, reason)
+        self._let_go(handled.claim)
+
     def _handle_claim(self, claim: Claim, lost: threading.Event,
                       behind: StoreBehind | None) -> Handled | None:
         q = self.queue.name
@@ -364,6 +374,9 @@ class Worker:
         try:
             stored = self.sink.store(claim.name, h.items, h.results, claim.attempt, dead=h.dead,
                                      inputs=h.inputs, replace_dead=h.replace_dead)
+        except HandlerBroken as e:  # the database refused every result alike
+            self._broken(claim, e)
+            raise
         except HandlerError as e:  # results the sink cannot take: the handler's fault
             self._fail(claim, str(e), e)
             return
@@ -519,6 +532,8 @@ class Worker:
         """One batch: claim it, run the handler, commit it or hand the commit to ``behind``.
         False when nothing is pending (and no commit is in flight)."""
         try:
+            if behind is not None:
+                behind.raise_fatal()
             claim = self.spool.pick(self.queue.order)
             if claim is None:
                 if behind is not None:
@@ -581,10 +596,16 @@ class StoreBehind:
         self._queued = handled
 
     def start(self) -> None:
-        """Start the queued commit, after the commit in flight has ended."""
+        """Start the queued commit, after the commit in flight has ended; unless that commit
+        failed with :class:`HandlerBroken` (the run ends with it): the queued batch
+        is then released uncounted, not committed, so a broken handler fails one batch."""
         if self._queued is None:
             return
         self._settle()
+        if isinstance(self._error, HandlerBroken):
+            self._worker.release_handled(self._queued, type(self._error).__name__)
+            self._queued = None
+            return
         self._inflight = self._pool.submit(self._worker.commit, self._queued)
         self._queued = None
 
@@ -605,6 +626,11 @@ class StoreBehind:
         error, self._error = self._error, None
         if error is not None:
             raise error
+
+    def raise_fatal(self) -> None:
+        """Raise a kept :class:`HandlerBroken` now, before another batch is picked."""
+        if isinstance(self._error, HandlerBroken):
+            self.raise_error()
 
     def wait(self) -> None:
         """Start the queued commit and wait for every commit; raise the first error."""
