@@ -9,7 +9,12 @@ What can go wrong, and what the worker does:
   5xx/429, disk full, or the handler raises :class:`~lrq.errors.Retryable`): the items are
   not at fault, unless the service answers the rest of the batch (the policy then
   dead-letters the one item it fails on, see :mod:`lrq.policy`).
-  The claim is released without counting an attempt and the worker backs off.
+  The claim is released without counting an attempt and the worker backs off. The backstop:
+  the release is noted in the batch's attempt history, and the ``RELEASES_PER_ATTEMPT``-th
+  uncounted release in a row counts an attempt (:meth:`Worker._released_too_often`), so a
+  batch that always meets an infrastructure error ends in ``failed/`` after
+  ``RELEASES_PER_ATTEMPT × max_attempts`` releases instead of looping forever; the price is
+  that a long outage can fail batches that many releases old (``lrq requeue --failed``).
 * **The database refuses a result row** (NOT NULL, CHECK, too long, foreign key): the sink
   dead-letters that row with the database's message and stores the rest (see
   :mod:`lrq.sink`). **It refuses the statement** whatever the rows (a missing table or
@@ -69,7 +74,15 @@ from lrq.errors import (
     Retryable,
     SinkError,
 )
-from lrq.policy import MAX_BACKOFF, Handler, HandlerPolicy, Item, is_infrastructure, soft_timeout
+from lrq.policy import (
+    MAX_BACKOFF,
+    MESSAGE_CHARS,
+    Handler,
+    HandlerPolicy,
+    Item,
+    is_infrastructure,
+    soft_timeout,
+)
 from lrq.sink import Sink
 from lrq.spool import Claim, Spool
 
@@ -81,6 +94,8 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY = 5.0  # seconds between progress lines on long runs
 OVERRUN_EXIT = 1  # exit status of a worker process ended by the watchdog
 INFRA_TRIES = 6  # consecutive infrastructure failures before a run gives up
+#: Uncounted releases of one batch in a row (infrastructure failed) that count an attempt.
+RELEASES_PER_ATTEMPT = 10
 
 
 @dataclass
@@ -284,10 +299,27 @@ class Worker:
         except Exception as e:
             if not is_infrastructure(e):
                 raise
-            self.spool.release(claim)
-            log.warning("released queue=%s batch=%s reason=%s: %s", self.queue.name, claim.name,
-                        type(e).__name__, e)
-            raise e if isinstance(e, Retryable) else Retryable(f"{type(e).__name__}: {e}") from e
+            reason = f"{type(e).__name__}: {e}"
+            if self.spool.note_release(claim, reason[:MESSAGE_CHARS]) >= RELEASES_PER_ATTEMPT:
+                self._released_too_often(claim, reason)
+            else:
+                self.spool.release(claim)
+                log.warning("released queue=%s batch=%s reason=%s", self.queue.name,
+                            claim.name, reason)
+            raise e if isinstance(e, Retryable) else Retryable(reason) from e
+
+    def _released_too_often(self, claim: Claim, reason: str) -> None:
+        """The backstop: a batch released uncounted ``RELEASES_PER_ATTEMPT`` times in a row
+        counts an attempt, so it ends in ``failed/`` after ``max_attempts`` of those instead
+        of being released forever."""
+        why = (f"released {RELEASES_PER_ATTEMPT} times in a row for infrastructure errors; "
+               f"the last: {reason}")
+        if claim.attempt >= self.queue.max_attempts:
+            self._fail(claim, f"gave up after {claim.attempt} attempts (max_attempts): {why}")
+            return
+        self.spool.give_back(claim, why[:MESSAGE_CHARS])
+        log.error("released queue=%s batch=%s attempt=%d of %d reason=%s", self.queue.name,
+                  claim.name, claim.attempt, self.queue.max_attempts, why)
 
     def _let_go(self, claim: Claim) -> None:
         self.heartbeat.drop(claim)

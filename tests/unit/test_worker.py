@@ -589,3 +589,27 @@ def test_a_result_with_a_field_the_model_lacks_is_dead_lettered_alone(tmp_path: 
     assert dead["key"] == "d6"
     assert "results have fields ['debug'] that model strict_model:Strict has no columns" \
         in dead["error"]
+
+
+def test_a_batch_released_uncounted_again_and_again_counts_attempts_then_fails(app) -> None:
+    """The backstop: every RELEASES_PER_ATTEMPT-th uncounted release in a row counts an
+    attempt, so a batch that always meets an infrastructure error ends in failed/."""
+    from lrq.worker import RELEASES_PER_ATTEMPT
+
+    def down(items):
+        raise Retryable("service says 503")
+
+    name = publish(app, 4)
+    q = queue(app)
+    w = app.worker(q)
+    w.handler = down
+    for n in range(1, RELEASES_PER_ATTEMPT * q.max_attempts + 1):
+        with pytest.raises(Retryable):
+            assert w.run_named(name)
+        if n < RELEASES_PER_ATTEMPT * q.max_attempts:
+            assert w.spool.state(name) is State.PENDING
+            assert w.spool.attempts(name)["attempts"] == n // RELEASES_PER_ATTEMPT
+    assert w.spool.state(name) is State.FAILED
+    error = w.spool.read_error(name)["error"]
+    assert f"released {RELEASES_PER_ATTEMPT} times in a row" in error
+    assert "service says 503" in error and w.sink.dead_count() == 0
