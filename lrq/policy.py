@@ -8,9 +8,16 @@ each; a failing call is classified, and only *transient* causes wait:
   either is split further. A lone item gets ``1 + retries`` immediate tries, then is
   dead-lettered with its error. k bad items cost O(k · log chunk) extra calls, no sleep.
 * **Transient** (infrastructure, see :func:`is_infrastructure`, or
-  :class:`~lrq.errors.Retryable`): the same call is tried again after
-  ``backoff * 2**n`` seconds (at most ``MAX_BACKOFF``), ``retries`` times; then the error is
-  raised and the worker releases the claim without counting an attempt.
+  :class:`~lrq.errors.Retryable`): transient until shown otherwise. A chunk's call is
+  tried again after ``backoff * 2**n`` seconds (at most ``MAX_BACKOFF``), ``retries``
+  times; then it is split like an item error, one try per part, no more waits. A lone
+  item failing so is dead-lettered with its error only if some call of this batch
+  succeeded (the service is up, this item makes it fail); when nothing of the batch
+  succeeded (both halves of the first split failed too) or a probe (below) fails so, the
+  error is raised and the worker releases the claim without counting an attempt: the
+  service is down. One item that always makes the service answer 500 thus costs its
+  chunk's waits and about ``2·log2(chunk_size)`` calls, instead of the batch being
+  released forever.
 * **Timeouts** (:class:`~lrq.errors.HandlerTimeout`: a call ran past ``handler_timeout``):
   transient until shown otherwise. A chunk's call is retried with backoff, ``retries``
   times; then it is split like an item error, with one try per part and per lone item.
@@ -32,6 +39,11 @@ not mistaken for a broken handler, unless the probe is a fourth. Cost to the ver
 * a handler raising on everything: about ``2·log2(c) + 4·(1 + r)`` calls, no sleep;
 * a hung service: ``(1 + r) + 2 + 1`` calls of ``T`` each, plus ``b·(2**r - 1)`` of
   backoff: 6 × 300 s + 1.5 s ≈ 30 min with the defaults, 6.5 s with ``T = 1``.
+
+**Results with a field the model lacks** (a queue with ``model``): each call's results are
+checked against the model's columns (``columns``, from the sink; one set difference over
+the union of their keys, ~40 µs per 1,000 results of 5 fields), so such a result is an item
+error, dead-lettered alone, instead of failing its whole batch at commit.
 
 **Items the handler changes.** Keys are read before a call and results are checked against
 them; the handler gets shallow copies of the items (``dict(item)``), so popping or setting a
@@ -74,6 +86,21 @@ MAX_BACKOFF = 60.0  # seconds, the longest wait between tries
 BROKEN_AFTER = 3  # isolated items failing alike, nothing succeeding between: suspect
 HUNG_AFTER = 2  # calls on disjoint items timing out, nothing succeeding between: suspect
 OVERRUN_GRACE = 5.0  # seconds, at least, a call gets past handler_timeout to unwind
+MESSAGE_CHARS = 2000  # of an exception's message kept in a dead letter (a response body...)
+TRACE_CHARS = 4000  # of its traceback
+#: The most of an error text a dead letter keeps: 4 bytes a character stay within MariaDB's
+#: TEXT (65,535 bytes), which refuses a longer one, and the whole batch with it.
+ERROR_CHARS = 12_000
+
+
+def clip(text: str, limit: int) -> str:
+    """``text`` if it fits in ``limit`` characters, else its head and tail with the cut
+    between them said."""
+    if len(text) <= limit:
+        return text
+    cut = f"\n[... {len(text) - limit} characters cut ...]\n"
+    keep = max(limit - len(cut), 0)
+    return text[:keep // 2] + cut + text[len(text) - (keep - keep // 2):]
 
 
 def is_infrastructure(exc: BaseException) -> bool:
@@ -161,13 +188,24 @@ class Failure:
     error: str
     signature: str
     timeout: bool = False
+    #: The exception of a transient (infrastructure) failure, raised if the service is down.
+    transient: BaseException | None = field(default=None, compare=False, repr=False)
 
     @classmethod
-    def of(cls, exc: BaseException, timeout: bool = False) -> Failure:
-        trace = "".join(traceback.format_exception(exc))[-4000:]
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        return cls(f"{type(exc).__name__}: {exc}\n{trace}", f"{type(exc).__name__}: {first}",
-                   timeout)
+    def of(cls, exc: BaseException, timeout: bool = False,
+           transient: bool = False) -> Failure:
+        message = str(exc)
+        # its head (the outer frames) and tail (the innermost and the message's end): a
+        # message as long as a response body would fill a plain tail
+        trace = clip("".join(traceback.format_exception(exc)), TRACE_CHARS)
+        first = message.splitlines()[0][:MESSAGE_CHARS] if message else ""
+        return cls(f"{type(exc).__name__}: {clip(message, MESSAGE_CHARS)}\n{trace}",
+                   f"{type(exc).__name__}: {first}", timeout, exc if transient else None)
+
+    def raise_if_down(self, b: _Batch) -> None:
+        """A transient failure with no call of the batch succeeded: the service is down."""
+        if self.transient is not None and not b.ok:
+            raise self.transient
 
 
 @dataclass
@@ -183,6 +221,8 @@ class _Batch:
     streak: list[tuple[int, Failure]] = field(default_factory=list)
     #: Item ranges whose call timed out since the last success.
     timeouts: list[tuple[int, int]] = field(default_factory=list)
+    #: Some call of this batch succeeded (the service answers).
+    ok: bool = False
 
     def succeeded(self) -> None:
         self.streak.clear()
@@ -195,8 +235,11 @@ class HandlerPolicy:
 
     def __init__(self, queue: QueueConfig, handler: Handler, *,
                  sleep: Callable[[float], Any] = time.sleep,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 columns: frozenset[str] | None = None) -> None:
         self.queue = queue
+        #: The fields a result may have (the model's columns), None: any.
+        self.columns = columns
         self.handler = handler
         self.sleep = sleep
         self.clock = clock
@@ -228,6 +271,7 @@ class HandlerPolicy:
         """[lo, hi) failed with ``failure``: a lone item is dead; else call both halves, then
         isolate within each that failed."""
         if hi - lo == 1:
+            failure.raise_if_down(b)
             self._dead(b, lo, failure)
             return
         mid = (lo + hi) // 2
@@ -236,6 +280,8 @@ class HandlerPolicy:
             out = self._attempt(b, a, z, chunk=False)
             if isinstance(out, Failure):
                 failed.append((a, z, out))
+        for _a, _z, f in failed:
+            f.raise_if_down(b)
         for a, z, f in failed:
             self._isolate(b, a, z, f)
 
@@ -256,7 +302,7 @@ class HandlerPolicy:
         while True:
             try:
                 out = self._call(b, lo, hi)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 (every failure is classified below)
                 if _is_timeout(e):
                     if chunk and waits < self.queue.retries:
                         self._wait(waits, e)
@@ -267,16 +313,17 @@ class HandlerPolicy:
                         self._timed_out(b, lo, hi, failure)
                     return failure
                 if is_infrastructure(e):
-                    if waits < self.queue.retries:
+                    if chunk and waits < self.queue.retries:
                         self._wait(waits, e)
                         waits += 1
                         continue
-                    raise
+                    return Failure.of(e, transient=True)
                 if hi - lo == 1 and item_tries < self.queue.retries:
                     item_tries += 1
                     continue
                 return Failure.of(e)
             b.succeeded()
+            b.ok = True
             if not probe:
                 b.results.extend(out)
             return out
@@ -302,12 +349,18 @@ class HandlerPolicy:
         return self.check(b.keys[lo:hi], out)
 
     def check(self, keys: list[Any], results: Any) -> list[Item]:
-        """``results`` if they are one dict per key, carrying it (any order); else raise
-        :class:`HandlerError`."""
+        """``results`` if they are one dict per key, carrying it (any order), with no field
+        but :attr:`columns` (when given); else raise :class:`HandlerError`, so the call is
+        split and the item at fault dead-lettered alone, not its batch failed at commit."""
         key = self.queue.key
         if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
             raise HandlerError(f"handler {self.queue.handler} must return a list of dicts, "
                                f"got {type(results).__name__}")
+        if self.columns is not None and results:
+            extra = set().union(*results) - self.columns
+            if extra:
+                raise HandlerError(f"results have fields {sorted(extra)} that model "
+                                   f"{self.queue.model} has no columns for")
         if len(results) == len(keys) and all(r.get(key) == k for r, k in zip(results, keys)):
             return results  # one result per item, in item order: the common case, no sort
         want = sorted(str(k) for k in keys)
@@ -338,6 +391,8 @@ class HandlerPolicy:
             b.succeeded()
             return
         out = self._attempt(b, j, j + 1, chunk=False, probe=True)
+        if isinstance(out, Failure) and out.transient is not None:
+            raise out.transient  # the service is down now, whatever the items
         if isinstance(out, Failure) and (out.timeout if failure.timeout
                                          else out.signature == failure.signature):
             what = ("calls on separate items all ran past handler_timeout "

@@ -25,6 +25,10 @@ What the database answers decides what happens (:func:`lrq.db.fault`):
   whose connections run without the driver's own transaction handling (``BEGIN
   IMMEDIATE``, see :mod:`lrq.db`), SAVEPOINTs nest inside that transaction as on the
   servers.
+* **Every row of the batch refused with the same first line of the message** (3 rows or
+  more: a handler that leaves a NOT NULL column empty for all): the handler is broken, not
+  the items; :class:`~lrq.errors.HandlerBroken` is raised (nothing committed) and the
+  worker fails the batch loudly as when the handler's calls fail alike.
 * **An unreachable database** (failed connect, disconnect, timeout, lock wait, deadlock,
   full disk): :class:`~lrq.errors.DatabaseUnreachable`; the worker releases the batch without
   counting an attempt and backs off.
@@ -72,7 +76,15 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, Statem
 from lrq import failpoints
 from lrq.config import QueueConfig, load_object
 from lrq.db import Fault, dumps_json, fault, insert_ignore, reader
-from lrq.errors import ConfigError, DatabaseUnreachable, HandlerError, SinkError, StatementRefused
+from lrq.errors import (
+    ConfigError,
+    DatabaseUnreachable,
+    HandlerBroken,
+    HandlerError,
+    SinkError,
+    StatementRefused,
+)
+from lrq.policy import BROKEN_AFTER, ERROR_CHARS, clip
 
 log = logging.getLogger(__name__)
 
@@ -183,6 +195,9 @@ class Sink:
             self.generic = True
             self.unique = ["queue", "key"]
         self._insert = insert_ignore(engine, self.table, self.unique)
+        #: The fields a result may have (the model's columns); None: any (the generic table).
+        self.columns: frozenset[str] | None = (
+            None if self.generic else frozenset(self._columns))
         if self.generic:
             # lrq's own table has a known shape (three strings and JSON), so its rows skip
             # SQLAlchemy's per-row processing: the statement is compiled once and sent to
@@ -226,6 +241,8 @@ class Sink:
                          "value": r} for r in results]
             except KeyError:
                 raise HandlerError(f"a result has no {self.key!r} field (the queue's key)") from None
+        # The policy checks each call's results (an item with a field too many is dead-lettered
+        # alone); this is the backstop for callers without it.
         extra = set().union(*(r.keys() for r in results)) - self._columns if results else set()
         if extra:
             raise HandlerError(f"results have fields {sorted(extra)} that model "
@@ -311,6 +328,7 @@ class Sink:
             if statement and len(refused) == len(rows):  # no row went in: not the rows
                 raise self._error(f"storing batch {batch} into {self.table.name} failed "
                                   f"(every result was refused)", statement[0])
+            self._check_broken(rows, refused)
             by_key = {str(it.get(self.key)): it for it in inputs or ()}
             for i, e in refused:
                 error = str(getattr(e, "orig", None) or e)[:MESSAGE_CHARS]
@@ -329,6 +347,22 @@ class Sink:
                 results=stored, dead=len(dead_rows)))
             failpoints.hit("during-txn")
         return Stored(recorded=True, results=stored, dead=len(dead_rows))
+
+    def _check_broken(self, rows: list[dict[str, Any]],
+                      refused: list[tuple[int, Exception]]) -> None:
+        """Every result of the batch (``BROKEN_AFTER`` or more) refused with the same first
+        line of the database's message: the handler is broken (it leaves a NOT NULL column
+        empty for all), so raise :class:`HandlerBroken` rather than dead-letter every item."""
+        if len(rows) < BROKEN_AFTER or len(refused) < len(rows):
+            return
+        lines = {_first_line(e) for _i, e in refused}
+        if len(lines) == 1:
+            error = str(getattr(refused[0][1], "orig", None) or refused[0][1])
+            raise HandlerBroken(self.queue.handler, f"the database refused the result: "
+                                f"{lines.pop()[:MESSAGE_CHARS]}",
+                                f"the database refused all {len(rows)} results of the batch "
+                                f"the same way (table {self.table.name})",
+                                error[:MESSAGE_CHARS])
 
     def _bisect(self, conn: Connection, rows: list[dict[str, Any]], bulk: list[Any] | None,
                 part: list[int], refused: list[tuple[int, Exception]]) -> None:
@@ -387,7 +421,7 @@ class Sink:
     def _dead_rows(self, batch: str,
                    dead: Sequence[tuple[dict[str, Any], str]]) -> list[dict[str, Any]]:
         return [{"queue": self.queue.name, "key": str(item.get(self.key)), "batch": batch,
-                 "error": error, "item": item} for item, error in dead]
+                 "error": clip(error, ERROR_CHARS), "item": item} for item, error in dead]
 
     def _row_key(self, row: dict[str, Any]) -> str:
         return str(row["key"] if self.generic else row[self.key])

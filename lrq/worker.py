@@ -7,8 +7,14 @@ What can go wrong, and what the worker does:
   wait; infrastructure errors and timeouts are retried with backoff first.
 * **Infrastructure fails** (database unreachable, service timeout, connection refused, HTTP
   5xx/429, disk full, or the handler raises :class:`~lrq.errors.Retryable`): the items are
-  not at fault.
-  The claim is released without counting an attempt and the worker backs off.
+  not at fault, unless the service answers the rest of the batch (the policy then
+  dead-letters the one item it fails on, see :mod:`lrq.policy`).
+  The claim is released without counting an attempt and the worker backs off. The backstop:
+  the release is noted in the batch's attempt history, and the ``RELEASES_PER_ATTEMPT``-th
+  uncounted release in a row counts an attempt (:meth:`Worker._released_too_often`), so a
+  batch that always meets an infrastructure error ends in ``failed/`` after
+  ``RELEASES_PER_ATTEMPT × max_attempts`` releases instead of looping forever; the price is
+  that a long outage can fail batches that many releases old (``lrq requeue --failed``).
 * **The database refuses a result row** (NOT NULL, CHECK, too long, foreign key): the sink
   dead-letters that row with the database's message and stores the rest (see
   :mod:`lrq.sink`). **It refuses the statement** whatever the rows (a missing table or
@@ -16,10 +22,13 @@ What can go wrong, and what the worker does:
   ``failed/`` with the message (:meth:`Worker._attempt_failed`).
 * **Commits keep failing without progress**: :meth:`Worker.run` backs off, doubling, and
   gives up after ``INFRA_TRIES``; only a batch that settles resets the count (see there).
-* **The handler is broken** (every item fails the same way, or calls hang):
-  :class:`~lrq.errors.HandlerBroken`. The batch moves to ``failed/`` with the error, nothing
-  is dead-lettered, one ``handler-broken`` line is logged at ERROR, and the run ends with it
+* **The handler is broken** (every item fails the same way, or calls hang, or the database
+  refuses every result of a batch the same way): :class:`~lrq.errors.HandlerBroken`. The
+  batch moves to ``failed/`` with the error, nothing is dead-lettered, one
+  ``handler-broken`` line is logged at ERROR, and the run ends with it
   (``lrq work`` exits 4; the scheduler pauses the queue, ``run --until-idle`` stops).
+  Storing behind, a batch handled while that commit ran is released uncounted, not
+  committed (:meth:`StoreBehind.start`).
 * **A handler call will not stop** (it caught the soft timeout and went on): the heartbeat
   thread, the batch's watchdog, logs ``batch-overrun`` and ends the process once the call is
   ``overrun_after(handler_timeout)`` old (see :mod:`lrq.policy`); the reaper takes the
@@ -65,7 +74,15 @@ from lrq.errors import (
     Retryable,
     SinkError,
 )
-from lrq.policy import MAX_BACKOFF, Handler, HandlerPolicy, Item, is_infrastructure, soft_timeout
+from lrq.policy import (
+    MAX_BACKOFF,
+    MESSAGE_CHARS,
+    Handler,
+    HandlerPolicy,
+    Item,
+    is_infrastructure,
+    soft_timeout,
+)
 from lrq.sink import Sink
 from lrq.spool import Claim, Spool
 
@@ -77,6 +94,8 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY = 5.0  # seconds between progress lines on long runs
 OVERRUN_EXIT = 1  # exit status of a worker process ended by the watchdog
 INFRA_TRIES = 6  # consecutive infrastructure failures before a run gives up
+#: Uncounted releases of one batch in a row (infrastructure failed) that count an attempt.
+RELEASES_PER_ATTEMPT = 10
 
 
 @dataclass
@@ -211,7 +230,8 @@ class Worker:
         self.sink = sink
         self.stop = stop or threading.Event()
         #: Chunks, tries, splits, timeouts, result checks (see :mod:`lrq.policy`).
-        self.policy = HandlerPolicy(queue, handler, sleep=sleep or time.sleep)
+        self.policy = HandlerPolicy(queue, handler, sleep=sleep or time.sleep,
+                                    columns=sink.columns)
         self.stats = RunStats()
         #: Holds every claim of a batch being handled or committed (see :meth:`abandon`), and
         #: ends the process if a handler call will not stop.
@@ -279,13 +299,37 @@ class Worker:
         except Exception as e:
             if not is_infrastructure(e):
                 raise
-            self.spool.release(claim)
-            log.warning("released queue=%s batch=%s reason=%s: %s", self.queue.name, claim.name,
-                        type(e).__name__, e)
-            raise e if isinstance(e, Retryable) else Retryable(f"{type(e).__name__}: {e}") from e
+            reason = f"{type(e).__name__}: {e}"
+            if self.spool.note_release(claim, reason[:MESSAGE_CHARS]) >= RELEASES_PER_ATTEMPT:
+                self._released_too_often(claim, reason)
+            else:
+                self.spool.release(claim)
+                log.warning("released queue=%s batch=%s reason=%s", self.queue.name,
+                            claim.name, reason)
+            raise e if isinstance(e, Retryable) else Retryable(reason) from e
+
+    def _released_too_often(self, claim: Claim, reason: str) -> None:
+        """The backstop: a batch released uncounted ``RELEASES_PER_ATTEMPT`` times in a row
+        counts an attempt, so it ends in ``failed/`` after ``max_attempts`` of those instead
+        of being released forever."""
+        why = (f"released {RELEASES_PER_ATTEMPT} times in a row for infrastructure errors; "
+               f"the last: {reason}")
+        if claim.attempt >= self.queue.max_attempts:
+            self._fail(claim, f"gave up after {claim.attempt} attempts (max_attempts): {why}")
+            return
+        self.spool.give_back(claim, why[:MESSAGE_CHARS])
+        log.error("released queue=%s batch=%s attempt=%d of %d reason=%s", self.queue.name,
+                  claim.name, claim.attempt, self.queue.max_attempts, why)
 
     def _let_go(self, claim: Claim) -> None:
         self.heartbeat.drop(claim)
+
+    def release_handled(self, handled: Handled, reason: str) -> None:
+        """Give a handled batch back uncounted, uncommitted (the run ends before its commit)."""
+        if self.spool.release(handled.claim):
+            log.warning("released queue=%s batch=%s reason=%s", self.queue.name,
+                        handled.claim.name, reason)
+        self._let_go(handled.claim)
 
     def _handle_claim(self, claim: Claim, lost: threading.Event,
                       behind: StoreBehind | None) -> Handled | None:
@@ -362,6 +406,9 @@ class Worker:
         try:
             stored = self.sink.store(claim.name, h.items, h.results, claim.attempt, dead=h.dead,
                                      inputs=h.inputs, replace_dead=h.replace_dead)
+        except HandlerBroken as e:  # the database refused every result alike
+            self._broken(claim, e)
+            raise
         except HandlerError as e:  # results the sink cannot take: the handler's fault
             self._fail(claim, str(e), e)
             return
@@ -517,6 +564,8 @@ class Worker:
         """One batch: claim it, run the handler, commit it or hand the commit to ``behind``.
         False when nothing is pending (and no commit is in flight)."""
         try:
+            if behind is not None:
+                behind.raise_fatal()
             claim = self.spool.pick(self.queue.order)
             if claim is None:
                 if behind is not None:
@@ -579,10 +628,16 @@ class StoreBehind:
         self._queued = handled
 
     def start(self) -> None:
-        """Start the queued commit, after the commit in flight has ended."""
+        """Start the queued commit, after the commit in flight has ended; unless that commit
+        failed with :class:`HandlerBroken` (the run ends with it): the queued batch
+        is then released uncounted, not committed, so a broken handler fails one batch."""
         if self._queued is None:
             return
         self._settle()
+        if isinstance(self._error, HandlerBroken):
+            self._worker.release_handled(self._queued, type(self._error).__name__)
+            self._queued = None
+            return
         self._inflight = self._pool.submit(self._worker.commit, self._queued)
         self._queued = None
 
@@ -603,6 +658,11 @@ class StoreBehind:
         error, self._error = self._error, None
         if error is not None:
             raise error
+
+    def raise_fatal(self) -> None:
+        """Raise a kept :class:`HandlerBroken` now, before another batch is picked."""
+        if isinstance(self._error, HandlerBroken):
+            self.raise_error()
 
     def wait(self) -> None:
         """Start the queued commit and wait for every commit; raise the first error."""

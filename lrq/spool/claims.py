@@ -260,6 +260,20 @@ class Claims(Batches):
             os.unlink(self.right / claim.name)
         return True
 
+    def note_release(self, claim: Claim, reason: str) -> int:
+        """Record in the attempt history that ``claim`` is about to be released uncounted
+        (infrastructure failed); return how many uncounted releases in a row the batch has
+        now had since its last counted attempt (0 if the claim is no longer ours)."""
+        if not self.owns(claim):
+            return 0
+        history = self._record_attempt(claim, reason, counted=False)["history"]
+        n = 0
+        for entry in reversed(history):
+            if entry.get("counted", True):
+                break
+            n += 1
+        return n
+
     def give_back(self, claim: Claim, reason: str) -> None:
         """Release a claim whose attempt failed, counting the attempt (unlike :meth:`release`):
         the next claim is attempt + 1, and the history keeps ``reason``."""

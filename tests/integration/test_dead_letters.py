@@ -120,3 +120,23 @@ def test_retry_dead_splits_by_batch_size_and_skips_keys_waiting_even_in_failed(
     again = app.retry_dead(q, keys={"a", "c", "zz"})
     assert (again.items, again.batches, again.missing) == (0, [], ["zz"])
     assert again.waiting == {"a": r.batches[0], "c": r.batches[1]}
+
+
+def test_an_error_text_longer_than_a_text_column_is_clipped_not_the_batch_failed(
+        tmp_path: Path, db_url: str) -> None:
+    # e.g. an exception carrying a service's response body: 80 KB of UTF-8, more than
+    # MariaDB's TEXT (65,535 bytes) takes, which refused the dead letter and so the batch.
+    (tmp_path / "flaky.py").write_text(FLAKY)
+    cfg = write_config(tmp_path, docs=300, batch_size=100, chunk_size=10, handler="flaky:handle",
+                       backoff=0, top={"db_url": db_url})
+    lrq("-c", str(cfg), "sniff", check=True)
+    err = "body: " + "ü" * 40_000 + " end"
+    lrq("-c", str(cfg), "work", "--burst", check=True, env={"FAIL_IDS": "7,150", "ERR": err})
+    _verify(cfg)
+    app = load_app(cfg)
+    q = app.queues("docs")[0]
+    assert app.spool(q).counts().failed == 0
+    dead = app.sink(q).dead_records()
+    assert len(dead) == 2 and all(len(d.error) <= 12_000 for d in dead)
+    assert all("RuntimeError: body: üü" in d.error and "characters cut" in d.error
+               for d in dead)

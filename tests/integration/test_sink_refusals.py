@@ -16,7 +16,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from lrq.config import QueueConfig, SourceConfig
 from lrq.db import make_engine
-from lrq.errors import StatementRefused
+from lrq.errors import HandlerBroken, StatementRefused
 from lrq.sink import Sink
 
 
@@ -128,11 +128,23 @@ def test_without_inputs_the_refused_result_is_the_dead_letters_item(engine: Engi
 
 
 def test_every_row_refused_still_records_the_batch(engine: Engine) -> None:
+    # refused in two ways, or alike but too few to tell a broken handler: the rows' fault
     sink = Sink(engine, queue()).prepare()
-    stored = sink.store("b1", 4, results(4, {i: {"note": None} for i in range(4)}),
-                        inputs=items(4))
+    bad = {i: {"note": None} if i % 2 else {"score": -5} for i in range(4)}
+    stored = sink.store("b1", 4, results(4, bad), inputs=items(4))
     assert stored.recorded and (stored.results, stored.dead) == (0, 4)
-    assert sink.count() == 0 and sink.dead_count() == 4 and sink.ledger_stats() == (1, 4)
+    stored = sink.store("b2", 2, results(2, {i: {"note": None} for i in range(2)}),
+                        inputs=items(2))
+    assert stored.recorded and (stored.results, stored.dead) == (0, 2)
+    assert sink.count() == 0 and sink.dead_count() == 4 and sink.ledger_stats() == (2, 6)
+
+
+def test_every_row_refused_alike_is_a_broken_handler(engine: Engine) -> None:
+    sink = Sink(engine, queue()).prepare()
+    with pytest.raises(HandlerBroken, match=r"refused all 4 results of the batch the same way"):
+        sink.store("b1", 4, results(4, {i: {"note": None} for i in range(4)}),
+                   inputs=items(4))
+    assert sink.count() == 0 and sink.dead_count() == 0 and sink.ledger_stats() == (0, 0)
 
 
 def test_a_value_the_driver_cannot_bind_is_one_rows_refusal_unless_every_row_has_it(

@@ -109,8 +109,40 @@ def test_transient_errors_back_off_then_propagate(error: Exception) -> None:
     fake = Fake(down)
     with pytest.raises(type(error)):
         policy(fake).run(items(10))
-    assert fake.sizes == [10, 10, 10]
+    # the chunk with its waits, then both halves once: nothing answered, the service is down
+    assert fake.sizes == [10, 10, 10, 5, 5]
     assert fake.sleeps == [0.5, 1.0]
+
+
+@pytest.mark.parametrize("error", [Retryable("503 for this input"),
+                                   requests.ConnectionError("reset")])
+def test_one_item_that_always_fails_transiently_is_isolated_and_dead_lettered(
+        error: Exception) -> None:
+    def poison(it: dict[str, Any]) -> None:
+        if it["doc_id"] == "d7":
+            raise error
+
+    fake = Fake(poison)
+    results, dead = policy(fake).run(items(100))
+    assert [d[0]["doc_id"] for d in dead] == ["d7"]
+    assert type(error).__name__ in dead[0][1]
+    assert len(results) == 99
+    assert fake.sleeps == [0.5, 1.0]  # the first chunk's waits only: parts get one try
+    assert len(fake.calls) <= 2 + 3 + 2 * 6
+
+
+def test_a_service_going_down_mid_batch_raises_instead_of_dead_lettering() -> None:
+    down: list[int] = []
+
+    def rule(it: dict[str, Any]) -> None:
+        if it["doc_id"] == "d50" or down:
+            down.append(1)
+            raise Retryable("503")
+
+    fake = Fake(rule)
+    with pytest.raises(Retryable):
+        policy(fake).run(items(100))  # chunk 1 went in; from chunk 2 on, nothing answers
+    assert len(fake.calls) <= 1 + 3 + 2 * 6 + 1
 
 
 def test_a_transient_blip_costs_one_wait_and_nothing_else() -> None:

@@ -182,6 +182,23 @@ def test_infrastructure_errors_release_the_batch_without_counting(app, error) ->
     assert w.run_once() and rows(app) == 4
 
 
+def test_one_item_the_service_always_refuses_with_a_5xx_is_dead_lettered(app) -> None:
+    def one_503(items):
+        if any(it["doc_id"] == "d2" for it in items):
+            r = requests.Response()
+            r.status_code = 503
+            raise requests.HTTPError("503 Service Unavailable", response=r)
+        return echo(items)
+
+    name = publish(app, 8)
+    w = app.worker(queue(app))
+    w.handler, w.sleep = one_503, lambda s: None
+    assert w.run_once()
+    assert w.spool.state(name) is State.DONE and rows(app) == 7
+    assert [d["key"] for d in w.sink.dead_letters()] == ["d2"]
+    assert "HTTPError: 503" in w.sink.dead_letters()[0]["error"]
+
+
 def test_http_5xx_is_infrastructure_but_4xx_is_poison(app) -> None:
     from lrq.worker import is_infrastructure
 
@@ -525,8 +542,9 @@ def test_a_statement_the_database_refuses_counts_attempts_then_fails_the_batch(
     assert "released queue=docs batch=" in caplog.text and "attempt=1 of 3" in caplog.text
 
 
-def test_a_result_the_database_refuses_is_dead_lettered_with_its_item(tmp_path: Path) -> None:
-    (tmp_path / "notnull_model.py").write_text(
+def strict_app(tmp_path: Path, module: str):
+    """An app whose results go into model ``module:Strict`` (doc_id, note NOT NULL)."""
+    (tmp_path / f"{module}.py").write_text(
         "from sqlalchemy import String\n"
         "from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column\n"
         "class Base(DeclarativeBase):\n    pass\n"
@@ -534,8 +552,12 @@ def test_a_result_the_database_refuses_is_dead_lettered_with_its_item(tmp_path: 
         "    __tablename__ = 'strict'\n"
         "    doc_id: Mapped[str] = mapped_column(String(50), primary_key=True)\n"
         "    note: Mapped[str] = mapped_column(String(50), nullable=False)\n")
-    app = load_app(write_config(tmp_path, docs=None, chunk_size=4, result_table=None,
-                                model="notnull_model:Strict"))
+    return load_app(write_config(tmp_path, docs=None, chunk_size=4, result_table=None,
+                                 model=f"{module}:Strict"))
+
+
+def test_a_result_the_database_refuses_is_dead_lettered_with_its_item(tmp_path: Path) -> None:
+    app = strict_app(tmp_path, "notnull_model")
     name = publish(app, 6)
     w = app.worker(queue(app))
     w.handler = lambda items: [{"doc_id": i["doc_id"],
@@ -551,3 +573,43 @@ def test_a_result_the_database_refuses_is_dead_lettered_with_its_item(tmp_path: 
         items = conn.exec_driver_sql("SELECT item FROM lrq_dead_letters ORDER BY key").scalars()
         assert [json.loads(i) for i in items] == [{"doc_id": "d1", "content": "w1 x y"},
                                                   {"doc_id": "d4", "content": "w4 x y"}]
+
+
+def test_a_result_with_a_field_the_model_lacks_is_dead_lettered_alone(tmp_path: Path) -> None:
+    app = strict_app(tmp_path, "strict_model")
+    name = publish(app, 10)
+    w = app.worker(queue(app))
+    w.handler = lambda items: [{"doc_id": i["doc_id"], "note": "ok",
+                                **({"debug": 1} if i["doc_id"] == "d6" else {})}
+                               for i in items]
+    assert w.run(burst=True).batches == 1
+    assert w.spool.state(name) is State.DONE and w.stats.dead == 1 and w.stats.failed == 0
+    assert sorted(w.sink.keys()) == sorted(f"d{i}" for i in range(10) if i != 6)
+    (dead,) = w.sink.dead_letters()
+    assert dead["key"] == "d6"
+    assert "results have fields ['debug'] that model strict_model:Strict has no columns" \
+        in dead["error"]
+
+
+def test_a_batch_released_uncounted_again_and_again_counts_attempts_then_fails(app) -> None:
+    """The backstop: every RELEASES_PER_ATTEMPT-th uncounted release in a row counts an
+    attempt, so a batch that always meets an infrastructure error ends in failed/."""
+    from lrq.worker import RELEASES_PER_ATTEMPT
+
+    def down(items):
+        raise Retryable("service says 503")
+
+    name = publish(app, 4)
+    q = queue(app)
+    w = app.worker(q)
+    w.handler = down
+    for n in range(1, RELEASES_PER_ATTEMPT * q.max_attempts + 1):
+        with pytest.raises(Retryable):
+            assert w.run_named(name)
+        if n < RELEASES_PER_ATTEMPT * q.max_attempts:
+            assert w.spool.state(name) is State.PENDING
+            assert w.spool.attempts(name)["attempts"] == n // RELEASES_PER_ATTEMPT
+    assert w.spool.state(name) is State.FAILED
+    error = w.spool.read_error(name)["error"]
+    assert f"released {RELEASES_PER_ATTEMPT} times in a row" in error
+    assert "service says 503" in error and w.sink.dead_count() == 0
