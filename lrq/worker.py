@@ -10,11 +10,12 @@ What can go wrong, and what the worker does:
   not at fault, unless the service answers the rest of the batch (the policy then
   dead-letters the one item it fails on, see :mod:`lrq.policy`).
   The claim is released without counting an attempt and the worker backs off. The backstop:
-  the release is noted in the batch's attempt history, and the ``RELEASES_PER_ATTEMPT``-th
-  uncounted release in a row counts an attempt (:meth:`Worker._released_too_often`), so a
-  batch that always meets an infrastructure error ends in ``failed/`` after
-  ``RELEASES_PER_ATTEMPT × max_attempts`` releases instead of looping forever; the price is
-  that a long outage can fail batches that many releases old (``lrq requeue --failed``).
+  the release is noted in the batch's attempt history with the ledger's count of done
+  batches, and the ``RELEASES_PER_ATTEMPT``-th uncounted release in a row that came while
+  other batches got done counts an attempt (:meth:`Worker._released_too_often`), so a batch
+  that meets an infrastructure error while the rest flows ends in ``failed/`` after
+  ``RELEASES_PER_ATTEMPT × max_attempts`` such releases instead of looping forever. An
+  outage, where nothing gets done, counts nothing (DESIGN invariant 5).
 * **The database refuses a result row** (NOT NULL, CHECK, too long, foreign key): the sink
   dead-letters that row with the database's message and stores the rest (see
   :mod:`lrq.sink`). **It refuses the statement** whatever the rows (a missing table or
@@ -61,6 +62,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from lrq import failpoints
 from lrq.config import QueueConfig
@@ -300,7 +303,9 @@ class Worker:
             if not is_infrastructure(e):
                 raise
             reason = f"{type(e).__name__}: {e}"
-            if self.spool.note_release(claim, reason[:MESSAGE_CHARS]) >= RELEASES_PER_ATTEMPT:
+            progress = self._done_so_far()
+            if self.spool.note_release(claim, reason[:MESSAGE_CHARS],
+                                       progress) >= RELEASES_PER_ATTEMPT:
                 self._released_too_often(claim, reason)
             else:
                 self.spool.release(claim)
@@ -308,11 +313,20 @@ class Worker:
                             claim.name, reason)
             raise e if isinstance(e, Retryable) else Retryable(reason) from e
 
+    def _done_so_far(self) -> int | None:
+        """Batches of this queue in the ledger, for the release backstop; None when the
+        database cannot say (it is what failed, most likely)."""
+        try:
+            return self.sink.ledger_stats()[0]
+        except (SinkError, SQLAlchemyError):
+            return None
+
     def _released_too_often(self, claim: Claim, reason: str) -> None:
         """The backstop: a batch released uncounted ``RELEASES_PER_ATTEMPT`` times in a row
         counts an attempt, so it ends in ``failed/`` after ``max_attempts`` of those instead
         of being released forever."""
-        why = (f"released {RELEASES_PER_ATTEMPT} times in a row for infrastructure errors; "
+        why = (f"released {RELEASES_PER_ATTEMPT} times in a row for infrastructure errors "
+               "while other batches got done; "
                f"the last: {reason}")
         if claim.attempt >= self.queue.max_attempts:
             self._fail(claim, f"gave up after {claim.attempt} attempts (max_attempts): {why}")

@@ -156,7 +156,7 @@ class Claims(Batches):
         return {"attempts": 0, "history": []}
 
     def _record_attempt(self, claim: Claim, reason: str, exit: Exit | None = None,
-                        counted: bool = True) -> dict[str, Any]:
+                        counted: bool = True, progress: int | None = None) -> dict[str, Any]:
         record = self.attempts(claim.name)
         if counted:
             record["attempts"] = max(record["attempts"], claim.attempt)
@@ -166,6 +166,8 @@ class Claims(Batches):
             entry["exit"] = asdict(exit)
         if not counted:
             entry["counted"] = False
+        if progress is not None:
+            entry["progress"] = progress
         record["history"] = (record["history"] + [entry])[-20:]
         write_atomic(self.right / f"{claim.name}{ATTEMPT}", json.dumps(record).encode(), self.tmp)
         return record
@@ -260,19 +262,25 @@ class Claims(Batches):
             os.unlink(self.right / claim.name)
         return True
 
-    def note_release(self, claim: Claim, reason: str) -> int:
+    def note_release(self, claim: Claim, reason: str, progress: int | None = None) -> int:
         """Record in the attempt history that ``claim`` is about to be released uncounted
-        (infrastructure failed); return how many uncounted releases in a row the batch has
-        now had since its last counted attempt (0 if the claim is no longer ours)."""
+        (infrastructure failed), with ``progress``: how many batches of the queue are done
+        now (the ledger's count; None when it cannot be read). Return how many of the
+        uncounted releases in a row since the last counted attempt came while other batches
+        got done (``progress`` grew since the release before): this batch fails while the
+        rest flows, which an outage, where nothing is done, never shows. 0 if the claim is
+        no longer ours."""
         if not self.owns(claim):
             return 0
-        history = self._record_attempt(claim, reason, counted=False)["history"]
-        n = 0
+        history = self._record_attempt(claim, reason, counted=False,
+                                       progress=progress)["history"]
+        marks: list[int | None] = []  # newest first
         for entry in reversed(history):
             if entry.get("counted", True):
                 break
-            n += 1
-        return n
+            marks.append(entry.get("progress"))
+        return sum(1 for newer, older in zip(marks, marks[1:])
+                   if newer is not None and older is not None and newer > older)
 
     def give_back(self, claim: Claim, reason: str) -> None:
         """Release a claim whose attempt failed, counting the attempt (unlike :meth:`release`):

@@ -592,8 +592,36 @@ def test_a_result_with_a_field_the_model_lacks_is_dead_lettered_alone(tmp_path: 
 
 
 def test_a_batch_released_uncounted_again_and_again_counts_attempts_then_fails(app) -> None:
-    """The backstop: every RELEASES_PER_ATTEMPT-th uncounted release in a row counts an
-    attempt, so a batch that always meets an infrastructure error ends in failed/."""
+    """The backstop: every RELEASES_PER_ATTEMPT-th uncounted release in a row that came while
+    other batches got done counts an attempt, so a batch that always meets an infrastructure
+    error while the rest flows ends in failed/."""
+    from lrq.worker import RELEASES_PER_ATTEMPT
+
+    def down(items):
+        raise Retryable("service says 503")
+
+    name = publish(app, 4)
+    q = queue(app)
+    w = app.worker(q)
+    good = app.worker(q)
+    w.handler = down
+    per_attempt = RELEASES_PER_ATTEMPT + 1  # a streak's first release has nothing before it
+    for n in range(1, per_attempt * q.max_attempts + 1):
+        assert good.run_named(publish(app, 1, start=100 + n))  # the rest flows meanwhile
+        with pytest.raises(Retryable):
+            assert w.run_named(name)
+        if n < per_attempt * q.max_attempts:
+            assert w.spool.state(name) is State.PENDING
+            assert w.spool.attempts(name)["attempts"] == n // per_attempt
+    assert w.spool.state(name) is State.FAILED
+    error = w.spool.read_error(name)["error"]
+    assert f"released {RELEASES_PER_ATTEMPT} times in a row" in error
+    assert "service says 503" in error and w.sink.dead_count() == 0
+
+
+def test_an_outage_releases_a_batch_uncounted_however_often(app) -> None:
+    """Nothing gets done while the service is down: its releases never count (infrastructure
+    failures are not poison), however many there are."""
     from lrq.worker import RELEASES_PER_ATTEMPT
 
     def down(items):
@@ -603,13 +631,7 @@ def test_a_batch_released_uncounted_again_and_again_counts_attempts_then_fails(a
     q = queue(app)
     w = app.worker(q)
     w.handler = down
-    for n in range(1, RELEASES_PER_ATTEMPT * q.max_attempts + 1):
+    for _ in range(RELEASES_PER_ATTEMPT * q.max_attempts + 5):
         with pytest.raises(Retryable):
-            assert w.run_named(name)
-        if n < RELEASES_PER_ATTEMPT * q.max_attempts:
-            assert w.spool.state(name) is State.PENDING
-            assert w.spool.attempts(name)["attempts"] == n // RELEASES_PER_ATTEMPT
-    assert w.spool.state(name) is State.FAILED
-    error = w.spool.read_error(name)["error"]
-    assert f"released {RELEASES_PER_ATTEMPT} times in a row" in error
-    assert "service says 503" in error and w.sink.dead_count() == 0
+            w.run_named(name)
+    assert w.spool.state(name) is State.PENDING and w.spool.attempts(name)["attempts"] == 0
