@@ -81,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sniff(args: argparse.Namespace) -> int:
     app = _app(args)
+    app.check_keys()  # as run and work: a changed key stops before anything is published
     for q in app.queues(args.queue):
         app.check_key(q)
         sniffer = app.sniffer(q)

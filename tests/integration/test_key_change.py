@@ -21,7 +21,7 @@ def test_a_changed_secret_stops_with_one_line_and_quarantines_nothing(tmp_path: 
     cfg = write_config(tmp_path, docs=300, batch_size=100, top={"secret": "first key"})
     lrq("-c", str(cfg), "sniff", check=True)
     cfg.write_text(cfg.read_text().replace('"first key"', '"second key"'))
-    for command in (["work", "--burst"], ["run", "--until-idle"]):
+    for command in (["work", "--burst"], ["run", "--until-idle"], ["sniff"]):
         r = lrq("-c", str(cfg), *command, timeout=60)
         assert r.returncode == 2, (command, r.stderr)
         lines = r.stderr.strip().splitlines()
@@ -41,6 +41,19 @@ def test_a_changed_secret_stops_with_one_line_and_quarantines_nothing(tmp_path: 
     lrq("-c", str(cfg), "work", "--burst", check=True)
     v = lrq("-c", str(cfg), "verify")
     assert v.returncode == 0 and "missing 0, duplicated 0" in v.stdout, v.stdout
+
+
+def test_a_planted_lrq2_file_in_a_drained_queue_is_quarantined_and_the_queue_runs(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, docs=200, batch_size=100, top={"secret": "k"})
+    lrq("-c", str(cfg), "run", "--until-idle", check=True)
+    planted = tmp_path / "data/docs/left/20260101T000000000000-planted00000.pkl"
+    planted.write_bytes(b"LRQ2\n" + b"\0" * 32 + b"\0garbage")
+    key_ids = (tmp_path / "data/key-ids").stat().st_mtime
+    os.utime(planted, (key_ids + 60, key_ids + 60))  # however coarse the file system's clock
+    r = lrq("-c", str(cfg), "run", "--until-idle", timeout=60)
+    assert r.returncode == 1 and "signed with another key" not in r.stderr, r.stderr
+    st = status(cfg)
+    assert (st["quarantined"], st["pending"], st["key_problem"]) == (1, 0, None)
 
 
 def requeue(cfg: Path, *args: str, stdin: int | None = subprocess.DEVNULL,
