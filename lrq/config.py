@@ -301,8 +301,12 @@ def from_dict(raw: dict[str, Any], path: Path, env: Mapping[str, str] | None = N
               "tmp_age": (int, float, str), "every": (int, float, str)}, "cleanup")
     periods = {k: positive(parse_duration(c.get(k, getattr(CleanupConfig, k)), f"cleanup.{k}"),
                            f"cleanup.{k}") for k in ("keep_done", "keep_failed", "tmp_age", "every")}
+    max_bytes = parse_bytes(c.get("max_bytes", CleanupConfig.max_bytes), "cleanup.max_bytes")
+    if max_bytes < 1:
+        raise ConfigError(f"cleanup.max_bytes: must be more than 0 bytes (at least two batches), "
+                          f"got {c['max_bytes']!r}")
     cleanup = CleanupConfig(
-        max_bytes=parse_bytes(c.get("max_bytes", CleanupConfig.max_bytes), "cleanup.max_bytes"),
+        max_bytes=max_bytes,
         min_free=_floor(c.get("min_free", CleanupConfig.min_free)), **periods)
     log_file = Path(base / raw["log_file"]) if "log_file" in raw else data_dir / "lrq.log"
     return Config(

@@ -102,6 +102,8 @@ def test_stored_json_is_compact_utf8_with_str_for_other_values() -> None:
     ({}, {"cleanup": {"tmp_age": "0s"}}, "cleanup.tmp_age: must be more than 0 seconds"),
     ({}, {"cleanup": {"keep_failed": 0}}, "cleanup.keep_failed: must be more than 0 seconds"),
     ({}, {"cleanup": {"keep_done": -1}}, "cleanup.keep_done: must be more than 0 seconds"),
+    ({}, {"cleanup": {"max_bytes": 0}}, "cleanup.max_bytes: must be more than 0 bytes"),
+    ({}, {"cleanup": {"max_bytes": "0KB"}}, "cleanup.max_bytes: must be more than 0 bytes"),
 ])
 def test_zero_or_negative_settings_are_config_errors(tmp_path: Path, queue_keys, top,
                                                       message) -> None:
