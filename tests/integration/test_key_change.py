@@ -95,3 +95,19 @@ def test_requeue_quarantined_re_signs_only_after_confirmation(tmp_path: Path) ->
     lrq("-c", str(cfg), "work", "--burst", check=True)
     v = lrq("-c", str(cfg), "verify")
     assert v.returncode == 0 and "source 200, results 200" in v.stdout, v.stdout
+
+
+def test_a_key_file_that_is_a_fifo_or_empty_is_one_line_not_a_hang(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, docs=100)  # no `secret`: the key is data/secret.key
+    (tmp_path / "data").mkdir(mode=0o700)
+    key = tmp_path / "data" / signing.KEY_FILE
+    os.mkfifo(key, 0o600)
+    for what, command in (("a FIFO", ["status"]), ("a FIFO", ["run", "--until-idle"]),
+                          ("empty", ["work", "--burst"])):
+        if what == "empty":
+            key.unlink()
+            key.write_bytes(b"")
+        r = lrq("-c", str(cfg), *command, timeout=30)
+        assert r.returncode == 2, (command, r.stderr)
+        assert r.stderr == (f"lrq: {key}: the batch-signing key file is {what}; put the key back "
+                            "as a regular file, or set `secret` in the config (or LRQ_SECRET)\n")
