@@ -6,7 +6,7 @@ only if it is a regular file and not empty (a FIFO there would hang every comman
 anything else is a one-line :class:`~lrq.errors.ConfigError`.
 
 Rotation: keys listed in ``previous_secrets`` (config) or ``LRQ_PREVIOUS_SECRETS``
-(comma-separated) still verify batch files; only the current key signs. Each file names its
+(comma-separated, nothing stripped) still verify batch files; only the current key signs. Each file names its
 key by a *key id* (:func:`key_id`, a short HMAC of a fixed string, which reveals nothing of
 the key), so a file signed with a key lrq does not have is told apart from an altered one.
 """
@@ -36,10 +36,12 @@ def key_id(key: bytes) -> bytes:
 
 def previous_keys(secrets_: Iterable[str] = (), env: Mapping[str, str] | None = None) -> tuple[bytes, ...]:
     """Keys that still verify (rotation): the config's ``previous_secrets``, then
-    ``LRQ_PREVIOUS_SECRETS`` split on commas."""
+    ``LRQ_PREVIOUS_SECRETS`` split on commas. Nothing is stripped: a key is used exactly as
+    ``secret`` or ``LRQ_SECRET`` gave it, so a secret with surrounding spaces or a newline
+    can still be rotated out (write ``a,b``, not ``a, b``); empty entries are skipped."""
     env = os.environ if env is None else env
     listed = [*secrets_, *env.get(PREVIOUS_ENV, "").split(",")]
-    return tuple(dict.fromkeys(s.strip().encode() for s in listed if s.strip()))
+    return tuple(dict.fromkeys(s.encode() for s in listed if s))
 
 
 def sign(key: bytes, data: bytes | memoryview) -> bytes:

@@ -33,7 +33,7 @@ def test_a_changed_secret_stops_with_one_line_and_quarantines_nothing(tmp_path: 
     assert "signed with another key" in st["key_problem"]
     assert "WARNING: queue docs: batch" in lrq("-c", str(cfg), "status", check=True).stdout
     assert st["position"] == 300  # the sniffer under `lrq run` did not publish with the new key
-    env = {"LRQ_PREVIOUS_SECRETS": "unrelated, first key"}  # the env form
+    env = {"LRQ_PREVIOUS_SECRETS": "unrelated,first key"}  # the env form
     lrq("-c", str(cfg), "work", "--once", env=env, check=True)
     assert status(cfg)["done"] == 1
     cfg.write_text(cfg.read_text().replace('secret = "second key"',

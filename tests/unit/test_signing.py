@@ -145,3 +145,15 @@ def test_lrq3_batches_of_a_new_key_do_not_make_an_lrq2_backlog_look_forged(tmp_p
         sp.load(names[0])
     rotated = Spool(tmp_path, "q", key=b"new key", previous=(b"old key",))
     assert rotated.key_problem() is None and rotated.load(names[0]).items == items(2)
+
+
+def test_a_secret_with_surrounding_whitespace_can_be_rotated_out(tmp_path: Path) -> None:
+    """``previous_keys`` used to strip what ``load_key`` keeps: such a key never verified."""
+    old = signing.load_key(" old key\n", tmp_path)
+    assert old == b" old key\n"
+    assert signing.previous_keys([" old key\n"], env={}) == (old,)
+    assert signing.previous_keys(env={"LRQ_PREVIOUS_SECRETS": "a, old key\n,,b"}) == \
+        (b"a", b" old key\n", b"b")
+    name = Spool(tmp_path, "q", key=old).ensure().publish(items(2))
+    rotated = Spool(tmp_path, "q", key=b"new", previous=signing.previous_keys([" old key\n"], env={}))
+    assert rotated.key_problem() is None and rotated.load(name).items == items(2)
