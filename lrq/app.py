@@ -192,7 +192,7 @@ class App:
                        "free_inodes": space.free_inodes, "total_inodes": space.total_inodes,
                        "min_free": self.cfg.cleanup.min_free,
                        "below_min_free": space.below(budget.floor),
-                       "blocked": blocked and f"{blocked[1]}; {held.advice()}",
+                       "blocked": blocked and f"{blocked[1]}; {budget.advice(held, nxt)}",
                        "held": held.as_dict()}
         return out
 

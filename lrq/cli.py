@@ -81,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_sniff(args: argparse.Namespace) -> int:
     app = _app(args)
+    app.check_keys()  # as run and work: a changed key stops before anything is published
     for q in app.queues(args.queue):
         app.check_key(q)
         sniffer = app.sniffer(q)
@@ -96,7 +97,7 @@ def cmd_sniff(args: argparse.Namespace) -> int:
         print(f"{q.name}: published {total} batches; source {state}")
         if sniffer.paused in ("budget", "min_free", "disk-full"):
             print(f"lrq: {q.name}: no room on disk for more batches ({sniffer.pause_detail}); "
-                  f"{app.held().advice()}", file=sys.stderr)
+                  f"{app.budget().advice(app.held(), sniffer.last_bytes)}", file=sys.stderr)
             return EXIT_PROBLEM
     return EXIT_OK
 

@@ -149,12 +149,26 @@ def parse_duration(value: int | float | str, where: str) -> float:
     return float(m.group(1)) * _SECONDS[m.group(2)]
 
 
-def positive(seconds: float, where: str) -> float:
-    """``seconds`` if above 0. Zero or less is never meant: a zero ``run_seconds`` spawns
-    worker processes that exit at once, forever; a zero ``lease`` reclaims live claims; a zero
-    ``interval`` or cleanup period spins; a zero ``keep_failed`` deletes failed batches."""
+#: The longest a duration may be: longer ones are typos (``1e12``, ``inf``) that overflow
+#: ``time.sleep`` and ``setitimer`` in the threads that use them. Retention periods
+#: (``keep_done``, ``keep_failed``, ``tmp_age``) may be longer.
+MAX_SECONDS = 30 * 86400.0
+MAX_KEEP_SECONDS = 3650 * 86400.0
+#: Bounds of ``backoff`` (its seconds double per retry) and ``retries``.
+MAX_BACKOFF = 86400.0
+MAX_RETRIES = 100
+
+
+def positive(seconds: float, where: str, most: float = MAX_SECONDS) -> float:
+    """``seconds`` if above 0 and at most ``most``. Zero or less is never meant: a zero
+    ``run_seconds`` spawns worker processes that exit at once, forever; a zero ``lease``
+    reclaims live claims; a zero ``interval`` or cleanup period spins; a zero ``keep_failed``
+    deletes failed batches. Infinite or huge ones crash the sleep or timer they reach."""
     if not seconds > 0:  # also NaN
         raise ConfigError(f"{where}: must be more than 0 seconds, got {seconds:g}")
+    if not seconds <= most:
+        raise ConfigError(f"{where}: must be at most {most:g} seconds ({most / 86400:g} days), "
+                          f"got {seconds:g}")
     return seconds
 
 
@@ -248,9 +262,11 @@ def _queue(name: str, table: dict[str, Any], base: Path, where: str) -> QueueCon
                           f"exits after it), got {values['run_seconds']:g}")
     if values.get("max_pending_bytes", 1) < 1:
         raise ConfigError(f"{where}.max_pending: must be more than 0 bytes, got {table['max_pending']!r}")
-    for k in ("retries", "backoff"):
+    for k, most in (("retries", MAX_RETRIES), ("backoff", MAX_BACKOFF)):
         if not values.get(k, 0) >= 0:
             raise ConfigError(f"{where}.{k}: must be 0 or more, got {values[k]}")
+        if not values.get(k, 0) <= most:
+            raise ConfigError(f"{where}.{k}: must be at most {most:g}, got {values[k]:g}")
     for k in ("batch_size", "chunk_size", "workers", "max_pending", "max_attempts"):
         if k in values and values[k] < 1:
             raise ConfigError(f"{where}.{k}: must be at least 1, got {values[k]}")
@@ -300,9 +316,14 @@ def from_dict(raw: dict[str, Any], path: Path, env: Mapping[str, str] | None = N
               "keep_failed": (int, float, str), "max_bytes": (int, str), "min_free": str,
               "tmp_age": (int, float, str), "every": (int, float, str)}, "cleanup")
     periods = {k: positive(parse_duration(c.get(k, getattr(CleanupConfig, k)), f"cleanup.{k}"),
-                           f"cleanup.{k}") for k in ("keep_done", "keep_failed", "tmp_age", "every")}
+                           f"cleanup.{k}", MAX_SECONDS if k == "every" else MAX_KEEP_SECONDS)
+               for k in ("keep_done", "keep_failed", "tmp_age", "every")}
+    max_bytes = parse_bytes(c.get("max_bytes", CleanupConfig.max_bytes), "cleanup.max_bytes")
+    if max_bytes < 1:
+        raise ConfigError(f"cleanup.max_bytes: must be more than 0 bytes (at least two batches), "
+                          f"got {c['max_bytes']!r}")
     cleanup = CleanupConfig(
-        max_bytes=parse_bytes(c.get("max_bytes", CleanupConfig.max_bytes), "cleanup.max_bytes"),
+        max_bytes=max_bytes,
         min_free=_floor(c.get("min_free", CleanupConfig.min_free)), **periods)
     log_file = Path(base / raw["log_file"]) if "log_file" in raw else data_dir / "lrq.log"
     return Config(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -162,18 +162,31 @@ class Budget:
     def space(self) -> Space:
         return space(self.data_dir)
 
-    def blocked(self, used: int, next_bytes: int,
-                space: Space | None = None) -> tuple[str, str] | None:
+    def blocked(self, used: int, next_bytes: int, space: Space | None = None,
+                idle: Callable[[], bool] | None = None) -> tuple[str, str] | None:
         """Why a batch of ``next_bytes`` cannot be published now, as (``"budget"`` or
         ``"min_free"``, detail), or None. ``used`` is :meth:`used`; ``space`` defaults to a
-        fresh look at the filesystem."""
+        fresh look at the filesystem. ``idle`` (asked only when the budget blocks) says the
+        queue has nothing pending or claimed: then one batch goes through whatever
+        ``max_bytes`` says, or a budget below two batches would stall the queue forever
+        (cleanup trims done batches meanwhile, as the budget still presses)."""
         # Two batches of headroom under max_bytes: usage is counted once per sniffer tick,
         # while workers add claims and markers, logs grow, and the next batch may be larger.
-        if used + 2 * next_bytes > self.max_bytes:
+        if used + 2 * next_bytes > self.max_bytes and not (idle and idle()):
+            if 2 * next_bytes > self.max_bytes:
+                return "budget", (f"max_bytes {self.max_bytes} is below two batches "
+                                  f"({next_bytes} bytes each); raise it")
             return "budget", (f"the data dir holds {used} bytes; the next batch would leave "
                               f"less than a batch of room under max_bytes {self.max_bytes}")
         below = (space or self.space()).below(self.floor, next_bytes)
         return ("min_free", below) if below else None
+
+    def advice(self, held: Held, next_bytes: int) -> str:
+        """:meth:`Held.advice`, unless ``max_bytes`` itself is below two batches: then no
+        cleanup helps and the other files on the filesystem are not to blame."""
+        if 2 * next_bytes > self.max_bytes:
+            return f"set cleanup.max_bytes to at least {2 * next_bytes} bytes"
+        return held.advice()
 
     def pressure(self, used: int, next_bytes: int = 0, space: Space | None = None) -> str | None:
         """Why cleanup should trim done batches now (before their ``keep_done``), or None:

@@ -139,7 +139,9 @@ class Sniffer:
         if q.max_pending_bytes is not None and pending and pending_bytes + nxt > q.max_pending_bytes:
             return "max_pending", (f"pending batches hold {pending_bytes} bytes "
                                    f"(max_pending {q.max_pending_bytes} bytes)")
-        return self.budget.blocked(used, nxt) if self.budget else None
+        if self.budget is None:
+            return None
+        return self.budget.blocked(used, nxt, idle=lambda: not pending and self.spool.settled())
 
     def _pause(self, why: str, detail: str) -> None:
         if self.paused != why:

@@ -9,7 +9,7 @@ db_url   = "sqlite:///data/results.db"     # results + batch ledger (postgresql:
 # interval = 1.0                           # seconds between scheduler ticks
 # grace    = 30                            # seconds a stopping worker gets to finish
 # secret   = "..."                         # batch-signing key (else LRQ_SECRET, else data/secret.key)
-# previous_secrets = ["..."]              # old keys that still verify batches (env LRQ_PREVIOUS_SECRETS)
+# previous_secrets = ["..."]              # old keys that still verify batches (env LRQ_PREVIOUS_SECRETS=a,b)
 
 [queues.docs]
 handler    = "workers.wordcount:handle"    # callable(items: list[dict]) -> list[dict]

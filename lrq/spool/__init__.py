@@ -59,11 +59,13 @@ altered, and one never used here was not written by lrq: both are moved to ``qua
 An id this data dir signed with (listed in ``<data_dir>/key-ids``) that the config no longer
 has means the key changed: the batch stays pending, nothing is quarantined, and the worker
 stops with :class:`~lrq.errors.KeyMismatch` (an LRQ2 file, which has no key id, counts as
-such when no pending batch verifies). ``lrq run`` and ``lrq work`` check a sample of pending
-batches the same way before claiming (:meth:`Spool.key_problem`). A planted file cannot stop the queue
-this way: naming an id of ours without our key makes it "altered", any other id a stranger,
-and both are quarantined; only ids listed in ``key-ids`` (0600, in the 0700 data dir) stop a
-worker.
+such when no pending LRQ2 file verifies, unless it is newer than ``key-ids``: lrq has written
+only LRQ3 files since, so it is quarantined). ``lrq run``, ``lrq work`` and ``lrq sniff``
+check a sample of pending batches the same way first (:meth:`Spool.key_problem`). A planted
+file cannot stop the queue this way: naming an id of ours without our key makes it
+"altered", any other id a stranger, an LRQ2 file newer than ``key-ids`` planted, and all are
+quarantined; only ids listed in ``key-ids`` (0600, in the 0700 data dir) and LRQ2 files
+from before it stop a worker.
 
 Leases: the owner of a claim touches ``right/<name>`` (its mtime is the heartbeat) while it
 works. :meth:`Spool.stale_claims` finds claims whose owner is dead (same host, pid gone or

@@ -14,7 +14,7 @@ from typing import Any
 
 from lrq import failpoints, signing
 from lrq.errors import BatchCorrupt, BatchUnsigned, ForeignEntry, KeyMismatch, LrqError
-from lrq.spool.batchfile import CODECS, check, compress, decompress, key_id_in, seal
+from lrq.spool.batchfile import CODECS, MAGIC_V2, check, compress, decompress, key_id_in, seal
 from lrq.spool.files import ATTEMPT, ERROR, FILE_MODE, SUFFIX, _uuid, fsync_dir, read_regular, write_atomic
 from lrq.spool.listing import Listing, State
 
@@ -93,24 +93,37 @@ class Batches(Listing):
         """:func:`lrq.spool.batchfile.check` with this spool's keys."""
         return check(data, self.keys, self.seen_key_ids)
 
+    def _newer_than_key_ids(self, path: os.PathLike[str]) -> bool:
+        """Was ``path`` (an LRQ2 file no key verifies) written after this data dir's first
+        LRQ3 file? Since ``key-ids`` exists lrq writes only LRQ3 files (renames into left/
+        keep a file's mtime), so such a file is not lrq's: quarantine it, never let it say
+        the key changed."""
+        try:
+            return os.stat(path).st_mtime_ns > os.stat(self.root.parent / KEY_IDS).st_mtime_ns
+        except FileNotFoundError:
+            return False
+
     def key_problem(self) -> KeyMismatch | None:
         """A key mismatch shown by a sample of pending batches, or None: a batch signed with
-        a key this data dir used but the config lacks, or old (LRQ2) batches none of which
-        verifies. Checked before ``lrq run`` and ``lrq work`` claim anything."""
+        a key this data dir used but the config lacks, or old (LRQ2) batches older than
+        ``key-ids`` none of which verifies (LRQ3 files verifying say nothing of the key that
+        wrote LRQ2 ones). Checked before ``lrq run``, ``lrq work`` and ``lrq sniff``."""
         claims = self._claims()
         names = [n for n in self._sample_left() if n not in claims][:KEY_SAMPLE]
         verified, unverified = False, []
         for name in names:
+            path = self.left / f"{name}{SUFFIX}"
             try:
-                data = read_regular(self.left / f"{name}{SUFFIX}")
+                data = read_regular(path)
             except (FileNotFoundError, ForeignEntry):
                 continue
             verdict, _ = self._signature(data)
             if verdict == "other-key":
                 return KeyMismatch(self.queue, name, key_id_in(data))
-            verified |= verdict == "ok"
-            if verdict == "unverified":
-                unverified.append(name)
+            if data.startswith(MAGIC_V2):
+                verified |= verdict == "ok"
+                if verdict == "unverified" and not self._newer_than_key_ids(path):
+                    unverified.append(name)
         return KeyMismatch(self.queue, unverified[0], None) if unverified and not verified else None
 
     def new_name(self) -> str:
@@ -164,7 +177,9 @@ class Batches(Listing):
         verdict, start = self._signature(data)
         if verdict == "other-key":
             raise KeyMismatch(self.queue, name, key_id_in(data))
-        if verdict == "unverified" and self.key_problem() is not None:
+        if verdict == "unverified" and self._newer_than_key_ids(path):
+            verdict = "planted"
+        elif verdict == "unverified" and self.key_problem() is not None:
             raise KeyMismatch(self.queue, name, None)  # no pending batch verifies: the key
         if verdict != "ok":
             raise BatchUnsigned(path, {
@@ -173,6 +188,8 @@ class Batches(Listing):
                 "stranger": "signature does not match: signed with a key this data dir never "
                             f"used (key id {key_id_in(data)})",
                 "unverified": "signature does not match this data dir's keys",
+                "planted": "an old-format (LRQ2) file no key verifies, written after this data "
+                           "dir's first LRQ3 file (key-ids), so not by lrq",
             }[verdict] + "; not unpickled")
         view = memoryview(data)
         try:

@@ -1,6 +1,7 @@
 """File primitives of the spool: names of the files beside a batch, atomic writes, directory
 fsyncs, ``flock`` singletons, and reading only regular files (anything else in a queue folder
-is a *foreign entry*, see :mod:`lrq.spool`). Nothing here knows what a batch or a claim is.
+is a *foreign entry*, see :mod:`lrq.spool`; the reading itself is :mod:`lrq.regular`'s).
+Nothing here knows what a batch or a claim is.
 """
 from __future__ import annotations
 
@@ -9,14 +10,15 @@ import errno
 import fcntl
 import itertools
 import os
-import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import shortuuid
 
 from lrq import failpoints
-from lrq.errors import AlreadyRunning, ForeignEntry
+from lrq.errors import AlreadyRunning
+from lrq.regular import kind as kind
+from lrq.regular import read_regular as read_regular
 
 SUFFIX = ".pkl"
 DONE = ".done"
@@ -84,42 +86,6 @@ def _entries_from(fd: int, offset: int, limit: int) -> list[str]:
     os.lseek(fd, offset, os.SEEK_SET)
     with os.scandir(fd) as it:
         return [e.name for e in itertools.islice(it, limit) if is_regular(e)]
-
-
-def kind(mode: int) -> str:
-    for test, kind in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-                       (stat.S_ISSOCK, "a socket"), (stat.S_ISLNK, "a symlink")):
-        if test(mode):
-            return kind
-    return "not a regular file"
-
-
-def read_regular(path: Path) -> bytes:
-    """The bytes of a regular file lrq wrote, or :class:`ForeignEntry` for anything else.
-
-    Opened with ``O_NONBLOCK | O_NOFOLLOW`` and checked with ``fstat`` before reading: a FIFO
-    opens at once and is refused instead of blocking the read forever, a symlink is refused
-    instead of followed (to ``/dev/zero``, say), and an unreadable file is reported, not
-    raised as a traceback."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    except FileNotFoundError:
-        raise
-    except OSError as e:
-        what = "a symlink" if e.errno == errno.ELOOP else f"unreadable ({e.strerror})"
-        raise ForeignEntry(path, what) from e
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            raise ForeignEntry(path, kind(mode))
-        chunks = []
-        while chunk := os.read(fd, 1 << 20):
-            chunks.append(chunk)
-        return b"".join(chunks)
-    except OSError as e:
-        raise ForeignEntry(path, f"unreadable ({e.strerror})") from e
-    finally:
-        os.close(fd)
 
 
 def is_regular(e: os.DirEntry[str]) -> bool:

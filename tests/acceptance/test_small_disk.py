@@ -145,3 +145,14 @@ def test_when_nothing_can_be_freed_every_command_says_what_holds_the_space(
     assert held["pending"] == st["queues"]["docs"]["pending_bytes"] > 0
     assert held["done"] == 0 and held["other"] >= 500_000
     assert st["disk"]["blocked"]
+
+
+def test_a_budget_below_two_batches_slows_the_queue_but_never_stalls_it(tmp_path: Path) -> None:
+    """The reviewer's stall: max_bytes under one batch, `run --until-idle` never ended."""
+    cfg = write_config(tmp_path, docs=1000, batch_size=200, top={"cleanup": {"max_bytes": "1KB"}})
+    r = lrq("-c", str(cfg), "run", "--until-idle", timeout=60)
+    assert r.returncode == 0, r.stderr
+    v = lrq("-c", str(cfg), "verify")
+    assert v.returncode == 0 and "source 1000, results 1000" in v.stdout, v.stdout
+    r = lrq("-c", str(cfg), "status")
+    assert "max_bytes 1000 is below two batches" in r.stdout and "raise it" in r.stdout, r.stdout

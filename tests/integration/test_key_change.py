@@ -21,7 +21,7 @@ def test_a_changed_secret_stops_with_one_line_and_quarantines_nothing(tmp_path: 
     cfg = write_config(tmp_path, docs=300, batch_size=100, top={"secret": "first key"})
     lrq("-c", str(cfg), "sniff", check=True)
     cfg.write_text(cfg.read_text().replace('"first key"', '"second key"'))
-    for command in (["work", "--burst"], ["run", "--until-idle"]):
+    for command in (["work", "--burst"], ["run", "--until-idle"], ["sniff"]):
         r = lrq("-c", str(cfg), *command, timeout=60)
         assert r.returncode == 2, (command, r.stderr)
         lines = r.stderr.strip().splitlines()
@@ -33,7 +33,7 @@ def test_a_changed_secret_stops_with_one_line_and_quarantines_nothing(tmp_path: 
     assert "signed with another key" in st["key_problem"]
     assert "WARNING: queue docs: batch" in lrq("-c", str(cfg), "status", check=True).stdout
     assert st["position"] == 300  # the sniffer under `lrq run` did not publish with the new key
-    env = {"LRQ_PREVIOUS_SECRETS": "unrelated, first key"}  # the env form
+    env = {"LRQ_PREVIOUS_SECRETS": "unrelated,first key"}  # the env form
     lrq("-c", str(cfg), "work", "--once", env=env, check=True)
     assert status(cfg)["done"] == 1
     cfg.write_text(cfg.read_text().replace('secret = "second key"',
@@ -41,6 +41,19 @@ def test_a_changed_secret_stops_with_one_line_and_quarantines_nothing(tmp_path: 
     lrq("-c", str(cfg), "work", "--burst", check=True)
     v = lrq("-c", str(cfg), "verify")
     assert v.returncode == 0 and "missing 0, duplicated 0" in v.stdout, v.stdout
+
+
+def test_a_planted_lrq2_file_in_a_drained_queue_is_quarantined_and_the_queue_runs(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, docs=200, batch_size=100, top={"secret": "k"})
+    lrq("-c", str(cfg), "run", "--until-idle", check=True)
+    planted = tmp_path / "data/docs/left/20260101T000000000000-planted00000.pkl"
+    planted.write_bytes(b"LRQ2\n" + b"\0" * 32 + b"\0garbage")
+    key_ids = (tmp_path / "data/key-ids").stat().st_mtime
+    os.utime(planted, (key_ids + 60, key_ids + 60))  # however coarse the file system's clock
+    r = lrq("-c", str(cfg), "run", "--until-idle", timeout=60)
+    assert r.returncode == 1 and "signed with another key" not in r.stderr, r.stderr
+    st = status(cfg)
+    assert (st["quarantined"], st["pending"], st["key_problem"]) == (1, 0, None)
 
 
 def requeue(cfg: Path, *args: str, stdin: int | None = subprocess.DEVNULL,
@@ -82,3 +95,19 @@ def test_requeue_quarantined_re_signs_only_after_confirmation(tmp_path: Path) ->
     lrq("-c", str(cfg), "work", "--burst", check=True)
     v = lrq("-c", str(cfg), "verify")
     assert v.returncode == 0 and "source 200, results 200" in v.stdout, v.stdout
+
+
+def test_a_key_file_that_is_a_fifo_or_empty_is_one_line_not_a_hang(tmp_path: Path) -> None:
+    cfg = write_config(tmp_path, docs=100)  # no `secret`: the key is data/secret.key
+    (tmp_path / "data").mkdir(mode=0o700)
+    key = tmp_path / "data" / signing.KEY_FILE
+    os.mkfifo(key, 0o600)
+    for what, command in (("a FIFO", ["status"]), ("a FIFO", ["run", "--until-idle"]),
+                          ("empty", ["work", "--burst"])):
+        if what == "empty":
+            key.unlink()
+            key.write_bytes(b"")
+        r = lrq("-c", str(cfg), *command, timeout=30)
+        assert r.returncode == 2, (command, r.stderr)
+        assert r.stderr == (f"lrq: {key}: the batch-signing key file is {what}; put the key back "
+                            "as a regular file, or set `secret` in the config (or LRQ_SECRET)\n")

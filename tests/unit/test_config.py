@@ -1,6 +1,7 @@
 """Bad configuration: one clear line naming the problem, exit code 2."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,8 @@ def test_env_overrides(tmp_path: Path) -> None:
     (lambda t: t.replace('kind = "sql"', 'kind = "ftp"'), "unknown source kind 'ftp'"),
     (lambda t: t + "[cleanup]\nkeep_done = \"forever\"\n", "not a duration"),
     (lambda t: t + "[cleanup]\nmax_bytes = \"lots\"\n", "not a size"),
+    (lambda t: t.replace("batch_size = 100", "batch_size = 100\nlease = inf"),
+     "queues.docs.lease: must be at most"),
     (lambda t: t.replace("[queues.docs]", "[queues.docs]\nmodel = \"workers.models:DocEntMap\""),
      "set result_table or model, not both"),
     (lambda t: t.replace("data_dir", "[broken"), "not valid TOML"),
@@ -102,6 +105,8 @@ def test_stored_json_is_compact_utf8_with_str_for_other_values() -> None:
     ({}, {"cleanup": {"tmp_age": "0s"}}, "cleanup.tmp_age: must be more than 0 seconds"),
     ({}, {"cleanup": {"keep_failed": 0}}, "cleanup.keep_failed: must be more than 0 seconds"),
     ({}, {"cleanup": {"keep_done": -1}}, "cleanup.keep_done: must be more than 0 seconds"),
+    ({}, {"cleanup": {"max_bytes": 0}}, "cleanup.max_bytes: must be more than 0 bytes"),
+    ({}, {"cleanup": {"max_bytes": "0KB"}}, "cleanup.max_bytes: must be more than 0 bytes"),
 ])
 def test_zero_or_negative_settings_are_config_errors(tmp_path: Path, queue_keys, top,
                                                       message) -> None:
@@ -111,6 +116,42 @@ def test_zero_or_negative_settings_are_config_errors(tmp_path: Path, queue_keys,
     with pytest.raises(ConfigError, match="^.*" + message.replace(".", r"\.")) as e:
         config.load(path)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("queue_keys, top, message", [
+    ({}, {"interval": float("inf")}, "interval: must be at most 2.592e+06 seconds (30 days), got inf"),
+    ({"lease": float("inf")}, {}, "queues.docs.lease: must be at most"),
+    ({"lease": 1e300}, {}, "queues.docs.lease: must be at most 2.592e+06 seconds (30 days), got 1e+300"),
+    ({"handler_timeout": 1e12}, {}, "queues.docs.handler_timeout: must be at most"),
+    ({"run_seconds": "31d"}, {}, "queues.docs.run_seconds: must be at most"),
+    ({}, {"grace": float("inf")}, "grace: must be at most"),
+    ({}, {"cleanup": {"every": "31d"}}, "cleanup.every: must be at most"),
+    ({}, {"cleanup": {"keep_done": float("inf")}}, "cleanup.keep_done: must be at most 3.1536e+08 "
+                                                  "seconds (3650 days), got inf"),
+    ({}, {"cleanup": {"keep_failed": "3651d"}}, "cleanup.keep_failed: must be at most"),
+    ({}, {"cleanup": {"tmp_age": float("nan")}}, "cleanup.tmp_age: must be more than 0 seconds"),
+    ({"backoff": float("inf")}, {}, "queues.docs.backoff: must be at most 86400, got inf"),
+    ({"backoff": float("nan")}, {}, "queues.docs.backoff: must be 0 or more, got nan"),
+    ({"retries": 101}, {}, "queues.docs.retries: must be at most 100, got 101"),
+])
+def test_infinite_or_huge_settings_are_config_errors(tmp_path: Path, queue_keys, top,
+                                                     message) -> None:
+    """Each was accepted, then crashed: OverflowError in the scheduler (interval), the
+    heartbeat thread's sleep (lease) or setitimer on every handler call (handler_timeout)."""
+    path = write_config(tmp_path, docs=None, top=top, **queue_keys)
+    with pytest.raises(ConfigError, match="^.*" + re.escape(message)) as e:
+        config.load(path)
+    assert "\n" not in str(e.value)
+
+
+def test_long_retention_and_the_duration_caps_themselves_are_allowed(tmp_path: Path) -> None:
+    cfg = config.load(write_config(tmp_path, docs=None, lease="30d", handler_timeout=2592000,
+                                   backoff=86400, retries=100,
+                                   top={"cleanup": {"keep_done": "3650d", "keep_failed": "1000d",
+                                                    "tmp_age": "400d"}}))
+    q = cfg.queues["docs"]
+    assert (q.lease, q.handler_timeout, q.backoff, q.retries) == (2592000, 2592000, 86400, 100)
+    assert cfg.cleanup.keep_done == 3650 * 86400 and cfg.cleanup.tmp_age == 400 * 86400
 
 
 def test_zero_or_negative_settings_still_allow_the_edges(tmp_path: Path) -> None:

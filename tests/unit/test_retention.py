@@ -112,6 +112,7 @@ def test_sniffer_pauses_on_budget_and_free_space_and_logs_once(tmp_path: Path, c
     caplog.set_level("INFO", logger="lrq.sniffer")
     budget = FakeBudget(max_bytes=10_000, used=9_999_999, free=50)
     sn = sniffer(tmp_path, budget)
+    sn.spool.publish([{"doc_id": -1}])  # a pending batch: an idle queue would get one through
     assert sn.tick() == 0 and sn.paused == "budget"
     assert sn.tick() == 0
     budget._used = 0  # cleanup made room; free space is still below 10%
@@ -123,6 +124,22 @@ def test_sniffer_pauses_on_budget_and_free_space_and_logs_once(tmp_path: Path, c
                       ("WARNING", "paused queue=docs reason=min_free"),
                       ("INFO", events[2][1])]
     assert events[2][1].startswith("resumed queue=docs after=min_free")
+
+
+def test_a_budget_below_two_batches_lets_one_through_when_the_queue_is_idle(tmp_path: Path) -> None:
+    """Else the queue stalls forever: nothing pending or claimed, nothing to trim."""
+    budget = FakeBudget(max_bytes=1, used=0, free=900)
+    sn = sniffer(tmp_path, budget)
+    assert sn.tick() == 1 and sn.paused == "budget"
+    assert sn.pause_detail == f"max_bytes 1 is below two batches ({sn.last_bytes} bytes each); raise it"
+    assert budget.advice(budget.held([]), sn.last_bytes) == \
+        f"set cleanup.max_bytes to at least {2 * sn.last_bytes} bytes"
+    assert sn.tick() == 0  # one pending
+    (name,) = sn.spool.pending()
+    claim = sn.spool.claim(name)
+    assert sn.tick() == 0  # one claimed
+    sn.spool.mark_done(claim)
+    assert sn.tick() == 1 and len(sn.spool.pending()) == 1
 
 
 def test_max_pending_in_bytes(tmp_path: Path) -> None:

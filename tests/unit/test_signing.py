@@ -3,6 +3,7 @@ file is quarantined, previous_secrets rotate, old LRQ2 files still read, re-sign
 unpickles."""
 from __future__ import annotations
 
+import os
 import pickle
 from pathlib import Path
 
@@ -106,3 +107,53 @@ def test_resign_recomputes_the_signature_and_never_unpickles(app, tmp_path: Path
     data = (sp.left / f"{name}.pkl").read_bytes()
     assert data.startswith(MAGIC + kid) and data.endswith(payload)
     assert signing.valid(sp.key, data[len(MAGIC) + 8 + 32:], data[len(MAGIC) + 8:len(MAGIC) + 40])
+
+
+def lrq2(sp: Spool, name: str, key: bytes, mtime: float) -> Path:
+    """An old-format (LRQ2) batch file in ``left/``, signed with ``key``, of mtime ``mtime``."""
+    payload = b"\0" + pickle.dumps({"name": name, "queue": "q", "created": 0.0, "position": 0,
+                                    "items": items(2)})
+    path = sp.left / f"{name}.pkl"
+    path.write_bytes(MAGIC_V2 + signing.sign(key, payload) + payload)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_an_lrq2_file_newer_than_key_ids_is_quarantined_not_a_key_change(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, "q", key=b"k").ensure()
+    (sp.left / f"{sp.publish(items(1))}.pkl").unlink()  # key-ids written; the queue drained
+    written = (tmp_path / "key-ids").stat().st_mtime
+    planted = sp.left / "20260101T000000000000-planted00000.pkl"
+    planted.write_bytes(b"LRQ2\n" + b"\0" * 32 + b"\0garbage")  # the reviewer's 45 bytes
+    os.utime(planted, (written + 60, written + 60))
+    assert sp.key_problem() is None
+    with pytest.raises(BatchUnsigned, match="written after this data dir's first LRQ3 file"):
+        sp.load(planted.stem)
+    lrq2(sp, "20250101T000000000000-legacy0000", b"old key", written - 60)  # from before key-ids
+    assert isinstance(sp.key_problem(), KeyMismatch)  # only that one says the key changed
+
+
+def test_lrq3_batches_of_a_new_key_do_not_make_an_lrq2_backlog_look_forged(tmp_path: Path) -> None:
+    sp = Spool(tmp_path, "q", key=b"new key").ensure()
+    sp.publish(items(1))  # the new key's first batch writes key-ids
+    before = (tmp_path / "key-ids").stat().st_mtime - 60
+    names = [lrq2(sp, f"20250101T00000000000{i}-legacy0000", b"old key", before).stem
+             for i in range(3)]
+    problem = sp.key_problem()
+    assert isinstance(problem, KeyMismatch) and problem.name in names
+    with pytest.raises(KeyMismatch, match="no configured key verifies it"):
+        sp.load(names[0])
+    rotated = Spool(tmp_path, "q", key=b"new key", previous=(b"old key",))
+    assert rotated.key_problem() is None and rotated.load(names[0]).items == items(2)
+
+
+def test_a_secret_with_surrounding_whitespace_can_be_rotated_out(tmp_path: Path) -> None:
+    """``previous_keys`` used to strip what ``load_key`` keeps: such a key never verified."""
+    old = signing.load_key(" old key\n", tmp_path)
+    assert old == b" old key\n"
+    assert signing.previous_keys([" old key\n"], env={}) == (old,)
+    assert signing.previous_keys(env={"LRQ_PREVIOUS_SECRETS": "a, old key\n,,b"}) == \
+        (b"a", b" old key\n", b"b")
+    name = Spool(tmp_path, "q", key=old).ensure().publish(items(2))
+    rotated = Spool(tmp_path, "q", key=b"new", previous=signing.previous_keys([" old key\n"], env={}))
+    assert rotated.key_problem() is None and rotated.load(name).items == items(2)
