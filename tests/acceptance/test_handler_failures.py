@@ -82,7 +82,7 @@ def test_a_handler_raising_on_everything_stops_the_run_and_dead_letters_nothing(
     assert "handler-broken queue=docs" in p.stderr and "KeyError: 'missing_field'" in p.stderr
     assert "stopping: queue docs cannot work (handler-broken" in p.stderr
     st = status(cfg)
-    assert 1 <= st["failed"] <= 2 and st["claimed"] == 0 and st["dead_letters"] == 0
+    assert st["failed"] in (1, 2) and st["claimed"] == 0 and st["dead_letters"] == 0
     assert st["pending"] + st["failed"] == 10  # the rest waits for the fix
     v = lrq("-c", str(cfg), "verify")
     assert "results 0, dead letters 0" in v.stdout and f"failed batches {st['failed']}" in v.stdout
