@@ -101,7 +101,8 @@ TARGETS = (
     T("scheduler.apscheduler", "apscheduler.schedulers.base:BaseScheduler.modify_job"),
     T("scheduler.apscheduler", "apscheduler.executors.pool:run_job"),
     # -- any phase --
-    T("pool threads", "concurrent.futures.thread:_WorkItem.run"),  # a work item run by a pool thread
+    T("pool threads", "concurrent.futures.thread:_worker"),  # a pool thread: its loop
+    T("pool threads", "concurrent.futures.thread:_WorkItem.run"),  # a work item run by it
     T("logging", "logging:Logger._log"),  # records, formatting, handlers
 )
 #: What each phase's table shows (in this order, a step with no calls as 0).
