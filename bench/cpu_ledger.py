@@ -126,7 +126,7 @@ REQUIRED = {
 
 EXAMPLES = """\
 examples:
-  python bench/cpu_ledger.py                  batch 100 and 1000, 200 batches each (~1 min)
+  python bench/cpu_ledger.py                  batch 100 and 1000, 200 batches each (~20 s)
   python bench/cpu_ledger.py --quick          50 batches each
   python bench/cpu_ledger.py --batch 1000 --batches 500 --detail
 """
@@ -344,7 +344,7 @@ def table(result: dict[str, Any], overhead_us: float, detail: bool) -> str:
             lines.append(f"  WARNING: {phase}: no call seen for {', '.join(p['steps_not_seen'])}: "
                          "a wrapped method renamed? see the wrap table")
     whole = sum(result["phases"][ph]["total_us_per_batch"] for ph in ("worker", "scheduler"))
-    lines.append(f"whole pipeline (scheduler process + one worker's in-process ledger): "
+    lines.append(f"whole pipeline (scheduler process + the worker phase): "
                  f"{whole:,.0f} µs of CPU per batch, {whole / result['batch']:.1f} µs per item")
     if result["missing"]:
         lines.append("not wrapped (their time shows in the step calling them):")
