@@ -364,18 +364,31 @@ FOCUS = (
 
 #: A child that runs ``lrq.cli.main(argv)`` under cProfile and writes the stats (argv[1]).
 #: Not ``python -m cProfile -m lrq``: the ``lrq`` program leaves through ``os._exit``
-#: (:func:`lrq.cli.entry`), so cProfile never got to write its file. Imports are profiled.
+#: (:func:`lrq.cli.entry`), so cProfile never got to write its file. Imports are profiled,
+#: and so is every thread the run starts (each gets its own profiler, merged at the end):
+#: a worker commits on its store-behind thread, which a main-thread profile would miss.
 PROFILE_CHILD = """\
-import cProfile, sys
+import cProfile, pstats, sys, threading
 out, argv = sys.argv[1], sys.argv[2:]
+threads = []
+def per_thread(frame, event, arg):
+    sys.setprofile(None)
+    threads.append(cProfile.Profile())
+    threads[-1].enable()
 def run():
     from lrq.cli import main
     return main(argv)
 prof = cProfile.Profile()
+threading.setprofile(per_thread)
 try:
     code = prof.runcall(run)
 finally:
-    prof.dump_stats(out)
+    threading.setprofile(None)
+    stats = pstats.Stats(prof)
+    for p in threads:
+        p.disable()
+        stats.add(p)
+    stats.dump_stats(out)
 sys.exit(code)
 """
 
