@@ -362,6 +362,37 @@ FOCUS = (
 )
 
 
+#: A child that runs ``lrq.cli.main(argv)`` under cProfile and writes the stats (argv[1]).
+#: Not ``python -m cProfile -m lrq``: the ``lrq`` program leaves through ``os._exit``
+#: (:func:`lrq.cli.entry`), so cProfile never got to write its file. Imports are profiled,
+#: and so is every thread the run starts (each gets its own profiler, merged at the end):
+#: a worker commits on its store-behind thread, which a main-thread profile would miss.
+PROFILE_CHILD = """\
+import cProfile, pstats, sys, threading
+out, argv = sys.argv[1], sys.argv[2:]
+threads = []
+def per_thread(frame, event, arg):
+    sys.setprofile(None)
+    threads.append(cProfile.Profile())
+    threads[-1].enable()
+def run():
+    from lrq.cli import main
+    return main(argv)
+prof = cProfile.Profile()
+threading.setprofile(per_thread)
+try:
+    code = prof.runcall(run)
+finally:
+    threading.setprofile(None)
+    stats = pstats.Stats(prof)
+    for p in threads:
+        p.disable()
+        stats.add(p)
+    stats.dump_stats(out)
+sys.exit(code)
+"""
+
+
 def profile_lrq(source: Path, n: int, batch: int, tmp: str | None, stamp: str) -> dict[str, Any]:
     """cProfile ``lrq sniff`` filling left/, then one ``lrq work QUEUE --burst`` draining it.
 
@@ -375,8 +406,8 @@ def profile_lrq(source: Path, n: int, batch: int, tmp: str | None, stamp: str) -
         for step, args in (("sniff", ["sniff"]), ("worker", ["work", QUEUE, "--burst"])):
             prof = work / f"{step}.prof"
             t0 = time.perf_counter()
-            _check_call([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "lrq",
-                         "-c", str(cfg), *args], work, n)
+            _check_call([sys.executable, "-c", PROFILE_CHILD, str(prof), "-c", str(cfg), *args],
+                        work, n)
             out[step] = _digest_profile(prof, RESULTS / f"{stamp}-{step}-profile.txt",
                                         f"lrq {' '.join(args)}, {n} docs, batch {batch}")
             out[step]["wall_seconds"] = round(time.perf_counter() - t0, 3)
