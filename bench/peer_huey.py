@@ -173,17 +173,18 @@ def run_huey(work: Path, source: Path, n: int, batch: int, worker_type: str) -> 
                              f"workers; log tail:\n{run._tail(log)}")
         cpu0 = tree_cpu(proc.pid)[0]
         t0, c0 = time.perf_counter(), time.process_time()
+        rows = _Rows(out, n, t0, proc, log)
         with _source(source) as pages:
             for i, page in enumerate(pages(batch)):
                 task(i, [{"id": r[0], "doc_id": r[1], "content": r[2]} for r in page])
         enqueued, enqueue_cpu = time.perf_counter() - t0, time.process_time() - c0
-        first, seconds = _wait_rows(out, n, t0, lambda: proc.poll() is None, log)
+        first, seconds = rows.wait()
         cpu = tree_cpu(proc.pid)[0] - cpu0
     finally:
         _stop(proc, log, "huey consumer")
     huey.storage.close()
-    rows, sha = run.digest(out)
-    return Run(seconds, first, enqueued, enqueue_cpu, cpu, rows, sha)
+    stored, sha = run.digest(out)
+    return Run(seconds, first, enqueued, enqueue_cpu, cpu, stored, sha)
 
 
 # -- the lrq side -------------------------------------------------------------------------
@@ -207,6 +208,7 @@ def run_lrq(work: Path, source: Path, n: int, batch: int) -> Run:
         cpu0 = tree_cpu(proc.pid)[0]
         dst = sqlite3.connect(src, isolation_level=None)
         t0, c0 = time.perf_counter(), time.process_time()
+        rows = _Rows(out, n, t0, proc, log)
         with _source(source) as pages:
             for page in pages(batch):
                 dst.execute("BEGIN")
@@ -214,7 +216,7 @@ def run_lrq(work: Path, source: Path, n: int, batch: int) -> Run:
                 dst.execute("COMMIT")
         enqueued, enqueue_cpu = time.perf_counter() - t0, time.process_time() - c0
         dst.close()
-        first, seconds = _wait_rows(out, n, t0, lambda: proc.poll() is None, log)
+        first, seconds = rows.wait()
         cpu = tree_cpu(proc.pid)[0] - cpu0
     finally:
         code = _stop(proc, log, "lrq run")
@@ -225,8 +227,8 @@ def run_lrq(work: Path, source: Path, n: int, batch: int) -> Run:
                            timeout=run.timeout_for(n))
     if check.returncode != 0:
         raise BenchError(f"lrq verify exited {check.returncode}:\n{check.stdout}{check.stderr}")
-    rows, sha = run.digest(out)
-    return Run(seconds, first, enqueued, enqueue_cpu, cpu, rows, sha)
+    stored, sha = run.digest(out)
+    return Run(seconds, first, enqueued, enqueue_cpu, cpu, stored, sha)
 
 
 def _wait_lrq_up(proc: subprocess.Popen[bytes], lrq_log: Path, out: Path) -> None:
@@ -269,6 +271,35 @@ class _source:
         while rows := self.conn.execute(SELECT_PAGE, (last, size)).fetchall():
             yield rows
             last = rows[-1][0]
+
+
+class _Rows(threading.Thread):
+    """Watches the results from the clock's start, beside the parent's enqueueing (so the
+    first row is seen when it lands), until N rows are there; :meth:`wait` returns (first
+    row, all rows) in seconds after ``t0``."""
+
+    def __init__(self, db: Path, n: int, t0: float, proc: subprocess.Popen[bytes],
+                 log: Path) -> None:
+        super().__init__(name="watch-results", daemon=True)
+        self.args = (db, n, t0, lambda: proc.poll() is None, log)
+        self.n = n
+        self.found: tuple[float, float] | None = None
+        self.error: BenchError | None = None
+        self.start()
+
+    def run(self) -> None:
+        try:
+            self.found = _wait_rows(*self.args)
+        except BenchError as e:
+            self.error = e
+
+    def wait(self) -> tuple[float, float]:
+        self.join(timeout=run.timeout_for(self.n) + 30)  # _wait_rows is bounded by less
+        if self.error is not None:
+            raise self.error
+        if self.found is None:
+            raise BenchError("the results watcher did not finish")
+        return self.found
 
 
 def _wait_rows(db: Path, n: int, t0: float, alive: Callable[[], bool],
