@@ -199,12 +199,14 @@ def poison_figures(r: dict[str, Any]) -> list[Row]:
 
 
 def peer_figures(r: dict[str, Any]) -> list[Row]:
-    """``ratios[].lrq/huey`` per batch (items/s from ``results[]``); the target is at batch
-    100, the batch 1000 row is shown without one."""
+    """``ratios[].lrq/huey`` per batch: lrq over the faster Huey (``ratios[].huey`` names
+    its worker type; items/s from ``results[]``); the target is at batch 100, the batch 1000
+    row is shown without one."""
     rate = {(x["batch"], x["system"]): x["items_per_s"] for x in r["results"]}
     rows = [Row("peer", f"N={_n(q['docs'])} B={q['batch']} lrq/huey items/s", q["lrq/huey"],
                 *((">=", PEER_TARGET) if q["batch"] == PEER_TARGET_BATCH else ("", 0.0)),
-                f"lrq {rate[q['batch'], 'lrq']:,.0f}/s, huey {rate[q['batch'], 'huey']:,.0f}/s")
+                f"lrq {rate[q['batch'], 'lrq']:,.0f}/s, {q['huey']} "
+                f"{rate[q['batch'], q['huey']]:,.0f}/s")
             for q in r["ratios"]]
     if not any(q["batch"] == PEER_TARGET_BATCH for q in r["ratios"]):
         raise KeyError(f"no lrq/huey ratio at batch {PEER_TARGET_BATCH}")

@@ -5,10 +5,12 @@ Both systems do W1 (``bench/run.py``): N documents from the cached sample source
 lrq's ``doc_results`` table, checked by the same digest (exactly N rows, every value equal
 to the other system's), in batches of B documents (B = 100 and 1000 by default).
 
-``huey``
+``huey-process``, ``huey-thread``
     ``SqliteHuey`` (task table in its own file, Huey's defaults: WAL, SQLite's default
-    ``synchronous``) and a consumer subprocess with 2 workers of ``--huey-worker-type``
-    (``process`` by default; Huey's polling defaults). One task per batch: the handler, then
+    ``synchronous``) and a consumer subprocess with 2 workers, of worker type ``process``
+    (as lrq's 2 worker processes) or ``thread`` (Huey's default type, one process: the faster
+    Huey at batch 100 here, its workers share one connection under a lock instead of queueing
+    on SQLite's file lock); Huey's polling defaults. One task per batch: the handler, then
     the rows inserted in one transaction (``bench/run.py``'s ``store``). Before the clock the
     consumer is started and each of its 2 workers answers a ping (a barrier task that waits
     for both). The clock runs from enqueueing the first task (the parent reads the source in
@@ -23,10 +25,12 @@ to the other system's), in batches of B documents (B = 100 and 1000 by default).
     documents into the source table (one commit per page: lrq's "enqueue") until all N rows
     are in lrq's results; then lrq gets SIGTERM (it must exit 0) and ``lrq verify`` must pass.
 
-The two run interleaved per B (huey, lrq, huey, lrq ...); the median of ``--repeat`` runs
-is reported, with lrq items/s over Huey's. Every run also records when the first row landed,
-how long the enqueueing took and its CPU in the parent, and the CPU seconds of the system's
-process tree during the clock (per batch: lrq's sniffer is in it, Huey's enqueueing is not).
+The systems run interleaved per B (huey-process, huey-thread, lrq, huey-process ...); the
+median of ``--repeat`` runs is reported, with lrq items/s over each Huey's and over the
+faster Huey's (``lrq/huey``, the figure the target is read from). Every run also records
+when the first row landed, how long the enqueueing took and its CPU in the parent, and the
+CPU seconds of the system's process tree during the clock (per batch: lrq's sniffer is in
+it, Huey's enqueueing is not).
 Huey is an optional, bench-only dependency: ``pip install -e '.[bench]'`` (``make bench``
 does it). JSON goes to ``bench/results/<timestamp>-peer-huey.json``.
 """
@@ -53,7 +57,7 @@ from idle_cpu import tree_cpu
 from run import BenchError
 
 NAME = "peer-huey"
-SYSTEMS = ("huey", "lrq")
+SYSTEMS = ("huey-process", "huey-thread", "lrq")
 TARGET = 1.0        # lrq items/s over Huey's at batch 100 (issue 12)
 TARGET_BATCH = 100
 READY_SECONDS = 60  # bound on a system coming up before the clock
@@ -81,7 +85,7 @@ examples:
   python bench/peer_huey.py                         100k docs, batch 100 and 1000, 3 runs each
   python bench/peer_huey.py --quick                 20k docs, batch 100 and 1000, 1 run each
   python bench/peer_huey.py --batch 100 --repeat 5
-  python bench/peer_huey.py --huey-worker-type thread --systems huey
+  python bench/peer_huey.py --systems huey-thread,lrq --tmp /dev/shm
 """
 
 
@@ -349,11 +353,10 @@ def _stop(proc: subprocess.Popen[bytes], log: Path, what: str) -> int:
                          f"{run._tail(log)}") from None
 
 
-def measure(system: str, source: Path, n: int, batch: int, worker_type: str,
-            tmp: str | None) -> Run:
+def measure(system: str, source: Path, n: int, batch: int, tmp: str | None) -> Run:
     with tempfile.TemporaryDirectory(prefix=f"lrq-bench-peer-{system}-", dir=tmp) as d:
-        result = (run_huey(Path(d), source, n, batch, worker_type) if system == "huey"
-                  else run_lrq(Path(d), source, n, batch))
+        result = (run_lrq(Path(d), source, n, batch) if system == "lrq"
+                  else run_huey(Path(d), source, n, batch, system.removeprefix("huey-")))
     if result.rows != n:
         raise BenchError(f"{system} N={n} B={batch}: stored {result.rows} rows, expected {n}")
     return result
@@ -370,10 +373,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="runs per system and batch, interleaved; the median is reported "
                         "(default 3)")
     p.add_argument("--quick", action="store_true", help="20000 docs, one run each")
-    p.add_argument("--systems", default=",".join(SYSTEMS), help="subset of huey,lrq")
-    p.add_argument("--huey-worker-type", choices=("process", "thread"), default="process",
-                   help="Huey consumer's worker type, 2 workers (default process: the "
-                        "faster here, see bench/README.md)")
+    p.add_argument("--systems", default=",".join(SYSTEMS),
+                   help=f"subset of {','.join(SYSTEMS)} (default all)")
     p.add_argument("--tmp", help="folder for the per-run temporary folders (default: system tmp)")
     p.add_argument("--consume", nargs=4, metavar=("HUEY_DB", "RESULTS", "WORKERS", "TYPE"),
                    help=argparse.SUPPRESS)  # the consumer subprocess
@@ -394,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
         huey_db, results, workers, worker_type = a.consume
         consume(huey_db, results, int(workers), worker_type)
         return 0
-    if "huey" in a.systems and not huey_installed():
+    if any(s.startswith("huey") for s in a.systems) and not huey_installed():
         print("bench: huey is not installed: pip install -e '.[bench]' (make bench does it)",
               file=sys.stderr)
         return 2
@@ -403,25 +404,25 @@ def main(argv: list[str] | None = None) -> int:
     defaults = {k: getattr(QueueConfig, k) for k in ("workers", "max_pending", "run_seconds")}
     stamp, report = run.new_report("workload", "W1 docs-to-db, lrq against Huey", {
         "docs": a.docs, "batch": a.batch, "repeat": a.repeat, "systems": a.systems,
-        "huey_workers": run.WORKERS, "huey_worker_type": a.huey_worker_type,
+        "huey_workers": run.WORKERS,
         "huey": _version("huey"), "lrq_queue_defaults": defaults})
     report["ratios"] = []
     print(f"W1 lrq vs Huey (SQLite): docs {a.docs}, batch {a.batch}, repeat {a.repeat}, "
-          f"huey workers {run.WORKERS} x {a.huey_worker_type}", flush=True)
+          f"systems {','.join(a.systems)}", flush=True)
     source = run.cached_source(a.docs)
     reference: str | None = None
     try:
         for b in a.batch:
             runs: dict[str, list[Run]] = {s: [] for s in a.systems}
             for r in range(a.repeat):
-                for s in a.systems:  # interleaved, so drift hits both alike
-                    res = measure(s, source, a.docs, b, a.huey_worker_type, a.tmp)
+                for s in a.systems:  # interleaved, so drift hits every system alike
+                    res = measure(s, source, a.docs, b, a.tmp)
                     reference = reference or res.digest
                     if res.digest != reference:
                         raise BenchError(f"{s} B={b}: results differ from the other runs' "
                                          "(digest mismatch)")
                     runs[s].append(res)
-                    print(f"  N={a.docs} B={b} run {r + 1}/{a.repeat} {s:4s} "
+                    print(f"  N={a.docs} B={b} run {r + 1}/{a.repeat} {s:12s} "
                           f"{res.seconds:7.2f}s {a.docs / res.seconds:9.0f} items/s  first "
                           f"row {res.first_row:.2f}s, enqueued in {res.enqueued:.2f}s "
                           f"(CPU {res.enqueue_cpu:.2f}s), system CPU {res.cpu:.2f}s", flush=True)
@@ -463,9 +464,12 @@ def _summarize(report: dict[str, Any], n: int, b: int, runs: dict[str, list[Run]
             "cpu_ms_per_batch": round(1000 * statistics.median(r.cpu for r in rs)
                                       / -(-n // b), 3),
             "digest": rs[0].digest})
-    if len(rate) == 2:
-        report["ratios"].append({"docs": n, "batch": b,
-                                 "lrq/huey": round(rate["lrq"] / rate["huey"], 3)})
+    hueys = {s: v for s, v in rate.items() if s != "lrq"}
+    if "lrq" in rate and hueys:
+        best = max(hueys, key=hueys.__getitem__)
+        report["ratios"].append({
+            "docs": n, "batch": b, "lrq/huey": round(rate["lrq"] / hueys[best], 3),
+            "huey": best, **{f"lrq/{s}": round(rate["lrq"] / v, 3) for s, v in hueys.items()}})
 
 
 def table(report: dict[str, Any]) -> str:
@@ -477,12 +481,16 @@ def table(report: dict[str, Any]) -> str:
                      " ".join(f"{s:.2f}" for s in r["seconds"])))
     s = report["settings"]
     lines = [f"W1 lrq vs Huey with SQLite storage (repeat {s['repeat']}, median; Huey "
-             f"{s['huey']}, {s['huey_workers']} {s['huey_worker_type']} workers; lrq on its "
-             "defaults)", *run._columns(rows, right={0, 1, 3, 4, 5})]
+             f"{s['huey']}, {s['huey_workers']} workers; lrq on its defaults)",
+             *run._columns(rows, right={0, 1, 3, 4, 5})]
     if report["ratios"]:
-        lines += ["", f"lrq items/s over Huey's (target at batch {TARGET_BATCH}: >= {TARGET}):"]
-        lines += [f"  N={q['docs']} B={q['batch']}: {q['lrq/huey']:.2f}"
-                  for q in report["ratios"]]
+        lines += ["", "lrq items/s over Huey's, each worker type and the faster (target at "
+                  f"batch {TARGET_BATCH}: lrq/huey >= {TARGET}):"]
+        for q in report["ratios"]:
+            each = ", ".join(f"{k} {v:.2f}" for k, v in q.items()
+                             if k.startswith("lrq/huey-"))
+            lines.append(f"  N={q['docs']} B={q['batch']}: lrq/huey {q['lrq/huey']:.2f} "
+                         f"(faster Huey: {q['huey']}; {each})")
     return "\n".join(lines)
 
 
