@@ -8,9 +8,11 @@ to the other system's), in batches of B documents (B = 100 and 1000 by default).
 ``huey-process``, ``huey-thread``
     ``SqliteHuey`` (task table in its own file, Huey's defaults: WAL, SQLite's default
     ``synchronous``) and a consumer subprocess with 2 workers, of worker type ``process``
-    (as lrq's 2 worker processes) or ``thread`` (Huey's default type, one process: the faster
-    Huey at batch 100 here, its workers share one connection under a lock instead of queueing
-    on SQLite's file lock); Huey's polling defaults. One task per batch: the handler, then
+    (as lrq's 2 worker processes) or ``thread`` (Huey's default type: one process, whose
+    workers share one connection under a lock instead of queueing on SQLite's file lock, but
+    also the GIL). Which is faster varies with the batch and the disk (bench/README.md), so
+    both run and lrq is compared with the faster. Huey's polling defaults. One task per
+    batch: the handler, then
     the rows inserted in one transaction (``bench/run.py``'s ``store``). Before the clock the
     consumer is started and each of its 2 workers answers a ping (a barrier task that waits
     for both). The clock runs from enqueueing the first task (the parent reads the source in
