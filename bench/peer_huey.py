@@ -401,9 +401,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench: huey is not installed: pip install -e '.[bench]' (make bench does it)",
               file=sys.stderr)
         return 2
-    from lrq.config import QueueConfig
+    from lrq.config import Config, QueueConfig
 
-    defaults = {k: getattr(QueueConfig, k) for k in ("workers", "max_pending", "run_seconds")}
+    defaults = {"interval": Config.interval,
+                **{k: getattr(QueueConfig, k) for k in ("workers", "max_pending", "run_seconds")}}
     stamp, report = run.new_report("workload", "W1 docs-to-db, lrq against Huey", {
         "docs": a.docs, "batch": a.batch, "repeat": a.repeat, "systems": a.systems,
         "huey_workers": run.WORKERS,
