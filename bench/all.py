@@ -60,9 +60,10 @@ OPS: dict[str, Callable[[float, float], bool]] = {
 
 EXAMPLES = """\
 examples:
-  python bench/all.py                   full: W1 100k,1M x batch 100,1000; W2; claim; idle 60 s
+  python bench/all.py                   full: W1 100k,1M x batch 100,1000; W2; claim; idle 60 s;
+                                        poison; peer (lrq vs Huey, 100k x batch 100,1000)
   python bench/all.py --quick           every part's --quick (~2-5 min)
-  python bench/all.py --only w1,idle    some parts only (always in the order w1 ... peer)
+  python bench/all.py --only w1,idle    some parts only (always run in the order of PARTS)
   python bench/all.py --repeat 3        W1 and W2: 3 runs per configuration, median
 """
 
