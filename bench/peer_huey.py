@@ -196,7 +196,8 @@ def run_huey(work: Path, source: Path, n: int, batch: int, worker_type: str) -> 
 # -- the lrq side -------------------------------------------------------------------------
 def run_lrq(work: Path, source: Path, n: int, batch: int) -> Run:
     src = work / "source.db"
-    with sqlite3.connect(source) as cache, sqlite3.connect(src) as conn:
+    with contextlib.closing(sqlite3.connect(source)) as cache, \
+            contextlib.closing(sqlite3.connect(src, isolation_level=None)) as conn:
         conn.execute("PRAGMA journal_mode = WAL")
         for (ddl,) in cache.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL"):
             conn.execute(ddl)  # source_data and its index, empty
@@ -212,16 +213,15 @@ def run_lrq(work: Path, source: Path, n: int, batch: int) -> Run:
     try:
         _wait_lrq_up(proc, work / "data" / "lrq.log", log)
         cpu0 = tree_cpu(proc.pid)[0]
-        dst = sqlite3.connect(src, isolation_level=None)
-        t0, c0 = time.perf_counter(), time.process_time()
-        rows = _Rows(out, n, t0, proc, log)
-        with _source(source) as pages:
-            for page in pages(batch):
-                dst.execute("BEGIN")
-                dst.executemany(INSERT_SOURCE, page)
-                dst.execute("COMMIT")
-        enqueued, enqueue_cpu = time.perf_counter() - t0, time.process_time() - c0
-        dst.close()
+        with contextlib.closing(sqlite3.connect(src, isolation_level=None)) as dst:
+            t0, c0 = time.perf_counter(), time.process_time()
+            rows = _Rows(out, n, t0, proc, log)
+            with _source(source) as pages:
+                for page in pages(batch):
+                    dst.execute("BEGIN")
+                    dst.executemany(INSERT_SOURCE, page)
+                    dst.execute("COMMIT")
+            enqueued, enqueue_cpu = time.perf_counter() - t0, time.process_time() - c0
         first, seconds = rows.wait()
         cpu = tree_cpu(proc.pid)[0] - cpu0
     finally:
