@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 LRQ    := $(VENV)/bin/lrq
 DOCS   ?= 30000
 
-.PHONY: venv demo lint test test-slow test-all services bench bench-quick clean
+.PHONY: venv demo lint test test-slow test-all services bench bench-deps bench-quick clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -39,11 +39,18 @@ test-slow: venv services
 
 test-all: test test-slow
 
-# W1, W2, claim cost, idle cost in sequence, then one summary against the targets (~10 min).
-bench: venv
+# The bench extra: Huey, the peer bench/peer_huey.py compares lrq with.
+bench-deps: $(VENV)/.bench-installed
+$(VENV)/.bench-installed: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+# W1, W2, claim cost, idle cost, poison, the Huey peer in sequence, then one summary against
+# the targets (~15 min).
+bench: venv bench-deps
 	$(PY) bench/all.py
 
-bench-quick: venv
+bench-quick: venv bench-deps
 	$(PY) bench/all.py --quick
 
 clean:

@@ -9,11 +9,14 @@ what they are when run alone:
 ``claim``  ``bench/claim_cost.py``  claim cost against 1k, 10k, 100k pending batches
 ``idle``   ``bench/idle_cpu.py``    CPU of an idle ``lrq run`` scheduler
 ``poison`` ``bench/poison.py``      W1 with 1% poison items against the same run without
+``peer``   ``bench/peer_huey.py``   W1 on lrq against Huey with SQLite storage, batch 100 and 1000
 
 A part fails when it exits non-zero, runs past its time limit (its process group gets
 SIGTERM, then SIGKILL), writes no JSON, or its JSON lacks a figure the summary reads; the
 other parts still run, and the run exits 1 naming the failed parts. A missed target is a
-result, not a failure.
+result, not a failure. A part whose optional dependency is missing (``peer`` needs Huey,
+the ``bench`` extra that ``make bench`` installs) is skipped with a line saying so, and its
+summary row reads "skipped".
 
 At the end one table gives, for each target, the figure read from the part's JSON, the
 target and whether it is met. That table, every part's command, exit code, time and JSON
@@ -22,6 +25,7 @@ path go to ``bench/results/<timestamp>-all.json``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import operator
 import os
@@ -47,6 +51,8 @@ W2_TARGET = 0.9      # lrq items/s over the service's ceiling
 CLAIM_TARGET = 2.0   # claim p50 at the largest backlog over p50 at the smallest
 IDLE_TARGET = 1.0    # % of one core, strictly under
 POISON_TARGET = 0.5  # W1 with 1% poison, items/s over the same run without
+PEER_TARGET = 1.0    # lrq items/s over Huey's (SQLite storage), at batch 100 (issue 12)
+PEER_TARGET_BATCH = 100
 
 QUIET_SECONDS = 60   # a part silent this long gets a "still running" line
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -54,9 +60,10 @@ OPS: dict[str, Callable[[float, float], bool]] = {
 
 EXAMPLES = """\
 examples:
-  python bench/all.py                   full: W1 100k,1M x batch 100,1000; W2; claim; idle 60 s
+  python bench/all.py                   full: W1 100k,1M x batch 100,1000; W2; claim; idle 60 s;
+                                        poison; peer (lrq vs Huey, 100k x batch 100,1000)
   python bench/all.py --quick           every part's --quick (~2-5 min)
-  python bench/all.py --only w1,idle    some parts only (order is always w1, w2, claim, idle, poison)
+  python bench/all.py --only w1,idle    some parts only (always run in the order of PARTS)
   python bench/all.py --repeat 3        W1 and W2: 3 runs per configuration, median
 """
 
@@ -67,17 +74,24 @@ class Row:
 
     part: str
     figure: str
-    measured: float | None  # None: the part failed
-    op: str
+    measured: float | None  # None: the part failed or was skipped
+    op: str  # "": a figure shown without a target
     target: float
     detail: str = ""
+    skipped: bool = False
 
     @property
     def met(self) -> bool | None:
-        return None if self.measured is None else OPS[self.op](self.measured, self.target)
+        if self.measured is None or not self.op:
+            return None
+        return OPS[self.op](self.measured, self.target)
 
     @property
     def verdict(self) -> str:
+        if self.skipped:
+            return "skipped"
+        if self.measured is not None and not self.op:
+            return "no target"
         return {True: "met", False: "not met", None: "failed"}[self.met]
 
 
@@ -93,6 +107,8 @@ class Part:
     timeouts: tuple[float, float]  # seconds: --quick, full
     figures: Callable[[dict[str, Any]], list[Row]]
     takes_repeat: bool = False
+    #: A module the part needs that is an optional dependency: without it, it is skipped.
+    needs: str | None = None
 
     def argv(self, quick: bool, repeat: int) -> list[str]:
         if quick:
@@ -183,6 +199,21 @@ def poison_figures(r: dict[str, Any]) -> list[Row]:
                 f"poison {rate['poison']:,.0f}/s, clean {rate['clean']:,.0f}/s")]
 
 
+def peer_figures(r: dict[str, Any]) -> list[Row]:
+    """``ratios[].lrq/huey`` per batch: lrq over the faster Huey (``ratios[].huey`` names
+    its worker type; items/s from ``results[]``); the target is at batch 100, the batch 1000
+    row is shown without one."""
+    rate = {(x["batch"], x["system"]): x["items_per_s"] for x in r["results"]}
+    rows = [Row("peer", f"N={_n(q['docs'])} B={q['batch']} lrq/huey items/s", q["lrq/huey"],
+                *((">=", PEER_TARGET) if q["batch"] == PEER_TARGET_BATCH else ("", 0.0)),
+                f"lrq {rate[q['batch'], 'lrq']:,.0f}/s, {q['huey']} "
+                f"{rate[q['batch'], q['huey']]:,.0f}/s")
+            for q in r["ratios"]]
+    if not any(q["batch"] == PEER_TARGET_BATCH for q in r["ratios"]):
+        raise KeyError(f"no lrq/huey ratio at batch {PEER_TARGET_BATCH}")
+    return rows
+
+
 PARTS = (
     Part("w1", "W1", "W1 docs-to-db", "run.py",
          ("--docs", "100000,1000000", "--batch", "100,1000"),
@@ -194,6 +225,9 @@ PARTS = (
     Part("idle", "idle", "idle cost", "idle_cpu.py", (), (600, 1800), idle_figures),
     Part("poison", "poison", "W1 with 1% poison", "poison.py", (), (600, 1800),
          poison_figures, takes_repeat=True),
+    # Its own --repeat (3 by default: its runs are seconds long), not all.py's.
+    Part("peer", "peer", "W1 against Huey (SQLite)", "peer_huey.py", (), (600, 1800),
+         peer_figures, needs="huey"),
 )
 
 
@@ -340,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
         for i, part in enumerate(parts, 1):
             argv_ = part.argv(a.quick, a.repeat)
             timeout = part.timeouts[0 if a.quick else 1]
+            if part.needs and importlib.util.find_spec(part.needs) is None:
+                why = (f"{part.needs} is not installed (the bench extra: "
+                       "`pip install -e '.[bench]'`, or `make bench`)")
+                say(f"\n== [{i}/{len(parts)}] {part.key}: {part.title}: skipped: {why}")
+                rows.append(Row(part.label, part.title, None, "", 0.0, why, skipped=True))
+                continue
             clock = datetime.now(timezone.utc).strftime("%H:%M:%S")
             say(f"\n== [{i}/{len(parts)}] {part.key}: {part.title}: "
                 f"python bench/{part.script} {' '.join(argv_)}".rstrip()
