@@ -125,7 +125,7 @@ class Runner:
         try:
             sniffer = self.sniffers[q.name]
             with self.spools[q.name].lock("sniff"):
-                sniffer.tick(max_seconds=5.0)
+                sniffer.tick(max_seconds=5.0, stop=self.stop)
             if sniffer.paused in ("budget", "min_free", "disk-full"):
                 self.scheduler.modify_job("cleanup", next_run_time=_now())  # make room now
         except AlreadyRunning as e:
