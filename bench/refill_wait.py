@@ -16,7 +16,8 @@ Two phases per way, each on a fresh spool (``max_pending`` 50, so the low-water 
   per batch published (publishing included, the same for both), and how often the claimer
   found nothing pending (starved: the refill came too late).
 
-Run: ``.venv/bin/python bench/refill_wait.py [--seconds 5] [--rate 200] [--batch 100]``.
+Run: ``.venv/bin/python bench/refill_wait.py [--quick] [--seconds 5] [--rate 200] [--batch 100]``;
+the table is printed and ``bench/results/<stamp>-refill.json`` written.
 """
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ class InotifySniffer(Timed):
             os.close(fd)
 
 
-def run(kind: str, seconds: float, rate: float, batch: int) -> dict[str, float]:
+def measure(kind: str, seconds: float, rate: float, batch: int) -> dict[str, float]:
     out: dict[str, float] = {}
     for phase in ("stuck", "refill"):
         with tempfile.TemporaryDirectory(dir=Path.cwd()) as tmp:
@@ -139,14 +140,29 @@ def run(kind: str, seconds: float, rate: float, batch: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--seconds", type=float, default=5.0)
+    import run  # bench/run.py (first on sys.path): stamps, machine info, JSON reports
+
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=5.0, help="each phase (default 5)")
     ap.add_argument("--rate", type=float, default=200.0, help="batches claimed per second")
     ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--quick", action="store_true", help="2 s phases")
     a = ap.parse_args()
+    seconds = 2.0 if a.quick else a.seconds
+    stamp, report = run.new_report("benchmark", "refill wait", {
+        "seconds": seconds, "rate": a.rate, "batch": a.batch, "max_pending": 50})
+    rows: list[tuple[str, ...]] = [("way", "stuck ms CPU/s", "refill wait us/batch", "sniffer us/batch", "starved",
+             "looks", "recounts")]
     for kind in ("poll", "inotify"):
-        r = run(kind, a.seconds, a.rate, a.batch)
-        print(kind, " ".join(f"{k}={v:.3g}" for k, v in r.items()), flush=True)
+        r = measure(kind, seconds, a.rate, a.batch)
+        report["results"].append({"way": kind, **r})
+        rows.append((kind, f"{r['stuck_cpu_per_s_ms']:.2f}", f"{r['refill_wait_cpu_per_batch_us']:.0f}",
+                     f"{r['refill_cpu_per_batch_us']:.0f}", str(r["refill_starved"]),
+                     f"{r['stuck_looks']}/{r['refill_looks']}",
+                     f"{r['stuck_recounts']}/{r['refill_recounts']}"))
+    run.write_report(report, stamp, "refill", "\n".join(
+        [f"refill wait, max_pending 50, batch {a.batch}, claims {a.rate:.0f}/s, {seconds:.0f} s "
+         "per phase (looks and recounts: stuck/refill)", *run._columns(rows, right=set(range(1, 7)))]))
 
 
 if __name__ == "__main__":
