@@ -151,8 +151,8 @@ def main() -> None:
     seconds = 2.0 if a.quick else a.seconds
     stamp, report = run.new_report("benchmark", "refill wait", {
         "seconds": seconds, "rate": a.rate, "batch": a.batch, "max_pending": 50})
-    rows: list[tuple[str, ...]] = [("way", "stuck ms CPU/s", "refill wait us/batch", "sniffer us/batch", "starved",
-             "looks", "recounts")]
+    rows: list[tuple[str, ...]] = [("way", "stuck ms CPU/s", "refill wait us/batch",
+                                    "sniffer us/batch", "starved", "looks", "recounts")]
     for kind in ("poll", "inotify"):
         r = measure(kind, seconds, a.rate, a.batch)
         report["results"].append({"way": kind, **r})
