@@ -45,46 +45,44 @@ class Timed(Sniffer):
 
     wait_cpu = 0.0
 
-    def _wait_for_room(self, deadline: float, stop: threading.Event) -> tuple[int, int] | None:
+    def _wait_for_room(self, watch: dict[str, int], deadline: float,
+                       stop: threading.Event) -> bool:
         t0 = time.thread_time()
         try:
-            return self._wait(deadline, stop)
+            return self._wait(watch, deadline, stop)
         finally:
             self.wait_cpu += time.thread_time() - t0
 
-    def _wait(self, deadline: float, stop: threading.Event) -> tuple[int, int] | None:
-        return super()._wait_for_room(deadline, stop)
+    def _wait(self, watch: dict[str, int], deadline: float, stop: threading.Event) -> bool:
+        return super()._wait_for_room(watch, deadline, stop)
 
 
 class InotifySniffer(Timed):
     """The sniffer with its refill wait driven by inotify events on ``right/``."""
 
-    def _wait(self, deadline: float, stop: threading.Event) -> tuple[int, int] | None:
+    def _wait(self, watch: dict[str, int], deadline: float, stop: threading.Event) -> bool:
         libc = ctypes.CDLL(None, use_errno=True)
         fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0 or libc.inotify_add_watch(fd, str(self.spool.right).encode(),
                                             IN_CREATE | IN_MOVED_TO) < 0:
             raise OSError(ctypes.get_errno(), "inotify")
         try:
-            while True:
-                watch = self._pending_sizes()  # listed after the watch: no claim is missed
-                self.recounts += 1
-                if self._low(len(watch), sum(watch.values())):
-                    return len(watch), sum(watch.values())
-                while not self._low(len(watch), sum(watch.values())):
-                    left = deadline - self.clock()
-                    if left <= 0 or stop.is_set():
-                        return None
-                    if not select.select([fd], [], [], min(0.1, left))[0]:
-                        continue
-                    self.looks += 1
-                    data = os.read(fd, 1 << 16)
-                    at = 0
-                    while at < len(data):
-                        _, _, _, n = EVENT.unpack_from(data, at)
-                        name = data[at + EVENT.size:at + EVENT.size + n].rstrip(b"\0").decode()
-                        watch.pop(name.split(".")[0], None)
-                        at += EVENT.size + n
+            self._prune(watch)  # claims made before the watch existed
+            while not self._low(len(watch), sum(watch.values())):
+                left = deadline - self.clock()
+                if left <= 0 or stop.is_set():
+                    return False
+                if not select.select([fd], [], [], min(0.1, left))[0]:
+                    continue
+                self.looks += 1
+                data = os.read(fd, 1 << 16)
+                at = 0
+                while at < len(data):
+                    _, _, _, n = EVENT.unpack_from(data, at)
+                    name = data[at + EVENT.size:at + EVENT.size + n].rstrip(b"\0").decode()
+                    watch.pop(name.split(".")[0], None)
+                    at += EVENT.size + n
+            return True
         finally:
             os.close(fd)
 
@@ -135,7 +133,7 @@ def measure(kind: str, seconds: float, rate: float, batch: int) -> dict[str, flo
                 out["refill_starved"] = starved
                 out["refill_claimed"] = claimed
             out[f"{phase}_looks"] = sn.looks
-            out[f"{phase}_recounts"] = sn.recounts
+            out[f"{phase}_refills"] = sn.refills
     return out
 
 
@@ -151,18 +149,19 @@ def main() -> None:
     seconds = 2.0 if a.quick else a.seconds
     stamp, report = run.new_report("benchmark", "refill wait", {
         "seconds": seconds, "rate": a.rate, "batch": a.batch, "max_pending": 50})
-    rows: list[tuple[str, ...]] = [("way", "stuck ms CPU/s", "refill wait us/batch",
-                                    "sniffer us/batch", "starved", "looks", "recounts")]
+    rows: list[tuple[str, ...]] = [("way", "stuck ms CPU/s", "refill wait us/batch", "claimed",
+                                    "sniffer us/batch", "starved", "looks", "refills")]
     for kind in ("poll", "inotify"):
         r = measure(kind, seconds, a.rate, a.batch)
         report["results"].append({"way": kind, **r})
-        rows.append((kind, f"{r['stuck_cpu_per_s_ms']:.2f}", f"{r['refill_wait_cpu_per_batch_us']:.0f}",
+        rows.append((kind, f"{r['stuck_cpu_per_s_ms']:.2f}",
+                     f"{r['refill_wait_cpu_per_batch_us']:.0f}", f"{r['refill_claimed']:.0f}",
                      f"{r['refill_cpu_per_batch_us']:.0f}", str(r["refill_starved"]),
                      f"{r['stuck_looks']}/{r['refill_looks']}",
-                     f"{r['stuck_recounts']}/{r['refill_recounts']}"))
+                     f"{r['stuck_refills']}/{r['refill_refills']}"))
     run.write_report(report, stamp, "refill", "\n".join(
         [f"refill wait, max_pending 50, batch {a.batch}, claims {a.rate:.0f}/s, {seconds:.0f} s "
-         "per phase (looks and recounts: stuck/refill)", *run._columns(rows, right=set(range(1, 7)))]))
+         "per phase (looks and refills: stuck/refill)", *run._columns(rows, right=set(range(1, 8)))]))
 
 
 if __name__ == "__main__":

@@ -25,12 +25,17 @@ Refill: a tick given the scheduler's ``stop`` event does not return when it paus
 ``max_pending``; it waits, until its ``max_seconds`` are up or ``stop`` is set, for the
 backlog to fall to the low-water mark (half of ``max_pending``, in batches or bytes) and
 then publishes again, so workers never drain the backlog and sit idle until the next
-``interval`` tick. The wait lists the pending batches once, then watches ``right/``: one
-``stat`` of the folder per look (its mtime moves when a claim appears), and only when it
-moved a ``stat`` per watched name; looks start every ``REFILL_POLL`` seconds and back off to
-``REFILL_POLL_MAX`` while nothing changes. When the watched names fall to the low-water mark
-the backlog is counted again (a reaped claim makes a batch pending again) before publishing.
-A tick without ``stop`` (``lrq sniff`` by hand, tests) returns at the pause as before.
+``interval`` tick. The tick lists the backlog once, by name, at its start and adds each batch
+it publishes; the count reaching ``max_pending`` first drops the names claimed since (a
+``stat`` or two each), so it pauses only on the true backlog. While paused it watches
+``right/``: one ``stat`` of the folder per look (its mtime moves when a claim appears), and
+only when it moved a ``stat`` per pending name; looks start every ``REFILL_POLL`` seconds and
+back off to ``REFILL_POLL_MAX`` while nothing changes, so a stuck backlog costs a few stats a
+second. (Measured against waking on inotify events: ``bench/refill_wait.py``; about the same
+CPU, and this needs no ctypes and works everywhere.) A claim taken back by the reaper meanwhile
+is not seen until the next tick's listing: the backlog can then exceed ``max_pending`` by the
+claims reaped during one tick. A tick without ``stop`` (``lrq sniff`` by hand, tests) returns
+at the pause as before.
 """
 from __future__ import annotations
 
@@ -82,9 +87,11 @@ class Sniffer:
         self.on_publish: Callable[[], None] | None = None
         self._retry_at = 0.0
         self._full_backoff = 1.0
-        #: While paused for refill: full recounts of the backlog, and looks at right/ that
-        #: checked the watched names (both bounded by claims seen, not by time waited).
+        #: Listings of the backlog (one per tick that looks at it), refills after a pause on
+        #: ``max_pending``, and looks at right/ that checked the pending names (bounded by
+        #: the claims seen, not by the time waited).
         self.recounts = 0
+        self.refills = 0
         self.looks = 0
 
     def tick(self, max_batches: int | None = None, max_seconds: float = 10.0,
@@ -101,7 +108,9 @@ class Sniffer:
         position = saved = self.spool.read_position()
         if self.drained and not self.source.fetch(position, 1).items:
             return 0  # still nothing new: skip the disk accounting, an idle tick stays cheap
-        pending, pending_bytes = self.spool.pending_stats()
+        watch = self._pending_sizes()  # the backlog by name, kept up to date while paused
+        self.recounts += 1
+        pending, pending_bytes = len(watch), sum(watch.values())
         used = self.budget.used() if self.budget else 0
         published = 0
         refilled = False  # paused on max_pending and refilled in this tick: still one pause
@@ -111,17 +120,21 @@ class Sniffer:
                 if self.budget and used + 2 * self.last_bytes > TRIM_AT * self.budget.max_bytes:
                     used = self.budget.used()  # near the budget: decide on a fresh count
                 blocked = self._blocked(pending, pending_bytes, used)
+                if blocked and blocked[0] == "max_pending" and stop is not None:
+                    self._prune(watch)  # the count above misses the claims made since
+                    pending, pending_bytes = len(watch), sum(watch.values())
+                    blocked = self._blocked(pending, pending_bytes, used)
                 if blocked:
                     self._pause(*blocked)
                     if blocked[0] != "max_pending" or stop is None:
                         break
                     if position != saved and self._save(position):
                         saved = position  # make the group durable before a wait
-                    room = self._wait_for_room(deadline, stop)
-                    if room is None:
+                    if not self._wait_for_room(watch, deadline, stop):
                         break
-                    pending, pending_bytes = room
+                    pending, pending_bytes = len(watch), sum(watch.values())
                     refilled = True
+                    self.refills += 1
                     log.debug("refill queue=%s pending=%d", self.queue.name, pending)
                     continue
                 fetched = self.source.fetch(position, self.queue.batch_size)
@@ -142,6 +155,7 @@ class Sniffer:
                     self._resume(pending)
                 position = fetched.position
                 published += 1
+                watch[name] = size
                 pending += 1
                 pending_bytes += size
                 used += size
@@ -200,33 +214,33 @@ class Sniffer:
             return False
         return q.max_pending_bytes is None or not pending or pending_bytes <= q.max_pending_bytes // 2
 
-    def _wait_for_room(self, deadline: float, stop: threading.Event) -> tuple[int, int] | None:
-        """Paused on ``max_pending``: wait for the backlog to fall to the low-water mark and
-        return it counted afresh as (batches, bytes); None once ``deadline`` passes or
-        ``stop`` is set. See the module docstring."""
+    def _wait_for_room(self, watch: dict[str, int], deadline: float,
+                       stop: threading.Event) -> bool:
+        """Paused on ``max_pending``: wait until the pending batches in ``watch`` fall to the
+        low-water mark (True), ``deadline`` passes or ``stop`` is set (False). See the
+        module docstring."""
+        step, seen = REFILL_POLL, (-1, 0)
+        while not self._low(len(watch), sum(watch.values())):
+            left = deadline - self.clock()
+            if left <= 0 or stop.wait(min(step, left)):
+                return False
+            try:
+                mtime = os.stat(self.spool.right).st_mtime_ns
+            except FileNotFoundError:
+                return False
+            if mtime == seen[0] and seen[1] - mtime > MTIME_SETTLE_NS:
+                step = min(step * 2, REFILL_POLL_MAX)  # nothing claimed since the last look
+                continue
+            seen, step = (mtime, time.time_ns()), REFILL_POLL
+            self._prune(watch)
+        return True
+
+    def _prune(self, watch: dict[str, int]) -> None:
+        """Drop the names that were claimed (or are done) from ``watch``: a stat or two each."""
+        self.looks += 1
         right = f"{self.spool.right}{os.sep}"
-        while True:
-            watch = self._pending_sizes()
-            self.recounts += 1
-            if self._low(len(watch), sum(watch.values())):
-                return len(watch), sum(watch.values())
-            step, seen = REFILL_POLL, (-1, 0)
-            while not self._low(len(watch), sum(watch.values())):
-                left = deadline - self.clock()
-                if left <= 0 or stop.wait(min(step, left)):
-                    return None
-                try:
-                    mtime = os.stat(right).st_mtime_ns
-                except FileNotFoundError:
-                    return None
-                if mtime == seen[0] and seen[1] - mtime > MTIME_SETTLE_NS:
-                    step = min(step * 2, REFILL_POLL_MAX)  # nothing claimed since the last look
-                    continue
-                seen, step = (mtime, time.time_ns()), REFILL_POLL
-                self.looks += 1
-                for name in [n for n in watch if os.path.lexists(right + n)
-                             or os.path.lexists(right + n + DONE)]:
-                    del watch[name]
+        for name in [n for n in watch if os.path.lexists(right + n) or os.path.lexists(right + n + DONE)]:
+            del watch[name]
 
     def _pending_sizes(self) -> dict[str, int]:
         """The pending batches' names, with their sizes when ``max_pending`` is in bytes."""

@@ -47,9 +47,9 @@ def test_a_paused_sniffer_refills_in_the_same_tick_once_workers_claim_half(tmp_p
     try:
         assert poll(lambda: paused_full(sn, 4))
         lrq("-c", str(cfg), "work", "--once", check=True)  # a real worker: 3 pending, above half
-        assert poll(lambda: len(sn.spool.pending()) == 3) and sn.recounts == 1
+        assert poll(lambda: len(sn.spool.pending()) == 3) and sn.refills == 0
         lrq("-c", str(cfg), "work", "--once", check=True)  # 2 pending: the low-water mark
-        assert poll(lambda: sn.recounts >= 3 and paused_full(sn, 4))  # refilled, paused again
+        assert poll(lambda: sn.refills == 1 and paused_full(sn, 4))  # refilled, paused again
         assert th.is_alive()  # the same tick: no interval had to pass
     finally:
         stop.set()
@@ -70,8 +70,9 @@ def test_the_wait_ends_on_stop_and_does_not_look_while_nothing_is_claimed(tmp_pa
         th.join(timeout=30)
     assert not th.is_alive() and out == [3]
     # One listing of the backlog, then a stat of right/ per wait: nothing was claimed, so
-    # the watched names were looked at once (twice if right/ had just changed), never again.
-    assert sn.recounts == 1 and 1 <= sn.looks <= 2
+    # the pending names were looked at when it paused and once more in the wait (twice if
+    # right/ had just changed), never again.
+    assert sn.recounts == 1 and sn.refills == 0 and 2 <= sn.looks <= 3
 
 
 def test_a_byte_limit_refills_at_half_its_bytes(tmp_path: Path) -> None:
@@ -89,7 +90,7 @@ def test_a_byte_limit_refills_at_half_its_bytes(tmp_path: Path) -> None:
             size -= (sn.spool.left / f"{name}.pkl").stat().st_size
             if size <= 2000:
                 break
-        assert poll(lambda: sn.recounts >= 2 and len(set(sn.spool.pending()) - set(first)) > 0)
+        assert poll(lambda: sn.refills >= 1 and len(set(sn.spool.pending()) - set(first)) > 0)
     finally:
         stop.set()
         th.join(timeout=30)
