@@ -59,7 +59,7 @@ log = logging.getLogger(__name__)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MAX_BACKOFF = 60.0  # seconds between tries after the disk was full
 POSITION_EVERY = 0.5  # seconds of publishing between two saves of the source position
-REFILL_POLL = 0.005  # seconds between looks at right/ while paused, after a change ...
+REFILL_POLL = 0.02  # seconds between looks at right/ while paused, after a change ...
 REFILL_POLL_MAX = 0.1  # ... doubled while nothing changes, up to this
 #: A folder mtime is trusted unchanged only once a look came this long after it (mtimes are
 #: coarse: a change in the same clock tick as the last one can keep the mtime).
