@@ -64,6 +64,7 @@ TARGETS = (
     T("sniffer.write", "lrq.spool.batches:write_atomic", PUBLISHING),
     T("sniffer.write", "lrq.spool.files:fsync_dir", PUBLISHING),
     T("sniffer.write", "os:fsync", PUBLISHING),
+    T("sniffer.write", "lrq.spool:Spool.sync_published"),  # one fsync of left/ per group
     T("sniffer.position", "lrq.spool:Spool.write_position"),
     T("sniffer.position", "lrq.spool:Spool.read_position"),
     T("sniffer.other", "lrq.sniffer:Sniffer.tick"),  # own CPU: backpressure counts, stat, loop
@@ -133,12 +134,8 @@ examples:
 
 
 def config_text(source: Path, batch: int) -> str:
-    """bench/run.py's W1 config without its ``max_pending`` line: the defaults, plus
-    ``batch_size = chunk_size = B`` and the W1 queue."""
-    text = "\n".join(line for line in run.CONFIG.splitlines()
-                     if not line.startswith("max_pending")) + "\n"
-    return text.format(queue=run.QUEUE, table=run.TABLE, workers=run.WORKERS, batch=batch,
-                       max_pending=0, source=source)
+    """bench/run.py's W1 config: the defaults, plus ``batch_size = chunk_size = B``."""
+    return run.config_text(source, batch)
 
 
 class Meter:

@@ -2,11 +2,17 @@
 
 Every method reads the same SQLite ``source_data`` table by keyset paging, runs
 ``workers.wordcount.handle`` (word count + sha1 per document) and stores one row per
-document in a SQLite results table shaped like lrq's generic table. The three methods:
+document in a SQLite results table shaped like lrq's generic table. The methods:
 
 ``lrq``
     ``lrq -c CONFIG run --until-idle`` as a subprocess, timed end to end (interpreter and
     scheduler start-up, sniffing, 2 worker processes, idle detection), then ``lrq verify``.
+    The config sets only what the workload needs (queue, handler, key, source, results
+    table, ``workers = 2``, ``batch_size = chunk_size = B``): everything else, ``max_pending``
+    and ``interval`` included, is lrq's default, which is what users get.
+``lrq-unlimited``
+    The same with ``max_pending`` unlimited (:data:`UNLIMITED`), so the sniffer never
+    pauses: ``lrq/lrq-unlimited`` is what backpressure on the defaults costs.
 ``plain``
     One process, no framework: page, handle, ``executemany``, one commit per page.
 ``pool``
@@ -57,7 +63,10 @@ QUEUE = "docs"
 TABLE = "doc_results"
 WORDS = 40
 WORKERS = 2
-METHODS = ("plain", "pool", "lrq")
+METHODS = ("plain", "pool", "lrq", "lrq-unlimited")
+LRQ_METHODS = ("lrq", "lrq-unlimited")
+#: ``max_pending`` of the ``lrq-unlimited`` method: more batches than any run publishes.
+UNLIMITED = 1_000_000_000
 
 SELECT_PAGE = "SELECT id, mid, content FROM source_data WHERE id > ? ORDER BY id LIMIT ?"
 # The DDL SQLAlchemy emits for lrq.sink.generic_table(TABLE) on SQLite, copied verbatim.
@@ -99,8 +108,7 @@ result_table = "{table}"
 workers      = {workers}
 batch_size   = {batch}
 chunk_size   = {batch}
-max_pending  = {max_pending}
-""" + SOURCE_CONFIG
+{extra}""" + SOURCE_CONFIG
 
 
 EXAMPLES = """\
@@ -261,10 +269,18 @@ def lrq_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in LRQ_ENV}
 
 
-def write_config(work: Path, source: Path, batch: int) -> Path:
+def config_text(source: Path, batch: int, *, unlimited: bool = False) -> str:
+    """W1's ``lrq.toml``: lrq's defaults plus ``batch_size = chunk_size = B``, and
+    ``max_pending`` unlimited if asked."""
+    extra = f"max_pending  = {UNLIMITED}\n" if unlimited else ""
+    return CONFIG.format(queue=QUEUE, table=TABLE, workers=WORKERS, batch=batch, extra=extra,
+                         source=source)
+
+
+def write_config(work: Path, source: Path, batch: int, *, unlimited: bool = False) -> Path:
+    """Write the run's ``lrq.toml`` (:func:`config_text`) into ``work``."""
     cfg = work / "lrq.toml"
-    cfg.write_text(CONFIG.format(queue=QUEUE, table=TABLE, workers=WORKERS, batch=batch,
-                                 max_pending=1_000_000 // batch + 10, source=source))
+    cfg.write_text(config_text(source, batch, unlimited=unlimited))
     return cfg
 
 
@@ -273,10 +289,11 @@ def timeout_for(n: int) -> float:
     return 120 + n * 0.002
 
 
-def run_lrq(source: Path, work: Path, n: int, batch: int) -> tuple[float, float]:
+def run_lrq(source: Path, work: Path, n: int, batch: int, *,
+            unlimited: bool = False) -> tuple[float, float]:
     """Time ``lrq run --until-idle`` then require ``lrq verify`` to pass; return
     (seconds, launch wall-clock time for :func:`lrq_timeline`)."""
-    cfg = write_config(work, source, batch)
+    cfg = write_config(work, source, batch, unlimited=unlimited)
     log = work / "run.out"
     t0 = time.perf_counter()
     launched = time.time()
@@ -461,8 +478,9 @@ def measure(method: str, source: Path, n: int, batch: int, pool_mode: str,
         src = work / "source.db"
         shutil.copyfile(source, src)
         detail: dict[str, Any] = {}
-        if method == "lrq":
-            seconds, launched = run_lrq(src, work, n, batch)
+        if method in LRQ_METHODS:
+            seconds, launched = run_lrq(src, work, n, batch,
+                                        unlimited=method == "lrq-unlimited")
             db = work / "data" / "results.db"
             detail = lrq_timeline(work / "data" / "lrq.log", launched)
         else:
@@ -599,7 +617,7 @@ def main(argv: list[str] | None = None) -> int:
                             raise BenchError(f"{m} N={n} B={b}: results differ from the "
                                              "other runs' (digest mismatch)")
                         runs[m].append(run)
-                        print(f"  N={n} B={b} run {r + 1}/{a.repeat} {m:5s} "
+                        print(f"  N={n} B={b} run {r + 1}/{a.repeat} {m:13s} "
                               f"{run.seconds:8.2f}s {n / run.seconds:10.0f} items/s", flush=True)
                 _summarize(report, n, b, runs)
         if a.profile:
@@ -623,12 +641,12 @@ def _summarize(report: dict[str, Any], n: int, b: int, runs: dict[str, list[Run]
             "docs": n, "batch": b, "method": m, "median_seconds": round(median, 3),
             "items_per_s": round(rate[m], 1), "seconds": [round(r.seconds, 3) for r in rs],
             "digest": rs[0].digest, **({"lrq_timeline": [r.detail for r in rs]}
-                                       if m == "lrq" else {})})
+                                       if m in LRQ_METHODS else {})})
     if "lrq" in rate:
         report["ratios"].append({
             "docs": n, "batch": b,
             **{f"lrq/{m}": round(rate["lrq"] / rate[m], 3)
-               for m in ("plain", "pool") if m in rate}})
+               for m in ("plain", "pool", "lrq-unlimited") if m in rate}})
 
 
 def table(report: dict[str, Any]) -> str:
@@ -639,20 +657,21 @@ def table(report: dict[str, Any]) -> str:
     lines = [f"{WORKLOAD} (repeat {report['settings']['repeat']}, median; "
              f"pool mode {report['settings']['pool_mode']})", *_columns(rows, right={0, 1, 3, 4})]
     if report["ratios"]:
-        keys = [k for k in ("lrq/plain", "lrq/pool") if k in report["ratios"][0]]
+        keys = [k for k in ("lrq/plain", "lrq/pool", "lrq/lrq-unlimited")
+                if k in report["ratios"][0]]
         ratios = [("docs", "batch", *keys)]
         ratios += [(str(q["docs"]), str(q["batch"]), *(f"{q[k]:.2f}" for k in keys))
                    for q in report["ratios"]]
         lines += ["", "lrq items/s relative to the baselines (1.00 = as fast):",
                   *_columns(ratios, right=set(range(len(ratios[0]))))]
-    timelines = [(r["docs"], r["batch"], t) for r in report["results"]
+    timelines = [(r["docs"], r["batch"], r["method"], t) for r in report["results"]
                  for t in r.get("lrq_timeline", [])]
     if timelines:
         lines += ["", "lrq run timelines (seconds after launch; batches done per worker process):"]
-        lines += [f"  N={n} B={b}: started {t.get('started')}, first batch done "
+        lines += [f"  N={n} B={b} {m}: started {t.get('started')}, first batch done "
                   f"{t.get('first_done')}, last {t.get('last_done')}, idle {t.get('idle')}; "
                   f"{'/'.join(str(v) for v in t['batches_per_worker_pid'].values())}"
-                  for n, b, t in timelines]
+                  for n, b, m, t in timelines]
     return "\n".join(lines)
 
 

@@ -1,7 +1,9 @@
 """Crash points for tests: ``LRQ_FAILPOINT=after-claim`` makes the process SIGKILL itself
 when it reaches that point, so tests can check each crash window with a real dead process.
 
-Points: ``sniff-mid-write``, ``sniff-after-rename``, ``after-claim``, ``during-txn``,
+Points: ``sniff-mid-write``, ``sniff-after-rename``, ``sniff-before-dir-sync`` (a group of
+batches renamed into ``left/``, the folder not yet fsynced), ``sniff-before-position`` (the
+group durable, the source position not yet saved), ``after-claim``, ``during-txn``,
 ``after-commit``; in a reaper's split (:meth:`lrq.spool.Spool.split`): ``split-after-half-0``,
 ``split-after-half-1`` (both halves written), ``split-after-retire`` (the batch file removed,
 its claim not yet). Unset in production; the check is one dictionary lookup.

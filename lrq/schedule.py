@@ -2,11 +2,12 @@
 
 Each queue gets a sniffer job (max_instances=1) and a worker job (max_instances=workers),
 both coalesced, firing every ``interval`` seconds, and at once when the sniffer publishes
-while a worker slot is free; a cleanup job (the reaper) runs every ``cleanup.every``
-seconds. A worker job only starts a process when something is pending; that process runs
-``lrq work QUEUE --idle-exit 2`` (forked from a warm server, see :mod:`lrq.launcher`) and
-drains batches until none came for two seconds or ``run_seconds`` pass, so CPU-bound
-handlers use every core.
+while a worker slot is free. A sniff run paused on ``max_pending`` waits to refill for at
+least five seconds, until just before a firing (:func:`sniff_seconds`), then returns. A
+cleanup job (the reaper) runs every ``cleanup.every`` seconds. A worker job only starts a
+process when something is pending; that process runs ``lrq work QUEUE --idle-exit 2``
+(forked from a warm server, see :mod:`lrq.launcher`) and drains batches until none came
+for two seconds or ``run_seconds`` pass, so CPU-bound handlers use every core.
 
 A worker process that exits non-zero has its claims reaped at once (or by the cleanup pass
 running then, or its next one: one reaper at a time), with its exit code or signal recorded
@@ -43,6 +44,7 @@ On stopping, batches that failed or were quarantined during the run are counted 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -65,6 +67,8 @@ log = logging.getLogger(__name__)
 child_log = logging.getLogger("lrq.child")
 
 SUPERVISE_EVERY = 0.25  # seconds
+SNIFF_SECONDS = 5.0  # about how long one sniff job may publish or wait to refill ...
+SNIFF_MARGIN = 0.05  # ... ending this long before a firing of its interval (see sniff_seconds)
 CHILD_IDLE_EXIT = 2.0  # seconds a worker process waits for new batches before exiting
 CHILD_ENV = "LRQ_CHILD"
 BROKEN_PAUSE = 30.0  # seconds without workers for a queue whose handler is broken ...
@@ -125,7 +129,7 @@ class Runner:
         try:
             sniffer = self.sniffers[q.name]
             with self.spools[q.name].lock("sniff"):
-                sniffer.tick(max_seconds=5.0)
+                sniffer.tick(max_seconds=sniff_seconds(self.app.cfg.interval), stop=self.stop)
             if sniffer.paused in ("budget", "min_free", "disk-full"):
                 self.scheduler.modify_job("cleanup", next_run_time=_now())  # make room now
         except AlreadyRunning as e:
@@ -371,6 +375,16 @@ class Runner:
                 log.warning("killing worker pid=%d after %.0fs grace", c.pid, self.app.cfg.grace)
                 c.send_signal(signal.SIGKILL)
                 c.finished.wait(timeout=10)
+
+
+def sniff_seconds(interval: float) -> float:
+    """How long one sniff job may run: at least :data:`SNIFF_SECONDS`, ending just before a
+    later firing of the job's ``interval``. A sniffer paused on ``max_pending`` waits in its tick
+    for the backlog to fall (:mod:`lrq.sniffer`); when the tick's time is up it returns, and
+    the next run starts at that firing, not up to one interval later (runs that fire while
+    one is running are skipped), so the refill wait is never off for long."""
+    slots = math.ceil(SNIFF_SECONDS / interval)
+    return slots * interval - min(SNIFF_MARGIN, interval / 4)
 
 
 def _now() -> Any:

@@ -6,32 +6,64 @@ saved once per ``POSITION_EVERY`` seconds of publishing and at the end of each t
 than after every batch: its two fsyncs were a fifth of the sniffer's time per 1000 items,
 and a crash then re-publishes at most that much, which is absorbed the same way.
 
+Group commit: each batch file is written to ``tmp/``, fsynced and renamed into ``left/`` at
+once (workers may claim it straight away), but ``left/`` itself is fsynced once per position
+save, just before it (:meth:`lrq.spool.Spool.sync_published`): one directory fsync per
+``POSITION_EVERY`` seconds of publishing instead of one per batch. The position still moves
+only after every batch up to it is durable; a crash (or power loss) before that fsync
+re-publishes the group, which the unique keys absorb.
+
 Backpressure: the sniffer stops prefetching while ``max_pending`` batches (or bytes; one
 batch may always wait, however large, or a byte limit below one batch would stall) wait,
 or while :meth:`lrq.disk.Budget.blocked` says the next batch does not fit (the data dir near
 ``cleanup.max_bytes``, or free space minus the next batch below ``cleanup.min_free``); cleanup
 trims done batches on that same predicate. A write that still hits ENOSPC/EDQUOT
 leaves nothing behind, acknowledges nothing, and backs off. Each pause is logged once, and
-so is the resume.
+so is the resume (refills within one tick are not resumes).
+
+Refill: a tick given the scheduler's ``stop`` event does not return when it pauses on
+``max_pending``; it waits, until its ``max_seconds`` are up or ``stop`` is set, for the
+backlog to fall to the low-water mark (half of ``max_pending``, in batches or bytes) and
+then publishes again, so workers never drain the backlog and sit idle until the next
+``interval`` tick. The tick lists the backlog once, by name, at its start and adds each batch
+it publishes; the count reaching ``max_pending`` first drops the names claimed since (a
+``stat`` or two each), so it pauses only on the true backlog. While paused it watches
+``right/``: one ``stat`` of the folder per look (its mtime moves when a claim appears), and
+only when it moved a ``stat`` per pending name; looks start every ``REFILL_POLL`` seconds and
+back off to ``REFILL_POLL_MAX`` while nothing changes, so a stuck backlog costs a few stats a
+second. (Measured against waking on inotify events: ``bench/refill_wait.py``; about the same
+CPU, and this needs no ctypes and works everywhere.) A claim taken back by the reaper meanwhile
+is not seen until the next tick's listing: the backlog can then exceed ``max_pending`` by the
+claims reaped during one tick. A tick without ``stop`` (``lrq sniff`` by hand, tests) returns
+at the pause as before.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from lrq import failpoints
 from lrq.config import QueueConfig
 from lrq.disk import TRIM_AT, Budget
 from lrq.sources import Source
-from lrq.spool import Spool
+from lrq.spool import DONE, SUFFIX, Spool
 
 log = logging.getLogger(__name__)
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MAX_BACKOFF = 60.0  # seconds between tries after the disk was full
 POSITION_EVERY = 0.5  # seconds of publishing between two saves of the source position
+REFILL_POLL = 0.02  # seconds between looks at right/ while paused, after a change ...
+REFILL_POLL_MAX = 0.1  # ... doubled while nothing changes, up to this
+#: A folder mtime is trusted unchanged only once a look came this long after it (mtimes are
+#: coarse: a change in the same clock tick as the last one can keep the mtime).
+MTIME_SETTLE_NS = 20_000_000
 
 
 class Sniffer:
@@ -55,10 +87,20 @@ class Sniffer:
         self.on_publish: Callable[[], None] | None = None
         self._retry_at = 0.0
         self._full_backoff = 1.0
+        #: Listings of the backlog (one per tick that looks at it), refills after a pause on
+        #: ``max_pending``, and looks at right/ that checked the pending names (bounded by
+        #: the claims seen, not by the time waited).
+        self.recounts = 0
+        self.refills = 0
+        self.looks = 0
 
-    def tick(self, max_batches: int | None = None, max_seconds: float = 10.0) -> int:
+    def tick(self, max_batches: int | None = None, max_seconds: float = 10.0,
+             stop: threading.Event | None = None) -> int:
         """Publish batches until the source is drained, backpressure says stop, or a limit is
-        hit; return how many were published. Hold :meth:`Spool.lock` around it."""
+        hit; return how many were published. Hold :meth:`Spool.lock` around it.
+
+        With ``stop``, a pause on ``max_pending`` waits (until ``max_seconds`` are up or
+        ``stop`` is set) for the backlog to fall to the low-water mark, then goes on."""
         now = self.clock()
         if now < self._retry_at:
             return 0
@@ -66,25 +108,42 @@ class Sniffer:
         position = saved = self.spool.read_position()
         if self.drained and not self.source.fetch(position, 1).items:
             return 0  # still nothing new: skip the disk accounting, an idle tick stays cheap
-        pending, pending_bytes = self.spool.pending_stats()
+        watch = self._pending_sizes()  # the backlog by name, kept up to date while paused
+        self.recounts += 1
+        pending, pending_bytes = len(watch), sum(watch.values())
         used = self.budget.used() if self.budget else 0
         published = 0
+        refilled = False  # paused on max_pending and refilled in this tick: still one pause
         save_at = now + POSITION_EVERY
         try:
             while max_batches is None or published < max_batches:
                 if self.budget and used + 2 * self.last_bytes > TRIM_AT * self.budget.max_bytes:
                     used = self.budget.used()  # near the budget: decide on a fresh count
                 blocked = self._blocked(pending, pending_bytes, used)
+                if blocked and blocked[0] == "max_pending" and stop is not None:
+                    self._prune(watch)  # the count above misses the claims made since
+                    pending, pending_bytes = len(watch), sum(watch.values())
+                    blocked = self._blocked(pending, pending_bytes, used)
                 if blocked:
                     self._pause(*blocked)
-                    break
+                    if blocked[0] != "max_pending" or stop is None:
+                        break
+                    if position != saved and self._save(position):
+                        saved = position  # make the group durable before a wait
+                    if not self._wait_for_room(watch, deadline, stop):
+                        break
+                    pending, pending_bytes = len(watch), sum(watch.values())
+                    refilled = True
+                    self.refills += 1
+                    log.debug("refill queue=%s pending=%d", self.queue.name, pending)
+                    continue
                 fetched = self.source.fetch(position, self.queue.batch_size)
                 if not fetched.items:
                     self.drained = True
                     self._resume(pending)
                     break
                 try:
-                    name = self.spool.publish(fetched.items, fetched.position)
+                    name = self.spool.publish(fetched.items, fetched.position, sync=False)
                     size = (self.spool.left / f"{name}.pkl").stat().st_size
                 except OSError as e:
                     if e.errno not in DISK_FULL:
@@ -92,9 +151,11 @@ class Sniffer:
                     self._disk_full(e)
                     break
                 self._full_backoff = 1.0
-                self._resume(pending)
+                if not refilled:  # a refill is not a resume: one line per pause, not per refill
+                    self._resume(pending)
                 position = fetched.position
                 published += 1
+                watch[name] = size
                 pending += 1
                 pending_bytes += size
                 used += size
@@ -114,9 +175,12 @@ class Sniffer:
         return published
 
     def _save(self, position: Any) -> bool:
-        """Save the source position; False (and a disk-full pause) if the disk is full, in
+        """Make the batches published since the last save durable (one fsync of ``left/``),
+        then save the source position; False (and a disk-full pause) if the disk is full, in
         which case the batches since the last save are fetched again later."""
         try:
+            self.spool.sync_published()
+            failpoints.hit("sniff-before-position")
             self.spool.write_position(position)
             return True
         except OSError as e:
@@ -142,6 +206,52 @@ class Sniffer:
         if self.budget is None:
             return None
         return self.budget.blocked(used, nxt, idle=lambda: not pending and self.spool.settled())
+
+    def _low(self, pending: int, pending_bytes: int) -> bool:
+        """Is the backlog at the low-water mark (half of ``max_pending``, batches or bytes)?"""
+        q = self.queue
+        if pending > q.max_pending // 2:
+            return False
+        return q.max_pending_bytes is None or not pending or pending_bytes <= q.max_pending_bytes // 2
+
+    def _wait_for_room(self, watch: dict[str, int], deadline: float,
+                       stop: threading.Event) -> bool:
+        """Paused on ``max_pending``: wait until the pending batches in ``watch`` fall to the
+        low-water mark (True), ``deadline`` passes or ``stop`` is set (False). See the
+        module docstring."""
+        step, seen = REFILL_POLL, (-1, 0)
+        while not self._low(len(watch), sum(watch.values())):
+            left = deadline - self.clock()
+            if left <= 0 or stop.wait(min(step, left)):
+                return False
+            try:
+                mtime = os.stat(self.spool.right).st_mtime_ns
+            except FileNotFoundError:
+                return False
+            if mtime == seen[0] and seen[1] - mtime > MTIME_SETTLE_NS:
+                step = min(step * 2, REFILL_POLL_MAX)  # nothing claimed since the last look
+                continue
+            seen, step = (mtime, time.time_ns()), REFILL_POLL
+            self._prune(watch)
+        return True
+
+    def _prune(self, watch: dict[str, int]) -> None:
+        """Drop the names that were claimed (or are done) from ``watch``: a stat or two each."""
+        self.looks += 1
+        right = f"{self.spool.right}{os.sep}"
+        for name in [n for n in watch if os.path.lexists(right + n) or os.path.lexists(right + n + DONE)]:
+            del watch[name]
+
+    def _pending_sizes(self) -> dict[str, int]:
+        """The pending batches' names, with their sizes when ``max_pending`` is in bytes."""
+        names = self.spool.pending(ordered=False)
+        if self.queue.max_pending_bytes is None:
+            return dict.fromkeys(names, 0)
+        sizes = {}
+        for name in names:
+            with contextlib.suppress(FileNotFoundError):
+                sizes[name] = os.stat(self.spool.left / f"{name}{SUFFIX}").st_size
+        return sizes
 
     def _pause(self, why: str, detail: str) -> None:
         if self.paused != why:

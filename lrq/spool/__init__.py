@@ -3,7 +3,8 @@
 Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
 
     tmp/<name>.pkl       a batch being written; never read; orphans are swept by cleanup
-    left/<name>.pkl      a published batch: tmp write, fsync, rename here, fsync left/
+    left/<name>.pkl      a published batch: tmp write, fsync, rename here; left/ is fsynced once
+                         per group of batches, before the source position moves (see below)
     right/<name>         the claim (the ack): exclusive create (link(2) of a written file), one winner;
                          holds the owner record as JSON (host, pid, process start, attempt, token);
                          mode 0400 once the batch's handler calls are over (only storing is left)
@@ -86,12 +87,22 @@ A half's name keeps the batch's time stamp and derives its random part from the 
 name and the half (:func:`half_name`), so an interrupted split, redone, writes the same two
 files; a half that already exists in any state is not written again.
 
+Publishing (group commit): the sniffer writes each batch to ``tmp/``, fsyncs it and renames it
+into ``left/`` at once, so workers may claim it straight away; ``left/`` itself is fsynced
+once for all the batches published since the last position save
+(:meth:`Spool.sync_published`), and only then does the source position move (invariant 1).
+A batch claimed, even done, before that fsync is fine: power lost before it can lose the
+name, never the position, so its items are fetched and published again and the unique keys
+absorb them. Other publishers (a split's halves, ``lrq retry-dead``, re-signing) fsync
+``left/`` per file.
+
 Crash windows and what covers them:
 
 * killed while writing ``tmp/``: the file is never visible; the source position did not move,
   so the same items are fetched again.
-* killed after the rename, before the position is saved: the items are published again in a
-  later batch; the results table's unique keys absorb the replay.
+* killed after the rename, before the position is saved, or after some renames of a group
+  before ``left/`` is fsynced: the items are published again in later batches; the results
+  table's unique keys absorb the replay.
 * killed after the claim: the claim (written aside and linked into place, so never empty)
   names its owner, so the reaper sees the owner is dead and makes the batch pending again,
   counting the attempt.

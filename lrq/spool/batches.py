@@ -135,9 +135,14 @@ class Batches(Listing):
     # -- publishing ----------------------------------------------------------------------
     def publish(self, items: list[dict[str, Any]], position: Any = None, *,
                 replace_dead: bool = False, name: str | None = None,
-                created: float | None = None) -> str:
+                created: float | None = None, sync: bool = True) -> str:
         """Write a batch durably into ``left/`` and return its name (a new one, unless
-        ``name`` is given: the halves of a split)."""
+        ``name`` is given: the halves of a split).
+
+        ``sync=False`` is the sniffer's group commit: the file is fsynced and renamed into
+        ``left/`` (visible, so a worker may claim it at once) but ``left/`` is not fsynced;
+        the caller calls :meth:`sync_published` once for the group before it moves the source
+        position, which is what the name's durability protects."""
         name = name or self.new_name()
         body = {"name": name, "queue": self.queue,
                 "created": self.clock() if created is None else created,
@@ -146,9 +151,16 @@ class Batches(Listing):
             body["replace_dead"] = True
         codec = CODECS[self.compress]
         payload = bytes([codec]) + compress(codec, pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL))
-        write_atomic(self.left / f"{name}{SUFFIX}", self._signed(payload), self.tmp)
+        write_atomic(self.left / f"{name}{SUFFIX}", self._signed(payload), self.tmp, sync_dir=sync)
         failpoints.hit("sniff-after-rename")
         return name
+
+    def sync_published(self) -> None:
+        """Make the names of the batches published with ``sync=False`` durable: one fsync of
+        ``left/`` for the whole group (the rename into ``left/`` and the entry leaving
+        ``tmp/`` are both in it on the filesystems lrq runs on)."""
+        failpoints.hit("sniff-before-dir-sync")
+        fsync_dir(self.left)
 
     def read_position(self) -> Any:
         try:

@@ -37,11 +37,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
+def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, sync_dir: bool = True) -> None:
     """Write ``data`` to ``path`` so that a reader sees all of it or nothing.
 
     Any error (including from fsync or close) removes the temporary file and propagates:
-    the caller must then treat the write as not having happened.
+    the caller must then treat the write as not having happened. With ``sync_dir=False`` the
+    file is visible but its name is not yet durable: the caller fsyncs ``path.parent`` once
+    for several files (group commit) before relying on any of them.
     """
     tmp = tmp_dir / f"{path.name}.{os.getpid()}.{_uuid.random(8)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
@@ -59,7 +61,8 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager

@@ -73,6 +73,22 @@ def test_sniffer_killed_after_rename_before_the_watermark(tmp_path: Path) -> Non
     assert_exactly_once(cfg, 500)  # the unique keys absorbed the replay
 
 
+@pytest.mark.parametrize("point", ["sniff-before-dir-sync", "sniff-before-position"])
+def test_sniffer_killed_in_a_group_commit_before_the_watermark(tmp_path: Path, point: str) -> None:
+    """Group commit: the tick's five batches are renamed into left/, then left/ is fsynced
+    once, then the position saved. Killed before the fsync or before the position: the
+    whole group is published again and absorbed."""
+    cfg = write_config(tmp_path, docs=500, batch_size=100)
+    killed_at(point, "-c", str(cfg), "sniff")
+    st = status(cfg)
+    assert st["pending"] == 5 and st["position"] is None  # the group visible, not acknowledged
+    assert not list((tmp_path / "data/docs/tmp").iterdir())  # every file was renamed
+    lrq("-c", str(cfg), "sniff", check=True)
+    assert status(cfg)["pending"] == 10  # the group again: the position had not moved
+    lrq("-c", str(cfg), "work", "--burst", check=True)
+    assert_exactly_once(cfg, 500)
+
+
 SLOW = '''
 import time
 def handle(items):

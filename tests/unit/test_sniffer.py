@@ -115,11 +115,11 @@ def test_an_error_mid_tick_saves_the_watermark_of_the_batches_already_durable(
     sn = make_sniffer(tmp_path, src)
     publish, calls = sn.spool.publish, []
 
-    def fail_fourth(items, position):
+    def fail_fourth(items, position, **kw):
         calls.append(position)
         if len(calls) == 4:
             raise KeyboardInterrupt("killed while writing the fourth batch")
-        return publish(items, position)
+        return publish(items, position, **kw)
 
     monkeypatch.setattr(sn.spool, "publish", fail_fourth)
     with pytest.raises(KeyboardInterrupt):
