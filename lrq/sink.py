@@ -90,6 +90,8 @@ log = logging.getLogger(__name__)
 
 LEDGER = "lrq_batches"
 GENERIC_FIELDS = ("queue", "key", "batch", "value")
+#: The ledger columns a commit writes, in its compiled insert's parameter order.
+LEDGER_FIELDS = ("queue", "name", "items", "results", "dead", "attempt")
 DEAD = "lrq_dead_letters"
 #: Keys per ``DELETE ... IN`` when a retried batch replaces its dead letters.
 DELETE_CHUNK = 1000
@@ -210,6 +212,15 @@ class Sink:
             if compiled.positional and list(compiled.positiontup or ()) != list(GENERIC_FIELDS):
                 raise SinkError(f"unexpected parameter order {compiled.positiontup} for "
                                 f"{self.table.name} on {engine.dialect.name}")
+        # The ledger row's insert, compiled once for the driver: building and caching a Core
+        # statement per batch was a third of a commit's CPU at batch 100 (bench/README.md).
+        ledger = self.ledger.insert().compile(dialect=engine.dialect,
+                                              column_keys=list(LEDGER_FIELDS))
+        self._ledger_sql = ledger.string
+        self._ledger_positional = ledger.positional
+        if ledger.positional and list(ledger.positiontup or ()) != list(LEDGER_FIELDS):
+            raise SinkError(f"unexpected parameter order {ledger.positiontup} for {LEDGER} on "
+                            f"{engine.dialect.name}")
 
     def prepare(self) -> Sink:
         """Create the ledger, dead-letter and results tables if they are missing. Safe when
@@ -272,9 +283,8 @@ class Sink:
         try:
             try:
                 with self.engine.begin() as conn:
-                    if not self._open_batch(conn, batch, items, len(rows), len(dead_rows),
-                                            attempt, replace):
-                        return Stored(recorded=False, results=0)
+                    self._open_batch(conn, batch, items, len(rows), len(dead_rows), attempt,
+                                     replace, checked=False)
                     self._insert_rows(conn, rows, bulk, range(len(rows)))
                     if dead_rows:
                         conn.execute(self._insert_dead, dead_rows)
@@ -396,18 +406,24 @@ class Sink:
             conn.execute(self._insert, group)
 
     def _open_batch(self, conn: Connection, batch: str, items: int, results: int, dead: int,
-                    attempt: int, replace: list[str] | None = None) -> bool:
+                    attempt: int, replace: list[str] | None = None, *,
+                    checked: bool = True) -> bool:
         """Insert the ledger row first, in ``conn``'s transaction; False when the ledger
         already holds the batch. The row's key makes a concurrent writer of the same batch
         wait for this transaction, then fail (a replay). Then the dead letters of the keys in
-        ``replace`` are deleted (a retried batch's)."""
-        if conn.execute(select(self.ledger.c.name).where(
+        ``replace`` are deleted (a retried batch's).
+
+        ``checked=False`` (the first try of :meth:`store`): no ``SELECT`` first; a batch the
+        ledger holds makes the insert fail on the ledger's key, which :meth:`store` reads as
+        a replay (:meth:`is_recorded`), as it does for a concurrent writer. A replay is rare
+        (a commit whose done marker was lost); the statement saved is on every batch."""
+        if checked and conn.execute(select(self.ledger.c.name).where(
                 self.ledger.c.queue == self.queue.name,
                 self.ledger.c.name == batch)).first() is not None:
             return False
-        conn.execute(self.ledger.insert().values(
-            queue=self.queue.name, name=batch, items=items, results=results, dead=dead,
-            attempt=attempt))
+        values = (self.queue.name, batch, items, results, dead, attempt)
+        conn.exec_driver_sql(self._ledger_sql, values if self._ledger_positional
+                             else dict(zip(LEDGER_FIELDS, values)))
         for i in range(0, len(replace or ()), DELETE_CHUNK):
             conn.execute(delete(self.dead).where(
                 self.dead.c.queue == self.queue.name,

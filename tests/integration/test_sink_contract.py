@@ -6,12 +6,13 @@ the same batch exactly one records it.
 """
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from typing import Any, Callable, Iterator
 
 import pytest
-from sqlalchemy import Integer, String, Text, func, select, text
+from sqlalchemy import Integer, String, Text, event, func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -395,6 +396,32 @@ def test_ledger_check_does_not_wait_for_another_workers_transaction(engine: Engi
         assert done.wait(10), "is_recorded waited for the open write transaction"
     assert answers == [True, False]  # the open transaction's row is not visible yet
     assert sink.is_recorded("open")
+
+
+def test_a_commit_sends_the_ledger_row_and_the_results_only(engine: Engine,
+                                                          target: dict[str, Any],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Two statements a batch: the ledger insert and the results' executemany, no ``SELECT``
+    of the ledger first (its key catches a replay). A replay stays ``recorded=False``, with
+    nothing stored and no "refused" warning: the ledger's key is not a refused row."""
+    sink = Sink(engine, queue(**target)).prepare()
+    sent: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not statement.lstrip().upper().startswith(("BEGIN", "SAVEPOINT", "RELEASE")):
+            sent.append(statement[:60])
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        assert sink.store("b1", 3, results(1, 2, 3)).recorded
+        assert len(sent) == 2, sent
+        with caplog.at_level(logging.WARNING, logger="lrq.sink"):
+            again = sink.store("b1", 2, results(8, 9))
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert not again.recorded and again.results == 0
+    assert sink.count() == 3 and sink.ledger_stats() == (1, 3)
+    assert not [r for r in caplog.records if "refused" in r.getMessage()]
 
 
 def test_dead_letters_commit_with_the_batch_and_replay_adds_nothing(engine: Engine) -> None:
