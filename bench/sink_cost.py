@@ -92,13 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     import lrq
 
     print(f"lrq from {Path(lrq.__file__).parent}")
-    print(f"{'batch':>6} {'stores':>7} {'CPU ms/store (median)':>22} {'runs':>28} {'statements':>11}")
+    print(f"{'batch':>6} {'stores':>7} {'statements':>10} {'CPU ms/store, median':>21}  runs")
     for size in (int(s) for s in a.batch.split(",")):
         stores = max(a.stores // size, 1)
         runs = [one_run(size, stores, a.warm, a.tmp) for _ in range(a.repeat)]
         cpu = [r[0] for r in runs]
-        print(f"{size:>6} {stores:>7} {statistics.median(cpu):>22.3f} "
-              f"{' '.join(f'{c:.3f}' for c in cpu):>28} {runs[0][1]:>11.1f}", flush=True)
+        print(f"{size:>6} {stores:>7} {runs[0][1]:>10.1f} {statistics.median(cpu):>21.3f}  "
+              f"{' '.join(f'{c:.3f}' for c in cpu)}", flush=True)
     return 0
 
 
