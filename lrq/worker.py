@@ -53,6 +53,7 @@ followed by ``key=value`` fields.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -529,6 +530,11 @@ class Worker:
         idle_since: float | None = None
         # Storing behind would let a run overshoot max_batches by the batch in flight.
         behind = StoreBehind(self) if self.queue.pipeline and max_batches is None else None
+        # What is alive now (modules, SQLAlchemy's tables, the config: ~44k objects) is set
+        # aside from the cyclic collector for the run, so its full collections scan the
+        # batches' objects only: at batch 1000 each one scanned the whole start-up heap
+        # (~17 ms, every ~50 batches). Given back at the end: nothing stays uncollectable.
+        gc.freeze()
         try:
             while not self.stop.is_set():
                 if max_batches is not None and self.stats.batches + self.stats.failed >= max_batches:
@@ -570,8 +576,11 @@ class Worker:
                              "pending=%d", self.queue.name, self.stats.batches, self.stats.items,
                              self.stats.dead, self.stats.rate, len(self.spool.pending()))
         finally:
-            if behind is not None:
-                self._drain(behind)
+            try:
+                if behind is not None:
+                    self._drain(behind)
+            finally:
+                gc.unfreeze()
         return self.stats
 
     def _step(self, behind: StoreBehind | None) -> bool:
