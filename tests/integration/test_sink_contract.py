@@ -450,6 +450,28 @@ def test_sqlite_results_go_in_as_multi_row_inserts(tmp_path) -> None:
         engine.dispose()
 
 
+def test_a_generic_row_sqlite_refuses_is_isolated_from_the_multi_row_insert(tmp_path) -> None:
+    """The generic table's happy path makes no row dicts; a refused row still gets them: a
+    trigger refusing doc-300 fails the 249-row statement holding it, the rows are bisected,
+    and that one is dead-lettered with its input item while the other 599 commit."""
+    engine = make_engine(f"sqlite:///{tmp_path}/r.db")
+    try:
+        sink = Sink(engine, queue(result_table="doc_results")).prepare()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON doc_results WHEN NEW.key = 'doc-300' "
+                "BEGIN SELECT RAISE(ABORT, 'doc-300 is not welcome'); END")
+        inputs = [{"doc_id": f"doc-{i}", "content": f"text {i}"} for i in range(600)]
+        stored = sink.store("b1", 600, results(*range(600)), inputs=inputs)
+        assert (stored.recorded, stored.results, stored.dead) == (True, 599, 1)
+        assert sink.count() == 599 and sink.ledger_stats() == (1, 600)
+        [letter] = sink.dead_records()
+        assert letter.key == "doc-300" and letter.item == inputs[300]
+        assert "doc-300 is not welcome" in letter.error
+    finally:
+        engine.dispose()
+
+
 def test_dead_letters_commit_with_the_batch_and_replay_adds_nothing(engine: Engine) -> None:
     sink = Sink(engine, queue(result_table="doc_results")).prepare()
     bad = [({"doc_id": "x1", "content": "Пекин 😀"}, "ValueError: cannot map"),
