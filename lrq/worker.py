@@ -53,6 +53,7 @@ followed by ``key=value`` fields.
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import threading
@@ -529,6 +530,9 @@ class Worker:
         idle_since: float | None = None
         # Storing behind would let a run overshoot max_batches by the batch in flight.
         behind = StoreBehind(self) if self.queue.pipeline and max_batches is None else None
+        # The start-up heap (~44k objects) is kept out of full collections for the run: each
+        # rescanned it, ~17 ms every ~50 batches at batch 1000. Given back at the end.
+        gc.freeze()
         try:
             while not self.stop.is_set():
                 if max_batches is not None and self.stats.batches + self.stats.failed >= max_batches:
@@ -570,8 +574,11 @@ class Worker:
                              "pending=%d", self.queue.name, self.stats.batches, self.stats.items,
                              self.stats.dead, self.stats.rate, len(self.spool.pending()))
         finally:
-            if behind is not None:
-                self._drain(behind)
+            try:
+                if behind is not None:
+                    self._drain(behind)
+            finally:
+                gc.unfreeze()
         return self.stats
 
     def _step(self, behind: StoreBehind | None) -> bool:

@@ -6,19 +6,20 @@ the same batch exactly one records it.
 """
 from __future__ import annotations
 
+import logging
 import socket
 import threading
 from typing import Any, Callable, Iterator
 
 import pytest
-from sqlalchemy import Integer, String, Text, func, select, text
+from sqlalchemy import Integer, String, Text, event, func, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from lrq.config import QueueConfig, SourceConfig
 from lrq.db import make_engine
 from lrq.errors import ConfigError, DatabaseUnreachable, HandlerError, SinkError
-from lrq.sink import DEAD, LEDGER, Sink
+from lrq.sink import DEAD, LEDGER, SQLITE_ROWS, Sink
 from lrq.worker import is_infrastructure
 
 MODEL = "workers.models:DocEntMap"
@@ -395,6 +396,80 @@ def test_ledger_check_does_not_wait_for_another_workers_transaction(engine: Engi
         assert done.wait(10), "is_recorded waited for the open write transaction"
     assert answers == [True, False]  # the open transaction's row is not visible yet
     assert sink.is_recorded("open")
+
+
+def test_a_commit_sends_the_ledger_row_and_the_results_only(engine: Engine,
+                                                          target: dict[str, Any],
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Two statements a batch: the ledger insert and the results' executemany, no ``SELECT``
+    of the ledger first (its key catches a replay). A replay stays ``recorded=False``, with
+    nothing stored and no "refused" warning: the ledger's key is not a refused row."""
+    sink = Sink(engine, queue(**target)).prepare()
+    sent: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if not statement.lstrip().upper().startswith(("BEGIN", "SAVEPOINT", "RELEASE")):
+            sent.append(statement[:60])
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        assert sink.store("b1", 3, results(1, 2, 3)).recorded
+        assert len(sent) == 2, sent
+        with caplog.at_level(logging.WARNING, logger="lrq.sink"):
+            again = sink.store("b1", 2, results(8, 9))
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert not again.recorded and again.results == 0
+    assert sink.count() == 3 and sink.ledger_stats() == (1, 3)
+    assert not [r for r in caplog.records if "refused" in r.getMessage()]
+
+
+def test_sqlite_results_go_in_as_multi_row_inserts(tmp_path) -> None:
+    """On SQLite the generic table's rows go in as ``INSERT ... VALUES (...), (...)`` of at
+    most ``SQLITE_ROWS`` rows (0.6x the CPU of executemany): 600 results are 3 statements,
+    every row stored once, a key repeated within the batch or stored before ignored."""
+    engine = make_engine(f"sqlite:///{tmp_path}/r.db")
+    try:
+        sink = Sink(engine, queue(result_table="doc_results")).prepare()
+        assert sink.store("b0", 1, results(7)).recorded
+        sent: list[tuple[str, Any]] = []
+        event.listen(engine, "before_cursor_execute",
+                     lambda _c, _cur, sql, params, _ctx, many: sent.append((sql, many)))
+        rows = results(*range(600)) + results(5, tag=" again")
+        assert sink.store("b1", 601, rows).recorded
+        inserts = [(sql, many) for sql, many in sent if "doc_results" in sql]
+        assert len(inserts) == 3 and not any(many for _sql, many in inserts)
+        assert [sql.count("(?, ?, ?, ?)") for sql, _many in inserts] == [
+            SQLITE_ROWS, SQLITE_ROWS, 601 - 2 * SQLITE_ROWS]
+        assert sink.count() == 600 and sink.duplicates() == 0
+        assert stored_value(sink, "doc-5")["ent_list_str"] == "ent 5"
+        with engine.connect() as conn:
+            assert conn.execute(select(sink.table.c.batch).where(
+                sink.table.c.key == "doc-7")).scalar_one() == "b0"
+    finally:
+        engine.dispose()
+
+
+def test_a_generic_row_sqlite_refuses_is_isolated_from_the_multi_row_insert(tmp_path) -> None:
+    """The generic table's happy path makes no row dicts; a refused row still gets them: a
+    trigger refusing doc-300 fails the 249-row statement holding it, the rows are bisected,
+    and that one is dead-lettered with its input item while the other 599 commit."""
+    engine = make_engine(f"sqlite:///{tmp_path}/r.db")
+    try:
+        sink = Sink(engine, queue(result_table="doc_results")).prepare()
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON doc_results WHEN NEW.key = 'doc-300' "
+                "BEGIN SELECT RAISE(ABORT, 'doc-300 is not welcome'); END")
+        inputs = [{"doc_id": f"doc-{i}", "content": f"text {i}"} for i in range(600)]
+        stored = sink.store("b1", 600, results(*range(600)), inputs=inputs)
+        assert (stored.recorded, stored.results, stored.dead) == (True, 599, 1)
+        assert sink.count() == 599 and sink.ledger_stats() == (1, 600)
+        [letter] = sink.dead_records()
+        assert letter.key == "doc-300" and letter.item == inputs[300]
+        assert "doc-300 is not welcome" in letter.error
+    finally:
+        engine.dispose()
 
 
 def test_dead_letters_commit_with_the_batch_and_replay_adds_nothing(engine: Engine) -> None:

@@ -363,6 +363,28 @@ def test_run_stores_a_batch_while_the_handler_runs_the_next(app) -> None:
     assert w.spool.state(first) is State.DONE and w.spool.state(second) is State.DONE
 
 
+def test_a_run_sets_its_start_up_heap_aside_from_the_collector_and_gives_it_back(app) -> None:
+    """During a run the objects alive at its start are frozen (``gc.freeze``), so full
+    collections do not rescan them every few batches; after it, even one that raised, they
+    are collectable again."""
+    import gc
+
+    publish(app, 4), publish(app, 4, start=4)
+    w = app.worker(queue(app))
+    assert gc.get_freeze_count() == 0
+    frozen: list[int] = []
+    w.handler = lambda items: frozen.append(gc.get_freeze_count()) or echo(items)
+    assert w.run(burst=True).batches == 2
+    assert len(frozen) == 2 and min(frozen) > 1000, frozen
+    assert gc.get_freeze_count() == 0
+
+    publish(app, 4, start=8)
+    w.handler = lambda items: (_ for _ in ()).throw(KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        w.run(burst=True)
+    assert gc.get_freeze_count() == 0
+
+
 def test_without_pipeline_each_batch_is_stored_before_the_next_is_handled(tmp_path: Path) -> None:
     app = load_app(write_config(tmp_path, docs=None, chunk_size=4, pipeline=False))
     publish(app, 4), publish(app, 4, start=4)
