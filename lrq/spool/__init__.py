@@ -138,11 +138,12 @@ from lrq.spool.files import (
     write_atomic,
 )
 from lrq.spool.listing import PROBE, Counts, State
+from lrq.spool.owners import OWNERS
 from lrq.spool.reaping import Reaped, Reaping, Stale, half_name
 
 __all__ = [
     "ATTEMPT", "DIR_MODE", "DONE", "ERROR", "FILE_MODE", "HANDLED_MODE", "KEY_IDS", "KEY_SAMPLE",
-    "MAGIC", "PROBE", "SUFFIX", "Batch", "Claim", "Counts", "Exit", "Reaped", "Spool", "Stale",
+    "MAGIC", "OWNERS", "PROBE", "SUFFIX", "Batch", "Claim", "Counts", "Exit", "Reaped", "Spool", "Stale",
     "State", "flock", "fsync_dir", "half_name", "owner_alive", "process_start", "start_of",
     "write_atomic",
 ]
@@ -179,7 +180,7 @@ class Spool(Reaping):
 
     def ensure(self) -> Spool:
         for d in (self.root.parent, self.root, self.left, self.right, self.tmp, self.failed,
-                  self.quarantine):
+                  self.quarantine, self.root / OWNERS):
             d.mkdir(mode=DIR_MODE, exist_ok=True)
         return self
 
