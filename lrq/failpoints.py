@@ -2,7 +2,8 @@
 when it reaches that point, so tests can check each crash window with a real dead process.
 
 Points: ``sniff-mid-write``, ``sniff-after-rename``, ``after-claim``, ``during-txn``,
-``after-commit``; in a reaper's split (:meth:`lrq.spool.Spool.split`): ``split-after-half-0``,
+``after-commit`` (before the done marker), ``during-heartbeat`` (the owner file touched, the
+claims not yet checked); in a reaper's split (:meth:`lrq.spool.Spool.split`): ``split-after-half-0``,
 ``split-after-half-1`` (both halves written), ``split-after-retire`` (the batch file removed,
 its claim not yet). Unset in production; the check is one dictionary lookup.
 """

@@ -229,6 +229,7 @@ class Claims(Batches):
         file they all link to); then, per claim, whether it is still ours (a stat each)."""
         if claims:
             self.owner().touch()
+            failpoints.hit("during-heartbeat")
         return [self.owns(c) for c in claims]
 
     def owns(self, claim: Claim) -> bool:
