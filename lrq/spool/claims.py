@@ -1,6 +1,10 @@
-"""Claims: the exclusive create that decides who processes a batch, the owner record it
-holds, the lease its owner keeps (heartbeat), its attempts, picking a pending batch to claim,
-and finishing one (done, released, given back, failed). The protocol is in :mod:`lrq.spool`.
+"""Claims: the exclusive link that decides who processes a batch (a hard link to the
+claimer's owner file, :mod:`lrq.spool.owners`), the lease its owner keeps (one touch of the
+owner file for all its claims), the handled mark (the owner record's ``handling``), its
+attempts (derived from ``right/<name>.attempt``), picking a pending batch to claim, and
+finishing one (done by renaming the claim, released, given back, failed). Claim files of the
+previous version (their own inode, holding the owner record) are still read. The protocol is
+in :mod:`lrq.spool`.
 """
 from __future__ import annotations
 
