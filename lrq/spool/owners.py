@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 OWNERS = "owners"
 #: Bytes of an owner record; rewritten in place, so its size never changes.
 RECORD = 1024
+#: Names ``handling`` keeps at most, the newest: a worker has one batch in its handler (two
+#: while storing behind); a claim lost to the reaper is never marked handled by its owner,
+#: so its name would otherwise stay for the process's life.
+HANDLING_CAP = 16
 #: Reads of a record being rewritten that a reader retries before calling it unreadable.
 READ_TRIES = 3
 
@@ -93,7 +97,7 @@ class Owner:
             raw = json.dumps({"host": self.host, "pid": self.pid, "start": self.start,
                               "token": self.token, "since": time.time(),
                               "handling": handling}).encode()
-            if len(raw) <= RECORD or not handling:  # only ~25 batches in handlers overflow
+            if len(raw) <= RECORD or not handling:  # only with names far longer than lrq's
                 break
             handling = handling[1:]
         return raw.ljust(RECORD)
@@ -105,6 +109,7 @@ class Owner:
         with self._lock:
             if on:
                 self._handling.append(name)
+                del self._handling[:-HANDLING_CAP]
             elif name in self._handling:
                 self._handling.remove(name)
             else:

@@ -181,3 +181,14 @@ def test_entries_of_the_previous_version_are_understood(spool: Spool) -> None:
     assert [n for _t, n in spool.done_batches()] == [done]
     spool.remove_done(done)
     assert spool.state(done) is State.MISSING and not list(spool.right.glob(f"{done}*"))
+
+
+def test_the_record_keeps_the_newest_names_in_the_handler_within_its_size(spool: Spool) -> None:
+    """Claims lost to the reaper are never marked handled by their owner: the record keeps
+    only the newest names (it once re-encoded itself per name dropped: minutes at 3,000)."""
+    names = [spool.publish([{"k": i}]) for i in range(40)]
+    for n in names:
+        assert spool.claim(n) is not None
+    (owner,) = owner_files(spool)
+    raw = owner.read_bytes()
+    assert len(raw) == RECORD and parse_record(raw)["handling"] == names[-16:]
