@@ -93,8 +93,9 @@ from before it stop a worker.
 Leases: a worker process touches its owner file (one ``futimens``) every ``lease / 4`` while it
 holds claims; the shared inode's mtime is the heartbeat of all of them, and each held claim
 is then checked to still be ours (a stat). Writing the record (a claim, the handled mark)
-touches it too, so a new claim starts with a fresh heartbeat. :meth:`Spool.stale_claims` finds claims whose owner is dead (same host, pid gone or
-reused) or whose heartbeat is older than the lease; :meth:`Spool.reap` moves such a claim
+touches it too, so a new claim starts with a fresh heartbeat. :meth:`Spool.stale_claims`
+finds claims whose owner is dead (same host, pid gone or reused) or whose heartbeat is older
+than the lease; :meth:`Spool.reap` moves such a claim
 aside with one atomic rename (the batch is pending again, attempt + 1) or, past
 ``max_attempts``, moves the batch to ``failed/``. An owner that finds its claim gone has
 lost its lease and must not commit; the ledger's primary key stops it if it tries anyway.
