@@ -5,7 +5,8 @@ One pass, in order:
 1. **Reap** stale claims (dead owner, or heartbeat older than ``lease``): pending again, or
    ``failed/`` past ``max_attempts``; at a batch's second death, split in two new batches
    or, with one item, dead-lettered (see :mod:`lrq.reaper`).
-2. **Sweep** files in ``tmp/`` older than ``cleanup.tmp_age`` (writers that died).
+2. **Sweep** files in ``tmp/`` older than ``cleanup.tmp_age`` (writers that died), and the
+   owner files of dead workers that no claim or done marker links to any more.
 3. **Retention**: done batches older than ``keep_done``, failed and quarantined ones older
    than ``keep_failed``.
 4. **Budget**: while the sniffer could not publish its next batch
@@ -124,6 +125,8 @@ def reap(app: App, q: QueueConfig, report: Report, t: float, *, dry_run: bool = 
 def _queue_pass(app: App, q: Any, report: Report, t: float, dry_run: bool) -> None:
     sp = app.spool(q)
     c = app.cfg.cleanup
+    if not dry_run:
+        sp.sweep_owners()  # a few bytes each: not counted in the report
     for entry in sp.files(sp.tmp):
         try:
             st = entry.stat(follow_symlinks=False)

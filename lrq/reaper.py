@@ -14,8 +14,9 @@ each processed, or dying, on its own. Each split halves the items, so a batch of
 needs at most ``SPLIT_AFTER * (ceil(log2(n)) + 1)`` deaths until the item that kills its
 worker is alone in a one-item batch and is dead-lettered with the exit codes or signals, its
 batch marked done. A worker storing one batch behind while its handler runs the next
-holds both claims; the one whose handler calls were over (:meth:`lrq.spool.Spool.mark_handled`)
-is requeued uncounted and the death charged to the other. A batch that died for another
+holds both claims; the one whose handler calls were over (:meth:`lrq.spool.Spool.mark_handled`:
+its owner record no longer lists it in ``handling``) is requeued uncounted and the death
+charged to the other. A batch that died for another
 reason (the OOM killer chose its worker) is at worst split: splitting loses nothing. A dying
 batch the ledger already holds (its worker died after the commit) is only marked done.
 
@@ -116,7 +117,7 @@ def _end_dying(app: App, q: QueueConfig, sp: Spool, reaped: Reaped) -> str:
     # A split begun (its reaper died) is finished without asking the database: the batch
     # was not in the ledger then, and no worker can have claimed it since.
     if not _split_begun(sp, held.name) and sink.is_recorded(held.name):
-        sp.mark_done(held, {"finalized": True})
+        sp.mark_done(held)
         log.info("finalized queue=%s batch=%s", q.name, held.name)
         return "finalized"
     try:
@@ -131,11 +132,9 @@ def _end_dying(app: App, q: QueueConfig, sp: Spool, reaped: Reaped) -> str:
                     q.name, held.name, len(batch.items), first, second, len(reaped.deaths), ends)
         return "split"
     error = killed_message(reaped.deaths)
-    stored = sink.store(held.name, len(batch.items), [], held.attempt,
-                        dead=[(item, error) for item in batch.items],
-                        replace_dead=batch.replace_dead)
-    sp.mark_done(held, {"items": len(batch.items), "results": 0, "dead": stored.dead,
-                        "killed": [d.describe() for d in reaped.deaths]})
+    sink.store(held.name, len(batch.items), [], held.attempt,
+               dead=[(item, error) for item in batch.items], replace_dead=batch.replace_dead)
+    sp.mark_done(held)
     for item in batch.items:
         log.warning("dead-lettered queue=%s batch=%s key=%s error=%s", q.name, held.name,
                     item.get(q.key), error)

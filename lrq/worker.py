@@ -132,7 +132,9 @@ class RunStats:
 
 
 class Heartbeat:
-    """Touches every claim a worker holds every ``every`` seconds, from one thread.
+    """Refreshes every claim a worker holds every ``every`` seconds, from one thread: one
+    touch of the process's owner file, which all its claims link to, then a stat per claim to
+    see it is still ours (:meth:`lrq.spool.Spool.beat`).
 
     :meth:`hold` returns an event that is set if the claim was taken back (the reaper decided
     its owner was dead). The thread starts with the first claim held and ends once a beat
@@ -188,8 +190,9 @@ class Heartbeat:
             if overrun is not None:
                 self._overrun(overrun, held)
                 return
-            for claim, lost in held:
-                if not lost.is_set() and not self.spool.heartbeat(claim):
+            live = [(claim, lost) for claim, lost in held if not lost.is_set()]
+            for (_claim, lost), ours in zip(live, self.spool.beat([c for c, _ in live])):
+                if not ours:
                     lost.set()
 
     def _overrun(self, why: str, held: list[tuple[Claim, threading.Event]]) -> None:
@@ -435,8 +438,7 @@ class Worker:
         if not stored.recorded:  # committed by an earlier attempt: only the marker was missing
             self._finalize(claim)
             return
-        self.spool.mark_done(claim, {"items": h.items, "results": stored.results,
-                                     "dead": stored.dead})
+        self.spool.mark_done(claim)
         self._count(batches=1, items=h.items, dead=stored.dead)
         log.info("done queue=%s batch=%s items=%d stored=%d dead=%d seconds=%.3f",
                  self.queue.name, claim.name, h.items, stored.results, stored.dead,
@@ -463,7 +465,7 @@ class Worker:
 
     def _finalize(self, claim: Claim) -> None:
         """Mark done a batch the ledger already holds (its committer died before the marker)."""
-        self.spool.mark_done(claim, {"finalized": True})
+        self.spool.mark_done(claim)
         self._count(finalized=1)
         log.info("finalized queue=%s batch=%s", self.queue.name, claim.name)
 

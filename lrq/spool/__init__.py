@@ -5,11 +5,17 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
     tmp/<name>.pkl       a batch being written; never read; orphans are swept by cleanup
     left/<name>.pkl      a published batch: tmp write, fsync, rename here; left/ is fsynced once
                          per group of batches, before the source position moves (see below)
-    right/<name>         the claim (the ack): exclusive create (link(2) of a written file), one winner;
-                         holds the owner record as JSON (host, pid, process start, attempt, token);
-                         mode 0400 once the batch's handler calls are over (only storing is left)
-    right/<name>.done    the done marker, written after the database commit; the batch ledger
-                         in the results database is the truth it can be rebuilt from
+    owners/<host>-<pid>-<start>-<token>
+                         one owner file per worker process (and queue), written once: a
+                         fixed-size JSON record padded with spaces (host, pid, process start,
+                         token, ``handling``: the batches in its handler now), rewritten in
+                         place; its mtime is the heartbeat of every claim linked to it
+    right/<name>         the claim (the ack): a hard link to the claimer's owner file, made with
+                         link(2) (an exclusive, atomic create: one winner, never half-written,
+                         no new inode)
+    right/<name>.done    the done marker: the claim renamed after the database commit; the
+                         batch ledger in the results database is the truth it can be rebuilt
+                         from
     right/<name>.attempt attempts so far and why they ended, for a batch that was reclaimed
     failed/<name>.pkl    a batch that could not be processed, beside failed/<name>.error
     quarantine/<name>.pkl a file whose signature did not verify: never unpickled
@@ -30,13 +36,30 @@ Names are ``<UTC time to the microsecond>-<shortuuid>``, e.g.
 process never hands out the same microsecond twice); the halves of a split batch keep its
 time stamp.
 
-A batch is *pending* when ``left/<name>.pkl`` exists and ``right/<name>`` does not, *claimed*
-when ``right/<name>`` exists without ``right/<name>.done``, *done* with both, *failed* when it
-sits in ``failed/``.
+A batch is *pending* when ``left/<name>.pkl`` exists with neither ``right/<name>`` nor
+``right/<name>.done``, *claimed* when ``right/<name>`` exists without ``right/<name>.done``,
+*done* with ``right/<name>.done``, *failed* when it sits in ``failed/``.
+
+Claims: creating a file is the costly step on ext4 while cleanup deletes done batches (each
+new inode is checked against recently deleted ones), so a claim creates none. A worker
+process writes its owner file once (:mod:`lrq.spool.owners`) and claims a batch with
+``link(owner file, right/<name>)``; a claim is ours while ``lstat(right/<name>)`` is the owner
+file's inode (:meth:`Spool.owns`: a stat, no read). The attempt number is not on disk with the
+claim: the claimer derives it from ``right/<name>.attempt`` (attempts so far + 1), and so does
+the reaper for a stale claim. ``claim`` refuses a done batch: it looks for ``.done`` before
+linking and again after, since a claim renamed to ``.done`` just before our link frees
+``right/<name>`` for it (the marker exists from that instant, so the second look sees it);
+the batch file is looked at after the link as well (cleanup may have removed it). Either way
+the link is undone, if it is still ours. A done marker keeps its link, and ext4 caps an inode
+at 65,000 links: at ``EMLINK`` (or ``Spool.link_cap``) the process starts a new owner file.
+An owner file goes when nothing links to it any more: at its process's exit, or by cleanup
+once its process is dead. Claims and markers written by the previous version (a claim file of
+its own holding the owner record and attempt, mode 0400 once handled; a ``.done`` file beside
+it) are still read, reaped and removed.
 
 Picking (:meth:`Spool.pick`): whatever list a worker takes a name from may be stale; the
 claim's exclusive link decides, so a lost race or a batch removed since costs one failed
-create (or a stat, for a name that already has an entry in ``right/``). A random pick (the
+link (or a stat, for a name that already has an entry in ``right/``). A random pick (the
 default) takes a random name from the names an earlier pick cached; with none left (always
 so in a new worker process) it caches ``PROBE`` entries of ``left/`` read from a random
 directory offset: on ext4 a random point in name-hash order, so the cost does not grow with
@@ -68,9 +91,12 @@ file cannot stop the queue this way: naming an id of ours without our key makes 
 quarantined; only ids listed in ``key-ids`` (0600, in the 0700 data dir) and LRQ2 files
 from before it stop a worker.
 
-Leases: the owner of a claim touches ``right/<name>`` (its mtime is the heartbeat) while it
-works. :meth:`Spool.stale_claims` finds claims whose owner is dead (same host, pid gone or
-reused) or whose heartbeat is older than the lease; :meth:`Spool.reap` moves such a claim
+Leases: a worker process touches its owner file (one ``futimens``) every ``lease / 4`` while it
+holds claims; the shared inode's mtime is the heartbeat of all of them, and each held claim
+is then checked to still be ours (a stat). Writing the record (a claim, the handled mark)
+touches it too, so a new claim starts with a fresh heartbeat. :meth:`Spool.stale_claims`
+finds claims whose owner is dead (same host, pid gone or reused) or whose heartbeat is older
+than the lease; :meth:`Spool.reap` moves such a claim
 aside with one atomic rename (the batch is pending again, attempt + 1) or, past
 ``max_attempts``, moves the batch to ``failed/``. An owner that finds its claim gone has
 lost its lease and must not commit; the ledger's primary key stops it if it tries anyway.
@@ -78,8 +104,11 @@ lost its lease and must not commit; the ledger's primary key stops it if it trie
 Deaths: an attempt whose owner is dead (not merely silent) is a *death*; its history entry
 in ``right/<name>.attempt`` carries ``"exit": {"code": <int or null>, "signal": <"SIGSEGV"
 or null>}`` (both null when only the dead pid was seen). A death is charged to the batch in
-the handler: a dead owner's claim of mode 0400 is requeued uncounted (``"counted": false``)
-when another of its claims was still in the handler. A batch's second death hands it to
+the handler: the owner record lists the batches in the handler (``handling``: a batch is
+added when claimed and removed by :meth:`Spool.mark_handled` once its handler calls are
+over; one ``pwrite`` of the record each, no inode), and the reaper reads it through any of
+the dead owner's claims. A dead owner's claim not listed there is requeued uncounted
+(``"counted": false``) when another of its claims is listed. A batch's second death hands it to
 :mod:`lrq.reaper` instead of requeueing it, whatever ``max_attempts`` says (which bounds the
 other failures): :meth:`Spool.split` publishes its two halves as new batches and retires it,
 so the item that kills its worker ends alone in a one-item batch, which is dead-lettered.
@@ -103,11 +132,16 @@ Crash windows and what covers them:
 * killed after the rename, before the position is saved, or after some renames of a group
   before ``left/`` is fsynced: the items are published again in later batches; the results
   table's unique keys absorb the replay.
-* killed after the claim: the claim (written aside and linked into place, so never empty)
-  names its owner, so the reaper sees the owner is dead and makes the batch pending again,
-  counting the attempt.
-* killed after the database commit, before the done marker: the next claimer finds the batch
-  in the ledger and only writes the marker.
+* killed after the claim (or during a heartbeat): the claim is a link to the owner file, so
+  it names its owner whole; the reaper sees the owner is dead and makes the batch pending
+  again, counting the attempt. The owner file is removed by cleanup once no claim or done
+  marker links to it.
+* killed after the database commit, before the rename to ``.done``: the claim is reaped like
+  any other; the next claimer finds the batch in the ledger and only renames its claim. A
+  claim reaped between the commit and the rename is marked by linking the owner file to
+  ``.done`` instead (the batch is done in the ledger either way).
+* killed between setting the batch file's mtime (the done time retention ages from) and the
+  rename: the batch is not done on disk, and is finished as above.
 * a splitting reaper holds the batch's claim, so its own death is one more death of the
   batch and the next reap splits again. Killed after one or both halves are in ``left/``:
   the redone split writes only what is missing (the halves' items are never lost; a half
@@ -149,11 +183,12 @@ from lrq.spool.files import (
     write_atomic,
 )
 from lrq.spool.listing import PROBE, Counts, State
+from lrq.spool.owners import OWNERS
 from lrq.spool.reaping import Reaped, Reaping, Stale, half_name
 
 __all__ = [
     "ATTEMPT", "DIR_MODE", "DONE", "ERROR", "FILE_MODE", "HANDLED_MODE", "KEY_IDS", "KEY_SAMPLE",
-    "MAGIC", "PROBE", "SUFFIX", "Batch", "Claim", "Counts", "Exit", "Reaped", "Spool", "Stale",
+    "MAGIC", "OWNERS", "PROBE", "SUFFIX", "Batch", "Claim", "Counts", "Exit", "Reaped", "Spool", "Stale",
     "State", "flock", "fsync_dir", "half_name", "owner_alive", "process_start", "start_of",
     "write_atomic",
 ]
@@ -190,7 +225,7 @@ class Spool(Reaping):
 
     def ensure(self) -> Spool:
         for d in (self.root.parent, self.root, self.left, self.right, self.tmp, self.failed,
-                  self.quarantine):
+                  self.quarantine, self.root / OWNERS):
             d.mkdir(mode=DIR_MODE, exist_ok=True)
         return self
 

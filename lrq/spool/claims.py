@@ -1,34 +1,45 @@
-"""Claims: the exclusive create that decides who processes a batch, the owner record it
-holds, the lease its owner keeps (heartbeat), its attempts, picking a pending batch to claim,
-and finishing one (done, released, given back, failed). The protocol is in :mod:`lrq.spool`.
+"""Claims: the exclusive link that decides who processes a batch (a hard link to the
+claimer's owner file, :mod:`lrq.spool.owners`), the lease its owner keeps (one touch of the
+owner file for all its claims), the handled mark (the owner record's ``handling``), its
+attempts (derived from ``right/<name>.attempt``), picking a pending batch to claim, and
+finishing one (done by renaming the claim, released, given back, failed). Claim files of the
+previous version (their own inode, holding the owner record) are still read. The protocol is
+in :mod:`lrq.spool`.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
+import logging
 import os
 import random
-import secrets
 import signal
 import socket
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lrq import failpoints
 from lrq.errors import ForeignEntry, LrqError
 from lrq.spool.batches import Batches
-from lrq.spool.files import ATTEMPT, DONE, ERROR, FILE_MODE, SUFFIX, fsync_dir, read_regular, write_atomic
+from lrq.spool.files import ATTEMPT, DONE, ERROR, SUFFIX, fsync_dir, read_regular, write_atomic
 from lrq.spool.listing import State
+from lrq.spool.owners import OWNERS, READ_TRIES, RECORD, Owner, OwnerId, name_fields, owner_of, parse_record
 
-#: A claim's mode once its handler calls are over (:meth:`Spool.mark_handled`).
+log = logging.getLogger(__name__)
+
+#: A claim file's mode, in the previous version, once its handler calls were over: still
+#: read from claim files an upgraded data dir holds.
 HANDLED_MODE = 0o400
 
 
 @dataclass(frozen=True)
 class Claim:
-    """What ``right/<name>`` holds: who claimed the batch, when, and which attempt this is."""
+    """A claim of ``right/<name>``: who claimed the batch, when, and which attempt this is.
+    Only the owner (host, pid, start, token) is on disk, in the owner file the claim links
+    to; the attempt is derived from ``right/<name>.attempt``."""
 
     name: str
     token: str
@@ -36,7 +47,12 @@ class Claim:
     host: str
     pid: int
     start: int
-    claimed_at: float
+    #: Not compared: read back from a link it is the inode's change time, at or after this.
+    claimed_at: float = field(compare=False)
+    #: The owner file's inode this claim links to (0 for a claim file of the previous
+    #: version, which is told apart by ``token``).
+    dev: int = 0
+    ino: int = 0
 
 
 @dataclass(frozen=True)
@@ -111,39 +127,75 @@ class Claims(Batches):
     #: Names an earlier pick listed or sampled and has not tried yet.
     _candidates: list[str]
     rng: random.Random
+    #: Links an owner file may have before this process starts a new one; None leaves it
+    #: to the filesystem (``EMLINK``). Tests set a small cap instead of making 65,000 links.
+    link_cap: int | None = None
+
+    def owner(self) -> Owner:
+        """This process's owner file for the queue (made on first use)."""
+        return owner_of(self.root, process_start())
 
     def claim(self, name: str) -> Claim | None:
-        """Claim ``name`` with an exclusive create; None when someone else has it."""
-        if os.path.lexists(self.right / name):
-            return None  # claimed or done: a stat spares writing an owner record for nothing
-        attempt = self.attempts(name)["attempts"] + 1
-        c = Claim(name=name, token=secrets.token_urlsafe(12), attempt=attempt,
-                  host=socket.gethostname(), pid=os.getpid(), start=process_start(),
-                  claimed_at=self.clock())
-        # Write the owner record aside, then link it into place: link(2) is an exclusive,
-        # atomic create, so a claim is never seen half-written.
-        tmp = self.tmp / f"{name}.claim.{c.token}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        """Claim ``name``: link this process's owner file to ``right/<name>``; None when the
+        batch is claimed, done or gone.
+
+        ``link(2)`` is an exclusive, atomic create of an entry for an inode that exists, so
+        there is one winner and the claim is never half-written, and no inode is created.
+        A done batch has ``right/<name>.done`` and no ``right/<name>`` (the marker is the
+        claim renamed), so ``.done`` is checked before linking and again after: the claim
+        it was renamed from existed until the rename, so our link can only have succeeded
+        after it, when ``.done`` already existed, and the second look sees it. The batch file
+        is looked at after the link too, as cleanup may have removed it since our listing.
+        Either way the link is undone (only if it is still ours) and the answer is None.
+        """
+        # Strings, not Paths: pathlib's joins cost more than the system calls here.
+        right = f"{self.right}/{name}"
+        done = f"{right}{DONE}"
+        if os.path.lexists(right) or os.path.lexists(done):
+            return None  # claimed or done: a stat spares a link for nothing
+        owner = self.owner()
         try:
-            try:
-                os.write(fd, json.dumps(vars(c)).encode())  # asdict() deep-copies: 3x the time
-            finally:
-                os.close(fd)
-        except BaseException:
-            os.unlink(tmp)  # e.g. ENOSPC: leave nothing behind
-            raise
-        try:
-            os.link(tmp, self.right / name)
+            oid = self._link(owner, right)
         except FileExistsError:
             return None
-        finally:
-            os.unlink(tmp)
-        if not (self.left / f"{name}{SUFFIX}").exists():
-            # Cleanup removed the batch after our listing: undo and report no claim.
-            os.unlink(self.right / name)
+        if os.path.lexists(done) or not os.path.exists(f"{self.left}/{name}{SUFFIX}"):
+            self._unlink_if(right, oid)
             return None
+        owner.handling(name, True, oid)
         failpoints.hit("after-claim")
-        return c
+        return Claim(name=name, token=owner.token, attempt=self.attempts(name)["attempts"] + 1,
+                     host=owner.host, pid=owner.pid, start=owner.start,
+                     claimed_at=self.clock(), dev=oid.dev, ino=oid.ino)
+
+    def _link(self, owner: Owner, target: str | Path) -> OwnerId:
+        """Link ``owner``'s file to ``target``; a new owner file when the link limit is
+        reached (``EMLINK``, or :attr:`link_cap`) or the file's path is gone."""
+        for _ in range(3):
+            path, oid = owner.path, owner.id
+            try:
+                if self.link_cap is not None and os.lstat(path).st_nlink >= self.link_cap:
+                    raise OSError(errno.EMLINK, "link cap reached", str(path))
+                os.link(path, target)
+                return oid
+            except FileExistsError:
+                raise
+            except FileNotFoundError:
+                if os.path.lexists(path):
+                    raise  # the target's folder is gone, not the owner file
+            except OSError as e:
+                if e.errno != errno.EMLINK:
+                    raise
+            log.info("owner-rotated queue=%s path=%s: its links are used up or its path is gone",
+                     self.queue, path)
+            owner.rotate()
+        raise LrqError(f"cannot link an owner file of queue {self.queue} to {target}")
+
+    def _unlink_if(self, path: str, oid: OwnerId) -> None:
+        """Remove ``path`` if it is still a link to owner file ``oid``."""
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(path)
+            if (st.st_dev, st.st_ino) == (oid.dev, oid.ino):
+                os.unlink(path)
 
     def attempts(self, name: str) -> dict[str, Any]:
         """``{"attempts": n, "history": [...]}``: attempts that ended without finishing."""
@@ -174,40 +226,91 @@ class Claims(Batches):
 
     def heartbeat(self, claim: Claim) -> bool:
         """Refresh the lease; False when the claim is no longer ours (reaped, released)."""
-        if not self.owns(claim):
-            return False
-        try:
-            os.utime(self.right / claim.name)
-        except FileNotFoundError:
-            return False
-        return True
+        return self.beat([claim])[0]
+
+    def beat(self, claims: list[Claim]) -> list[bool]:
+        """Refresh the lease of every claim of this process (one ``futimens`` of the owner
+        file they all link to); then, per claim, whether it is still ours (a stat each)."""
+        if claims:
+            self.owner().touch()
+            failpoints.hit("during-heartbeat")
+        return [self.owns(c) for c in claims]
 
     def owns(self, claim: Claim) -> bool:
-        """Is ``right/<name>`` still this claim (same token)? Asked before every commit and
-        heartbeat, so only the token is looked at, not the whole record rebuilt."""
+        """Is ``right/<name>`` still this claim? Asked before every commit and at every
+        heartbeat: a stat, comparing the entry's inode with the owner file's."""
         try:
-            return json.loads(read_regular(self.right / claim.name))["token"] == claim.token
-        except (FileNotFoundError, ForeignEntry, ValueError, KeyError, TypeError):  # not lrq's
+            st = os.lstat(f"{self.right}/{claim.name}")
+        except FileNotFoundError:
             return False
+        if claim.ino:
+            return (st.st_dev, st.st_ino) == (claim.dev, claim.ino)
+        c = self.read_claim(claim.name)  # a claim file of the previous version
+        return c is not None and c.token == claim.token
 
     def read_claim(self, name: str) -> Claim | None:
-        return self.read_claim_file(self.right / name)
+        return self.read_claim_file(self.right / name, name)
 
-    @staticmethod
-    def read_claim_file(path: Path) -> Claim | None:
-        try:
-            return Claim(**json.loads(read_regular(path)))
-        except (FileNotFoundError, ValueError, TypeError):
-            return None
+    def read_claim_file(self, path: Path, name: str) -> Claim | None:
+        """The claim at ``path`` (``right/<name>`` or a link to it), None if it is not one."""
+        return self.read_entry(path, name)[0]
+
+    def read_entry(self, path: Path, name: str) -> tuple[Claim | None, list[str] | None]:
+        """The claim at ``path`` and, for a link to an owner file, the batches its owner has
+        in the handler (None for a claim file of the previous version, which has its own
+        inode and marks "handled" in its mode). The attempt of a linked claim is derived
+        from ``right/<name>.attempt``, as its owner did when it claimed; its ``claimed_at``
+        is the inode's change time, at or after the claim. A record read while its owner
+        rewrites it is read again, a bounded number of times."""
+        for _ in range(READ_TRIES):
+            try:
+                raw = read_regular(path)
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return None, None
+            rec = parse_record(raw)
+            if rec is not None:
+                try:
+                    claim = Claim(name=name, token=str(rec["token"]),
+                                  attempt=self.attempts(name)["attempts"] + 1,
+                                  host=str(rec["host"]), pid=int(rec["pid"]),
+                                  start=int(rec["start"]), claimed_at=st.st_ctime,
+                                  dev=st.st_dev, ino=st.st_ino)
+                except (KeyError, TypeError, ValueError):
+                    return None, None
+                return claim, [str(n) for n in rec["handling"]]
+            try:
+                return Claim(**json.loads(raw)), None
+            except (ValueError, TypeError):
+                if raw.rstrip(b" ")[:1] != b"{" or len(raw) != RECORD:
+                    return None, None  # not a record being rewritten: not lrq's
+        return None, None
 
     def mark_handled(self, claim: Claim) -> None:
-        """Note on the claim that its handler calls are over (only storing is left), by
-        clearing its write bit: one chmod (~5 us; reading the claim first to check the token
-        would be 20 us), so call it only while the lease is held. If the owner dies while
-        another of its batches is in the handler, this one was not the cause (see
-        :meth:`stale_claims`)."""
-        with contextlib.suppress(FileNotFoundError):
-            os.chmod(self.right / claim.name, HANDLED_MODE)
+        """Note in the owner record that the batch's handler calls are over (only storing is
+        left): one ``pwrite``, no new inode. If the owner dies while another of its batches
+        is in the handler, this one was not the cause (see :meth:`stale_claims`)."""
+        self._unhandle(claim)
+
+    def _unhandle(self, claim: Claim) -> None:
+        if claim.ino:
+            self.owner().handling(claim.name, False, OwnerId(claim.dev, claim.ino))
+
+    def sweep_owners(self) -> int:
+        """Remove the owner files of dead processes (this host) that no claim or done marker
+        links to any more; return how many. A live owner's file is left to its process,
+        which removes it at exit if nothing links to it."""
+        host = socket.gethostname()
+        removed = 0
+        for e in self.files(self.root / OWNERS):
+            fields = name_fields(e.name)
+            if fields is None or fields[0] != host or owner_alive(fields[1], fields[2]):
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if e.stat(follow_symlinks=False).st_nlink == 1:
+                    os.unlink(e.path)
+                    removed += 1
+        return removed
 
     def pick(self, order: str = "random") -> Claim | None:
         """Claim one pending batch, or return None when there is none.
@@ -244,20 +347,28 @@ class Claims(Batches):
         return None
 
     # -- finishing -----------------------------------------------------------------------
-    def mark_done(self, claim: Claim, info: dict[str, Any] | None = None) -> None:
-        """Write the done marker; call only after the results are committed."""
-        data = json.dumps({"token": claim.token, "done_at": self.clock(), **(info or {})})
-        fd = os.open(self.right / f"{claim.name}{DONE}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC,
-                     FILE_MODE)
+    def mark_done(self, claim: Claim) -> None:
+        """Mark the batch done; call only after the results are committed. The batch file's
+        mtime is set first (it is the done time that retention ages from), then the claim is
+        renamed to ``right/<name>.done``: no new inode. A claim taken back since the commit
+        (the batch is done in the ledger all the same) is marked by linking this process's
+        owner file to ``.done`` instead."""
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(f"{self.left}/{claim.name}{SUFFIX}")
+        self._unhandle(claim)
+        right = f"{self.right}/{claim.name}"
+        done = f"{right}{DONE}"
         try:
-            os.write(fd, data.encode())
-        finally:
-            os.close(fd)
+            os.rename(right, done)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                self._link(self.owner(), done)
 
     def release(self, claim: Claim) -> bool:
         """Give a claim back (the batch becomes pending) if we still own it."""
         if not self.owns(claim):
             return False
+        self._unhandle(claim)
         with contextlib.suppress(FileNotFoundError):  # reaped since we looked: gone either way
             os.unlink(self.right / claim.name)
         return True
@@ -292,6 +403,7 @@ class Claims(Batches):
     def fail(self, claim: Claim, error: str, folder: Path | None = None) -> Path:
         """Move a claimed batch to ``failed/`` (or ``folder``) with an error file beside it."""
         folder = folder or self.failed
+        self._unhandle(claim)
         err = folder / f"{claim.name}{ERROR}"
         record = {"name": claim.name, "queue": self.queue, "attempt": claim.attempt,
                   "claimed_at": claim.claimed_at, "failed_at": self.clock(),

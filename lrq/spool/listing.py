@@ -107,10 +107,17 @@ class Listing:
                 for e in self.files(folder) if e.name.endswith(suffix)}
 
     def _claims(self) -> set[str]:
-        return {n for n in self._names(self.right, "") if "." not in n}
+        """Names of batches claimed or done: ``right/<name>`` or ``right/<name>.done``."""
+        out = set()
+        for n in self._names(self.right, ""):
+            if "." not in n:
+                out.add(n)
+            elif n.endswith(DONE):
+                out.add(n[: -len(DONE)])
+        return out
 
     def pending(self, ordered: bool = True) -> list[str]:
-        """Names in ``left/`` without a claim in ``right/``, oldest first (or unordered)."""
+        """Names in ``left/`` neither claimed nor done, oldest first (or unordered)."""
         names = self._names(self.left, SUFFIX) - self._claims()
         return sorted(names) if ordered else list(names)
 
@@ -239,16 +246,29 @@ class Listing:
 
     # -- retention -----------------------------------------------------------------------
     def done_batches(self) -> list[tuple[float, str]]:
-        """``(done time, name)`` of every done batch, oldest first."""
+        """``(done time, name)`` of every done batch, oldest first.
+
+        The done time is the batch file's mtime, set just before the done marker
+        (:meth:`mark_done`): the marker is a link to its owner's file, whose mtime is that
+        process's last heartbeat and the same for all its batches. A batch marked done by
+        the previous version (or by a worker killed between the two steps) ages from when it
+        was published, so it may go up to its time pending early; its results are in the
+        database either way. A done batch whose file is gone (cleanup was killed removing
+        it) ages by its marker."""
         out = []
         for name in self._names(self.right, DONE):
-            with contextlib.suppress(FileNotFoundError):
-                out.append(((self.right / f"{name}{DONE}").stat().st_mtime, name))
+            for path in (self.left / f"{name}{SUFFIX}", self.right / f"{name}{DONE}"):
+                try:
+                    out.append((os.lstat(path).st_mtime, name))
+                    break
+                except FileNotFoundError:
+                    continue
         return sorted(out)
 
     def remove_done(self, name: str) -> int:
         """Delete a done batch and its markers; return the bytes freed. The batch file goes
-        first: until the markers go too, the batch still reads as done, never as pending."""
+        first: until the markers go too, the batch still reads as done, never as pending.
+        ``right/<name>`` is a done batch's claim file only in the previous version's format."""
         if not self.is_done(name):
             raise LrqError(f"batch {name} is not done; cleanup never removes it")
         return sum(self._remove(path) for path in (

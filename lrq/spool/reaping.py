@@ -67,16 +67,18 @@ class Reaping(Claims):
 
     def stale_claims(self, lease: float, now: float | None = None) -> list[Stale]:
         """Claims whose owner is dead (this host) or whose heartbeat is older than ``lease``.
-        A dead owner's claims marked handled (:meth:`mark_handled`) are ``collateral`` when
-        one of its claims was not: the batch in the handler is the one that killed it."""
+        A dead owner's claims not in its handler (its record's ``handling``, see
+        :meth:`mark_handled`; for a claim file of the previous version, mode 0400) are
+        ``collateral`` when one of its claims was: the batch in the handler is the one that
+        killed it."""
         now = self.clock() if now is None else now
         host = socket.gethostname()
         out = []
         handled = set()
         for name in self.claimed():
             try:
-                st = (self.right / name).stat()
-                c = self.read_claim(name)
+                st = os.lstat(self.right / name)
+                c, handling = self.read_entry(self.right / name, name)
             except FileNotFoundError:
                 continue
             except ForeignEntry as e:  # e.g. unreadable: skipped, never reaped or deleted
@@ -90,7 +92,7 @@ class Reaping(Claims):
             elif c.host == host and not owner_alive(c.pid, c.start):
                 out.append(Stale(name, f"owner pid {c.pid} is dead", c.attempt, dead=True,
                                  pid=c.pid, start=c.start, token=c.token))
-                if not st.st_mode & S_IWUSR:
+                if (name not in handling) if handling is not None else not st.st_mode & S_IWUSR:
                     handled.add(name)
             elif now - beat > lease:
                 out.append(Stale(name, f"no heartbeat for {now - beat:.0f}s (lease {lease:.0f}s)",
@@ -112,12 +114,13 @@ class Reaping(Claims):
         past ``max_attempts``.
 
         The claim is first renamed into ``tmp/`` (atomic: one reaper wins, and its owner's next
-        heartbeat sees the lease is gone). A claim whose batch file is gone (its owner was
+        heartbeat sees the lease is gone). The entry renamed is a link to its owner's file,
+        so the owner record is read from it there. A claim whose batch file is gone (its owner was
         killed inside :meth:`fail` or :meth:`split`) is removed with its attempt record.
 
         Another reaper may have taken the stale claim back first, and a worker claimed the
         batch again since: the renamed file is then that worker's live claim (another
-        token). It is linked back and the outcome is "gone"; should a third claim have
+        owner token). It is linked back and the outcome is "gone"; should a third claim have
         appeared in the instant between, the live worker loses its lease, which it notices
         at its next heartbeat or commit (nothing is stored twice).
         """
@@ -127,7 +130,7 @@ class Reaping(Claims):
             os.rename(self.right / name, aside)
         except FileNotFoundError:
             return Reaped("gone", stale.reason)
-        found = self.read_claim_file(aside)
+        found = self.read_claim_file(aside, name)
         if (found.token if found is not None else "") != stale.token:
             with contextlib.suppress(FileExistsError):
                 os.link(aside, self.right / name)
@@ -139,7 +142,7 @@ class Reaping(Claims):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)
             return Reaped("gone", stale.reason)
-        claim = self.read_claim_file(aside) or Claim(
+        claim = found or Claim(
             name=name, token="", attempt=stale.attempt, host="?", pid=0, start=0,
             claimed_at=0.0)
         exit = (exit or Exit()) if stale.dead else None

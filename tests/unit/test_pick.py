@@ -191,5 +191,6 @@ def test_owns_is_false_for_a_foreign_claim_file(spool: Spool, content: str) -> N
     (name,) = backlog(spool, 1)
     claim = spool.claim(name)
     assert spool.owns(claim)
+    (spool.right / name).unlink()
     (spool.right / name).write_text(content)
     assert not spool.owns(claim)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from lrq import cleanup, reaper
-from lrq.spool import Exit, Spool, Stale, State, half_name
+from lrq.spool import OWNERS, Exit, Spool, Stale, State, half_name
+from lrq.spool.owners import RECORD, parse_record
 from lrqtest import load_app, write_config
 
 
@@ -27,10 +28,20 @@ def dead_pid() -> int:
     return p.pid
 
 
-def forge_owner(spool: Spool, name: str, **fields) -> None:
+def forge_owner(spool: Spool, name: str, handling: list[str] | None = None, **fields) -> None:
+    """Make ``right/<name>`` a claim of another owner: a link to an owner file with this
+    claim's record, ``fields`` changed (its token derived from the pid), listing ``handling``
+    as the batches in its handler (default: none but ``name``). Claims forged with the same
+    fields share one owner file, as one process's claims do."""
     path = spool.right / name
-    record = {**json.loads(path.read_text()), **fields}
-    path.write_text(json.dumps(record))
+    record = {**parse_record(path.read_bytes()), **fields}
+    record["token"] = fields.get("token", f"forged{record['pid']}")
+    record["handling"] = [name] if handling is None else handling
+    owner = spool.root / OWNERS / f"{record['host']}-{record['pid']}-{record['start']}-{record['token']}"
+    if not owner.exists():
+        owner.write_bytes(json.dumps(record).encode().ljust(RECORD))
+    os.unlink(path)
+    os.link(owner, path)
 
 
 def test_live_claims_are_not_stale(spool: Spool) -> None:
@@ -330,8 +341,7 @@ def test_a_death_is_charged_to_the_batch_in_the_handler_not_to_one_being_stored(
     pid = dead_pid()
     for name in (stored, handling):
         spool.claim(name)
-        forge_owner(spool, name, pid=pid)
-    spool.mark_handled(spool.read_claim(stored))
+        forge_owner(spool, name, pid=pid, handling=[handling])
     by_name = {s.name: s for s in spool.stale_claims(lease=3600)}
     assert by_name[stored].collateral and not by_name[handling].collateral
     assert spool.reap(by_name[stored], 1) == "requeued"  # even at max_attempts = 1
@@ -340,8 +350,7 @@ def test_a_death_is_charged_to_the_batch_in_the_handler_not_to_one_being_stored(
     assert entry["counted"] is False and entry["exit"] == {"code": None, "signal": None}
     assert spool.claim(stored).attempt == 1
     # Alone, a handled batch is charged: its worker died storing it, nothing else ran.
-    forge_owner(spool, stored, pid=dead_pid())
-    spool.mark_handled(spool.read_claim(stored))
+    forge_owner(spool, stored, pid=dead_pid(), handling=[])
     alone = next(s for s in spool.stale_claims(lease=3600) if s.name == stored)
     assert not alone.collateral
     assert spool.take_back(alone, 3, split_after=2).deaths == (Exit(),)

@@ -31,7 +31,7 @@ def batch(sp, state: str, age_days: float = 0.0, n: int = 50) -> str:
     claim = sp.claim(name)
     if state == "done":
         sp.mark_done(claim)
-        os.utime(sp.right / f"{name}.done", (when, when))
+        os.utime(sp.left / f"{name}.pkl", (when, when))  # done time: set by mark_done
     elif state == "failed":
         sp.fail(claim, "boom")
         os.utime(sp.failed / f"{name}.error", (when, when))

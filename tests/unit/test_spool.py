@@ -157,7 +157,7 @@ def test_release_only_by_the_owner(spool: Spool) -> None:
     name = spool.publish(items(1))
     claim = spool.claim(name)
     assert claim is not None
-    impostor = claim.__class__(**{**claim.__dict__, "token": "other"})
+    impostor = claim.__class__(**{**claim.__dict__, "ino": claim.ino + 1})
     assert not spool.release(impostor)
     assert spool.release(claim)
     assert spool.pending() == [name]
