@@ -236,10 +236,13 @@ class Sniffer:
         return True
 
     def _prune(self, watch: dict[str, int]) -> None:
-        """Drop the names that were claimed (or are done) from ``watch``: a stat or two each."""
+        """Drop the names that were claimed (or are done), or whose batch file left ``left/``
+        (failed, quarantined or split between two looks), from ``watch``: a stat or three each."""
         self.looks += 1
         right = f"{self.spool.right}{os.sep}"
-        for name in [n for n in watch if os.path.lexists(right + n) or os.path.lexists(right + n + DONE)]:
+        left = f"{self.spool.left}{os.sep}"
+        for name in [n for n in watch if os.path.lexists(right + n) or os.path.lexists(right + n + DONE)
+                     or not os.path.lexists(left + n + SUFFIX)]:
             del watch[name]
 
     def _pending_sizes(self) -> dict[str, int]:

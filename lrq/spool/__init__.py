@@ -219,6 +219,7 @@ class Spool(Reaping):
         self.rng = rng or random.Random()
         self._last_us = 0
         self._candidates: list[str] = []
+        self._latest: dict[str, Claim] = {}
         self._none_pending_at: tuple[int, int] | None = None
         #: Entries lrq did not write, seen by this process: path -> what it is.
         self._foreign: dict[str, str] = {}

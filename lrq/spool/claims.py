@@ -30,6 +30,9 @@ from lrq.spool.owners import OWNERS, READ_TRIES, RECORD, Owner, OwnerId, name_fi
 
 log = logging.getLogger(__name__)
 
+#: Claims :meth:`Claims.owns` remembers, to tell this process's new claim of a batch from an
+#: old one (all its claims share its owner file's inode); a worker holds two at a time.
+LATEST_KEPT = 256
 #: A claim file's mode, in the previous version, once its handler calls were over: still
 #: read from claim files an upgraded data dir holds.
 HANDLED_MODE = 0o400
@@ -126,6 +129,8 @@ class Claims(Batches):
 
     #: Names an earlier pick listed or sampled and has not tried yet.
     _candidates: list[str]
+    #: This process's newest claim of each batch it claimed lately (at most ``LATEST_KEPT``).
+    _latest: dict[str, Claim]
     rng: random.Random
     #: Links an owner file may have before this process starts a new one; None leaves it
     #: to the filesystem (``EMLINK``). Tests set a small cap instead of making 65,000 links.
@@ -154,6 +159,9 @@ class Claims(Batches):
         if os.path.lexists(right) or os.path.lexists(done):
             return None  # claimed or done: a stat spares a link for nothing
         owner = self.owner()
+        # The link shares the owner file's mtime, which is the claim's heartbeat: a process
+        # idle past the lease would show its new claim stale until the record's write below.
+        owner.touch()
         try:
             oid = self._link(owner, right)
         except FileExistsError:
@@ -163,9 +171,13 @@ class Claims(Batches):
             return None
         owner.handling(name, True, oid)
         failpoints.hit("after-claim")
-        return Claim(name=name, token=owner.token, attempt=self.attempts(name)["attempts"] + 1,
-                     host=owner.host, pid=owner.pid, start=owner.start,
-                     claimed_at=self.clock(), dev=oid.dev, ino=oid.ino)
+        claim = Claim(name=name, token=owner.token, attempt=self.attempts(name)["attempts"] + 1,
+                      host=owner.host, pid=owner.pid, start=owner.start,
+                      claimed_at=self.clock(), dev=oid.dev, ino=oid.ino)
+        self._latest[name] = claim
+        while len(self._latest) > LATEST_KEPT:
+            del self._latest[next(iter(self._latest))]
+        return claim
 
     def _link(self, owner: Owner, target: str | Path) -> OwnerId:
         """Link ``owner``'s file to ``target``; a new owner file when the link limit is
@@ -244,7 +256,10 @@ class Claims(Batches):
         except FileNotFoundError:
             return False
         if claim.ino:
-            return (st.st_dev, st.st_ino) == (claim.dev, claim.ino)
+            # Every claim of this process links the same inode: one it made of this batch
+            # since (after a reaper took this one back) is not this claim.
+            latest = self._latest.get(claim.name)
+            return (st.st_dev, st.st_ino) == (claim.dev, claim.ino) and latest in (None, claim)
         c = self.read_claim(claim.name)  # a claim file of the previous version
         return c is not None and c.token == claim.token
 

@@ -38,6 +38,10 @@ class Stale:
     #: The claim's token when it was found stale ("" if unreadable): taking it back checks
     #: that ``right/<name>`` is still that claim, not a new worker's.
     token: str = ""
+    #: The claim's heartbeat (mtime) when it was found stale: one that moved since (the owner
+    #: beat, or claimed the batch again: a claim's link shares its owner's mtime) is not
+    #: taken back.
+    beat: float | None = None
 
 
 @dataclass(frozen=True)
@@ -96,7 +100,7 @@ class Reaping(Claims):
                     handled.add(name)
             elif now - beat > lease:
                 out.append(Stale(name, f"no heartbeat for {now - beat:.0f}s (lease {lease:.0f}s)",
-                                 c.attempt, token=c.token))
+                                 c.attempt, token=c.token, beat=st.st_mtime))
         in_handler = {(s.pid, s.start) for s in out if s.dead and s.name not in handled}
         return [replace(s, collateral=True)
                 if s.name in handled and (s.pid, s.start) in in_handler else s for s in out]
@@ -119,10 +123,12 @@ class Reaping(Claims):
         killed inside :meth:`fail` or :meth:`split`) is removed with its attempt record.
 
         Another reaper may have taken the stale claim back first, and a worker claimed the
-        batch again since: the renamed file is then that worker's live claim (another
-        owner token). It is linked back and the outcome is "gone"; should a third claim have
-        appeared in the instant between, the live worker loses its lease, which it notices
-        at its next heartbeat or commit (nothing is stored twice).
+        batch again since: the renamed file is then that worker's live claim (another owner
+        token, or, when the same process claimed it again, a heartbeat that moved: all of a
+        process's claims share its owner file, token and mtime). It is linked back and the
+        outcome is "gone"; should a third claim have appeared in the instant between, the
+        live worker loses its lease, which it notices at its next heartbeat or commit
+        (nothing is stored twice).
         """
         name = stale.name
         aside = self.tmp / f"{name}.reaped.{_uuid.random(8)}"
@@ -131,7 +137,8 @@ class Reaping(Claims):
         except FileNotFoundError:
             return Reaped("gone", stale.reason)
         found = self.read_claim_file(aside, name)
-        if (found.token if found is not None else "") != stale.token:
+        if ((found.token if found is not None else "") != stale.token
+                or (stale.beat is not None and os.lstat(aside).st_mtime != stale.beat)):
             with contextlib.suppress(FileExistsError):
                 os.link(aside, self.right / name)
             os.unlink(aside)

@@ -95,3 +95,24 @@ def test_a_byte_limit_refills_at_half_its_bytes(tmp_path: Path) -> None:
         stop.set()
         th.join(timeout=30)
     assert not th.is_alive() and out and out[0] > len(first)
+
+
+def test_a_batch_that_failed_between_two_looks_leaves_the_backlog(tmp_path: Path) -> None:
+    """A batch claimed and failed (or quarantined, or split) between two looks at ``right/``
+    leaves no claim there: its file leaving ``left/`` takes it off the backlog all the same,
+    so the refill does not wait out the tick for batches that are gone."""
+    _, sn = sniffer(tmp_path, max_pending=4)
+    stop, out = CountingStop(), []
+    th = ticking(sn, stop, out)
+    try:
+        assert poll(lambda: paused_full(sn, 4))
+        for name in sn.spool.pending()[:2]:  # down to the low-water mark, no claim left behind
+            claim = sn.spool.claim(name)
+            assert claim is not None
+            sn.spool.fail(claim, "failed by the test")
+        assert poll(lambda: sn.refills == 1 and paused_full(sn, 4))
+        assert th.is_alive()
+    finally:
+        stop.set()
+        th.join(timeout=30)
+    assert not th.is_alive()

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lrq.spool import OWNERS, Claim, Spool, State
+from lrq.spool import owners
 from lrq.spool.owners import RECORD, parse_record
 from lrqtest import ROOT
 
@@ -192,3 +193,49 @@ def test_the_record_keeps_the_newest_names_in_the_handler_within_its_size(spool:
     (owner,) = owner_files(spool)
     raw = owner.read_bytes()
     assert len(raw) == RECORD and parse_record(raw)["handling"] == names[-16:]
+
+
+def test_a_batch_claimed_again_by_the_same_process_is_not_the_old_claim(tmp_path: Path) -> None:
+    """All of a process's claims link one inode: after a reaper took a stalled claim back and
+    the same process claimed the batch again, the old claim is not ours (its store-behind
+    must not commit), and the first reaper's old verdict does not take the new claim back."""
+    sp = Spool(tmp_path, "q", key=b"k" * 32).ensure()
+    name = sp.publish([{"id": 1}])
+    c1 = sp.claim(name)
+    assert c1 is not None
+    old = time.time() - 1000
+    os.utime(sp.owner().path, (old, old))  # the process stalled past the lease
+    stale = sp.stale_claims(lease=60)
+    assert [s.name for s in stale] == [name]
+    assert sp.reap(stale[0], max_attempts=5) == "requeued"
+    c2 = sp.claim(name)
+    assert c2 is not None and c2.attempt == 2
+    assert not sp.owns(c1)
+    assert sp.owns(c2)
+    assert sp.reap(stale[0], max_attempts=5) == "gone"  # a reaper acting on its old list
+    assert sp.owns(c2) and sp.attempts(name)["attempts"] == 1
+
+
+def test_a_claim_after_an_idle_spell_is_fresh_from_its_link(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A claim's heartbeat is its owner file's mtime: a process idle past the lease refreshes
+    it before linking, so a reaper looking between the link and the record's write does not
+    see the new claim as stale."""
+    sp = Spool(tmp_path, "q", key=b"k" * 32).ensure()
+    a, b = sp.publish([{"id": 1}]), sp.publish([{"id": 2}])
+    ca = sp.claim(a)
+    assert ca is not None
+    sp.mark_done(ca)
+    old = time.time() - 1000
+    os.utime(sp.owner().path, (old, old))
+    seen: dict[str, list[str]] = {}
+    real = owners.Owner.handling
+
+    def spy(self: owners.Owner, name: str, on: bool, oid: owners.OwnerId) -> None:
+        if on:  # linked, the record not yet written: what a reaper sees now
+            seen["stale"] = [s.name for s in sp.stale_claims(lease=60)]
+        real(self, name, on, oid)
+
+    monkeypatch.setattr(owners.Owner, "handling", spy)
+    assert sp.claim(b) is not None
+    assert seen["stale"] == []
