@@ -70,18 +70,6 @@ SELECT_PAGE = ("SELECT id, mid, content, created FROM source_data WHERE id > ? "
                "ORDER BY id LIMIT ?")
 INSERT_SOURCE = "INSERT INTO source_data (id, mid, content, created) VALUES (?, ?, ?, ?)"
 
-LRQ_CONFIG = """\
-data_dir = "data"
-db_url   = "sqlite:///data/results.db"
-
-[queues.{queue}]
-handler      = "workers.wordcount:handle"
-key          = "doc_id"
-result_table = "{table}"
-batch_size   = {batch}
-chunk_size   = {batch}
-""" + run.SOURCE_CONFIG
-
 EXAMPLES = """\
 examples:
   python bench/peer_huey.py                         100k docs, batch 100 and 1000, 3 runs each
@@ -202,8 +190,7 @@ def run_lrq(work: Path, source: Path, n: int, batch: int) -> Run:
         for (ddl,) in cache.execute("SELECT sql FROM sqlite_master WHERE sql IS NOT NULL"):
             conn.execute(ddl)  # source_data and its index, empty
     cfg = work / "lrq.toml"
-    cfg.write_text(LRQ_CONFIG.format(queue=run.QUEUE, table=run.TABLE, batch=batch,
-                                     source=src))
+    cfg.write_text(run.config_text(src, batch))  # defaults + batch_size = chunk_size = B
     out = work / "data" / "results.db"
     log = work / "run.out"
     with log.open("w") as f:

@@ -31,19 +31,6 @@ BATCH, CHUNK = 200, 50
 HANDLERS = {"clean": "workers.wordcount:handle", "poison": "workers.poison:handle"}
 TARGET = 0.5
 
-CONFIG = """\
-data_dir = "data"
-db_url   = "sqlite:///data/results.db"
-
-[queues.{queue}]
-handler      = "{handler}"
-key          = "doc_id"
-result_table = "{table}"
-workers      = {workers}
-batch_size   = {batch}
-chunk_size   = {chunk}
-""" + run.SOURCE_CONFIG
-
 EXAMPLES = """\
 examples:
   python bench/poison.py               10,000 docs, clean then poison, 1 run each
@@ -59,9 +46,7 @@ def measure(kind: str, source: Path, n: int, tmp: str | None) -> tuple[float, in
         src = work / "source.db"
         shutil.copyfile(source, src)
         cfg = work / "lrq.toml"
-        cfg.write_text(CONFIG.format(queue=run.QUEUE, handler=HANDLERS[kind], table=run.TABLE,
-                                     workers=run.WORKERS, batch=BATCH, chunk=CHUNK,
-                                     source=src))
+        cfg.write_text(run.config_text(src, BATCH, chunk=CHUNK, handler=HANDLERS[kind]))
         log = work / "run.out"
         cmd = [*run.lrq_command(), "-c", str(cfg)]
         t0 = time.perf_counter()

@@ -102,12 +102,12 @@ data_dir = "data"
 db_url   = "sqlite:///data/results.db"
 
 [queues.{queue}]
-handler      = "workers.wordcount:handle"
+handler      = "{handler}"
 key          = "doc_id"
 result_table = "{table}"
 workers      = {workers}
 batch_size   = {batch}
-chunk_size   = {batch}
+chunk_size   = {chunk}
 {extra}""" + SOURCE_CONFIG
 
 
@@ -269,12 +269,13 @@ def lrq_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in LRQ_ENV}
 
 
-def config_text(source: Path, batch: int, *, unlimited: bool = False) -> str:
-    """W1's ``lrq.toml``: lrq's defaults plus ``batch_size = chunk_size = B``, and
-    ``max_pending`` unlimited if asked."""
+def config_text(source: Path, batch: int, *, unlimited: bool = False, chunk: int | None = None,
+                handler: str = "workers.wordcount:handle") -> str:
+    """W1's ``lrq.toml``: lrq's defaults plus ``batch_size = B`` and ``chunk_size = chunk``
+    (B unless given), ``handler``, and ``max_pending`` unlimited if asked."""
     extra = f"max_pending  = {UNLIMITED}\n" if unlimited else ""
-    return CONFIG.format(queue=QUEUE, table=TABLE, workers=WORKERS, batch=batch, extra=extra,
-                         source=source)
+    return CONFIG.format(queue=QUEUE, table=TABLE, workers=WORKERS, batch=batch,
+                         chunk=chunk or batch, handler=handler, extra=extra, source=source)
 
 
 def write_config(work: Path, source: Path, batch: int, *, unlimited: bool = False) -> Path:
