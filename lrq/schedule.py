@@ -46,6 +46,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from lrq import cleanup, process
+from lrq import cleanup, logfile, process
 from lrq.app import App
 from lrq.config import QueueConfig
 from lrq.errors import AlreadyRunning, HandlerBroken, LrqError
@@ -66,7 +67,7 @@ log = logging.getLogger(__name__)
 child_log = logging.getLogger("lrq.child")
 
 SUPERVISE_EVERY = 0.25  # seconds between idle checks of an ``until_idle`` run
-STOP_WAIT = 5.0  # seconds of one wait on the stop flag (see Runner._watch_stop)
+STOP_WAIT = 1.0  # seconds of one wait on the stop flag, then a log rotation check (_watch_stop)
 CHILD_IDLE_EXIT = 2.0  # seconds a worker process waits for new batches before exiting
 CHILD_ENV = "LRQ_CHILD"
 BROKEN_PAUSE = 30.0  # seconds without workers for a queue whose handler is broken ...
@@ -154,9 +155,10 @@ class Runner:
         cfg = str(self.app.cfg.path)
         argv = ["-c", cfg, "work", q.name, "--idle-exit", str(CHILD_IDLE_EXIT),
                 "--max-seconds", str(q.run_seconds)]
+        env = {**os.environ, CHILD_ENV: "1", logfile.QUEUE_ENV: q.name, **process.scheduler_env()}
         try:
-            child = self.launcher.spawn(argv, f"lrq work {q.name} -c {cfg}",
-                                        {**os.environ, CHILD_ENV: "1", **process.scheduler_env()})
+            child = self.launcher.spawn(argv, f"lrq work {q.name} -c {cfg}", env,
+                                        log_fd=_stderr_fd())
         except BaseException as e:
             with self._lock:
                 self._starting[q.name] -= 1
@@ -298,6 +300,7 @@ class Runner:
             log.exception("cleanup-failed")
 
     def supervise(self) -> None:
+        logfile.rotate()  # the children append to the log file without rotating it
         if self.stop.is_set() or (self.until_idle and self.idle()):
             if not self.stop.is_set():
                 log.info("idle: sources drained, nothing pending or claimed; stopping")
@@ -309,9 +312,10 @@ class Runner:
         one job run for the scheduler's life (so it runs only once the scheduler does), waiting
         on the flag rather than polling it: each APScheduler run costs ~0.5 ms of CPU, and an
         idle scheduler ran a 4 Hz supervise job for nothing. Nothing but the flag stops a
-        scheduler without ``until_idle``, so the loop ends with it (in bounded waits)."""
+        scheduler without ``until_idle``, so the loop ends with it (in bounded waits, each
+        followed by a check of the log file's size: see :mod:`lrq.logfile`)."""
         while not self.stop.wait(STOP_WAIT):
-            pass
+            logfile.rotate()  # the children append to the log file without rotating it
         self.supervise()
 
     def idle(self) -> bool:
@@ -386,6 +390,14 @@ class Runner:
                 log.warning("killing worker pid=%d after %.0fs grace", c.pid, self.app.cfg.grace)
                 c.send_signal(signal.SIGKILL)
                 c.finished.wait(timeout=10)
+
+
+def _stderr_fd() -> int | None:
+    """This process's stderr, for its worker processes to log to (None: they relay)."""
+    try:
+        return sys.stderr.fileno() if sys.stderr is not None else None
+    except (OSError, ValueError, AttributeError):  # replaced by an object without a descriptor
+        return None
 
 
 def _now() -> Any:
