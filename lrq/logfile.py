@@ -20,6 +20,7 @@ file, so a file can outgrow ``log_max_bytes`` by about what the workers log in t
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import logging.handlers
 import os
@@ -35,8 +36,14 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def child_format(queue: str) -> logging.Formatter:
-    """A worker process's lines as the scheduler's relay wrote them."""
-    tag = f"[{queue} {os.getpid()}]".replace("%", "%%")
+    """A worker process's lines as the scheduler's relay wrote them (one formatter per queue
+    and process, so that its stderr and file handlers format each record once)."""
+    return _child_format(queue, os.getpid())
+
+
+@functools.cache
+def _child_format(queue: str, pid: int) -> logging.Formatter:
+    tag = f"[{queue} {pid}]".replace("%", "%%")
     return logging.Formatter(f"%(asctime)s %(levelname)s lrq.child: {tag} %(name)s: %(message)s")
 
 
@@ -52,7 +59,12 @@ class LineHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            data = (self.format(record) + "\n").encode("utf-8", "replace")
+            done = record.__dict__.get("_lrq_line")  # the same line for the other destination
+            if done is not None and done[0] is self.formatter:
+                data = done[1]
+            else:
+                data = (self.format(record) + "\n").encode("utf-8", "replace")
+                record.__dict__["_lrq_line"] = (self.formatter, data)
             self.acquire()
             try:
                 self._write(data)
