@@ -5,8 +5,9 @@ batches in the data dir, as retention keeps them for ``keep_done`` = 7 days):
 
 1. a fresh folder with DOCS sample documents and one queue (``workers.wordcount:handle``,
    ``result_table``, ``batch_size = chunk_size = BATCH``, other settings default:
-   ``interval = 1.0``, ``cleanup.every = 15s``); ``lrq run --until-idle`` drains it and
-   ``lrq verify`` must pass;
+   ``cleanup.every = 15s``); ``lrq run --until-idle`` drains it and ``lrq verify`` must
+   pass; with ``--intervals`` the idle part below is repeated once per ``interval`` given
+   (written into the config; default: none, the config's default);
 2. ``lrq -c CFG run`` (no ``--until-idle``) is started, given ``--settle`` seconds (5), then
    its CPU time (utime + stime from ``/proc/<pid>/stat``, of it and every live descendant,
    plus the children it reaped) is sampled over ``--window`` seconds (60; ``--quick``: 15);
@@ -45,6 +46,7 @@ examples:
   python bench/idle_cpu.py --quick                 15 s windows
   python bench/idle_cpu.py                         60 s windows
   python bench/idle_cpu.py --cases 100:100 --window 120 --no-attribute
+  python bench/idle_cpu.py --quick --cases 100:100 --intervals 1,0.5,0.25,0.1
 """
 
 
@@ -236,6 +238,18 @@ def _cases(text: str) -> list[tuple[int, int]]:
     return out
 
 
+def _floats(text: str) -> list[float | None]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def with_interval(cfg: Path, interval: float | None) -> None:
+    """Set the config's top-level ``interval`` (None: drop it, lrq's default applies)."""
+    lines = [x for x in cfg.read_text().splitlines() if not x.startswith("interval")]
+    if interval is not None:
+        lines.insert(0, f"interval = {interval!r}")
+    cfg.write_text("\n".join(lines) + "\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=EXAMPLES,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,6 +261,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-attribute", dest="attribute", action="store_false",
                    help="skip timing the scheduler's jobs in process")
     p.add_argument("--tmp", help="folder for the per-case temporary folders")
+    p.add_argument("--intervals", type=_floats, default=[None],
+                   help="comma list of scheduler intervals, each measured idle in turn "
+                        "(default: lrq's default)")
     a = p.parse_args(argv)
     if a.quick:
         a.window = 15.0
@@ -255,11 +272,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return a
 
 
+def one(a: argparse.Namespace, cfg: Path, work: Path, docs: int, batch: int, drained: float,
+        interval: float | None) -> dict[str, Any]:
+    """One idle measurement of the drained folder at ``interval``."""
+    from lrq import config
+
+    row: dict[str, Any] = {"docs": docs, "batch": batch, "done_batches": -(-docs // batch),
+                           "drain_seconds": round(drained, 2),
+                           "interval": config.load(cfg).interval}
+    row.update(measure_idle(run, cfg, work, a.settle, a.window))
+    if a.attribute:
+        at = row["attribution"] = attribute(cfg)
+        # What the jobs' own work does not explain: APScheduler's loop and thread pool, the
+        # 4 Hz supervise job, logging, the interpreter.
+        at["unattributed_pct_core"] = round(row["lrq_pct_core"] - at["est_pct_core_jobs"], 3)
+    print(f"  {docs}:{batch} ({row['done_batches']} done batches), interval "
+          f"{row['interval']:g}: lrq run {row['lrq_pct_core']:.2f}% of a core, sleep baseline "
+          f"{row['baseline_pct_core']:.2f}% over {row['window_seconds']}s", flush=True)
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     stamp, report = run.new_report("benchmark", NAME, {
         "cases": a.cases, "window": a.window, "settle": a.settle,
-        "interval": 1.0, "cleanup_every": 15.0, "target_pct_core": TARGET_PCT})
+        "intervals": a.intervals, "cleanup_every": 15.0, "target_pct_core": TARGET_PCT})
     print(f"idle cost: cases {a.cases}, settle {a.settle:g}s, window {a.window:g}s", flush=True)
     try:
         for docs, batch in a.cases:
@@ -269,21 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copyfile(run.cached_source(docs), src)
                 cfg = run.write_config(work, src, batch)  # the W1 queue, wordcount
                 drained = drain(run, cfg, work, docs)
-                row: dict[str, Any] = {"docs": docs, "batch": batch,
-                                       "done_batches": -(-docs // batch),
-                                       "drain_seconds": round(drained, 2)}
-                row.update(measure_idle(run, cfg, work, a.settle, a.window))
-                if a.attribute:
-                    at = row["attribution"] = attribute(cfg)
-                    # What the jobs' own work does not explain: APScheduler's loop and thread
-                    # pool, the 4 Hz supervise job, logging, the interpreter.
-                    at["unattributed_pct_core"] = round(
-                        row["lrq_pct_core"] - at["est_pct_core_jobs"], 3)
-                report["results"].append(row)
-                print(f"  {docs}:{batch} ({row['done_batches']} done batches): lrq run "
-                      f"{row['lrq_pct_core']:.2f}% of a core, sleep baseline "
-                      f"{row['baseline_pct_core']:.2f}% over {row['window_seconds']}s",
-                      flush=True)
+                for interval in a.intervals:
+                    with_interval(cfg, interval)
+                    report["results"].append(one(a, cfg, work, docs, batch, drained, interval))
     except (BenchError, subprocess.TimeoutExpired) as e:
         print(f"bench: FAILED: {e}", file=sys.stderr)
         return 1
@@ -292,22 +317,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def table(report: dict[str, Any]) -> str:
-    rows = [("docs:batch", "done batches", "window s", "lrq CPU s", "lrq % core",
+    rows = [("docs:batch", "interval", "done batches", "window s", "lrq CPU s", "lrq % core",
              "sleep CPU s", "sleep % core", "procs")]
     for r in report["results"]:
-        rows.append((f"{r['docs']}:{r['batch']}", f"{r['done_batches']:,}",
+        rows.append((f"{r['docs']}:{r['batch']}", f"{r['interval']:g}", f"{r['done_batches']:,}",
                      f"{r['window_seconds']:.1f}", f"{r['lrq_cpu_seconds']:.2f}",
                      f"{r['lrq_pct_core']:.2f}", f"{r['baseline_cpu_seconds']:.2f}",
                      f"{r['baseline_pct_core']:.2f}", str(r["max_processes_in_tree"])))
     lines = [f"idle cost of `lrq run` (target < {report['settings']['target_pct_core']:g}% of "
              "one core; CPU from /proc, process tree)",
-             *run._columns(rows, right=set(range(1, 8)))]
+             *run._columns(rows, right=set(range(1, 9)))]
     for r in report["results"]:
         at = r.get("attribution")
         if not at:
             continue
-        lines += ["", f"{r['docs']}:{r['batch']}: the scheduler's jobs timed in process "
-                  f"(left/ {at['files_in_queue']['left']:,} files, right/ "
+        lines += ["", f"{r['docs']}:{r['batch']}, interval {r['interval']:g}: the scheduler's "
+                  f"jobs timed in process (left/ {at['files_in_queue']['left']:,} files, right/ "
                   f"{at['files_in_queue']['right']:,}):"]
         jrows = [("job", "every s", "wall ms", "CPU ms", "est % core")]
         jrows += [(k, f"{v['every_seconds']:g}", f"{v['wall_ms']:.2f}", f"{v['cpu_ms']:.2f}",

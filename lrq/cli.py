@@ -14,7 +14,6 @@ import atexit
 import contextlib
 import json
 import logging
-import logging.handlers
 import os
 import select
 import signal
@@ -25,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from lrq import logfile
 from lrq.errors import AlreadyRunning, ConfigError, HandlerBroken, LrqError
 
 if TYPE_CHECKING:
@@ -132,6 +132,8 @@ def cmd_work(args: argparse.Namespace) -> int:
     app = _app(args)
     if not os.environ.get("LRQ_CHILD"):  # the scheduler checked before starting its workers
         app.check_keys()
+    elif os.environ.get(logfile.LOG_FD_ENV):  # the scheduler handed over its stderr: its log
+        _log_to_file(app.cfg)  # file too (lrq.logfile), where the relay used to write
     stop = threading.Event()
     current: list[Any] = []
     _graceful(stop, app.cfg.grace, current)
@@ -503,13 +505,20 @@ def parser() -> argparse.ArgumentParser:
 
 def _setup_logging(verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.INFO
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("LRQ_CHILD"):
-        # A scheduler's worker process: the parent adds the time and re-logs each line.
+    handler: logging.Handler
+    if os.environ.get(logfile.LOG_FD_ENV):
+        # A scheduler's worker process: it writes to the scheduler's stderr itself (and to
+        # its log file, see cmd_work), in the lines the scheduler's relay used to write.
+        handler = logfile.LineHandler(int(os.environ[logfile.LOG_FD_ENV]),
+                                      logfile.child_format(os.environ.get(logfile.QUEUE_ENV, "-")))
+    elif os.environ.get("LRQ_CHILD"):
+        # A worker process started without the scheduler's stderr: the parent adds the time
+        # and re-logs each line.
+        handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(logfile.FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
@@ -520,9 +529,14 @@ def _log_to_file(cfg: Config) -> None:
     if cfg.log_file is None:
         return
     cfg.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    h = logging.handlers.RotatingFileHandler(cfg.log_file, maxBytes=cfg.log_max_bytes,
-                                             backupCount=cfg.log_backups)
-    h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    h: logging.Handler
+    if os.environ.get(logfile.LOG_FD_ENV):  # a scheduler's worker: its log file, not rotated here
+        h = logfile.AppendFileHandler(
+            cfg.log_file, logfile.child_format(os.environ.get(logfile.QUEUE_ENV, "-")))
+    else:
+        h = logfile.SharedLogFile(cfg.log_file, maxBytes=cfg.log_max_bytes,
+                                  backupCount=cfg.log_backups)
+        h.setFormatter(logging.Formatter(logfile.FORMAT))
     logging.getLogger().addHandler(h)
 
 

@@ -11,7 +11,9 @@ the scheduler's flock and database connections.
 Each child runs ``lrq.cli.main(argv)`` exactly as ``lrq work`` would, with the scheduler's
 environment and working directory at spawn time, in its own session (a terminal's Ctrl-C
 reaches only the scheduler, which forwards SIGTERM), stdout on /dev/null, stderr into a
-pipe the scheduler relays line by line, and the process title ``lrq work QUEUE -c CONFIG``
+pipe the scheduler relays line by line (given the scheduler's stderr, the child logs to it
+and to the log file itself, and only other output such as a traceback uses the pipe: see
+:mod:`lrq.logfile`), and the process title ``lrq work QUEUE -c CONFIG``
 so that ``ps`` shows what it is. If the server dies, multiprocessing starts a new one on
 the next spawn.
 
@@ -30,10 +32,13 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from multiprocessing import forkserver
+from multiprocessing import forkserver, reduction
 from multiprocessing.connection import Connection
+from typing import Any
 
 from setproctitle import setproctitle
+
+from lrq import logfile
 
 #: Imported once by the server; what a worker needs before its first claim. Besides lrq: the
 #: ORM (user models) and urllib3 (HTTP handlers), ~0.1 s of a worker's start when a handler
@@ -53,10 +58,13 @@ class Launcher:
         so the first spawn does not wait for its imports."""
         forkserver.ensure_running()
 
-    def spawn(self, argv: list[str], title: str, env: dict[str, str]) -> Child:
-        """Start ``lrq <argv>`` in a forked child."""
+    def spawn(self, argv: list[str], title: str, env: dict[str, str],
+              log_fd: int | None = None) -> Child:
+        """Start ``lrq <argv>`` in a forked child. With ``log_fd`` (the scheduler's stderr),
+        the child logs there itself, not through its stderr pipe (:mod:`lrq.logfile`)."""
         read, write = self._ctx.Pipe(duplex=False)
-        proc = self._ctx.Process(target=_child_main, args=(argv, write, title, env),
+        log = None if log_fd is None else _Fd(log_fd)
+        proc = self._ctx.Process(target=_child_main, args=(argv, write, title, env, log),
                                  name=title, daemon=False)
         try:
             proc.start()
@@ -95,7 +103,23 @@ class Child:
             os.kill(self.pid, sig)
 
 
-def _child_main(argv: list[str], stderr: Connection, title: str, env: dict[str, str]) -> None:
+class _Fd:
+    """A descriptor handed to a forked child: duplicated into it while the process object is
+    pickled (as multiprocessing passes a Connection), an int again in the child."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, tuple[Any]]:
+        return _inherited, (reduction.DupFd(self.fd),)
+
+
+def _inherited(dup: Any) -> int:
+    return int(dup.detach())
+
+
+def _child_main(argv: list[str], stderr: Connection, title: str, env: dict[str, str],
+                log_fd: int | None = None) -> None:
     from lrq import process
 
     process.die_with_parent(signal.SIGTERM)  # first: the sooner asked, the smaller the gap
@@ -109,6 +133,8 @@ def _child_main(argv: list[str], stderr: Connection, title: str, env: dict[str, 
     setproctitle(title)  # first: it finds the argv area by the environment's original layout
     os.environ.clear()
     os.environ.update(env)
+    if log_fd is not None:
+        os.environ[logfile.LOG_FD_ENV] = str(log_fd)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)  # lrq work installs its own
     if not process.watch_scheduler(env.get(process.SCHEDULER_ENV)):  # covers the gap above

@@ -1,12 +1,17 @@
-"""The scheduler's relay of worker-process log lines."""
+"""The scheduler's relay of worker-process log lines, and how an idle one waits."""
 from __future__ import annotations
 
 import logging
 import math
+import threading
+from pathlib import Path
+from typing import Any
 
 import pytest
 
+from lrq import schedule
 from lrq.schedule import child_line, sniff_seconds
+from lrqtest import load_app, poll, write_config
 
 
 @pytest.mark.parametrize("line, expected", [
@@ -31,3 +36,27 @@ def test_a_sniff_run_ends_just_before_a_firing_of_its_interval(interval: float) 
     gap = math.ceil(seconds / interval) * interval - seconds  # to the firing after its end
     assert 0 < gap <= 0.05 + 1e-9
     assert 5.0 - 0.05 <= seconds < 5.0 + interval
+
+
+def test_an_idle_scheduler_has_no_polling_supervise_job_and_stops_on_its_flag(
+        tmp_path: Path) -> None:
+    """Without ``until_idle`` only the stop flag ends a run: a job waits on it (one run for the
+    scheduler's life) instead of an APScheduler job firing four times a second, each run
+    ~0.5 ms of an idle scheduler's CPU. The flag set while the scheduler runs stops it."""
+    r = schedule.Runner(load_app(write_config(tmp_path, docs=10)))
+    seen: list[Any] = []
+
+    def watch() -> None:
+        if poll(lambda: r.scheduler.running and r.scheduler.get_job("supervise") is None
+                and r.scheduler.get_job("sniff:docs") is not None, seconds=30):
+            seen.extend(type(j.trigger).__name__ for j in r.scheduler.get_jobs())
+        r.stop.set()
+
+    t = threading.Thread(target=watch)
+    t.start()
+    try:
+        assert r.run() == 0  # returns once the flag is seen
+    finally:
+        r.stop.set()
+        t.join(timeout=60)
+    assert sorted(seen) == ["IntervalTrigger"] * 3  # sniff, work, cleanup: no supervise poll
