@@ -79,16 +79,16 @@ TARGETS = (
     T("worker.mark", "lrq.spool:Spool.mark_done"),
     T("worker.lease", "lrq.spool:Spool.owns"),  # the token check before a commit and per beat
     T("worker.heartbeat", "lrq.spool:Spool.heartbeat"),
-    T("worker.heartbeat", "lrq.worker:Heartbeat.hold"),
-    T("worker.heartbeat", "lrq.worker:Heartbeat.drop"),
-    T("worker.heartbeat", "lrq.worker:Heartbeat._beat"),  # the heartbeat thread's loop
-    T("worker.threads", "lrq.worker:StoreBehind.submit"),
-    T("worker.threads", "lrq.worker:StoreBehind.start"),
-    T("worker.threads", "lrq.worker:StoreBehind._settle"),
-    T("worker.threads", "lrq.worker:StoreBehind.wait"),
-    T("worker.threads", "lrq.worker:StoreBehind.raise_error"),
-    T("worker.threads", "lrq.worker:StoreBehind.raise_fatal"),
-    T("worker.threads", "lrq.worker:StoreBehind.close"),
+    T("worker.heartbeat", "lrq.pipeline:Heartbeat.hold"),
+    T("worker.heartbeat", "lrq.pipeline:Heartbeat.drop"),
+    T("worker.heartbeat", "lrq.pipeline:Heartbeat._beat"),  # the heartbeat thread's loop
+    T("worker.threads", "lrq.pipeline:StoreBehind.submit"),
+    T("worker.threads", "lrq.pipeline:StoreBehind.start"),
+    T("worker.threads", "lrq.pipeline:StoreBehind._settle"),
+    T("worker.threads", "lrq.pipeline:StoreBehind.wait"),
+    T("worker.threads", "lrq.pipeline:StoreBehind.raise_error"),
+    T("worker.threads", "lrq.pipeline:StoreBehind.raise_fatal"),
+    T("worker.threads", "lrq.pipeline:StoreBehind.close"),
     T("worker.other", "lrq.worker:Worker.run"),  # own CPU: the loop, key check, counters
     T("worker.other", "lrq.worker:Worker.commit"),  # own CPU: the commit's guard and glue
     # -- the scheduler (`lrq run`): its jobs, their own CPU (the sniffer's steps apart) --

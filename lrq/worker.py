@@ -55,12 +55,10 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +76,7 @@ from lrq.errors import (
     Retryable,
     SinkError,
 )
+from lrq.pipeline import Handled, Heartbeat, StoreBehind
 from lrq.policy import (
     MAX_BACKOFF,
     MESSAGE_CHARS,
@@ -96,7 +95,6 @@ __all__ = ["Worker", "Heartbeat", "StoreBehind", "RunStats", "is_infrastructure"
 log = logging.getLogger(__name__)
 
 PROGRESS_EVERY = 5.0  # seconds between progress lines on long runs
-OVERRUN_EXIT = 1  # exit status of a worker process ended by the watchdog
 INFRA_TRIES = 6  # consecutive infrastructure failures before a run gives up
 #: Uncounted releases of one batch in a row (infrastructure failed) that count an attempt.
 RELEASES_PER_ATTEMPT = 10
@@ -129,103 +127,6 @@ class RunStats:
         """Batches this run brought to an end (done, finalized, failed or quarantined): the
         progress that tells a run's failures apart from a database that is down."""
         return self.batches + self.finalized + self.failed
-
-
-class Heartbeat:
-    """Refreshes every claim a worker holds every ``every`` seconds, from one thread: one
-    touch of the process's owner file, which all its claims link to, then a stat per claim to
-    see it is still ours (:meth:`lrq.spool.Spool.beat`).
-
-    :meth:`hold` returns an event that is set if the claim was taken back (the reaper decided
-    its owner was dead). The thread starts with the first claim held and ends once a beat
-    finds none; one thread per worker, not one per batch (starting and joining one cost
-    ~1.2 ms a batch).
-
-    It is also the batch's watchdog: each beat asks ``watch`` (the policy's
-    :meth:`~lrq.policy.HandlerPolicy.overrun`) whether the handler call in progress ran past
-    its deadline. If so it stops refreshing, marks every claim lost and calls
-    ``on_overrun``, by default :func:`end_process`: the process ends, the slot is freed and
-    the reaper takes the claims back, counting an attempt. Detection takes up to one beat
-    (``lease / 4``) past the deadline."""
-
-    def __init__(self, spool: Spool, every: float, *,
-                 watch: Callable[[], str | None] | None = None,
-                 on_overrun: Callable[[str], Any] | None = None) -> None:
-        self.spool = spool
-        self.every = every
-        self.watch = watch
-        self.on_overrun = on_overrun or end_process
-        self._held: dict[str, tuple[Claim, threading.Event]] = {}
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-
-    def hold(self, claim: Claim) -> threading.Event:
-        lost = threading.Event()
-        with self._lock:
-            self._held[claim.name] = (claim, lost)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._beat, daemon=True,
-                                                name=f"heartbeat-{self.spool.queue}")
-                self._thread.start()
-        return lost
-
-    def drop(self, claim: Claim) -> None:
-        with self._lock:
-            self._held.pop(claim.name, None)
-
-    def claims(self) -> list[Claim]:
-        """The claims held now: batches being handled or committed."""
-        with self._lock:
-            return [claim for claim, _lost in self._held.values()]
-
-    def _beat(self) -> None:
-        while True:
-            time.sleep(self.every)  # the beat's period, not synchronisation
-            with self._lock:
-                if not self._held:
-                    self._thread = None
-                    return
-                held = list(self._held.values())
-            overrun = self.watch() if self.watch is not None else None
-            if overrun is not None:
-                self._overrun(overrun, held)
-                return
-            live = [(claim, lost) for claim, lost in held if not lost.is_set()]
-            for (_claim, lost), ours in zip(live, self.spool.beat([c for c, _ in live])):
-                if not ours:
-                    lost.set()
-
-    def _overrun(self, why: str, held: list[tuple[Claim, threading.Event]]) -> None:
-        with self._lock:
-            self._thread = None
-        for _claim, lost in held:
-            lost.set()  # nothing of these batches is committed now
-        log.error("batch-overrun queue=%s batches=%s: %s; ending the process, the reaper "
-                  "takes the batches back", self.spool.queue,
-                  ",".join(c.name for c, _ in held), why)
-        self.on_overrun(why)
-
-
-def end_process(_why: str) -> None:
-    """End a worker process whose handler will not stop (see :class:`Heartbeat`)."""
-    logging.shutdown()
-    os._exit(OVERRUN_EXIT)
-
-
-@dataclass
-class Handled:
-    """A claimed batch whose handler calls are done: what its commit needs."""
-
-    claim: Claim
-    lost: threading.Event
-    items: int
-    results: list[dict[str, Any]]
-    dead: list[tuple[dict[str, Any], str]]
-    started: float
-    #: A ``lrq retry-dead`` batch: its store replaces its keys' dead letters.
-    replace_dead: bool = False
-    #: The batch's items: a result the database refuses is dead-lettered with its item.
-    inputs: list[dict[str, Any]] | None = None
 
 
 class Worker:
@@ -626,75 +527,3 @@ def _backs_off(e: BaseException) -> bool:
     """Does ``e`` make :meth:`Worker.run` wait and try again (infrastructure, or a statement
     the database refused, whose batch has counted an attempt) rather than end the run?"""
     return is_infrastructure(e) or isinstance(e, SinkError)
-
-
-class StoreBehind:
-    """Commits on a second thread, one at a time, while the worker handles the next batch.
-
-    :meth:`submit` queues a handled batch; :meth:`start` begins its commit once the commit in
-    flight has ended. A commit's error is kept and raised by :meth:`raise_error`,
-    :meth:`wait` or :meth:`close`, in the worker's thread, where it cannot be mistaken for the
-    failure of the batch then in hand. Each wait is as long as one commit, which the
-    database's own timeouts bound."""
-
-    def __init__(self, worker: Worker) -> None:
-        self._worker = worker
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"lrq-commit-{worker.queue.name}")
-        self._inflight: Future[None] | None = None
-        self._queued: Handled | None = None
-        self._error: BaseException | None = None
-
-    def submit(self, handled: Handled) -> None:
-        """Queue ``handled`` for the next :meth:`start`, starting the one queued before it
-        (a batch that ended before its handler ran did not start it)."""
-        self.start()
-        self._queued = handled
-
-    def start(self) -> None:
-        """Start the queued commit, after the commit in flight has ended; unless that commit
-        failed with :class:`HandlerBroken` (the run ends with it): the queued batch
-        is then released uncounted, not committed, so a broken handler fails one batch."""
-        if self._queued is None:
-            return
-        self._settle()
-        if isinstance(self._error, HandlerBroken):
-            self._worker.release_handled(self._queued, type(self._error).__name__)
-            self._queued = None
-            return
-        self._inflight = self._pool.submit(self._worker.commit, self._queued)
-        self._queued = None
-
-    def _settle(self) -> None:
-        """Wait for the commit in flight; keep its error, or log it if one is already kept."""
-        previous, self._inflight = self._inflight, None
-        error = previous.exception() if previous is not None else None
-        if error is None:
-            return
-        if self._error is None:
-            self._error = error
-        else:
-            log.error("commit failed queue=%s while an earlier commit's error was pending: "
-                      "%s: %s", self._worker.queue.name, type(error).__name__, error)
-
-    def raise_error(self) -> None:
-        """Raise the error of a commit that has ended, once."""
-        error, self._error = self._error, None
-        if error is not None:
-            raise error
-
-    def raise_fatal(self) -> None:
-        """Raise a kept :class:`HandlerBroken` now, before another batch is picked."""
-        if isinstance(self._error, HandlerBroken):
-            self.raise_error()
-
-    def wait(self) -> None:
-        """Start the queued commit and wait for every commit; raise the first error."""
-        self.start()
-        self._settle()
-        self.raise_error()
-
-    def close(self) -> None:
-        try:
-            self.wait()
-        finally:
-            self._pool.shutdown(wait=True)
