@@ -208,6 +208,7 @@ class Spool(Reaping):
         self.root = Path(data_dir) / queue
         self.left = self.root / "left"
         self.right = self.root / "right"
+        self.done = self.root / "done"
         self.tmp = self.root / "tmp"
         self.failed = self.root / "failed"
         self.quarantine = self.root / "quarantine"
@@ -224,7 +225,7 @@ class Spool(Reaping):
         self._foreign: dict[str, str] = {}
 
     def ensure(self) -> Spool:
-        for d in (self.root.parent, self.root, self.left, self.right, self.tmp, self.failed,
+        for d in (self.root.parent, self.root, self.left, self.right, self.done, self.tmp, self.failed,
                   self.quarantine, self.root / OWNERS):
             d.mkdir(mode=DIR_MODE, exist_ok=True)
         return self
