@@ -17,6 +17,12 @@ One queue folder is grown to each backlog size in turn (tiny batches of one item
 
 Claims taken are removed again after each phase, so every phase sees the full backlog.
 
+Done backlog (``--done``, default 100,000): a separate queue with 60 pending batches, timed
+with no done batches and then with ``--done`` kept done batches (as retention keeps them for
+``keep_done``), in the same run: fresh ``pick`` p50, ``has_pending()`` and ``pending_stats()``.
+The done batches are made in the layout of the lrq imported: ``done/<name>.pkl``, or for a
+version without ``done/``, ``left/<name>.pkl`` beside ``right/<name>.done``.
+
 Generating the backlog: real publishes (tmp write, fsync, rename, fsync ``left/``) are timed
 on a sample; if publishing the largest backlog that way is estimated to take longer than
 ``--publish-budget`` seconds (default 180), the rest is made by writing the bytes of one
@@ -171,6 +177,33 @@ def pick_phase(data: Path, key: bytes, claims: int, fresh: bool,
     return times, times[0]
 
 
+def done_backlog(tmp: str | None, done: int, claims: int) -> dict[str, Any]:
+    """Fresh pick p50, has_pending and pending_stats with 60 pending and 0, then ``done``,
+    kept done batches (see the module docstring)."""
+    from lrq.spool import Spool
+
+    out: dict[str, Any] = {"pending": 60, "done": done}
+    with tempfile.TemporaryDirectory(prefix="lrq-bench-done-", dir=tmp) as d:
+        data = Path(d) / "data"
+        spool = Spool(data, QUEUE).ensure()
+        for i in range(60):
+            spool.publish([{"doc_id": i}])
+        for label in ("none", "kept"):
+            if label == "kept":
+                for i in range(done):
+                    name = f"20200101T000000{i:06d}-done{i:08d}"
+                    if hasattr(spool, "done"):
+                        (spool.done / f"{name}.pkl").write_bytes(b"x")
+                    else:  # the previous layout: the file stays in left/, a marker in right/
+                        (spool.left / f"{name}.pkl").write_bytes(b"x")
+                        (spool.right / f"{name}.done").write_bytes(b"")
+            fresh, _ = pick_phase(data, spool.key, min(claims, 50), fresh=True, budget=60.0)
+            out[label] = {"fresh_pick": percentiles(fresh),
+                          "has_pending": percentiles(timed(spool.has_pending, 5, 60.0)),
+                          "pending_stats": percentiles(timed(spool.pending_stats, 5, 60.0))}
+    return out
+
+
 def measure(b: Backlog, claims: int, reps: int, budget: float) -> dict[str, Any]:
     spool = b.spool
     key = spool.key
@@ -206,6 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="50 claims, 10 reps, sample 200, publish budget 20 s")
     p.add_argument("--tmp", help="folder for the temporary data dir (default: system tmp)")
+    p.add_argument("--done", type=int, default=100_000,
+                   help="kept done batches in the done-backlog case (default 100000; 0 skips)")
     a = p.parse_args(argv)
     if a.quick:
         a.claims, a.reps, a.sample = 50, 10, 200
@@ -264,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         if b.copied:
             gen["copy_ms"] = round(b.copy_seconds / b.copied * 1e3, 4)
         report["generation"] = gen
+    if a.done:
+        db = report["done_backlog"] = done_backlog(a.tmp, a.done, a.claims)
+        print(f"  60 pending, 0 / {a.done:,} done: fresh pick p50 "
+              f"{db['none']['fresh_pick']['p50_ms']:.3f} / {db['kept']['fresh_pick']['p50_ms']:.3f} ms, "
+              f"has_pending {db['none']['has_pending']['p50_ms']:.2f} / "
+              f"{db['kept']['has_pending']['p50_ms']:.2f} ms", flush=True)
     lo, hi = report["results"][0], report["results"][-1]
     report["ratios"] = {
         "sizes": [lo["size"], hi["size"]], "target": TARGET,
@@ -297,6 +338,11 @@ def table(report: dict[str, Any]) -> str:
               f"(target <= {q['target']:g} for a claim):"]
     lines += [f"  {labels[k]:18s} {q[f'{k}_p50']:8.2f}"
               for k in ("pending", "counts", "fresh", "warm")]
+    if "done_backlog" in report:
+        db = report["done_backlog"]
+        lines += ["", f"60 pending, p50 ms with 0 / {db['done']:,} kept done batches:"]
+        lines += [f"  {k:18s} {db['none'][k]['p50_ms']:8.3f} {db['kept'][k]['p50_ms']:10.3f}"
+                  for k in ("fresh_pick", "has_pending", "pending_stats")]
     return "\n".join(lines)
 
 

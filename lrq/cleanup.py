@@ -190,7 +190,9 @@ def _after(space: Space, freed: int) -> Space:
 
 
 def _size(sp: Any, name: str) -> int:
-    try:
-        return (sp.left / f"{name}.pkl").stat().st_size
-    except FileNotFoundError:
-        return 0
+    for folder in (sp.done, sp.left):
+        try:
+            return int((folder / f"{name}.pkl").stat().st_size)
+        except FileNotFoundError:
+            continue
+    return 0

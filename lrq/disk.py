@@ -26,7 +26,7 @@ from lrq.errors import ConfigError
 #: pauses when the next batch would cross ``max_bytes`` itself. The gap keeps them from
 #: waiting on each other.
 TRIM_AT = 0.8
-QUEUE_FOLDERS = ("left", "right", "tmp", "failed", "quarantine")
+QUEUE_FOLDERS = ("left", "right", "done", "tmp", "failed", "quarantine")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ when it reaches that point, so tests can check each crash window with a real dea
 Points: ``sniff-mid-write``, ``sniff-after-rename``, ``sniff-before-dir-sync`` (a group of
 batches renamed into ``left/``, the folder not yet fsynced), ``sniff-before-position`` (the
 group durable, the source position not yet saved), ``after-claim``, ``during-txn``,
-``after-commit`` (before the done marker), ``during-heartbeat`` (the owner file touched, the
+``after-commit`` (before the batch moves to ``done/``), ``after-done-move`` (the batch in
+``done/``, its claim not yet removed), ``during-heartbeat`` (the owner file touched, the
 claims not yet checked); in a reaper's split (:meth:`lrq.spool.Spool.split`): ``split-after-half-0``,
 ``split-after-half-1`` (both halves written), ``split-after-retire`` (the batch file removed,
 its claim not yet). Unset in production; the check is one dictionary lookup.

@@ -241,6 +241,8 @@ class Sniffer:
         self.looks += 1
         right = f"{self.spool.right}{os.sep}"
         left = f"{self.spool.left}{os.sep}"
+        # A done batch has left left/ (it is in done/, its claim removed): gone from left/ is
+        # no longer pending.
         for name in [n for n in watch if os.path.lexists(right + n) or os.path.lexists(right + n + DONE)
                      or not os.path.lexists(left + n + SUFFIX)]:
             del watch[name]

@@ -13,9 +13,14 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
     right/<name>         the claim (the ack): a hard link to the claimer's owner file, made with
                          link(2) (an exclusive, atomic create: one winner, never half-written,
                          no new inode)
-    right/<name>.done    the done marker: the claim renamed after the database commit; the
-                         batch ledger in the results database is the truth it can be rebuilt
-                         from
+    done/<name>.pkl      a done batch: after the database commit its file is renamed here from
+                         left/ (no new inode; its mtime, set just before, is the done time
+                         retention ages from) and then its claim is removed, so left/ holds
+                         only pending and claimed batches, right/ only live claims, and every
+                         listing of the backlog is O(backlog), never O(done). The batch ledger
+                         in the results database is the truth it can be rebuilt from
+    right/<name>.done    the previous versions' done marker (the claim renamed, the batch file
+                         left in left/): still read as done, aged and removed by retention
     right/<name>.attempt attempts so far and why they ended, for a batch that was reclaimed
     failed/<name>.pkl    a batch that could not be processed, beside failed/<name>.error
     quarantine/<name>.pkl a file whose signature did not verify: never unpickled
@@ -37,8 +42,11 @@ process never hands out the same microsecond twice); the halves of a split batch
 time stamp.
 
 A batch is *pending* when ``left/<name>.pkl`` exists with neither ``right/<name>`` nor
-``right/<name>.done``, *claimed* when ``right/<name>`` exists without ``right/<name>.done``,
-*done* with ``right/<name>.done``, *failed* when it sits in ``failed/``.
+``right/<name>.done``, *claimed* when ``right/<name>`` exists and the batch is not done,
+*done* when ``done/<name>.pkl`` exists (or the previous versions' ``right/<name>.done``),
+*failed* when it sits in ``failed/``. A claim beside a batch in ``done/`` (its worker killed
+between the move and the unlink) is not a live claim: ``claimed``/``settled`` ignore it and
+the reaper removes it without counting an attempt or splitting.
 
 Claims: creating a file is the costly step on ext4 while cleanup deletes done batches (each
 new inode is checked against recently deleted ones), so a claim creates none. A worker
@@ -49,8 +57,10 @@ claim: the claimer derives it from ``right/<name>.attempt`` (attempts so far + 1
 the reaper for a stale claim. ``claim`` refuses a done batch: it looks for ``.done`` before
 linking and again after, since a claim renamed to ``.done`` just before our link frees
 ``right/<name>`` for it (the marker exists from that instant, so the second look sees it);
-the batch file is looked at after the link as well (cleanup may have removed it). Either way
-the link is undone, if it is still ours. A done marker keeps its link, and ext4 caps an inode
+the batch file in ``left/`` is looked at after the link as well: a stale listing may name a
+batch another worker has since moved to ``done/`` and unlinked the claim of (the link then
+succeeds, and this look fails), or one cleanup removed. Either way
+the link is undone, if it is still ours. A claim keeps its link, and ext4 caps an inode
 at 65,000 links: at ``EMLINK`` (or ``Spool.link_cap``) the process starts a new owner file.
 An owner file goes when nothing links to it any more: at its process's exit, or by cleanup
 once its process is dead. Claims and markers written by the previous version (a claim file of
@@ -136,12 +146,17 @@ Crash windows and what covers them:
   it names its owner whole; the reaper sees the owner is dead and makes the batch pending
   again, counting the attempt. The owner file is removed by cleanup once no claim or done
   marker links to it.
-* killed after the database commit, before the rename to ``.done``: the claim is reaped like
-  any other; the next claimer finds the batch in the ledger and only renames its claim. A
-  claim reaped between the commit and the rename is marked by linking the owner file to
-  ``.done`` instead (the batch is done in the ledger either way).
+* killed after the database commit, before the move to ``done/``: the claim is reaped like
+  any other; the next claimer finds the batch in the ledger and only moves it and removes
+  its claim. A batch whose claim was reaped and taken by another worker since the commit is
+  moved by whichever ``mark_done`` comes first; the other finds ``left/`` empty and removes
+  only its own claim (a link still its owner's inode). A batch gone from both ``left/`` and
+  ``done/`` is marked the previous way, by linking the owner file to ``right/<name>.done``.
 * killed between setting the batch file's mtime (the done time retention ages from) and the
-  rename: the batch is not done on disk, and is finished as above.
+  move: the batch is not done on disk, and is finished as above.
+* killed after the move to ``done/``, before the claim is removed (failpoint
+  ``after-done-move``): the batch reads done (``lrq status``, ``settled``); the reaper removes
+  the leftover claim without counting an attempt or splitting (``done-claim-removed``).
 * a splitting reaper holds the batch's claim, so its own death is one more death of the
   batch and the next reap splits again. Killed after one or both halves are in ``left/``:
   the redone split writes only what is missing (the halves' items are never lost; a half
@@ -208,6 +223,7 @@ class Spool(Reaping):
         self.root = Path(data_dir) / queue
         self.left = self.root / "left"
         self.right = self.root / "right"
+        self.done = self.root / "done"
         self.tmp = self.root / "tmp"
         self.failed = self.root / "failed"
         self.quarantine = self.root / "quarantine"
@@ -225,7 +241,7 @@ class Spool(Reaping):
         self._foreign: dict[str, str] = {}
 
     def ensure(self) -> Spool:
-        for d in (self.root.parent, self.root, self.left, self.right, self.tmp, self.failed,
+        for d in (self.root.parent, self.root, self.left, self.right, self.done, self.tmp, self.failed,
                   self.quarantine, self.root / OWNERS):
             d.mkdir(mode=DIR_MODE, exist_ok=True)
         return self

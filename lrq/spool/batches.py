@@ -174,7 +174,7 @@ class Batches(Listing):
 
     # -- reading -------------------------------------------------------------------------
     def load(self, name: str) -> Batch:
-        for folder in (self.left, self.failed, self.quarantine):
+        for folder in (self.left, self.done, self.failed, self.quarantine):
             path = folder / f"{name}{SUFFIX}"
             try:
                 data = read_regular(path)
@@ -185,7 +185,8 @@ class Batches(Listing):
                 self.note_foreign(path, e.what)
                 raise BatchCorrupt(path, f"cannot be read: it is {e.what}") from e
         else:
-            raise FileNotFoundError(f"batch {name} is not in {self.left}, {self.failed} or {self.quarantine}")
+            raise FileNotFoundError(f"batch {name} is not in {self.left}, {self.done}, {self.failed} "
+                                    f"or {self.quarantine}")
         verdict, start = self._signature(data)
         if verdict == "other-key":
             raise KeyMismatch(self.queue, name, key_id_in(data))

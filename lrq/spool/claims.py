@@ -364,20 +364,31 @@ class Claims(Batches):
     # -- finishing -----------------------------------------------------------------------
     def mark_done(self, claim: Claim) -> None:
         """Mark the batch done; call only after the results are committed. The batch file's
-        mtime is set first (it is the done time that retention ages from), then the claim is
-        renamed to ``right/<name>.done``: no new inode. A claim taken back since the commit
-        (the batch is done in the ledger all the same) is marked by linking this process's
-        owner file to ``.done`` instead."""
-        with contextlib.suppress(FileNotFoundError):
-            os.utime(f"{self.left}/{claim.name}{SUFFIX}")
-        self._unhandle(claim)
+        mtime is set first (it is the done time that retention ages from), then it is renamed
+        from ``left/`` to ``done/`` (no new inode) and the claim is removed, so ``left/`` keeps
+        only pending and claimed batches and ``right/`` only live claims. Killed between the
+        two, the claim of a batch in ``done/`` is removed by the reaper (nothing counted or
+        split). A batch file no longer in ``left/`` (already moved by another claimer that
+        finalized it from the ledger) leaves only the claim to remove; one gone entirely is
+        marked the previous versions' way, by linking this process's owner file to
+        ``right/<name>.done``."""
+        left = f"{self.left}/{claim.name}{SUFFIX}"
         right = f"{self.right}/{claim.name}"
-        done = f"{right}{DONE}"
+        with contextlib.suppress(FileNotFoundError):
+            os.utime(left)
+        self._unhandle(claim)
         try:
-            os.rename(right, done)
+            os.rename(left, f"{self.done}/{claim.name}{SUFFIX}")
         except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
-                self._link(self.owner(), done)
+            if not os.path.exists(f"{self.done}/{claim.name}{SUFFIX}"):
+                with contextlib.suppress(FileExistsError):
+                    self._link(self.owner(), f"{right}{DONE}")
+        failpoints.hit("after-done-move")
+        if claim.ino:
+            self._unlink_if(right, OwnerId(dev=claim.dev, ino=claim.ino))
+        elif self.owns(claim):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(right)
 
     def release(self, claim: Claim) -> bool:
         """Give a claim back (the batch becomes pending) if we still own it."""

@@ -62,6 +62,7 @@ class Listing:
     root: Path
     left: Path
     right: Path
+    done: Path
     tmp: Path
     failed: Path
     quarantine: Path
@@ -98,7 +99,7 @@ class Listing:
     def foreign(self) -> dict[str, str]:
         """Entries lrq did not write that this process came across (path -> what), after
         looking through every folder once more for those a listing alone finds."""
-        for folder in (self.left, self.right, self.failed, self.quarantine, self.tmp):
+        for folder in (self.left, self.right, self.done, self.failed, self.quarantine, self.tmp):
             self.files(folder)
         return {p: w for p, w in sorted(self._foreign.items()) if os.path.lexists(p)}
 
@@ -162,22 +163,46 @@ class Listing:
         left = self._names(self.left, SUFFIX)
         if any(f"{n}{DONE}" not in right for n in left):
             return False  # pending or claimed
-        # A claim whose batch file is gone (killed inside fail()) until the reaper clears it.
-        return not any("." not in n and f"{n}{DONE}" not in right for n in right)
+        # A claim whose batch file is gone (killed inside fail()) until the reaper clears it;
+        # one whose batch is in done/ (killed between the move and the unlink) is done.
+        return not self.claimed()
+
+    def done_claims(self) -> list[str]:
+        """Claims left beside a batch already in ``done/``: its worker was killed between the
+        move and the unlink (:meth:`mark_done`). Nothing to count or split; removed by
+        :meth:`clear_done_claims`."""
+        right = self._names(self.right, "")
+        return sorted(n for n in right if "." not in n
+                      and os.path.exists(f"{self.done}/{n}{SUFFIX}"))
+
+    def clear_done_claims(self) -> int:
+        """Remove the claims (and attempt records) of batches in ``done/``; return how many.
+        A claimer racing us on such a name fails its post-link check of ``left/``."""
+        names = self.done_claims()
+        for name in names:
+            for path in (self.right / name, self.right / f"{name}{ATTEMPT}"):
+                self._remove(path)
+            log.info("done-claim-removed queue=%s batch=%s: its worker stopped after moving "
+                     "it to done/", self.queue, name)
+        return len(names)
 
     def claimed(self) -> list[str]:
+        """Live claims: ``right/<name>`` of a batch not done (neither an old-format marker
+        nor a file in ``done/``; one stat per claim, and claims are few)."""
         right = self._names(self.right, "")
-        return sorted(n for n in right if "." not in n and f"{n}{DONE}" not in right)
+        return sorted(n for n in right if "." not in n and f"{n}{DONE}" not in right
+                      and not os.path.exists(f"{self.done}/{n}{SUFFIX}"))
 
     def counts(self) -> Counts:
         sizes: dict[Path, dict[str, int]] = {}
-        for folder in (self.left, self.right, self.failed, self.quarantine, self.tmp):
+        for folder in (self.left, self.right, self.done, self.failed, self.quarantine, self.tmp):
             found = sizes[folder] = {}
             for e in self.files(folder):
                 with contextlib.suppress(FileNotFoundError):
                     found[e.name] = e.stat(follow_symlinks=False).st_size
         right = sizes[self.right]
-        done = {n[: -len(DONE)] for n in right if n.endswith(DONE)}
+        moved = {n[: -len(SUFFIX)] for n in sizes[self.done] if n.endswith(SUFFIX)}
+        done = {n[: -len(DONE)] for n in right if n.endswith(DONE)} | moved
         claims = {n for n in right if "." not in n}
         by_state = {State.PENDING: [0, 0], State.CLAIMED: [0, 0], State.DONE: [0, 0]}
         for n, size in sizes[self.left].items():
@@ -193,15 +218,17 @@ class Listing:
             quarantined=sum(n.endswith(SUFFIX) for n in sizes[self.quarantine]),
             bytes=sum(sum(f.values()) for f in sizes.values()),
             pending_bytes=by_state[State.PENDING][1], claimed_bytes=by_state[State.CLAIMED][1],
-            done_bytes=by_state[State.DONE][1], failed_bytes=bad,
+            done_bytes=by_state[State.DONE][1] + sum(
+                v for n, v in sizes[self.done].items() if n.endswith(SUFFIX)), failed_bytes=bad,
             tmp_bytes=sum(sizes[self.tmp].values()))
 
     def last_batch_bytes(self) -> int:
-        """Size of the newest batch file in ``left/`` (any state): cleanup's estimate of the
-        sniffer's next batch."""
-        names = self._names(self.left, SUFFIX)
+        """Size of the newest batch file in ``left/`` or ``done/`` (any state): cleanup's
+        estimate of the sniffer's next batch. Cleanup lists ``done/`` anyway (retention)."""
+        newest = max(((n, folder) for folder in (self.left, self.done)
+                      for n in self._names(folder, SUFFIX)), default=None)
         with contextlib.suppress(FileNotFoundError):
-            return (self.left / f"{max(names)}{SUFFIX}").stat().st_size if names else 0
+            return (newest[1] / f"{newest[0]}{SUFFIX}").stat().st_size if newest else 0
         return 0
 
     def _sample_left(self) -> list[str]:
@@ -229,7 +256,7 @@ class Listing:
         return list(dict.fromkeys(n[: -len(SUFFIX)] for n in entries if n.endswith(SUFFIX)))
 
     def state(self, name: str) -> State:
-        if (self.right / f"{name}{DONE}").exists():
+        if self.is_done(name):
             return State.DONE
         if (self.right / name).exists():
             return State.CLAIMED
@@ -242,7 +269,9 @@ class Listing:
         return State.MISSING
 
     def is_done(self, name: str) -> bool:
-        return (self.right / f"{name}{DONE}").exists()
+        """Done: ``done/<name>.pkl``, or the previous versions' ``right/<name>.done``."""
+        return (os.path.exists(f"{self.done}/{name}{SUFFIX}")
+                or os.path.exists(f"{self.right}/{name}{DONE}"))
 
     # -- retention -----------------------------------------------------------------------
     def done_batches(self) -> list[tuple[float, str]]:
@@ -254,8 +283,13 @@ class Listing:
         the previous version (or by a worker killed between the two steps) ages from when it
         was published, so it may go up to its time pending early; its results are in the
         database either way. A done batch whose file is gone (cleanup was killed removing
-        it) ages by its marker."""
+        it) ages by its marker. A batch in ``done/`` ages by its file's mtime, set just before
+        it moved there."""
         out = []
+        for e in self.files(self.done):
+            if e.name.endswith(SUFFIX):
+                with contextlib.suppress(FileNotFoundError):
+                    out.append((e.stat(follow_symlinks=False).st_mtime, e.name[: -len(SUFFIX)]))
         for name in self._names(self.right, DONE):
             for path in (self.left / f"{name}{SUFFIX}", self.right / f"{name}{DONE}"):
                 try:
@@ -272,8 +306,8 @@ class Listing:
         if not self.is_done(name):
             raise LrqError(f"batch {name} is not done; cleanup never removes it")
         return sum(self._remove(path) for path in (
-            self.left / f"{name}{SUFFIX}", self.right / f"{name}{ATTEMPT}", self.right / name,
-            self.right / f"{name}{DONE}"))
+            self.done / f"{name}{SUFFIX}", self.left / f"{name}{SUFFIX}",
+            self.right / f"{name}{ATTEMPT}", self.right / name, self.right / f"{name}{DONE}"))
 
     def _remove(self, path: Path) -> int:
         """Unlink a file of lrq's and return its size; leave (and note) anything else."""

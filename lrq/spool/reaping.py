@@ -76,6 +76,7 @@ class Reaping(Claims):
         ``collateral`` when one of its claims was: the batch in the handler is the one that
         killed it."""
         now = self.clock() if now is None else now
+        self.clear_done_claims()
         host = socket.gethostname()
         out = []
         handled = set()

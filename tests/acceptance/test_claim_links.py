@@ -74,9 +74,32 @@ def test_killed_after_the_commit_before_the_rename_the_batch_is_finalized(tmp_pa
     r = lrq("-c", str(cfg), "work", "--burst", check=True)
     assert "finalized queue=docs" in r.stderr
     verify(cfg, 200)
-    assert sorted(p.name for p in right.iterdir() if p.name.endswith(".done")) == sorted(
-        f"{p.stem}.done" for p in (tmp_path / "data/docs/left").glob("*.pkl"))
-    assert not [p for p in right.iterdir() if "." not in p.name]  # done: renamed, not kept
+    assert list((tmp_path / "data/docs/left").iterdir()) == []  # done batches leave left/
+    assert len(list((tmp_path / "data/docs/done").glob("*.pkl"))) == 2
+    assert not [p for p in right.iterdir() if not p.name.endswith(".attempt")]  # no claim kept
+
+
+def test_killed_after_the_move_to_done_the_claim_is_removed_without_a_reap(
+        tmp_path: Path) -> None:
+    """The batch is in done/ and its claim still in right/: status shows it done (not
+    claimed, settled), cleanup removes the claim without counting an attempt or splitting."""
+    cfg = write_config(tmp_path, docs=200, batch_size=100)
+    lrq("-c", str(cfg), "sniff", check=True)
+    r = lrq("-c", str(cfg), "work", "--once", env={"LRQ_FAILPOINT": "after-done-move"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    q = tmp_path / "data/docs"
+    (claim,) = (q / "right").iterdir()
+    assert (q / "done" / f"{claim.name}.pkl").exists() and not (q / "left" / f"{claim.name}.pkl").exists()
+    st = status(cfg)
+    assert (st["claimed"], st["done"], st["pending"], st["ledger_batches"]) == (0, 1, 1, 1)
+    sp = Spool(q.parent, "docs")
+    assert sp.state(claim.name) is State.DONE and sp.claimed() == []
+    r = lrq("-c", str(cfg), "cleanup", check=True)
+    assert "reclaim 0 stale claims" in r.stdout and "split 0 batches" in r.stdout
+    assert list((q / "right").iterdir()) == []  # claim gone, no .attempt: nothing was counted
+    lrq("-c", str(cfg), "work", "--burst", check=True)
+    verify(cfg, 200)
+    assert len(list((q / "done").iterdir())) == 2 and list((q / "right").iterdir()) == []
 
 
 CHILD = '''

@@ -90,7 +90,7 @@ def test_poison_items_are_dead_lettered_and_counted_by_verify(tmp_path: Path) ->
     strict = lrq("-c", str(cfg), "verify", "--strict")
     assert strict.returncode == 1 and strict.stdout.startswith(
         "docs: NOT OK, 2 dead letters (--strict); source 300, ")
-    batch = next(p.stem for p in (tmp_path / "data/docs/left").glob("*.pkl")
+    batch = next(p.stem for p in (tmp_path / "data/docs/done").glob("*.pkl")
                  if json.loads(lrq("-c", str(cfg), "show", p.stem, check=True).stdout).get("dead_letters"))
     shown = json.loads(lrq("-c", str(cfg), "show", batch, check=True).stdout)
     assert {d["key"] for d in shown["dead_letters"]} == {"m000000150", "m000000151"}

@@ -43,15 +43,16 @@ def test_claims_of_one_process_are_links_to_its_one_owner_file(spool: Spool) -> 
     assert list(spool.tmp.iterdir()) == []  # nothing written aside
 
 
-def test_done_is_the_claim_renamed_and_a_done_batch_cannot_be_claimed(spool: Spool) -> None:
+def test_done_moves_the_batch_to_done_and_removes_the_claim(spool: Spool) -> None:
     name = spool.publish([{"k": 1}])
     claim = spool.claim(name)
-    ino = inode(spool.right / name)
+    ino = inode(spool.left / f"{name}.pkl")
     spool.mark_done(claim)
-    assert not os.path.lexists(spool.right / name)
-    assert inode(spool.right / f"{name}.done") == ino
+    assert os.listdir(spool.left) == [] and os.listdir(spool.right) == []
+    assert inode(spool.done / f"{name}.pkl") == ino  # renamed, no new inode
     assert spool.state(name) is State.DONE and spool.pending() == [] and not spool.has_pending()
     assert spool.settled() and spool.counts().done == 1 and spool.counts().pending == 0
+    assert spool.counts().done_bytes == os.stat(spool.done / f"{name}.pkl").st_size
     assert spool.claim(name) is None and not os.path.lexists(spool.right / name)
     assert spool.pick() is None
 
@@ -136,11 +137,11 @@ def test_owner_files_go_once_nothing_links_to_them(spool: Spool) -> None:
     # Exits normally with no links left: removes its own owner file.
     run_child(data, f"c = sp.claim({a!r}); sp.release(c)")
     assert owner_files(spool) == []
-    # Killed (no exit handlers) with a done marker linking to it: kept while linked.
-    run_child(data, f"sp.mark_done(sp.claim({b!r})); os._exit(0)")
+    # Killed (no exit handlers) with a claim linking to it: kept while linked.
+    run_child(data, f"sp.claim({b!r}); os._exit(0)")
     (owner,) = owner_files(spool)
     assert spool.sweep_owners() == 0 and owner.exists()
-    spool.remove_done(b)
+    os.unlink(spool.right / b)
     assert spool.sweep_owners() == 1 and owner_files(spool) == []
     # A live process's owner file is never swept, linked or not.
     spool.release(spool.claim(a))

@@ -31,7 +31,7 @@ def batch(sp, state: str, age_days: float = 0.0, n: int = 50) -> str:
     claim = sp.claim(name)
     if state == "done":
         sp.mark_done(claim)
-        os.utime(sp.left / f"{name}.pkl", (when, when))  # done time: set by mark_done
+        os.utime(sp.done / f"{name}.pkl", (when, when))  # done time: set by mark_done
     elif state == "failed":
         sp.fail(claim, "boom")
         os.utime(sp.failed / f"{name}.error", (when, when))
@@ -44,7 +44,7 @@ def test_keep_done_and_keep_failed(tmp_path: Path) -> None:
     old_done, new_done = batch(sp, "done", 8), batch(sp, "done", 6)
     old_failed, new_failed = batch(sp, "failed", 31), batch(sp, "failed", 29)
     pending, claimed = batch(sp, "pending", 100), batch(sp, "claimed", 100)
-    size = (sp.left / f"{old_done}.pkl").stat().st_size
+    size = (sp.done / f"{old_done}.pkl").stat().st_size
     (dry,) = cleanup.run(app, dry_run=True)
     assert (dry.done_removed, dry.failed_removed) == (1, 1) and dry.bytes_freed >= 2 * size
     assert sp.state(old_done) is State.DONE  # a dry run changes nothing
