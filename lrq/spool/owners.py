@@ -12,7 +12,9 @@ The process keeps the file open and writes through the descriptor, so its record
 heartbeat do not depend on the path: a link made since, or a cleanup that removed the path
 (it removes only a dead owner's file without links), cannot make it lose track. A process
 whose owner file reaches the filesystem's link limit (``EMLINK``: ext4 caps an inode at
-65,000; done markers keep their link) or whose path is gone starts a new one (:meth:`rotate`).
+65,000; only live claims and the rare fallback ``.done`` link of :meth:`Spool.mark_done` hold
+links, since done batches move to ``done/`` and drop their claim) or whose path is gone starts
+a new one (:meth:`rotate`).
 """
 from __future__ import annotations
 
