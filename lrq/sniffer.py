@@ -144,7 +144,6 @@ class Sniffer:
                     break
                 try:
                     name = self.spool.publish(fetched.items, fetched.position, sync=False)
-                    size = (self.spool.left / f"{name}.pkl").stat().st_size
                 except OSError as e:
                     if e.errno not in DISK_FULL:
                         raise
@@ -155,11 +154,13 @@ class Sniffer:
                     self._resume(pending)
                 position = fetched.position
                 published += 1
-                watch[name] = size
-                pending += 1
-                pending_bytes += size
-                used += size
-                self.last_bytes = size
+                size = self._size_of(name)
+                if size is not None:  # else a worker already took it out of left/: not pending
+                    watch[name] = size
+                    pending += 1
+                    pending_bytes += size
+                    self.last_bytes = size
+                used += self.last_bytes
                 log.debug("published queue=%s batch=%s items=%d bytes=%d", self.queue.name, name,
                           len(fetched.items), size)
                 if self.on_publish is not None:
@@ -173,6 +174,14 @@ class Sniffer:
             if position != saved:  # every batch up to ``position`` is durable in left/
                 self._save(position)
         return published
+
+    def _size_of(self, name: str) -> int | None:
+        """A batch just published: its file's size, None when it already left ``left/``
+        (workers wake at once: one can claim, store and move it to done/ before this look)."""
+        try:
+            return os.stat(self.spool.left / f"{name}{SUFFIX}").st_size
+        except FileNotFoundError:
+            return None
 
     def _save(self, position: Any) -> bool:
         """Make the batches published since the last save durable (one fsync of ``left/``),

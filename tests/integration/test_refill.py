@@ -116,3 +116,26 @@ def test_a_batch_that_failed_between_two_looks_leaves_the_backlog(tmp_path: Path
         stop.set()
         th.join(timeout=30)
     assert not th.is_alive()
+
+
+def test_a_batch_done_before_the_sniffer_looks_at_its_size_is_not_an_error(tmp_path: Path) -> None:
+    """A worker can claim, store and move a batch to done/ between its rename into left/ and
+    the sniffer's next look at it (workers wake at once): the tick goes on, the batch is not
+    counted as pending, and the position still moves past it."""
+    cfg, sn = sniffer(tmp_path, max_pending=4)
+    worker = load_app(cfg)
+    work = worker.worker(worker.queues("docs")[0])
+    publish = sn.spool.publish
+    done: list[str] = []
+
+    def publish_then_work(*args: Any, **kwargs: Any) -> str:
+        name = publish(*args, **kwargs)
+        if not done:  # the first batch: a real worker takes it to done/ at once
+            assert work.run_once()
+            done.append(name)
+        return name
+
+    sn.spool.publish = publish_then_work  # type: ignore[method-assign]
+    assert sn.tick(max_batches=3) == 3
+    assert not (sn.spool.left / f"{done[0]}.pkl").exists()
+    assert len(sn.spool.pending()) == 2 and sn.spool.read_position() == 30
