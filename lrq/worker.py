@@ -425,7 +425,9 @@ class Worker:
         batch was handled, so counting a handled batch as progress would reset the count
         before every error and never let the backoff grow. A refused statement
         (:class:`~lrq.errors.StatementRefused`) backs off like an unreachable database, and
-        its batch also counts an attempt (see :meth:`_attempt_failed`)."""
+        its batch also counts an attempt (see :meth:`_attempt_failed`). Idle, it waits for a
+        publish to ring the queue's doorbell (:mod:`lrq.spool.wake`), ``idle_wait`` at most.
+        """
         self.stats = RunStats()
         next_report = time.monotonic() + PROGRESS_EVERY
         failures = 0
@@ -436,6 +438,8 @@ class Worker:
         # The start-up heap (~44k objects) is kept out of full collections for the run: each
         # rescanned it, ~17 ms every ~50 batches at batch 1000. Given back at the end.
         gc.freeze()
+        if not burst:
+            self.spool.bell.listen()  # before the first pick: no ring after it is missed
         try:
             while not self.stop.is_set():
                 if max_batches is not None and self.stats.batches + self.stats.failed >= max_batches:
@@ -470,7 +474,7 @@ class Worker:
                     idle_since = idle_since or time.monotonic()
                     if idle_exit is not None and time.monotonic() - idle_since >= idle_exit:
                         break
-                    self.stop.wait(idle_wait)
+                    self.spool.bell.wait(idle_wait, self.stop)  # or a publish rings
                 if progress and time.monotonic() >= next_report:
                     next_report = time.monotonic() + PROGRESS_EVERY
                     log.info("progress queue=%s batches=%d items=%d dead=%d rate=%.0f/s "
@@ -482,6 +486,7 @@ class Worker:
                     self._drain(behind)
             finally:
                 gc.unfreeze()
+                self.spool.bell.close()
         return self.stats
 
     def _step(self, behind: StoreBehind | None) -> bool:

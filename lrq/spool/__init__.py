@@ -25,6 +25,8 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
     failed/<name>.pkl    a batch that could not be processed, beside failed/<name>.error
     quarantine/<name>.pkl a file whose signature did not verify: never unpickled
     position.json        the source position, advanced only after the batch file is durable
+    wake                 a FIFO: whatever publishes a batch writes a byte to it, waking the
+                         idle workers blocked on it (:mod:`lrq.spool.wake`); holds no state
     ../key-ids           ids of the keys this data dir has signed batches with, one per line
     <job>.lock           flock files making the sniffer (and the scheduler) single per folder
     workers/<pid>-<start> one empty file per live ``lrq work`` process of this queue (see
@@ -200,6 +202,8 @@ from lrq.spool.files import (
 from lrq.spool.listing import PROBE, Counts, State
 from lrq.spool.owners import OWNERS
 from lrq.spool.reaping import Reaped, Reaping, Stale, half_name
+from lrq.spool.wake import NAME as WAKE
+from lrq.spool.wake import Doorbell
 
 __all__ = [
     "ATTEMPT", "DIR_MODE", "DONE", "ERROR", "FILE_MODE", "HANDLED_MODE", "KEY_IDS", "KEY_SAMPLE",
@@ -227,6 +231,8 @@ class Spool(Reaping):
         self.tmp = self.root / "tmp"
         self.failed = self.root / "failed"
         self.quarantine = self.root / "quarantine"
+        #: The queue's FIFO that wakes idle workers on a publish (:mod:`lrq.spool.wake`).
+        self.bell = Doorbell(self.root / WAKE)
         self._key = key
         self._previous = previous
         self._keys: dict[bytes, bytes] | None = None

@@ -17,6 +17,7 @@ from lrq.errors import BatchCorrupt, BatchUnsigned, ForeignEntry, KeyMismatch, L
 from lrq.spool.batchfile import CODECS, MAGIC_V2, check, compress, decompress, key_id_in, seal
 from lrq.spool.files import ATTEMPT, ERROR, FILE_MODE, SUFFIX, _uuid, fsync_dir, read_regular, write_atomic
 from lrq.spool.listing import Listing, State
+from lrq.spool.wake import Doorbell
 
 #: Where a data dir lists the ids of the keys it has signed batches with.
 KEY_IDS = "key-ids"
@@ -44,6 +45,7 @@ class Batches(Listing):
     _keys: dict[bytes, bytes] | None
     _key_noted: bool
     _last_us: int
+    bell: Doorbell
 
     @property
     def key(self) -> bytes:
@@ -153,6 +155,7 @@ class Batches(Listing):
         payload = bytes([codec]) + compress(codec, pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL))
         write_atomic(self.left / f"{name}{SUFFIX}", self._signed(payload), self.tmp, sync_dir=sync)
         failpoints.hit("sniff-after-rename")
+        self.bell.ring()  # after the rename: a worker woken by it finds the batch
         return name
 
     def sync_published(self) -> None:

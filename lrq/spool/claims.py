@@ -454,6 +454,7 @@ class Claims(Batches):
         if failed.exists():
             os.rename(failed, self.left / f"{name}{SUFFIX}")
             fsync_dir(self.left)
+            self.bell.ring()
             for leftover in (self.failed / f"{name}{ERROR}", self.right / f"{name}{ATTEMPT}"):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(leftover)
