@@ -179,6 +179,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -237,6 +238,8 @@ class Spool(Reaping):
         self._candidates: list[str] = []
         self._latest: dict[str, Claim] = {}
         self._none_pending_at: tuple[int, int] | None = None
+        self._owner = None
+        self._owner_lock = threading.Lock()
         #: Entries lrq did not write, seen by this process: path -> what it is.
         self._foreign: dict[str, str] = {}
 

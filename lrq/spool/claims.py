@@ -17,6 +17,8 @@ import os
 import random
 import signal
 import socket
+import threading
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from lrq.errors import ForeignEntry, LrqError
 from lrq.spool.batches import Batches
 from lrq.spool.files import ATTEMPT, DONE, ERROR, SUFFIX, fsync_dir, read_regular, write_atomic
 from lrq.spool.listing import State
-from lrq.spool.owners import OWNERS, READ_TRIES, RECORD, Owner, OwnerId, name_fields, owner_of, parse_record
+from lrq.spool.owners import OWNERS, READ_TRIES, RECORD, Owner, OwnerId, name_fields, parse_record
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +134,29 @@ class Claims(Batches):
     #: This process's newest claim of each batch it claimed lately (at most ``LATEST_KEPT``).
     _latest: dict[str, Claim]
     rng: random.Random
+    #: This process's owner file for the queue (:meth:`owner`), None until the first claim.
+    _owner: Owner | None
+    _owner_lock: threading.Lock
     #: Links an owner file may have before this process starts a new one; None leaves it
     #: to the filesystem (``EMLINK``). Tests set a small cap instead of making 65,000 links.
     link_cap: int | None = None
 
     def owner(self) -> Owner:
-        """This process's owner file for the queue (made on first use)."""
-        return owner_of(self.root, process_start())
+        """This process's owner file for the queue, made (and ``owners/`` with it) on first
+        use and held by this spool. A forked child inheriting the spool sees another pid
+        and makes its own: claiming with its parent's would make its claims look like the
+        parent's to the reaper. The owner's files are removed at exit (or when the spool is
+        collected) if nothing links to them any more (:meth:`Owner.close`)."""
+        owner = self._owner
+        if owner is None or owner.pid != os.getpid():
+            with self._owner_lock:
+                owner = self._owner
+                if owner is None or owner.pid != os.getpid():
+                    folder = self.root / OWNERS
+                    folder.mkdir(mode=0o700, exist_ok=True)
+                    owner = self._owner = Owner(folder, process_start())
+                    weakref.finalize(self, owner.close)
+        return owner
 
     def claim(self, name: str) -> Claim | None:
         """Claim ``name``: link this process's owner file to ``right/<name>``; None when the

@@ -18,7 +18,6 @@ a new one (:meth:`rotate`).
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
@@ -55,7 +54,8 @@ class OwnerId:
 
 
 class Owner:
-    """This process's owner file for one queue (:func:`owner_of`); thread-safe."""
+    """This process's owner file for one queue, made and held by its
+    :class:`~lrq.spool.Spool` (:meth:`~lrq.spool.claims.Claims.owner`); thread-safe."""
 
     def __init__(self, folder: Path, start: int) -> None:
         self.folder = folder
@@ -130,7 +130,11 @@ class Owner:
         return {i for _p, _fd, i in self.files}
 
     def close(self) -> None:
-        """At exit: remove owner files no claim or done marker links to any more."""
+        """At exit (or when its spool is collected): remove owner files no claim or done
+        marker links to any more. Only in the process that made them: a forked child that
+        inherited the object leaves its parent's files alone."""
+        if os.getpid() != self.pid:
+            return
         for path, fd, oid in self.files:
             with contextlib.suppress(OSError):
                 st = os.lstat(path)
@@ -138,38 +142,7 @@ class Owner:
                     os.unlink(path)
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-_OWNERS: dict[tuple[str, int], Owner] = {}
-_LOCK = threading.Lock()
-#: Pids whose exit handler is registered (a forked child registers its own).
-_REGISTERED: set[int] = set()
-
-
-def owner_of(root: Path, start: int) -> Owner:
-    """This process's owner for the queue at ``root``, made (and ``owners/`` with it) on
-    first use; keyed on the pid, so a forked child makes its own."""
-    key = (str(root), os.getpid())
-    owner = _OWNERS.get(key)
-    if owner is None:
-        with _LOCK:
-            owner = _OWNERS.get(key)
-            if owner is None:
-                folder = root / OWNERS
-                folder.mkdir(mode=0o700, exist_ok=True)
-                if os.getpid() not in _REGISTERED:
-                    _REGISTERED.add(os.getpid())
-                    atexit.register(_close_all, os.getpid())
-                owner = _OWNERS[key] = Owner(folder, start)
-    return owner
-
-
-def _close_all(pid: int) -> None:
-    if os.getpid() != pid:
-        return
-    for (_root, p), owner in list(_OWNERS.items()):
-        if p == pid:
-            owner.close()
+        self.files.clear()  # closed once: a descriptor number may be reused afterwards
 
 
 def parse_record(raw: bytes) -> dict[str, Any] | None:

@@ -240,3 +240,48 @@ def test_a_claim_after_an_idle_spell_is_fresh_from_its_link(tmp_path: Path,
     monkeypatch.setattr(owners.Owner, "handling", spy)
     assert sp.claim(b) is not None
     assert seen["stale"] == []
+
+
+def test_a_forked_child_claims_with_its_own_owner_file(spool: Spool) -> None:
+    """The owner lives on the spool, not in a module registry: a child forked after the
+    parent claimed makes its own owner file (its pid in the record, so the reaper tells
+    its claims from the parent's), and leaves the parent's file alone when it exits."""
+    a, b = spool.publish([{"k": 1}]), spool.publish([{"k": 2}])
+    ca = spool.claim(a)
+    assert ca is not None
+    parent = spool.owner()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        ok = 0
+        try:
+            cb = spool.claim(b)
+            ok = int(cb is not None and cb.pid == os.getpid() and spool.owner() is not parent
+                     and inode(spool.right / b) != inode(parent.path))
+            spool.owner().close()
+            parent.close()  # the parent's: a no-op in the child
+        finally:
+            os.write(w, bytes([ok]))
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"\x01"
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert spool.owner() is parent and spool.owns(ca) and parent.path.exists()
+    child_claim = spool.read_claim(b)
+    assert child_claim is not None and child_claim.pid == pid
+    assert len(owner_files(spool)) == 2  # the child's is still linked by its claim
+
+
+def test_each_spool_holds_its_own_owner_and_removes_it_when_collected(tmp_path: Path) -> None:
+    """No module-global registry: a spool's owner file is its own and goes with it (when
+    nothing links to it any more) instead of living until the interpreter exits."""
+    import gc
+
+    a, b = Spool(tmp_path, "q").ensure(), Spool(tmp_path, "q")
+    name = a.publish([{"k": 1}])
+    a.release(a.claim(name))
+    assert a.owner() is not b.owner() and len(owner_files(a)) == 2
+    del b
+    gc.collect()
+    assert owner_files(a) == [a.owner().path]
