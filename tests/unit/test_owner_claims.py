@@ -285,3 +285,22 @@ def test_each_spool_holds_its_own_owner_and_removes_it_when_collected(tmp_path: 
     del b
     gc.collect()
     assert owner_files(a) == [a.owner().path]
+
+
+def test_owner_files_count_once_in_the_byte_totals(spool: Spool) -> None:
+    """``lrq status`` and the byte budget count the owner files, and a claim (a hard link to
+    one) does not count its owner's bytes again: two claims and a released one hold one
+    owner file of RECORD bytes, not two or none."""
+    from lrq.disk import usage
+
+    names = [spool.publish([{"k": i}]) for i in range(3)]
+    batches = sum(os.stat(spool.left / f"{n}.pkl").st_size for n in names)
+    claims = [spool.claim(n) for n in names]
+    spool.release(claims[2])
+    assert len(owner_files(spool)) == 1 and len(list(spool.right.iterdir())) == 2
+    assert spool.counts().bytes == batches + RECORD
+    assert usage(spool.root.parent, ["q"], None) == batches + RECORD
+    for c in claims[:2]:
+        spool.release(c)
+    assert spool.counts().bytes == batches + RECORD  # no claim: the owner file still counts
+    assert usage(spool.root.parent, ["q"], None) == batches + RECORD
