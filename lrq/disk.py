@@ -1,9 +1,9 @@
 """Disk accounting: what lrq keeps in the data dir, the budget, and the free-space floor.
 
 ``usage`` counts what lrq can be held to: the queue folders (batches, owner files, markers,
-tmp; a claim is a link to its owner file and counts once) and its own log files. Database files are not counted: results are the point, and cleanup
-cannot delete them. The free-space floor (``min_free``) guards the filesystem as a whole,
-whatever fills it.
+tmp; a claim is a link to its owner file and counts once) and its own log files. Database
+files are not counted: results are the point, and cleanup cannot delete them. The
+free-space floor (``min_free``) guards the filesystem as a whole, whatever fills it.
 
 :meth:`Budget.blocked` is the one predicate for "no room for the next batch": the sniffer
 pauses on it and cleanup trims done batches until it clears, so cleanup never stops short of
