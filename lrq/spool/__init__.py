@@ -54,9 +54,10 @@ process writes its owner file once (:mod:`lrq.spool.owners`) and claims a batch 
 ``link(owner file, right/<name>)``; a claim is ours while ``lstat(right/<name>)`` is the owner
 file's inode (:meth:`Spool.owns`: a stat, no read). The attempt number is not on disk with the
 claim: the claimer derives it from ``right/<name>.attempt`` (attempts so far + 1), and so does
-the reaper for a stale claim. ``claim`` refuses a done batch: it looks for ``.done`` before
-linking and again after, since a claim renamed to ``.done`` just before our link frees
-``right/<name>`` for it (the marker exists from that instant, so the second look sees it);
+the reaper for a stale claim. ``claim`` refuses a done batch: it looks for ``.done`` after
+linking, since a claim renamed to ``.done`` just before our link frees ``right/<name>`` for
+it (the marker exists from that instant, so the look sees it; a look before the link too
+would only spare a link for a batch marked that way, at a stat on every claim);
 the batch file in ``left/`` is looked at after the link as well: a stale listing may name a
 batch another worker has since moved to ``done/`` and unlinked the claim of (the link then
 succeeds, and this look fails), or one cleanup removed. Either way

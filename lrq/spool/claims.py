@@ -164,18 +164,21 @@ class Claims(Batches):
 
         ``link(2)`` is an exclusive, atomic create of an entry for an inode that exists, so
         there is one winner and the claim is never half-written, and no inode is created.
-        A done batch has ``right/<name>.done`` and no ``right/<name>`` (the marker is the
-        claim renamed), so ``.done`` is checked before linking and again after: the claim
-        it was renamed from existed until the rename, so our link can only have succeeded
-        after it, when ``.done`` already existed, and the second look sees it. The batch file
+        A batch marked done the previous versions' way has ``right/<name>.done`` and no
+        ``right/<name>`` (the marker is the claim renamed), so ``.done`` is looked for after
+        linking: the claim it was renamed from existed until the rename, so our link can only
+        have succeeded after it, when ``.done`` already existed, and the look sees it. The batch file
         is looked at after the link too, as cleanup may have removed it since our listing.
         Either way the link is undone (only if it is still ours) and the answer is None.
         """
         # Strings, not Paths: pathlib's joins cost more than the system calls here.
         right = f"{self.right}/{name}"
         done = f"{right}{DONE}"
-        if os.path.lexists(right) or os.path.lexists(done):
-            return None  # claimed or done: a stat spares a link for nothing
+        if os.path.lexists(right):
+            return None  # claimed: a stat spares a link for nothing
+        # A done batch is told by the look after the link (``.done`` is the previous
+        # versions' marker and this version's rare fallback: a look before would cost every
+        # claim a stat for it).
         owner = self.owner()
         # The link shares the owner file's mtime, which is the claim's heartbeat: a process
         # idle past the lease would show its new claim stale until the record's write below.

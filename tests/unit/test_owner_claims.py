@@ -73,6 +73,16 @@ def test_a_batch_done_between_the_check_and_the_link_is_not_claimed(spool: Spool
     assert not os.path.lexists(spool.right / name) and spool.state(name) is State.DONE
 
 
+def test_a_batch_marked_done_the_previous_way_is_not_claimed(spool: Spool) -> None:
+    """A ``.done`` marker alone (a claim renamed, as earlier versions marked done): no look
+    before the link any more, the look after it refuses the batch and removes the link."""
+    name = spool.publish([{"k": 1}])
+    (spool.right / f"{name}.done").write_text("")
+    assert spool.claim(name) is None and spool.pick() is None
+    assert sorted(os.listdir(spool.right)) == [f"{name}.done"]
+    assert spool.state(name) is State.DONE
+
+
 def test_one_touch_refreshes_the_lease_of_every_claim(spool: Spool) -> None:
     names = [spool.publish([{"k": i}]) for i in range(3)]
     claims = [spool.claim(n) for n in names]
