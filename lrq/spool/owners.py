@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from lrq.spool.files import FILE_MODE
 
 log = logging.getLogger(__name__)
@@ -96,9 +98,10 @@ class Owner:
     def _record(self) -> bytes:
         handling = self._handling
         while True:
-            raw = json.dumps({"host": self.host, "pid": self.pid, "start": self.start,
-                              "token": self.token, "since": time.time(),
-                              "handling": handling}).encode()
+            # orjson: 0.25 µs against json's 3 µs, and a record is written twice a batch.
+            raw = orjson.dumps({"host": self.host, "pid": self.pid, "start": self.start,
+                                "token": self.token, "since": time.time(),
+                                "handling": handling})
             if len(raw) <= RECORD or not handling:  # only with names far longer than lrq's
                 break
             handling = handling[1:]
