@@ -135,8 +135,8 @@ class StoreBehind:
     :meth:`close`, handed each batch through two plain locks: ``_go`` released by the worker
     when ``_job`` is set, ``_done`` by the committer when the commit has ended. A
     ``ThreadPoolExecutor`` did the same with a ``Future``, a work queue, condition variables
-    and an idle semaphore per commit: ~120 µs of CPU a batch, half the handoff's
-    (bench/README.md, "Store-behind handoff")."""
+    and an idle semaphore per commit: the handoff's CPU went 85 -> 52 µs a batch at batch
+    100 (bench/README.md, "Worker CPU per batch, second pass")."""
 
     def __init__(self, worker: Worker) -> None:
         self._worker = worker

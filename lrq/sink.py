@@ -343,9 +343,9 @@ class Sink:
         replaced): the transaction :meth:`store` makes through SQLAlchemy (``BEGIN
         IMMEDIATE``, the ledger row, the multi-row inserts, ``COMMIT``), sent on the pooled
         driver connection itself. SQLAlchemy's transaction, pool checkout and execution
-        context cost ~90 µs of a 450 µs commit at batch 100 (bench/README.md, "Worker CPU
-        per batch"). The connection is the engine's (its pragmas set on connect, see
-        :mod:`lrq.db`) and goes back to its pool; a driver error is raised as SQLAlchemy
+        context cost ~80 µs of a 400 µs commit at batch 100 (bench/README.md, "Worker CPU
+        per batch, second pass"). The connection is the engine's (its pragmas set on
+        connect, see :mod:`lrq.db`) and goes back to its pool; a driver error is raised as SQLAlchemy
         would wrap it (``IntegrityError``, ``OperationalError``, ...), so :meth:`store`
         reads it as on the other path: a replay, refused rows to isolate (done through
         SQLAlchemy), or an unreachable database."""
