@@ -46,7 +46,8 @@ def one_run(tree: Path, docs: int, batch: int) -> tuple[float, int]:
             subprocess.run([sys.executable, "-m", "lrq", "-c", str(cfg), "sniff"], cwd=HERE,
                            check=True, capture_output=True)
         cpu = run_burst(tree, cfg)
-        return cpu, len(list((Path(d) / "data/docs/right").glob("*.done")))
+        q = Path(d) / "data/docs"  # done batches: in done/, or the older trees' right/*.done
+        return cpu, len(list(q.glob("done/*.pkl"))) + len(list(q.glob("right/*.done")))
 
 
 def main(argv: list[str] | None = None) -> int:

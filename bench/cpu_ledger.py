@@ -89,6 +89,7 @@ TARGETS = (
     T("worker.threads", "lrq.pipeline:StoreBehind.raise_error"),
     T("worker.threads", "lrq.pipeline:StoreBehind.raise_fatal"),
     T("worker.threads", "lrq.pipeline:StoreBehind.close"),
+    T("worker.threads", "lrq.pipeline:StoreBehind._run"),  # the committer thread's loop
     T("worker.other", "lrq.worker:Worker.run"),  # own CPU: the loop, key check, counters
     T("worker.other", "lrq.worker:Worker.commit"),  # own CPU: the commit's guard and glue
     # -- the scheduler (`lrq run`): its jobs, their own CPU (the sniffer's steps apart) --

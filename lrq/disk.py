@@ -1,9 +1,9 @@
 """Disk accounting: what lrq keeps in the data dir, the budget, and the free-space floor.
 
-``usage`` counts what lrq can be held to: the queue folders (batches, claims, markers, tmp)
-and its own log files. Database files are not counted: results are the point, and cleanup
-cannot delete them. The free-space floor (``min_free``) guards the filesystem as a whole,
-whatever fills it.
+``usage`` counts what lrq can be held to: the queue folders (batches, owner files, markers,
+tmp; a claim is a link to its owner file and counts once) and its own log files. Database
+files are not counted: results are the point, and cleanup cannot delete them. The
+free-space floor (``min_free``) guards the filesystem as a whole, whatever fills it.
 
 :meth:`Budget.blocked` is the one predicate for "no room for the next batch": the sniffer
 pauses on it and cleanup trims done batches until it clears, so cleanup never stops short of
@@ -26,7 +26,9 @@ from lrq.errors import ConfigError
 #: pauses when the next batch would cross ``max_bytes`` itself. The gap keeps them from
 #: waiting on each other.
 TRIM_AT = 0.8
-QUEUE_FOLDERS = ("left", "right", "done", "tmp", "failed", "quarantine")
+#: Folders of a queue whose files count against the budget. ``owners/`` holds one small file
+#: per worker process; a claim in ``right/`` is a hard link to one, counted once (by inode).
+QUEUE_FOLDERS = ("owners", "left", "right", "done", "tmp", "failed", "quarantine")
 
 
 @dataclass(frozen=True)
@@ -78,15 +80,19 @@ def space(path: Path) -> Space:
                  free_inodes=st.f_favail, total_inodes=st.f_files)
 
 
-def tree_bytes(path: Path) -> int:
+def tree_bytes(path: Path, seen: set[int] | None = None) -> int:
+    """Bytes of the files under ``path``; an inode already in ``seen`` (a hard link, such as
+    a claim linking its owner file) counts once, and ``seen`` is shared between calls."""
+    seen = set() if seen is None else seen
     total = 0
     try:
         with os.scandir(path) as it:
             for e in it:
                 try:
                     if e.is_dir(follow_symlinks=False):
-                        total += tree_bytes(Path(e.path))
-                    else:
+                        total += tree_bytes(Path(e.path), seen)
+                    elif e.inode() not in seen:
+                        seen.add(e.inode())
                         total += e.stat(follow_symlinks=False).st_size
                 except FileNotFoundError:
                     continue  # removed while we looked
@@ -106,8 +112,10 @@ def log_bytes(log_file: Path | None) -> int:
 
 
 def usage(data_dir: Path, queues: list[str], log_file: Path | None) -> int:
-    """Bytes lrq holds in the data dir: the queue folders and its log files."""
-    return (sum(tree_bytes(data_dir / q / f) for q in queues for f in QUEUE_FOLDERS)
+    """Bytes lrq holds in the data dir: the queue folders (a file's links counted once)
+    and its log files."""
+    seen: set[int] = set()
+    return (sum(tree_bytes(data_dir / q / f, seen) for q in queues for f in QUEUE_FOLDERS)
             + log_bytes(log_file))
 
 

@@ -46,7 +46,10 @@ A commit sends the ledger row's insert and the results' insert, nothing else on 
 path: no ``SELECT`` of the ledger first (a replay fails on the ledger's key and is read as
 one, as a concurrent writer of the same batch always was). On SQLite the generic table's
 rows go in as multi-row ``INSERT ... VALUES`` of at most :data:`SQLITE_ROWS` rows, which
-cost 0.6x the CPU of executemany (``bench/sink_cost.py``).
+cost 0.6x the CPU of executemany (``bench/sink_cost.py``), and when the batch has no dead
+letters the whole transaction is sent on the pooled driver connection, without
+SQLAlchemy's transaction and execution context (0.8x the CPU of a commit at batch 100; its
+errors wrapped as SQLAlchemy's, so they are read the same way: :meth:`Sink._store_sqlite`).
 
 Not covered: a value too long for lrq's own ``key`` column (255 characters) is refused in
 the dead-letter table too, so that batch fails as a refused statement.
@@ -223,6 +226,9 @@ class Sink:
             #: SQLite: the statement's (head, row, tail), to send many rows in one statement.
             self._values_sql = (_values_form(compiled.string)
                                 if engine.dialect.name == "sqlite" else None)
+            #: The driver's error root, to wrap its errors as SQLAlchemy does (SQLite's
+            #: happy path, :meth:`_store_sqlite`, runs on the driver's connection).
+            self._driver_error: type[Exception] = engine.dialect.loaded_dbapi.Error
             if compiled.positional and list(compiled.positiontup or ()) != list(GENERIC_FIELDS):
                 raise SinkError(f"unexpected parameter order {compiled.positiontup} for "
                                 f"{self.table.name} on {engine.dialect.name}")
@@ -300,13 +306,17 @@ class Sink:
                    if replace_dead else None)
         try:
             try:
-                with self.engine.begin() as conn:
-                    self._open_batch(conn, batch, items, n, len(dead_rows), attempt,
-                                     replace, checked=False)
-                    self._insert_rows(conn, rows, bulk, range(n))
-                    if dead_rows:
-                        conn.execute(self._insert_dead, dead_rows)
-                    failpoints.hit("during-txn")
+                if bulk is not None and self._values_sql is not None and not dead_rows \
+                        and replace is None:
+                    self._store_sqlite(batch, items, attempt, bulk)
+                else:
+                    with self.engine.begin() as conn:
+                        self._open_batch(conn, batch, items, n, len(dead_rows), attempt,
+                                         replace, checked=False)
+                        self._insert_rows(conn, rows, bulk, range(n))
+                        if dead_rows:
+                            conn.execute(self._insert_dead, dead_rows)
+                        failpoints.hit("during-txn")
             except _REFUSED as e:
                 kind = fault(e)
                 if kind is Fault.UNREACHABLE:
@@ -327,6 +337,48 @@ class Sink:
                     f"server's max_allowed_packet? killed by a server limit?): {e.orig}") from e
             raise self._error(what, e) from e
         return Stored(recorded=True, results=n, dead=len(dead_rows))
+
+    def _store_sqlite(self, batch: str, items: int, attempt: int, bulk: list[Any]) -> None:
+        """The happy path of :meth:`store` on SQLite's generic table (no dead letters, none
+        replaced): the transaction :meth:`store` makes through SQLAlchemy (``BEGIN
+        IMMEDIATE``, the ledger row, the multi-row inserts, ``COMMIT``), sent on the pooled
+        driver connection itself. SQLAlchemy's transaction, pool checkout and execution
+        context cost ~80 µs of a 400 µs commit at batch 100 (bench/README.md, "Worker CPU
+        per batch, second pass"). The connection is the engine's (its pragmas set on
+        connect, see :mod:`lrq.db`) and goes back to its pool; a driver error is raised as SQLAlchemy
+        would wrap it (``IntegrityError``, ``OperationalError``, ...), so :meth:`store`
+        reads it as on the other path: a replay, refused rows to isolate (done through
+        SQLAlchemy), or an unreachable database."""
+        head, row, tail = self._values_sql or ("", "", "")
+        sql: str | None = None  # connecting
+        params: tuple[Any, ...] | None = None
+        try:
+            raw = self.engine.raw_connection()
+            try:
+                db: Any = raw.driver_connection
+                sql = "BEGIN IMMEDIATE"
+                db.execute(sql)
+                try:
+                    sql, params = self._ledger_sql, (self.queue.name, batch, items, len(bulk), 0,
+                                                     attempt)
+                    db.execute(sql, params)
+                    for at in range(0, len(bulk), SQLITE_ROWS):
+                        chunk = bulk[at:at + SQLITE_ROWS]
+                        sql = f"{head}{', '.join([row] * len(chunk))}{tail}"
+                        params = tuple(chain.from_iterable(chunk))
+                        db.execute(sql, params)
+                    failpoints.hit("during-txn")
+                    sql, params = "COMMIT", None
+                    db.execute(sql)
+                except BaseException:
+                    if db.in_transaction:
+                        db.rollback()
+                    raise
+            finally:
+                raw.close()
+        except self._driver_error as e:
+            raise DBAPIError.instance(sql, params, e, self._driver_error,
+                                      dialect=self.engine.dialect) from e
 
     def _answers(self) -> bool:
         """Does the database answer a ``SELECT 1`` on a new connection (bounded by the

@@ -299,11 +299,12 @@ class Worker:
         sink stores them (strings). Items sharing a key would collapse into one result row
         (the insert ignores a second row with the same key), so the batch fails instead."""
         key = self.queue.key
-        keyless = sum(1 for it in items if key not in it)
-        if keyless:
+        try:
+            keys = {str(it[key]) for it in items}  # one pass when every item has its key
+        except KeyError:
+            keyless = sum(1 for it in items if key not in it)
             return (f"{keyless} of {len(items)} items have no {key!r} field (the queue's key); "
                     "fix `key` or the source columns")
-        keys = {str(it[key]) for it in items}
         if len(keys) < len(items):
             return (f"{len(items) - len(keys)} of {len(items)} items repeat another item's "
                     f"{key!r} ({len(keys)} distinct); key must be unique per item: set `key` to "

@@ -85,3 +85,37 @@ def lrq(*args: str, cwd: Path | None = None, timeout: float = 120, env: dict[str
     if check and p.returncode != 0:
         raise AssertionError(f"lrq {' '.join(args)} exited {p.returncode}:\n{p.stderr}")
     return p
+
+
+@contextlib.contextmanager
+def statements_sent(engine: Any) -> Iterator[list[str]]:
+    """Every statement ``engine``'s connections send while the block runs, ``BEGIN``,
+    ``COMMIT`` and the like included. On SQLite, through the driver's trace callback (with
+    the parameters filled in): lrq's happy-path commit runs on the driver's connection, past
+    SQLAlchemy's events (:meth:`lrq.sink.Sink._store_sqlite`); the pool is emptied first so
+    every connection used in the block carries the callback. Elsewhere, SQLAlchemy's
+    ``before_cursor_execute``."""
+    from sqlalchemy import event
+
+    sent: list[str] = []
+    if engine.dialect.name == "sqlite":
+        def trace(dbapi_conn: Any, _record: Any) -> None:
+            dbapi_conn.set_trace_callback(sent.append)
+
+        engine.dispose()
+        event.listen(engine, "connect", trace)
+        try:
+            yield sent
+        finally:
+            event.remove(engine, "connect", trace)
+            engine.dispose()
+        return
+
+    def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        sent.append(statement)
+
+    event.listen(engine, "before_cursor_execute", before)
+    try:
+        yield sent
+    finally:
+        event.remove(engine, "before_cursor_execute", before)

@@ -56,9 +56,10 @@ process writes its owner file once (:mod:`lrq.spool.owners`) and claims a batch 
 ``link(owner file, right/<name>)``; a claim is ours while ``lstat(right/<name>)`` is the owner
 file's inode (:meth:`Spool.owns`: a stat, no read). The attempt number is not on disk with the
 claim: the claimer derives it from ``right/<name>.attempt`` (attempts so far + 1), and so does
-the reaper for a stale claim. ``claim`` refuses a done batch: it looks for ``.done`` before
-linking and again after, since a claim renamed to ``.done`` just before our link frees
-``right/<name>`` for it (the marker exists from that instant, so the second look sees it);
+the reaper for a stale claim. ``claim`` refuses a done batch: it looks for ``.done`` after
+linking, since a claim renamed to ``.done`` just before our link frees ``right/<name>`` for
+it (the marker exists from that instant, so the look sees it; a look before the link too
+would only spare a link for a batch marked that way, at a stat on every claim);
 the batch file in ``left/`` is looked at after the link as well: a stale listing may name a
 batch another worker has since moved to ``done/`` and unlinked the claim of (the link then
 succeeds, and this look fails), or one cleanup removed. Either way
@@ -181,6 +182,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -243,6 +245,8 @@ class Spool(Reaping):
         self._candidates: list[str] = []
         self._latest: dict[str, Claim] = {}
         self._none_pending_at: tuple[int, int] | None = None
+        self._owner = None
+        self._owner_lock = threading.Lock()
         #: Entries lrq did not write, seen by this process: path -> what it is.
         self._foreign: dict[str, str] = {}
 

@@ -17,6 +17,8 @@ import os
 import random
 import signal
 import socket
+import threading
+import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from lrq.errors import ForeignEntry, LrqError
 from lrq.spool.batches import Batches
 from lrq.spool.files import ATTEMPT, DONE, ERROR, SUFFIX, fsync_dir, read_regular, write_atomic
 from lrq.spool.listing import State
-from lrq.spool.owners import OWNERS, READ_TRIES, RECORD, Owner, OwnerId, name_fields, owner_of, parse_record
+from lrq.spool.owners import OWNERS, READ_TRIES, RECORD, Owner, OwnerId, name_fields, parse_record
 
 log = logging.getLogger(__name__)
 
@@ -132,13 +134,29 @@ class Claims(Batches):
     #: This process's newest claim of each batch it claimed lately (at most ``LATEST_KEPT``).
     _latest: dict[str, Claim]
     rng: random.Random
+    #: This process's owner file for the queue (:meth:`owner`), None until the first claim.
+    _owner: Owner | None
+    _owner_lock: threading.Lock
     #: Links an owner file may have before this process starts a new one; None leaves it
     #: to the filesystem (``EMLINK``). Tests set a small cap instead of making 65,000 links.
     link_cap: int | None = None
 
     def owner(self) -> Owner:
-        """This process's owner file for the queue (made on first use)."""
-        return owner_of(self.root, process_start())
+        """This process's owner file for the queue, made (and ``owners/`` with it) on first
+        use and held by this spool. A forked child inheriting the spool sees another pid
+        and makes its own: claiming with its parent's would make its claims look like the
+        parent's to the reaper. The owner's files are removed at exit (or when the spool is
+        collected) if nothing links to them any more (:meth:`Owner.close`)."""
+        owner = self._owner
+        if owner is None or owner.pid != os.getpid():
+            with self._owner_lock:
+                owner = self._owner
+                if owner is None or owner.pid != os.getpid():
+                    folder = self.root / OWNERS
+                    folder.mkdir(mode=0o700, exist_ok=True)
+                    owner = self._owner = Owner(folder, process_start())
+                    weakref.finalize(self, owner.close)
+        return owner
 
     def claim(self, name: str) -> Claim | None:
         """Claim ``name``: link this process's owner file to ``right/<name>``; None when the
@@ -146,18 +164,21 @@ class Claims(Batches):
 
         ``link(2)`` is an exclusive, atomic create of an entry for an inode that exists, so
         there is one winner and the claim is never half-written, and no inode is created.
-        A done batch has ``right/<name>.done`` and no ``right/<name>`` (the marker is the
-        claim renamed), so ``.done`` is checked before linking and again after: the claim
-        it was renamed from existed until the rename, so our link can only have succeeded
-        after it, when ``.done`` already existed, and the second look sees it. The batch file
+        A batch marked done the previous versions' way has ``right/<name>.done`` and no
+        ``right/<name>`` (the marker is the claim renamed), so ``.done`` is looked for after
+        linking: the claim it was renamed from existed until the rename, so our link can only
+        have succeeded after it, when ``.done`` already existed, and the look sees it. The batch file
         is looked at after the link too, as cleanup may have removed it since our listing.
         Either way the link is undone (only if it is still ours) and the answer is None.
         """
         # Strings, not Paths: pathlib's joins cost more than the system calls here.
         right = f"{self.right}/{name}"
         done = f"{right}{DONE}"
-        if os.path.lexists(right) or os.path.lexists(done):
-            return None  # claimed or done: a stat spares a link for nothing
+        if os.path.lexists(right):
+            return None  # claimed: a stat spares a link for nothing
+        # A done batch is told by the look after the link (``.done`` is the previous
+        # versions' marker and this version's rare fallback: a look before would cost every
+        # claim a stat for it).
         owner = self.owner()
         # The link shares the owner file's mtime, which is the claim's heartbeat: a process
         # idle past the lease would show its new claim stale until the record's write below.

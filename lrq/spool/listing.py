@@ -17,6 +17,7 @@ from pathlib import Path
 
 from lrq.errors import LrqError
 from lrq.spool.files import ATTEMPT, DONE, ERROR, SUFFIX, _entries_from, is_regular, kind
+from lrq.spool.owners import OWNERS
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ class Counts:
     done: int
     failed: int
     quarantined: int
-    #: Every file in the queue's folders.
+    #: Every file in the queue's folders (owner files included; a file's links count once).
     bytes: int
     #: Bytes of batch files by state (markers and tmp/ are small and counted in ``bytes``).
     pending_bytes: int = 0
@@ -195,11 +196,16 @@ class Listing:
 
     def counts(self) -> Counts:
         sizes: dict[Path, dict[str, int]] = {}
-        for folder in (self.left, self.right, self.done, self.failed, self.quarantine, self.tmp):
+        #: Inodes counted: a claim is a hard link to its owner file, which counts once.
+        seen: set[int] = set()
+        for folder in (self.root / OWNERS, self.left, self.right, self.done, self.failed,
+                       self.quarantine, self.tmp):
             found = sizes[folder] = {}
             for e in self.files(folder):
                 with contextlib.suppress(FileNotFoundError):
-                    found[e.name] = e.stat(follow_symlinks=False).st_size
+                    size = e.stat(follow_symlinks=False).st_size
+                    found[e.name] = 0 if e.inode() in seen else size
+                    seen.add(e.inode())
         right = sizes[self.right]
         moved = {n[: -len(SUFFIX)] for n in sizes[self.done] if n.endswith(SUFFIX)}
         done = {n[: -len(DONE)] for n in right if n.endswith(DONE)} | moved

@@ -18,7 +18,6 @@ a new one (:meth:`rotate`).
 """
 from __future__ import annotations
 
-import atexit
 import contextlib
 import json
 import logging
@@ -30,6 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from lrq.spool.files import FILE_MODE
 
@@ -55,7 +56,8 @@ class OwnerId:
 
 
 class Owner:
-    """This process's owner file for one queue (:func:`owner_of`); thread-safe."""
+    """This process's owner file for one queue, made and held by its
+    :class:`~lrq.spool.Spool` (:meth:`~lrq.spool.claims.Claims.owner`); thread-safe."""
 
     def __init__(self, folder: Path, start: int) -> None:
         self.folder = folder
@@ -96,9 +98,10 @@ class Owner:
     def _record(self) -> bytes:
         handling = self._handling
         while True:
-            raw = json.dumps({"host": self.host, "pid": self.pid, "start": self.start,
-                              "token": self.token, "since": time.time(),
-                              "handling": handling}).encode()
+            # orjson: 0.25 µs against json's 3 µs, and a record is written twice a batch.
+            raw = orjson.dumps({"host": self.host, "pid": self.pid, "start": self.start,
+                                "token": self.token, "since": time.time(),
+                                "handling": handling})
             if len(raw) <= RECORD or not handling:  # only with names far longer than lrq's
                 break
             handling = handling[1:]
@@ -130,7 +133,11 @@ class Owner:
         return {i for _p, _fd, i in self.files}
 
     def close(self) -> None:
-        """At exit: remove owner files no claim or done marker links to any more."""
+        """At exit (or when its spool is collected): remove owner files no claim or done
+        marker links to any more. Only in the process that made them: a forked child that
+        inherited the object leaves its parent's files alone."""
+        if os.getpid() != self.pid:
+            return
         for path, fd, oid in self.files:
             with contextlib.suppress(OSError):
                 st = os.lstat(path)
@@ -138,38 +145,7 @@ class Owner:
                     os.unlink(path)
             with contextlib.suppress(OSError):
                 os.close(fd)
-
-
-_OWNERS: dict[tuple[str, int], Owner] = {}
-_LOCK = threading.Lock()
-#: Pids whose exit handler is registered (a forked child registers its own).
-_REGISTERED: set[int] = set()
-
-
-def owner_of(root: Path, start: int) -> Owner:
-    """This process's owner for the queue at ``root``, made (and ``owners/`` with it) on
-    first use; keyed on the pid, so a forked child makes its own."""
-    key = (str(root), os.getpid())
-    owner = _OWNERS.get(key)
-    if owner is None:
-        with _LOCK:
-            owner = _OWNERS.get(key)
-            if owner is None:
-                folder = root / OWNERS
-                folder.mkdir(mode=0o700, exist_ok=True)
-                if os.getpid() not in _REGISTERED:
-                    _REGISTERED.add(os.getpid())
-                    atexit.register(_close_all, os.getpid())
-                owner = _OWNERS[key] = Owner(folder, start)
-    return owner
-
-
-def _close_all(pid: int) -> None:
-    if os.getpid() != pid:
-        return
-    for (_root, p), owner in list(_OWNERS.items()):
-        if p == pid:
-            owner.close()
+        self.files.clear()  # closed once: a descriptor number may be reused afterwards
 
 
 def parse_record(raw: bytes) -> dict[str, Any] | None:

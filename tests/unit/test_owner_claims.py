@@ -73,6 +73,16 @@ def test_a_batch_done_between_the_check_and_the_link_is_not_claimed(spool: Spool
     assert not os.path.lexists(spool.right / name) and spool.state(name) is State.DONE
 
 
+def test_a_batch_marked_done_the_previous_way_is_not_claimed(spool: Spool) -> None:
+    """A ``.done`` marker alone (a claim renamed, as earlier versions marked done): no look
+    before the link any more, the look after it refuses the batch and removes the link."""
+    name = spool.publish([{"k": 1}])
+    (spool.right / f"{name}.done").write_text("")
+    assert spool.claim(name) is None and spool.pick() is None
+    assert sorted(os.listdir(spool.right)) == [f"{name}.done"]
+    assert spool.state(name) is State.DONE
+
+
 def test_one_touch_refreshes_the_lease_of_every_claim(spool: Spool) -> None:
     names = [spool.publish([{"k": i}]) for i in range(3)]
     claims = [spool.claim(n) for n in names]
@@ -240,3 +250,67 @@ def test_a_claim_after_an_idle_spell_is_fresh_from_its_link(tmp_path: Path,
     monkeypatch.setattr(owners.Owner, "handling", spy)
     assert sp.claim(b) is not None
     assert seen["stale"] == []
+
+
+def test_a_forked_child_claims_with_its_own_owner_file(spool: Spool) -> None:
+    """The owner lives on the spool, not in a module registry: a child forked after the
+    parent claimed makes its own owner file (its pid in the record, so the reaper tells
+    its claims from the parent's), and leaves the parent's file alone when it exits."""
+    a, b = spool.publish([{"k": 1}]), spool.publish([{"k": 2}])
+    ca = spool.claim(a)
+    assert ca is not None
+    parent = spool.owner()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        ok = 0
+        try:
+            cb = spool.claim(b)
+            ok = int(cb is not None and cb.pid == os.getpid() and spool.owner() is not parent
+                     and inode(spool.right / b) != inode(parent.path))
+            spool.owner().close()
+            parent.close()  # the parent's: a no-op in the child
+        finally:
+            os.write(w, bytes([ok]))
+            os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"\x01"
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert spool.owner() is parent and spool.owns(ca) and parent.path.exists()
+    child_claim = spool.read_claim(b)
+    assert child_claim is not None and child_claim.pid == pid
+    assert len(owner_files(spool)) == 2  # the child's is still linked by its claim
+
+
+def test_each_spool_holds_its_own_owner_and_removes_it_when_collected(tmp_path: Path) -> None:
+    """No module-global registry: a spool's owner file is its own and goes with it (when
+    nothing links to it any more) instead of living until the interpreter exits."""
+    import gc
+
+    a, b = Spool(tmp_path, "q").ensure(), Spool(tmp_path, "q")
+    name = a.publish([{"k": 1}])
+    a.release(a.claim(name))
+    assert a.owner() is not b.owner() and len(owner_files(a)) == 2
+    del b
+    gc.collect()
+    assert owner_files(a) == [a.owner().path]
+
+
+def test_owner_files_count_once_in_the_byte_totals(spool: Spool) -> None:
+    """``lrq status`` and the byte budget count the owner files, and a claim (a hard link to
+    one) does not count its owner's bytes again: two claims and a released one hold one
+    owner file of RECORD bytes, not two or none."""
+    from lrq.disk import usage
+
+    names = [spool.publish([{"k": i}]) for i in range(3)]
+    batches = sum(os.stat(spool.left / f"{n}.pkl").st_size for n in names)
+    claims = [spool.claim(n) for n in names]
+    spool.release(claims[2])
+    assert len(owner_files(spool)) == 1 and len(list(spool.right.iterdir())) == 2
+    assert spool.counts().bytes == batches + RECORD
+    assert usage(spool.root.parent, ["q"], None) == batches + RECORD
+    for c in claims[:2]:
+        spool.release(c)
+    assert spool.counts().bytes == batches + RECORD  # no claim: the owner file still counts
+    assert usage(spool.root.parent, ["q"], None) == batches + RECORD

@@ -292,3 +292,33 @@ def test_overrun_is_reported_only_while_a_call_runs_past_its_deadline() -> None:
     assert seen[:2] == [None, None] and "past handler_timeout (30s)" in (seen[2] or "")
     assert p.overrun() is None and p.deadline is None
     assert overrun_after(300) == 330 and overrun_after(1) == 6
+
+
+def test_each_call_of_a_batch_is_cut_by_its_own_alarm_and_the_handler_is_restored() -> None:
+    """The SIGALRM handler is installed once for a batch, each call arming the timer: a hung
+    call is cut at handler_timeout, calls before and after it run under the same handler
+    (each with a fresh timer), and after the batch the previous handler is back and the timer
+    is off."""
+    import signal
+    import time as clock
+
+    def hang(it: dict[str, Any]) -> None:
+        if it["doc_id"] == "d2":
+            clock.sleep(60)  # the hang being cut, not synchronisation
+
+    def mine(_sig: int, _frame: Any) -> None:
+        raise AssertionError("the previous handler ran")
+
+    previous = signal.signal(signal.SIGALRM, mine)
+    try:
+        fake = Fake(hang)
+        p = policy(fake, chunk_size=1, retries=0, handler_timeout=0.2)
+        t0 = clock.monotonic()
+        results, dead = p.run(items(5))
+        assert [r["doc_id"] for r in results] == ["d0", "d1", "d3", "d4"]
+        assert [(it["doc_id"], "handler_timeout" in error) for it, error in dead] == [("d2", True)]
+        assert clock.monotonic() - t0 < 30
+        assert signal.getsignal(signal.SIGALRM) is mine
+        assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+    finally:
+        signal.signal(signal.SIGALRM, previous)
