@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +152,8 @@ def test_names_sort_by_creation_order(tmp_path: Path) -> None:
     same_clock = [frozen.new_name() for _ in range(1000)]
     assert same_clock == sorted(same_clock)
     assert same_clock[0].startswith("20270115T080000000000-")
+    # The random part keeps shortuuid's look: 12 characters of its alphabet.
+    assert all(re.fullmatch(r"\d{8}T\d{12}-[2-9A-HJ-NP-Za-km-z]{12}", n) for n in names)
 
 
 def test_release_only_by_the_owner(spool: Spool) -> None:
