@@ -253,3 +253,31 @@ def test_has_pending_skips_the_listing_only_for_quiet_unchanged_folders(spool: S
     assert spool.has_pending() and len(listings) == 4
     spool.claim(name)
     assert not spool.has_pending()
+
+
+def test_zstd_objects_are_reused_within_a_thread_and_never_shared() -> None:
+    """zstandard's (de)compressors are not thread-safe: each thread keeps its own pair."""
+    import threading
+
+    from lrq.spool import batchfile
+
+    data = b"".join(b"item %d " % i for i in range(20_000))
+    pairs, errors = [], []
+
+    def work() -> None:
+        try:
+            for _ in range(50):
+                packed = batchfile.compress(2, data)
+                assert bytes(batchfile.decompress(2, memoryview(packed))) == data
+            pairs.append(batchfile._zstd_pair())
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(pairs) == 4
+    assert len({id(p[0]) for p in pairs}) == 4  # one compressor per thread
+    assert batchfile._zstd_pair() is batchfile._zstd_pair()  # reused within a thread
