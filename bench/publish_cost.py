@@ -8,12 +8,13 @@ deletions is slower, see this folder's README), and so on until ``--batches`` ar
 Only the ticks are timed: wall (``perf_counter``) and CPU (``getrusage(RUSAGE_SELF)``, every
 thread of this process). Nothing else runs in the process meanwhile.
 
-Old vs new: run it once per checkout, alternating, each with its own code on ``PYTHONPATH``::
+Old vs new: ``--compare /work/main`` runs each repeat twice, as child processes alternating
+between that checkout's ``lrq`` and this one's (``PYTHONPATH``), and prints the medians and
+their ratio (new / old), so both see the same machine load::
 
-    PYTHONPATH=/work/main .venv/bin/python bench/publish_cost.py --batch 100 --repeat 3
-    PYTHONPATH=. .venv/bin/python bench/publish_cost.py --batch 100 --repeat 3
+    .venv/bin/python bench/publish_cost.py --batch 100 --repeat 5 --compare /work/main
 
-The first line of the output names the ``lrq`` package that ran.
+Without it, one run with whatever ``lrq`` imports (the first line of the output names it).
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ import os
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -83,11 +85,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, default=300, help="batches per run (default 300)")
     p.add_argument("--repeat", type=int, default=3, help="runs per batch size (default 3)")
     p.add_argument("--tmp", help="folder for the run folders (default: system tmp)")
+    p.add_argument("--compare", metavar="CHECKOUT",
+                   help="alternate runs with CHECKOUT's lrq (old) and this checkout's (new)")
     return p.parse_args(argv)
+
+
+def compare(args: argparse.Namespace) -> int:
+    """Alternate child runs of old (``--compare``) and new (this checkout) code; ratios."""
+    here = Path(__file__).resolve().parent.parent
+    checkouts = {"old": Path(args.compare).resolve(), "new": here}
+    print(f"old: {checkouts['old']}  new: {checkouts['new']}")
+    print(f"{'B':>5} {'run':>4} {'old wall':>9} {'new wall':>9} {'old cpu':>8} {'new cpu':>8}   (us/batch)")
+    for b in args.batch:
+        got: dict[str, list[tuple[float, float]]] = {"old": [], "new": []}
+        for i in range(args.repeat):
+            for which in (("old", "new") if i % 2 == 0 else ("new", "old")):
+                cmd = [sys.executable, __file__, "--batch", str(b), "--batches", str(args.batches),
+                       "--repeat", "1", *(["--tmp", args.tmp] if args.tmp else [])]
+                env = {**os.environ, "PYTHONPATH": str(checkouts[which])}
+                out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True,
+                                     timeout=600).stdout
+                wall, cpu = out.splitlines()[-1].split()[-2:]
+                got[which].append((float(wall), float(cpu)))
+            (ow, oc), (nw, nc) = got["old"][-1], got["new"][-1]
+            print(f"{b:>5} {i + 1:>4} {ow:>9.0f} {nw:>9.0f} {oc:>8.0f} {nc:>8.0f}")
+        med = {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v))
+               for k, v in got.items()}
+        print(f"{b:>5} {'med':>4} {med['old'][0]:>9.0f} {med['new'][0]:>9.0f} {med['old'][1]:>8.0f} "
+              f"{med['new'][1]:>8.0f}   new/old: wall {med['new'][0] / med['old'][0]:.2f}, "
+              f"cpu {med['new'][1] / med['old'][1]:.2f}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        return compare(args)
     import lrq
 
     logging.basicConfig(level=logging.WARNING)

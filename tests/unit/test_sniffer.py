@@ -81,7 +81,7 @@ def test_watermark_advances_only_after_the_batch_is_durable(tmp_path: Path, monk
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sn.spool, "publish", disk_full)
+    monkeypatch.setattr(sn.spool, "write_batch", disk_full)  # on the writer thread
     assert sn.tick(max_batches=1) == 0 and sn.paused == "disk-full"
     assert sn.spool.read_position() == 100  # nothing acknowledged
     monkeypatch.undo()
@@ -103,25 +103,28 @@ def test_the_watermark_is_saved_per_interval_and_at_the_end_of_a_tick(tmp_path: 
     monkeypatch.setattr(sn.spool, "write_position", lambda p: (saves.append(p), write(p)))
     assert sn.tick(max_batches=4) == 4  # a frozen clock: one save, at the end
     assert saves == [400] and sn.spool.read_position() == 400
-    ticks = iter(range(0, 1000))  # every clock read is a second later: a save per batch
+    ticks = iter(range(0, 1000))  # every clock read is a second later: a save per batch ...
     sn.clock = lambda: float(next(ticks))
     assert sn.tick(max_seconds=10_000) == 6
-    assert saves == [400, 500, 600, 700, 800, 900, 1000]
+    # ... renamed into left/ by then: the writer may be a batch or two behind the fetches, and
+    # a third hand-over waits for the first, so some save comes before the end of the tick.
+    assert saves[0] == 400 and saves[-1] == 1000 and len(saves) >= 3
+    assert saves == sorted(set(saves)) and all(p % 100 == 0 for p in saves)
 
 
 def test_an_error_mid_tick_saves_the_watermark_of_the_batches_already_durable(
         tmp_path: Path, monkeypatch) -> None:
     src = sql_source(tmp_path, 500)
     sn = make_sniffer(tmp_path, src)
-    publish, calls = sn.spool.publish, []
+    write, calls = sn.spool.write_batch, []
 
-    def fail_fourth(items, position, **kw):
-        calls.append(position)
+    def fail_fourth(name, data, **kw):
+        calls.append(name)
         if len(calls) == 4:
             raise KeyboardInterrupt("killed while writing the fourth batch")
-        return publish(items, position, **kw)
+        return write(name, data, **kw)
 
-    monkeypatch.setattr(sn.spool, "publish", fail_fourth)
+    monkeypatch.setattr(sn.spool, "write_batch", fail_fourth)  # on the writer thread
     with pytest.raises(KeyboardInterrupt):
         sn.tick()
     monkeypatch.undo()
