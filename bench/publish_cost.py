@@ -2,9 +2,11 @@
 
 W1 (bench/run.py's source and config: lrq's defaults plus ``batch_size = B``) with lrq's real
 objects in this process: ``Sniffer.tick`` as ``lrq sniff`` runs it (no ``stop``: it returns
-when ``max_pending`` pauses it), then the published batches are deleted, as workers and
-cleanup would remove them (deletions are part of the cost: on ext4 a new inode right after
-deletions is slower, see this folder's README), and so on until ``--batches`` are published.
+when ``max_pending`` pauses it), then the published batches leave ``left/`` as workers move
+them: renamed into ``done/`` (the default: done batches are kept ``keep_done``, 7 days), or
+with ``--delete`` unlinked, as cleanup does once the data dir is at ``cleanup.max_bytes``
+(on journal-less ext4 a new inode right after deletions costs more CPU, see this folder's
+README), and so on until ``--batches`` are published.
 Only the ticks are timed: wall (``perf_counter``) and CPU (``getrusage(RUSAGE_SELF)``, every
 thread of this process). Nothing else runs in the process meanwhile.
 
@@ -51,7 +53,7 @@ def folder(source: Path, batch: int, tmp: str | None) -> Iterator[Path]:
             os.chdir(old)
 
 
-def one_run(batch: int, batches: int, tmp: str | None) -> tuple[float, float, int]:
+def one_run(batch: int, batches: int, tmp: str | None, delete: bool) -> tuple[float, float, int]:
     """(wall s, CPU s, batches published) of the ticks publishing ``batches`` batches."""
     from lrq import config
     from lrq.app import App
@@ -73,8 +75,11 @@ def one_run(batch: int, batches: int, tmp: str | None) -> tuple[float, float, in
                 published += k
                 if k == 0 and sniffer.drained:
                     break
-                for entry in os.scandir(spool.left):  # consumed and cleaned up, untimed
-                    os.unlink(entry.path)
+                for entry in os.scandir(spool.left):  # consumed (and cleaned up), untimed
+                    if delete:
+                        os.unlink(entry.path)
+                    else:
+                        os.rename(entry.path, spool.done / entry.name)
         sniffer.source.close()
     return wall, cpu, published
 
@@ -84,10 +89,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=run.ints, default=[100], help="items per batch (default 100)")
     p.add_argument("--batches", type=int, default=300, help="batches per run (default 300)")
     p.add_argument("--repeat", type=int, default=3, help="runs per batch size (default 3)")
+    p.add_argument("--quick", action="store_true", help="100 batches, one run")
     p.add_argument("--tmp", help="folder for the run folders (default: system tmp)")
+    p.add_argument("--delete", action="store_true",
+                   help="unlink the published batches (retention at work) instead of moving them")
     p.add_argument("--compare", metavar="CHECKOUT",
                    help="alternate runs with CHECKOUT's lrq (old) and this checkout's (new)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.batches, args.repeat = 100, 1
+    return args
 
 
 def compare(args: argparse.Namespace) -> int:
@@ -101,7 +112,8 @@ def compare(args: argparse.Namespace) -> int:
         for i in range(args.repeat):
             for which in (("old", "new") if i % 2 == 0 else ("new", "old")):
                 cmd = [sys.executable, __file__, "--batch", str(b), "--batches", str(args.batches),
-                       "--repeat", "1", *(["--tmp", args.tmp] if args.tmp else [])]
+                       "--repeat", "1", *(["--tmp", args.tmp] if args.tmp else []),
+                       *(["--delete"] if args.delete else [])]
                 env = {**os.environ, "PYTHONPATH": str(checkouts[which])}
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True,
                                      timeout=600).stdout
@@ -129,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.batch:
         walls, cpus = [], []
         for i in range(args.repeat):
-            wall, cpu, n = one_run(b, args.batches, args.tmp)
+            wall, cpu, n = one_run(b, args.batches, args.tmp, args.delete)
             walls.append(wall * 1e6 / n)
             cpus.append(cpu * 1e6 / n)
             print(f"{b:>5} {i + 1:>4} {n:>8} {walls[-1]:>14.0f} {cpus[-1]:>13.0f}")

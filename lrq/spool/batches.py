@@ -20,6 +20,9 @@ from lrq.spool.files import (
     ERROR,
     FILE_MODE,
     SUFFIX,
+    TmpFile,
+    commit_tmp,
+    create_tmp,
     fsync_dir,
     read_regular,
     token,
@@ -177,7 +180,15 @@ class Batches(Listing):
         """Write an encoded batch to ``tmp/``, fsync it and rename it into ``left/``; with
         ``sync``, fsync ``left/`` too (else :meth:`sync_published` does, for a group). Any
         error leaves nothing behind and propagates."""
-        write_atomic(self.left / f"{name}{SUFFIX}", data, self.tmp, sync_dir=sync)
+        self.commit_batch(self.start_batch(name, data), sync=sync)
+
+    def start_batch(self, name: str, data: bytes) -> TmpFile:
+        """:meth:`write_batch`'s first half: the file written in ``tmp/``, open."""
+        return create_tmp(self.left / f"{name}{SUFFIX}", data, self.tmp)
+
+    def commit_batch(self, f: TmpFile, *, sync: bool = True) -> None:
+        """:meth:`write_batch`'s second half: fsync, close, rename into ``left/``."""
+        commit_tmp(f, sync_dir=sync)
         failpoints.hit("sniff-after-rename")
 
     def sync_published(self) -> None:

@@ -15,6 +15,7 @@ from lrq.sample import documents, source_table, write_documents
 from lrq.sniffer import Sniffer
 from lrq.sources.sql import SqlSource
 from lrq.spool import Spool
+from lrq.spool.files import abandon_tmp
 from lrq.testing import MemorySource
 from lrqtest import load_app, write_config
 
@@ -81,7 +82,7 @@ def test_watermark_advances_only_after_the_batch_is_durable(tmp_path: Path, monk
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sn.spool, "write_batch", disk_full)  # on the writer thread
+    monkeypatch.setattr(sn.spool, "start_batch", disk_full)  # on a writer thread
     assert sn.tick(max_batches=1) == 0 and sn.paused == "disk-full"
     assert sn.spool.read_position() == 100  # nothing acknowledged
     monkeypatch.undo()
@@ -116,15 +117,16 @@ def test_an_error_mid_tick_saves_the_watermark_of_the_batches_already_durable(
         tmp_path: Path, monkeypatch) -> None:
     src = sql_source(tmp_path, 500)
     sn = make_sniffer(tmp_path, src)
-    write, calls = sn.spool.write_batch, []
+    commit, calls = sn.spool.commit_batch, []
 
-    def fail_fourth(name, data, **kw):
-        calls.append(name)
+    def fail_fourth(f, **kw):
+        calls.append(f)
         if len(calls) == 4:
+            abandon_tmp(f)  # as commit_tmp does on any error
             raise KeyboardInterrupt("killed while writing the fourth batch")
-        return write(name, data, **kw)
+        return commit(f, **kw)
 
-    monkeypatch.setattr(sn.spool, "write_batch", fail_fourth)  # on the writer thread
+    monkeypatch.setattr(sn.spool, "commit_batch", fail_fourth)  # on a writer thread
     with pytest.raises(KeyboardInterrupt):
         sn.tick()
     monkeypatch.undo()
@@ -133,6 +135,7 @@ def test_an_error_mid_tick_saves_the_watermark_of_the_batches_already_durable(
     assert again.tick() == 2
     ids = [i["id"] for n in again.spool.pending() for i in again.spool.load(n).items]
     assert ids == list(range(1, 501))  # nothing twice, nothing skipped
+    assert not list(sn.spool.tmp.iterdir())  # the files created after the failed one: removed
 
 
 def test_crash_between_rename_and_watermark_republishes_the_same_items(tmp_path: Path, monkeypatch) -> None:
