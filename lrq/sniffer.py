@@ -49,6 +49,7 @@ at the pause as before.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import logging
 import os
@@ -133,13 +134,15 @@ class Sniffer:
             while max_batches is None or handed < max_batches:
                 if self.budget and used + 2 * self.last_bytes > TRIM_AT * self.budget.max_bytes:
                     used = self.budget.used()  # near the budget: decide on a fresh count
-                blocked = self._blocked(pending, pending_bytes, used)
+                blocked = self._blocked(pending, pending_bytes, used, writer.unwritten)
                 if blocked:  # what follows looks at left/ and may save: the writer first
                     written = writer.drain()
                     published += len(written)
                     position = self._took(written, watch, position)
                     if writer.error is not None:
                         break
+                    if blocked[0] != "max_pending":  # decide on the disk with nothing in flight
+                        blocked = self._blocked(pending, pending_bytes, used)
                 if blocked and blocked[0] == "max_pending" and stop is not None:
                     self._prune(watch)  # the count above misses the claims made since
                     pending, pending_bytes = len(watch), sum(watch.values())
@@ -229,7 +232,13 @@ class Sniffer:
         self._retry_at = self.clock() + self._full_backoff
         self._full_backoff = min(self._full_backoff * 2, MAX_BACKOFF)
 
-    def _blocked(self, pending: int, pending_bytes: int, used: int) -> tuple[str, str] | None:
+    def _blocked(self, pending: int, pending_bytes: int, used: int,
+                 unwritten: tuple[int, int] = (0, 0)) -> tuple[str, str] | None:
+        """Why the next batch may not be published now, or None. ``unwritten`` is the writer's
+        (batches, bytes) handed over and not yet renamed: the free space and inodes a fresh
+        look at the filesystem shows are reduced by them, so batches in flight cannot take
+        the disk below ``min_free`` (``pending``, ``pending_bytes`` and ``used`` count them
+        from the hand-over already)."""
         q, nxt = self.queue, self.last_bytes
         if pending >= q.max_pending:
             return "max_pending", f"{pending} batches pending (max_pending {q.max_pending})"
@@ -239,7 +248,12 @@ class Sniffer:
                                    f"(max_pending {q.max_pending_bytes} bytes)")
         if self.budget is None:
             return None
-        return self.budget.blocked(used, nxt, idle=lambda: not pending and self.spool.settled())
+        space = self.budget.space()
+        if unwritten[0]:
+            space = dataclasses.replace(space, free_bytes=space.free_bytes - unwritten[1],
+                                        free_inodes=space.free_inodes - unwritten[0])
+        return self.budget.blocked(used, nxt, space,
+                                   idle=lambda: not pending and self.spool.settled())
 
     def _low(self, pending: int, pending_bytes: int) -> bool:
         """Is the backlog at the low-water mark (half of ``max_pending``, batches or bytes)?"""

@@ -63,6 +63,7 @@ class Writer:
         self._made: deque[tuple[Any, str, int, Any]] = deque()  # created, to commit
         self._written: deque[Written] = deque()
         self._busy = 0  # batches a thread is creating or committing now
+        self._held = [0, 0]  # batches, bytes handed over and not yet renamed nor dropped
         self._stopping = False
         self._created_all = False  # the creating thread has ended
         self._threads: list[threading.Thread] = []
@@ -74,6 +75,13 @@ class Writer:
         """Batches handed over and not yet renamed (nor dropped after an error)."""
         with self._cond:
             return len(self._jobs) + len(self._made) + self._busy
+
+    @property
+    def unwritten(self) -> tuple[int, int]:
+        """(batches, bytes) handed over and not yet renamed nor dropped: not all of them
+        are on disk yet (the sniffer's free-space check counts them as if they were not)."""
+        with self._cond:
+            return self._held[0], self._held[1]
 
     def hand_over(self, name: str, data: bytes, position: Any) -> bool:
         """Queue a batch to be written after those before it; False (nothing queued) once a
@@ -87,6 +95,8 @@ class Writer:
             if self.error is not None:
                 return False
             self._jobs.append((name, data, position))
+            self._held[0] += 1
+            self._held[1] += len(data)
             self._cond.notify_all()
         if not self._threads:
             self._threads = [threading.Thread(target=run, name=f"lrq-batch-{what}", daemon=True)
@@ -130,10 +140,19 @@ class Writer:
         removing those files (caller holds the lock; a close and an unlink each)."""
         if self.error is None:
             self.error = error
+        for _, data, _ in self._jobs:
+            self._release(len(data))
         self._jobs.clear()
         while created_too and self._made:
-            self._abandon(self._made.popleft()[0])
+            handle, _, size, _ = self._made.popleft()
+            self._abandon(handle)
+            self._release(size)
         self._cond.notify_all()
+
+    def _release(self, size: int) -> None:
+        """A batch left the writer's hands: renamed, or dropped (caller holds the lock)."""
+        self._held[0] -= 1
+        self._held[1] -= size
 
     def _creating(self) -> None:
         try:
@@ -150,12 +169,14 @@ class Writer:
                     log.debug("batch-write-failed batch=%s error=%s", name, e)
                     with self._cond:
                         self._busy -= 1
+                        self._release(len(data))
                         self._fail(e, created_too=False)
                     continue
                 with self._cond:
                     self._busy -= 1
                     if self.error is not None:  # failed meanwhile: this one is dropped too
                         self._abandon(handle)
+                        self._release(len(data))
                     else:
                         self._made.append((handle, name, len(data), position))
                     self._cond.notify_all()
@@ -178,9 +199,11 @@ class Writer:
                 log.debug("batch-write-failed batch=%s error=%s", name, e)
                 with self._cond:
                     self._busy -= 1
+                    self._release(size)
                     self._fail(e)
                 continue
             with self._cond:
                 self._busy -= 1
+                self._release(size)
                 self._written.append(Written(name, size, position))
                 self._cond.notify_all()

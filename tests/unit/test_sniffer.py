@@ -223,3 +223,21 @@ def test_a_broken_source_is_a_source_error_on_the_raw_path(tmp_path: Path) -> No
         conn.exec_driver_sql("DROP TABLE source_data")
     with pytest.raises(SourceError, match="cannot read source table source_data"):
         src.fetch(None, 10)
+
+
+def test_batches_in_the_writers_hands_count_against_min_free(tmp_path: Path, monkeypatch) -> None:
+    """A batch handed to the writer threads may not be on disk yet, so a fresh look at the
+    filesystem does not show it: the free-space check takes it off the free bytes and inodes,
+    or batches in flight could take the disk below ``min_free``."""
+    from lrq.disk import Budget, Floor, Space
+
+    src = sql_source(tmp_path, 100)
+    sn = make_sniffer(tmp_path, src)
+    sn.budget = Budget(tmp_path / "data", ["docs"], None, 10**12, Floor.parse("1MB", "min_free"))
+    free = 1_000_000 + 3 * 300_000  # room for three 300 KB batches above the floor
+    monkeypatch.setattr(sn.budget, "space", lambda: Space(free, 10**9, 10**6, 10**7))
+    sn.last_bytes = 300_000
+    assert sn._blocked(0, 0, 0) is None
+    assert sn._blocked(2, 600_000, 0, (2, 600_000)) is None  # two in flight: one more fits
+    blocked = sn._blocked(3, 900_000, 0, (3, 900_000))  # three in flight: the next does not
+    assert blocked is not None and blocked[0] == "min_free"
