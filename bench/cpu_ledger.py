@@ -61,9 +61,8 @@ TARGETS = (
     T("sniffer.fetch", "lrq.sources.sql:SqlSource.fetch"),
     T("sniffer.encode", "lrq.spool:Spool.encode"),  # own CPU: name, pickle, compress, HMAC
     # tmp file, write, fsync, rename, fsync of left/ (inside write_position: position's), on
-    # the writer's two threads (their loops too: lrq.spool.writer)
-    T("sniffer.write", "lrq.spool.writer:Writer._creating"),
-    T("sniffer.write", "lrq.spool.writer:Writer._committing"),
+    # the writer thread (its loop too: lrq.spool.writer)
+    T("sniffer.write", "lrq.spool.writer:Writer._run"),
     T("sniffer.write", "lrq.spool.batches:write_atomic", PUBLISHING),
     T("sniffer.write", "lrq.spool.files:fsync_dir", PUBLISHING),
     T("sniffer.write", "os:fsync", PUBLISHING),

@@ -14,8 +14,8 @@ only after every batch up to it is durable; a crash (or power loss) before that 
 re-publishes the group, which the unique keys absorb.
 
 Writing overlaps fetching: a batch fetched and encoded is handed to a writer
-(:class:`lrq.spool.writer.Writer`, one per tick, at most three batches in hand) whose two
-threads write, fsync and rename it while the tick fetches and encodes the next; the tick counts a batch
+thread (:class:`lrq.spool.writer.Writer`, one per tick, at most two batches in hand) which
+writes, fsyncs and renames it while the tick fetches and encodes the next; the tick counts a batch
 as published (the backlog, ``on_publish``, the position it may save) once it is renamed,
 and a failed write (ENOSPC, EIO) ends the tick as it did when the write was inline: disk
 full pauses and backs off, any other error is raised, after the position of the batches
@@ -63,7 +63,6 @@ from lrq.config import QueueConfig
 from lrq.disk import TRIM_AT, Budget
 from lrq.sources import Source
 from lrq.spool import DONE, SUFFIX, Spool
-from lrq.spool.files import abandon_tmp
 from lrq.spool.writer import Writer, Written
 
 log = logging.getLogger(__name__)
@@ -124,8 +123,7 @@ class Sniffer:
         self.recounts += 1
         pending, pending_bytes = len(watch), sum(watch.values())
         used = self.budget.used() if self.budget else 0
-        writer = Writer(self.spool.start_batch, lambda f: self.spool.commit_batch(f, sync=False),
-                        abandon_tmp)
+        writer = Writer(lambda name, data: self.spool.write_batch(name, data, sync=False))
         handed = published = 0
         ahead = position  # the position of the last batch handed to the writer
         refilled = False  # paused on max_pending and refilled in this tick: still one pause

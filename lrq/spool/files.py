@@ -59,8 +59,8 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, sync_dir: bool = Tru
     Any error (including from fsync or close) removes the temporary file and propagates:
     the caller must then treat the write as not having happened. With ``sync_dir=False`` the
     file is visible but its name is not yet durable: the caller fsyncs ``path.parent`` once
-    for several files (group commit) before relying on any of them. The two halves,
-    :func:`create_tmp` and :func:`commit_tmp`, may run on two threads (the sniffer's writer).
+    for several files (group commit) before relying on any of them. Its two halves are
+    :func:`create_tmp` and :func:`commit_tmp`.
     """
     commit_tmp(create_tmp(path, data, tmp_dir), sync_dir=sync_dir)
 

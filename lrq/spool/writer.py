@@ -1,22 +1,25 @@
-"""The sniffer's batch writer: two threads that write encoded batch files into ``left/`` in
-the order they were handed over, while the sniffer fetches and encodes the next batch. One
-creates each ``tmp/`` file and writes it, the other fsyncs it and renames it into ``left/``.
+"""The sniffer's batch writer: one thread that writes encoded batch files into ``left/`` (a
+``tmp/`` file, its fsync, the rename) in the order they were handed over, while the sniffer
+fetches and encodes the next batch.
 
-Why: at 100 items a batch, creating the ``tmp/`` file (a new inode: kernel CPU, more of it on
-journal-less ext4 right after deletions) and its fsync (a wait on the disk) were over half of
-the sniffer's wall time, one after the other, before the next fetch. Here the three overlap
-(the system calls release the GIL): the sniffer's wall per batch is about the longest of
-fetch + encode, create + write, fsync + rename (bench/publish_cost.py).
+Why: at 100 items a batch, creating the ``tmp/`` file (a new inode: kernel time, more of it
+on journal-less ext4 right after deletions) and its fsync (a wait on the disk) were over half
+of the sniffer's wall time, before the next fetch could start. The system calls release the
+GIL, so with the writer they overlap the fetch and the encoding: the sniffer's wall per batch
+is about the longer of the two, not their sum (bench/publish_cost.py).
+
+One thread, not two: a variant with one thread creating and writing the tmp/ files and
+another fsyncing and renaming them (so a creation overlaps the previous fsync) cost 1.2x the
+CPU per batch and was slower than this one (bench/README.md, "Publish cost").
 
 What it keeps (DESIGN.md §2.1): each file is fsynced before its rename, the renames happen in
-hand-over order, and the caller moves the source position only to a batch
-:meth:`Writer.taken` returned (renamed) and after fsyncing ``left/``
-(:meth:`lrq.spool.Spool.sync_published`). Bounded: at most ``depth`` batches are handed over
-and not yet renamed (their bytes in memory, at most one open file each), and every wait for
-the threads is bounded by ``WAIT``. After a write fails (ENOSPC, EIO, ...) nothing later is
-renamed: the batches handed over after it are dropped (a file already created for one is
-removed; their items are fetched again from the saved position) and :attr:`Writer.error`
-holds the error, which the caller raises or handles as it handled a failed write before.
+hand-over order, and the caller moves the source position only to a batch :meth:`Writer.taken`
+returned (renamed) and after fsyncing ``left/`` (:meth:`lrq.spool.Spool.sync_published`).
+Bounded: at most ``depth`` batches are handed over and not yet renamed (the encoded bytes in
+memory), and every wait for the thread is bounded by ``WAIT``. After a write fails (ENOSPC,
+EIO, ...) nothing more is written: the batches handed over after it are dropped (their items
+are fetched again from the saved position) and :attr:`Writer.error` holds the error, which
+the caller raises or handles as it handled a failed write before.
 """
 from __future__ import annotations
 
@@ -29,8 +32,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-#: Batches handed over and not yet renamed: one being committed, one created, one waiting.
-DEPTH = 3
+#: Batches handed over and not yet renamed: one being written, one waiting. More would only
+#: hold more memory: the writer is the slower side at batch 100, the encoder at 1000.
+DEPTH = 2
 #: Seconds a caller waits for the writer at most (a hand-over with ``depth`` batches queued,
 #: the final :meth:`Writer.close`): a write stuck longer is a failed write.
 WAIT = 120.0
@@ -46,35 +50,30 @@ class Written:
 
 
 class Writer:
-    """Writes handed-over batches with ``create(name, data)`` then ``commit(handle)`` on two
-    threads, in order; ``abandon(handle)`` removes a created file that will not be committed.
+    """Writes handed-over batches with ``write(name, data)`` on its own thread, in order.
 
-    Used by one caller thread; the threads start with the first hand-over and end at
-    :meth:`close`."""
+    Used by one caller thread; the writing thread starts with the first hand-over and ends at
+    :meth:`close` (or after a failed write)."""
 
-    def __init__(self, create: Callable[[str, bytes], Any], commit: Callable[[Any], None],
-                 abandon: Callable[[Any], None], *, depth: int = DEPTH,
+    def __init__(self, write: Callable[[str, bytes], None], *, depth: int = DEPTH,
                  wait: float = WAIT) -> None:
-        self._create, self._commit, self._abandon = create, commit, abandon
+        self._write = write
         self.depth = depth
         self.wait = wait
         self._cond = threading.Condition()
-        self._jobs: deque[tuple[str, bytes, Any]] = deque()  # to create
-        self._made: deque[tuple[Any, str, int, Any]] = deque()  # created, to commit
+        self._jobs: deque[tuple[str, bytes, Any] | None] = deque()  # None: stop
         self._written: deque[Written] = deque()
-        self._busy = 0  # batches a thread is creating or committing now
+        self._busy = False
         self._held = [0, 0]  # batches, bytes handed over and not yet renamed nor dropped
-        self._stopping = False
-        self._created_all = False  # the creating thread has ended
-        self._threads: list[threading.Thread] = []
-        #: The first failed write's exception (then nothing later is written), or None.
+        self._thread: threading.Thread | None = None
+        #: The first failed write's exception (then nothing more is written), or None.
         self.error: BaseException | None = None
 
     @property
     def outstanding(self) -> int:
         """Batches handed over and not yet renamed (nor dropped after an error)."""
         with self._cond:
-            return len(self._jobs) + len(self._made) + self._busy
+            return len(self._jobs) + self._busy
 
     @property
     def unwritten(self) -> tuple[int, int]:
@@ -88,9 +87,9 @@ class Writer:
         write has failed. Waits while ``depth`` batches are outstanding, at most ``wait``
         seconds (then the writer counts as failed with a :class:`TimeoutError`)."""
         with self._cond:
-            full = lambda: len(self._jobs) + len(self._made) + self._busy >= self.depth  # noqa: E731
             if self.error is None and not self._cond.wait_for(
-                    lambda: self.error is not None or not full(), self.wait):
+                    lambda: self.error is not None or len(self._jobs) + self._busy < self.depth,
+                    self.wait):
                 self._fail(TimeoutError(f"writing a batch file took over {self.wait:.0f}s"))
             if self.error is not None:
                 return False
@@ -98,12 +97,9 @@ class Writer:
             self._held[0] += 1
             self._held[1] += len(data)
             self._cond.notify_all()
-        if not self._threads:
-            self._threads = [threading.Thread(target=run, name=f"lrq-batch-{what}", daemon=True)
-                             for what, run in (("create", self._creating),
-                                               ("commit", self._committing))]
-            for t in self._threads:
-                t.start()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="lrq-batch-writer", daemon=True)
+            self._thread.start()
         return True
 
     def taken(self) -> list[Written]:
@@ -117,36 +113,30 @@ class Writer:
         """Wait (at most ``wait`` seconds) until every batch handed over is renamed or dropped;
         then :meth:`taken`."""
         with self._cond:
-            if not self._cond.wait_for(
-                    lambda: not self._jobs and not self._made and not self._busy, self.wait):
+            if not self._cond.wait_for(lambda: not self._jobs and not self._busy, self.wait):
                 self._fail(TimeoutError(f"writing a batch file took over {self.wait:.0f}s"))
         return self.taken()
 
     def close(self) -> list[Written]:
-        """Write what was handed over (unless a write failed), stop the threads and return
-        the batches renamed since the last :meth:`taken`. Never raises a write's error: see
+        """Write what was handed over (unless a write failed), stop the thread and return the
+        batches renamed since the last :meth:`taken`. Never raises the write's error: see
         :attr:`error`."""
         written = self.drain()
         with self._cond:
-            self._stopping = True
+            self._jobs.append(None)
             self._cond.notify_all()
-        for t in self._threads:
-            t.join(self.wait)
-        return written + self.taken()
+        if self._thread is not None:
+            self._thread.join(self.wait)
+        return written
 
-    def _fail(self, error: BaseException, *, created_too: bool = True) -> None:
-        """Record the first error; drop what waits to be created and, unless the failure is a
-        creation (the files created before it come before it), what waits to be committed,
-        removing those files (caller holds the lock; a close and an unlink each)."""
+    def _fail(self, error: BaseException) -> None:
+        """Record the first error and drop what waits (caller holds the lock)."""
         if self.error is None:
             self.error = error
-        for _, data, _ in self._jobs:
-            self._release(len(data))
-        self._jobs.clear()
-        while created_too and self._made:
-            handle, _, size, _ = self._made.popleft()
-            self._abandon(handle)
-            self._release(size)
+        for job in self._jobs:
+            if job is not None:
+                self._release(len(job[1]))
+        self._jobs = deque(j for j in self._jobs if j is None)
         self._cond.notify_all()
 
     def _release(self, size: int) -> None:
@@ -154,56 +144,26 @@ class Writer:
         self._held[0] -= 1
         self._held[1] -= size
 
-    def _creating(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._jobs or self._stopping)
-                    if not self._jobs:
-                        return
-                    name, data, position = self._jobs.popleft()
-                    self._busy += 1
-                try:
-                    handle = self._create(name, data)
-                except BaseException as e:  # noqa: BLE001 (handed to the caller: see error)
-                    log.debug("batch-write-failed batch=%s error=%s", name, e)
-                    with self._cond:
-                        self._busy -= 1
-                        self._release(len(data))
-                        self._fail(e, created_too=False)
-                    continue
-                with self._cond:
-                    self._busy -= 1
-                    if self.error is not None:  # failed meanwhile: this one is dropped too
-                        self._abandon(handle)
-                        self._release(len(data))
-                    else:
-                        self._made.append((handle, name, len(data), position))
-                    self._cond.notify_all()
-        finally:
-            with self._cond:
-                self._created_all = True
-                self._cond.notify_all()
-
-    def _committing(self) -> None:
+    def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._made or self._created_all)
-                if not self._made:
+                self._cond.wait_for(lambda: bool(self._jobs))
+                job = self._jobs.popleft()
+                if job is None:
                     return
-                handle, name, size, position = self._made.popleft()
-                self._busy += 1
+                self._busy = True
+            name, data, position = job
             try:
-                self._commit(handle)
+                self._write(name, data)
             except BaseException as e:  # noqa: BLE001 (handed to the caller: see error)
                 log.debug("batch-write-failed batch=%s error=%s", name, e)
                 with self._cond:
-                    self._busy -= 1
-                    self._release(size)
+                    self._busy = False
+                    self._release(len(data))
                     self._fail(e)
-                continue
+                return
             with self._cond:
-                self._busy -= 1
-                self._release(size)
-                self._written.append(Written(name, size, position))
+                self._busy = False
+                self._release(len(data))
+                self._written.append(Written(name, len(data), position))
                 self._cond.notify_all()
