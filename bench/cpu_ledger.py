@@ -59,10 +59,8 @@ def T(step: str, where: str, within: tuple[str, ...] = ()) -> Target:  # noqa: N
 TARGETS = (
     # -- the sniffer (in the scheduler process; alone as `lrq sniff`) --
     T("sniffer.fetch", "lrq.sources.sql:SqlSource.fetch"),
-    T("sniffer.encode", "lrq.spool:Spool.encode"),  # own CPU: name, pickle, compress, HMAC
-    # tmp file, write, fsync, rename, fsync of left/ (inside write_position: position's), on
-    # the writer thread (its loop too: lrq.spool.writer)
-    T("sniffer.write", "lrq.spool.writer:Writer._run"),
+    T("sniffer.encode", "lrq.spool:Spool.publish"),  # own CPU: name, pickle, compress, HMAC
+    # tmp file, write, fsync, rename, fsync of left/ (inside write_position: position's)
     T("sniffer.write", "lrq.spool.batches:write_atomic", PUBLISHING),
     T("sniffer.write", "lrq.spool.files:fsync_dir", PUBLISHING),
     T("sniffer.write", "os:fsync", PUBLISHING),

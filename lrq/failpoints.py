@@ -1,8 +1,7 @@
 """Crash points for tests: ``LRQ_FAILPOINT=after-claim`` makes the process SIGKILL itself
 when it reaches that point, so tests can check each crash window with a real dead process.
 
-Points: ``sniff-mid-write``, ``sniff-after-rename``, ``sniff-handed-over`` (a batch of the
-tick in ``left/``, the next handed to the writer thread), ``sniff-before-dir-sync`` (a group of
+Points: ``sniff-mid-write``, ``sniff-after-rename``, ``sniff-before-dir-sync`` (a group of
 batches renamed into ``left/``, the folder not yet fsynced), ``sniff-before-position`` (the
 group durable, the source position not yet saved), ``after-claim``, ``during-txn``,
 ``after-commit`` (before the batch moves to ``done/``), ``after-done-move`` (the batch in

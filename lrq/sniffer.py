@@ -13,15 +13,6 @@ save, just before it (:meth:`lrq.spool.Spool.sync_published`): one directory fsy
 only after every batch up to it is durable; a crash (or power loss) before that fsync
 re-publishes the group, which the unique keys absorb.
 
-Writing overlaps fetching: a batch fetched and encoded is handed to a writer
-thread (:class:`lrq.spool.writer.Writer`, one per tick, at most two batches in hand) which
-writes, fsyncs and renames it while the tick fetches and encodes the next; the tick counts a batch
-as published (the backlog, ``on_publish``, the position it may save) once it is renamed,
-and a failed write (ENOSPC, EIO) ends the tick as it did when the write was inline: disk
-full pauses and backs off, any other error is raised, after the position of the batches
-already in ``left/`` is saved. At 100 items a batch the tmp file's creation and fsync were
-over half of the sniffer's wall time (bench/publish_cost.py).
-
 Backpressure: the sniffer stops prefetching while ``max_pending`` batches (or bytes; one
 batch may always wait, however large, or a byte limit below one batch would stall) wait,
 or while :meth:`lrq.disk.Budget.blocked` says the next batch does not fit (the data dir near
@@ -49,7 +40,6 @@ at the pause as before.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import logging
 import os
@@ -63,7 +53,6 @@ from lrq.config import QueueConfig
 from lrq.disk import TRIM_AT, Budget
 from lrq.sources import Source
 from lrq.spool import DONE, SUFFIX, Spool
-from lrq.spool.writer import Writer, Written
 
 log = logging.getLogger(__name__)
 
@@ -123,24 +112,14 @@ class Sniffer:
         self.recounts += 1
         pending, pending_bytes = len(watch), sum(watch.values())
         used = self.budget.used() if self.budget else 0
-        writer = Writer(lambda name, data: self.spool.write_batch(name, data, sync=False))
-        handed = published = 0
-        ahead = position  # the position of the last batch handed to the writer
+        published = 0
         refilled = False  # paused on max_pending and refilled in this tick: still one pause
         save_at = now + POSITION_EVERY
         try:
-            while max_batches is None or handed < max_batches:
+            while max_batches is None or published < max_batches:
                 if self.budget and used + 2 * self.last_bytes > TRIM_AT * self.budget.max_bytes:
                     used = self.budget.used()  # near the budget: decide on a fresh count
-                blocked = self._blocked(pending, pending_bytes, used, writer.unwritten)
-                if blocked:  # what follows looks at left/ and may save: the writer first
-                    written = writer.drain()
-                    published += len(written)
-                    position = self._took(written, watch, position)
-                    if writer.error is not None:
-                        break
-                    if blocked[0] != "max_pending":  # decide on the disk with nothing in flight
-                        blocked = self._blocked(pending, pending_bytes, used)
+                blocked = self._blocked(pending, pending_bytes, used)
                 if blocked and blocked[0] == "max_pending" and stop is not None:
                     self._prune(watch)  # the count above misses the claims made since
                     pending, pending_bytes = len(watch), sum(watch.values())
@@ -158,56 +137,42 @@ class Sniffer:
                     self.refills += 1
                     log.debug("refill queue=%s pending=%d", self.queue.name, pending)
                     continue
-                fetched = self.source.fetch(ahead, self.queue.batch_size)
+                fetched = self.source.fetch(position, self.queue.batch_size)
                 if not fetched.items:
                     self.drained = True
                     self._resume(pending)
                     break
-                name, data = self.spool.encode(fetched.items, fetched.position)
-                if not writer.hand_over(name, data, fetched.position):
-                    break  # an earlier write failed: handled below, as a failed write
-                if published:
-                    failpoints.hit("sniff-handed-over")  # a batch in left/, the next in flight
+                try:
+                    name = self.spool.publish(fetched.items, fetched.position, sync=False)
+                    size = (self.spool.left / f"{name}.pkl").stat().st_size
+                except OSError as e:
+                    if e.errno not in DISK_FULL:
+                        raise
+                    self._disk_full(e)
+                    break
+                self._full_backoff = 1.0
                 if not refilled:  # a refill is not a resume: one line per pause, not per refill
                     self._resume(pending)
-                ahead = fetched.position
-                handed += 1
+                position = fetched.position
+                published += 1
+                watch[name] = size
                 pending += 1
-                pending_bytes += len(data)
-                used += len(data)
-                self.last_bytes = len(data)
-                written = writer.taken()
-                published += len(written)
-                position = self._took(written, watch, position)
+                pending_bytes += size
+                used += size
+                self.last_bytes = size
+                log.debug("published queue=%s batch=%s items=%d bytes=%d", self.queue.name, name,
+                          len(fetched.items), size)
+                if self.on_publish is not None:
+                    self.on_publish()
                 self.drained = len(fetched.items) < self.queue.batch_size
                 if self.drained or self.clock() >= deadline:
                     break
-                if self.clock() >= save_at and position != saved and self._save(position):
+                if self.clock() >= save_at and self._save(position):
                     saved, save_at = position, self.clock() + POSITION_EVERY
         finally:
-            written = writer.close()  # what was handed over is written (unless a write failed)
-            published += len(written)
-            position = self._took(written, watch, position)
-            if position != saved:  # every batch up to ``position`` is in left/, fsynced
+            if position != saved:  # every batch up to ``position`` is durable in left/
                 self._save(position)
-        if writer.error is not None:
-            if not isinstance(writer.error, OSError) or writer.error.errno not in DISK_FULL:
-                raise writer.error
-            self._disk_full(writer.error)
-        elif published:
-            self._full_backoff = 1.0
         return published
-
-    def _took(self, written: list[Written], watch: dict[str, int], position: Any) -> Any:
-        """Note the batches the writer renamed into ``left/`` (the backlog, the scheduler's
-        ``on_publish``); the source position of the last one, else ``position``."""
-        for w in written:
-            watch[w.name] = w.size
-            log.debug("published queue=%s batch=%s bytes=%d", self.queue.name, w.name, w.size)
-            if self.on_publish is not None:
-                self.on_publish()
-            position = w.position
-        return position
 
     def _save(self, position: Any) -> bool:
         """Make the batches published since the last save durable (one fsync of ``left/``),
@@ -230,13 +195,7 @@ class Sniffer:
         self._retry_at = self.clock() + self._full_backoff
         self._full_backoff = min(self._full_backoff * 2, MAX_BACKOFF)
 
-    def _blocked(self, pending: int, pending_bytes: int, used: int,
-                 unwritten: tuple[int, int] = (0, 0)) -> tuple[str, str] | None:
-        """Why the next batch may not be published now, or None. ``unwritten`` is the writer's
-        (batches, bytes) handed over and not yet renamed: the free space and inodes a fresh
-        look at the filesystem shows are reduced by them, so batches in flight cannot take
-        the disk below ``min_free`` (``pending``, ``pending_bytes`` and ``used`` count them
-        from the hand-over already)."""
+    def _blocked(self, pending: int, pending_bytes: int, used: int) -> tuple[str, str] | None:
         q, nxt = self.queue, self.last_bytes
         if pending >= q.max_pending:
             return "max_pending", f"{pending} batches pending (max_pending {q.max_pending})"
@@ -246,12 +205,7 @@ class Sniffer:
                                    f"(max_pending {q.max_pending_bytes} bytes)")
         if self.budget is None:
             return None
-        space = self.budget.space()
-        if unwritten[0]:
-            space = dataclasses.replace(space, free_bytes=space.free_bytes - unwritten[1],
-                                        free_inodes=space.free_inodes - unwritten[0])
-        return self.budget.blocked(used, nxt, space,
-                                   idle=lambda: not pending and self.spool.settled())
+        return self.budget.blocked(used, nxt, idle=lambda: not pending and self.spool.settled())
 
     def _low(self, pending: int, pending_bytes: int) -> bool:
         """Is the backlog at the low-water mark (half of ``max_pending``, batches or bytes)?"""

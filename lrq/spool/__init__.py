@@ -131,10 +131,6 @@ Publishing (group commit): the sniffer writes each batch to ``tmp/``, fsyncs it 
 into ``left/`` at once, so workers may claim it straight away; ``left/`` itself is fsynced
 once for all the batches published since the last position save
 (:meth:`Spool.sync_published`), and only then does the source position move (invariant 1).
-The writing is done by one thread (:mod:`lrq.spool.writer`) while the sniffer fetches and
-encodes the next batch: the files are renamed in fetch order, at most two batches are handed
-over and not yet in ``left/``, the position saved is that of the last batch renamed, and
-after a failed write nothing later is written.
 A batch claimed, even done, before that fsync is fine: power lost before it can lose the
 name, never the position, so its items are fetched and published again and the unique keys
 absorb them. Other publishers (a split's halves, ``lrq retry-dead``, re-signing) fsync
@@ -147,9 +143,6 @@ Crash windows and what covers them:
 * killed after the rename, before the position is saved, or after some renames of a group
   before ``left/`` is fsynced: the items are published again in later batches; the results
   table's unique keys absorb the replay.
-* killed with a batch in ``left/`` and the next handed to the writer thread (being written or
-  waiting: failpoint ``sniff-handed-over``): as above; the batch being written is an orphan
-  in ``tmp/`` at most, and the position has not passed the last batch renamed.
 * killed after the claim (or during a heartbeat): the claim is a link to the owner file, so
   it names its owner whole; the reaper sees the owner is dead and makes the batch pending
   again, counting the attempt. The owner file is removed by cleanup once no claim or done
@@ -179,8 +172,7 @@ Code: :class:`Spool` is assembled from layers, each using only those before it:
 :mod:`lrq.spool.files` (file primitives: atomic write, fsync, flock, regular-file reads),
 :mod:`lrq.spool.batchfile` (a batch file's bytes: header, signature, codecs),
 :mod:`lrq.spool.listing` (listings, states, counts, retention), :mod:`lrq.spool.batches`
-(publishing and reading batches, keys, the position; its writer thread for the sniffer,
-:mod:`lrq.spool.writer`), :mod:`lrq.spool.claims` (claims,
+(publishing and reading batches, keys, the position), :mod:`lrq.spool.claims` (claims,
 leases, attempts, picking, finishing) and :mod:`lrq.spool.reaping` (stale claims, take
 back, split).
 """

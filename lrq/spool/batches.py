@@ -20,9 +20,6 @@ from lrq.spool.files import (
     ERROR,
     FILE_MODE,
     SUFFIX,
-    TmpFile,
-    commit_tmp,
-    create_tmp,
     fsync_dir,
     read_regular,
     token,
@@ -149,23 +146,12 @@ class Batches(Listing):
                 replace_dead: bool = False, name: str | None = None,
                 created: float | None = None, sync: bool = True) -> str:
         """Write a batch durably into ``left/`` and return its name (a new one, unless
-        ``name`` is given: the halves of a split): :meth:`encode`, then :meth:`write_batch`.
+        ``name`` is given: the halves of a split).
 
-        ``sync=False`` is the group commit: the file is fsynced and renamed into ``left/``
-        (visible, so a worker may claim it at once) but ``left/`` is not fsynced; the caller
-        calls :meth:`sync_published` once for the group before it moves the source position,
-        which is what the name's durability protects."""
-        name, data = self.encode(items, position, replace_dead=replace_dead, name=name,
-                                 created=created)
-        self.write_batch(name, data, sync=sync)
-        return name
-
-    def encode(self, items: list[dict[str, Any]], position: Any = None, *,
-               replace_dead: bool = False, name: str | None = None,
-               created: float | None = None) -> tuple[str, bytes]:
-        """A batch's name (a new one unless given) and its file's bytes: pickled, compressed
-        with this spool's codec, signed. Nothing is written (the sniffer encodes the next
-        batch while the previous one is written: :mod:`lrq.spool.writer`)."""
+        ``sync=False`` is the sniffer's group commit: the file is fsynced and renamed into
+        ``left/`` (visible, so a worker may claim it at once) but ``left/`` is not fsynced;
+        the caller calls :meth:`sync_published` once for the group before it moves the source
+        position, which is what the name's durability protects."""
         name = name or self.new_name()
         body = {"name": name, "queue": self.queue,
                 "created": self.clock() if created is None else created,
@@ -174,22 +160,9 @@ class Batches(Listing):
             body["replace_dead"] = True
         codec = CODECS[self.compress]
         payload = bytes([codec]) + compress(codec, pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL))
-        return name, self._signed(payload)
-
-    def write_batch(self, name: str, data: bytes, *, sync: bool = True) -> None:
-        """Write an encoded batch to ``tmp/``, fsync it and rename it into ``left/``; with
-        ``sync``, fsync ``left/`` too (else :meth:`sync_published` does, for a group). Any
-        error leaves nothing behind and propagates."""
-        self.commit_batch(self.start_batch(name, data), sync=sync)
-
-    def start_batch(self, name: str, data: bytes) -> TmpFile:
-        """:meth:`write_batch`'s first half: the file written in ``tmp/``, open."""
-        return create_tmp(self.left / f"{name}{SUFFIX}", data, self.tmp)
-
-    def commit_batch(self, f: TmpFile, *, sync: bool = True) -> None:
-        """:meth:`write_batch`'s second half: fsync, close, rename into ``left/``."""
-        commit_tmp(f, sync_dir=sync)
+        write_atomic(self.left / f"{name}{SUFFIX}", self._signed(payload), self.tmp, sync_dir=sync)
         failpoints.hit("sniff-after-rename")
+        return name
 
     def sync_published(self) -> None:
         """Make the names of the batches published with ``sync=False`` durable: one fsync of

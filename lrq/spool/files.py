@@ -11,7 +11,6 @@ import fcntl
 import itertools
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import shortuuid
@@ -59,60 +58,26 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, sync_dir: bool = Tru
     Any error (including from fsync or close) removes the temporary file and propagates:
     the caller must then treat the write as not having happened. With ``sync_dir=False`` the
     file is visible but its name is not yet durable: the caller fsyncs ``path.parent`` once
-    for several files (group commit) before relying on any of them. Its two halves are
-    :func:`create_tmp` and :func:`commit_tmp`.
+    for several files (group commit) before relying on any of them.
     """
-    commit_tmp(create_tmp(path, data, tmp_dir), sync_dir=sync_dir)
-
-
-@dataclass(frozen=True)
-class TmpFile:
-    """A file written in ``tmp/``, open, not yet fsynced nor renamed to ``path``."""
-
-    fd: int
-    tmp: Path
-    path: Path
-
-
-def create_tmp(path: Path, data: bytes, tmp_dir: Path) -> TmpFile:
-    """The first half of :func:`write_atomic`: a new file in ``tmp_dir`` holding ``data``.
-    An error removes it and propagates."""
     tmp = tmp_dir / f"{path.name}.{os.getpid()}.{token(8)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view[:1 << 20]):]
-            failpoints.hit("sniff-mid-write")
-    except BaseException:
-        abandon_tmp(TmpFile(fd, tmp, path))
-        raise
-    return TmpFile(fd, tmp, path)
-
-
-def commit_tmp(f: TmpFile, *, sync_dir: bool = True) -> None:
-    """The second half of :func:`write_atomic`: fsync and close the file, rename it into
-    place (then fsync its folder, with ``sync_dir``). An error removes it and propagates."""
-    try:
         try:
-            os.fsync(f.fd)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view[:1 << 20]):]
+                failpoints.hit("sniff-mid-write")
+            os.fsync(fd)
         finally:
-            os.close(f.fd)
-        os.rename(f.tmp, f.path)
+            os.close(fd)
+        os.rename(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(f.tmp)
+            os.unlink(tmp)
         raise
     if sync_dir:
-        fsync_dir(f.path.parent)
-
-
-def abandon_tmp(f: TmpFile) -> None:
-    """Close and remove a file :func:`create_tmp` made that will not be committed."""
-    with contextlib.suppress(OSError):
-        os.close(f.fd)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(f.tmp)
+        fsync_dir(path.parent)
 
 
 @contextlib.contextmanager

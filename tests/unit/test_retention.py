@@ -153,15 +153,15 @@ def test_enospc_while_publishing_backs_off_and_acknowledges_nothing(tmp_path: Pa
     clock = [1000.0]
     sn = sniffer(tmp_path, FakeBudget(max_bytes=10**9, used=0, free=1000))
     sn.clock = lambda: clock[0]
-    real = sn.spool.start_batch
+    real = sn.spool.publish
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(sn.spool, "start_batch", full)  # the tmp/ file's write, on a writer thread
+    monkeypatch.setattr(sn.spool, "publish", full)
     assert sn.tick() == 0 and sn.paused == "disk-full"
     assert sn.spool.read_position() is None
-    monkeypatch.setattr(sn.spool, "start_batch", real)
+    monkeypatch.setattr(sn.spool, "publish", real)
     assert sn.tick() == 0  # still backing off
     clock[0] += 1.5
     assert sn.tick(max_batches=1) == 1 and sn.paused is None

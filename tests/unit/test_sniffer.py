@@ -15,7 +15,6 @@ from lrq.sample import documents, source_table, write_documents
 from lrq.sniffer import Sniffer
 from lrq.sources.sql import SqlSource
 from lrq.spool import Spool
-from lrq.spool.files import abandon_tmp
 from lrq.testing import MemorySource
 from lrqtest import load_app, write_config
 
@@ -82,7 +81,7 @@ def test_watermark_advances_only_after_the_batch_is_durable(tmp_path: Path, monk
     def disk_full(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(sn.spool, "start_batch", disk_full)  # on a writer thread
+    monkeypatch.setattr(sn.spool, "publish", disk_full)
     assert sn.tick(max_batches=1) == 0 and sn.paused == "disk-full"
     assert sn.spool.read_position() == 100  # nothing acknowledged
     monkeypatch.undo()
@@ -104,29 +103,25 @@ def test_the_watermark_is_saved_per_interval_and_at_the_end_of_a_tick(tmp_path: 
     monkeypatch.setattr(sn.spool, "write_position", lambda p: (saves.append(p), write(p)))
     assert sn.tick(max_batches=4) == 4  # a frozen clock: one save, at the end
     assert saves == [400] and sn.spool.read_position() == 400
-    ticks = iter(range(0, 1000))  # every clock read is a second later: a save per batch ...
+    ticks = iter(range(0, 1000))  # every clock read is a second later: a save per batch
     sn.clock = lambda: float(next(ticks))
     assert sn.tick(max_seconds=10_000) == 6
-    # ... renamed into left/ by then: the writer may be a batch or two behind the fetches, and
-    # a third hand-over waits for the first, so some save comes before the end of the tick.
-    assert saves[0] == 400 and saves[-1] == 1000 and len(saves) >= 3
-    assert saves == sorted(set(saves)) and all(p % 100 == 0 for p in saves)
+    assert saves == [400, 500, 600, 700, 800, 900, 1000]
 
 
 def test_an_error_mid_tick_saves_the_watermark_of_the_batches_already_durable(
         tmp_path: Path, monkeypatch) -> None:
     src = sql_source(tmp_path, 500)
     sn = make_sniffer(tmp_path, src)
-    commit, calls = sn.spool.commit_batch, []
+    publish, calls = sn.spool.publish, []
 
-    def fail_fourth(f, **kw):
-        calls.append(f)
+    def fail_fourth(items, position, **kw):
+        calls.append(position)
         if len(calls) == 4:
-            abandon_tmp(f)  # as commit_tmp does on any error
             raise KeyboardInterrupt("killed while writing the fourth batch")
-        return commit(f, **kw)
+        return publish(items, position, **kw)
 
-    monkeypatch.setattr(sn.spool, "commit_batch", fail_fourth)  # on a writer thread
+    monkeypatch.setattr(sn.spool, "publish", fail_fourth)
     with pytest.raises(KeyboardInterrupt):
         sn.tick()
     monkeypatch.undo()
@@ -135,7 +130,6 @@ def test_an_error_mid_tick_saves_the_watermark_of_the_batches_already_durable(
     assert again.tick() == 2
     ids = [i["id"] for n in again.spool.pending() for i in again.spool.load(n).items]
     assert ids == list(range(1, 501))  # nothing twice, nothing skipped
-    assert not list(sn.spool.tmp.iterdir())  # the files created after the failed one: removed
 
 
 def test_crash_between_rename_and_watermark_republishes_the_same_items(tmp_path: Path, monkeypatch) -> None:
@@ -223,21 +217,3 @@ def test_a_broken_source_is_a_source_error_on_the_raw_path(tmp_path: Path) -> No
         conn.exec_driver_sql("DROP TABLE source_data")
     with pytest.raises(SourceError, match="cannot read source table source_data"):
         src.fetch(None, 10)
-
-
-def test_batches_in_the_writers_hands_count_against_min_free(tmp_path: Path, monkeypatch) -> None:
-    """A batch handed to the writer threads may not be on disk yet, so a fresh look at the
-    filesystem does not show it: the free-space check takes it off the free bytes and inodes,
-    or batches in flight could take the disk below ``min_free``."""
-    from lrq.disk import Budget, Floor, Space
-
-    src = sql_source(tmp_path, 100)
-    sn = make_sniffer(tmp_path, src)
-    sn.budget = Budget(tmp_path / "data", ["docs"], None, 10**12, Floor.parse("1MB", "min_free"))
-    free = 1_000_000 + 3 * 300_000  # room for three 300 KB batches above the floor
-    monkeypatch.setattr(sn.budget, "space", lambda: Space(free, 10**9, 10**6, 10**7))
-    sn.last_bytes = 300_000
-    assert sn._blocked(0, 0, 0) is None
-    assert sn._blocked(2, 600_000, 0, (2, 600_000)) is None  # two in flight: one more fits
-    blocked = sn._blocked(3, 900_000, 0, (3, 900_000))  # three in flight: the next does not
-    assert blocked is not None and blocked[0] == "min_free"
