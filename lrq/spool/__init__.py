@@ -39,7 +39,8 @@ reader opens it in a way that could block or follow it
 process (``foreign-entry``) and shown by ``lrq status``.
 
 Names are ``<UTC time to the microsecond>-<shortuuid>``, e.g.
-``20261123T064512123456-Xk3pQ9aLm2Zt``: unique, and sorting by name sorts by creation (one
+``20261123T064512123456-Xk3pQ9aLm2Zt`` (12 characters of shortuuid's alphabet drawn from
+``os.urandom``): unique, and sorting by name sorts by creation (one
 process never hands out the same microsecond twice); the halves of a split batch keep its
 time stamp.
 

@@ -15,7 +15,16 @@ from typing import Any
 from lrq import failpoints, signing
 from lrq.errors import BatchCorrupt, BatchUnsigned, ForeignEntry, KeyMismatch, LrqError
 from lrq.spool.batchfile import CODECS, MAGIC_V2, check, compress, decompress, key_id_in, seal
-from lrq.spool.files import ATTEMPT, ERROR, FILE_MODE, SUFFIX, _uuid, fsync_dir, read_regular, write_atomic
+from lrq.spool.files import (
+    ATTEMPT,
+    ERROR,
+    FILE_MODE,
+    SUFFIX,
+    fsync_dir,
+    read_regular,
+    token,
+    write_atomic,
+)
 from lrq.spool.listing import Listing, State
 from lrq.spool.wake import Doorbell
 
@@ -132,7 +141,7 @@ class Batches(Listing):
         us = max(int(self.clock() * 1_000_000), self._last_us + 1)
         self._last_us = us
         stamp = datetime.fromtimestamp(us // 1_000_000, UTC).strftime("%Y%m%dT%H%M%S")
-        return f"{stamp}{us % 1_000_000:06d}-{_uuid.random(12)}"
+        return f"{stamp}{us % 1_000_000:06d}-{token(12)}"
 
     # -- publishing ----------------------------------------------------------------------
     def publish(self, items: list[dict[str, Any]], position: Any = None, *,

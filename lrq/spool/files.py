@@ -27,6 +27,21 @@ ATTEMPT = ".attempt"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 _uuid = shortuuid.ShortUUID()
+#: shortuuid's alphabet (no 0/1/I/O/l): the random part of names keeps its look.
+ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
+
+
+def token(length: int) -> str:
+    """``length`` random characters of :data:`ALPHABET` from ``os.urandom`` (never the
+    ``random`` module's state, which forked processes share): one system call and a few
+    divisions, where ``shortuuid.random`` asks the OS once per character (12 µs for 12
+    characters against 2 µs; the sniffer names two files per batch)."""
+    value = int.from_bytes(os.urandom((length * 6 + 7) // 8 + 1))  # 6 bits >= log2(57)
+    out = []
+    for _ in range(length):
+        value, r = divmod(value, len(ALPHABET))
+        out.append(ALPHABET[r])
+    return "".join(out)
 
 
 def fsync_dir(path: Path) -> None:
@@ -45,7 +60,7 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, sync_dir: bool = Tru
     file is visible but its name is not yet durable: the caller fsyncs ``path.parent`` once
     for several files (group commit) before relying on any of them.
     """
-    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{_uuid.random(8)}"
+    tmp = tmp_dir / f"{path.name}.{os.getpid()}.{token(8)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
     try:
         try:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -151,6 +152,8 @@ def test_names_sort_by_creation_order(tmp_path: Path) -> None:
     same_clock = [frozen.new_name() for _ in range(1000)]
     assert same_clock == sorted(same_clock)
     assert same_clock[0].startswith("20270115T080000000000-")
+    # The random part keeps shortuuid's look: 12 characters of its alphabet.
+    assert all(re.fullmatch(r"\d{8}T\d{12}-[2-9A-HJ-NP-Za-km-z]{12}", n) for n in names)
 
 
 def test_release_only_by_the_owner(spool: Spool) -> None:
@@ -250,3 +253,31 @@ def test_has_pending_skips_the_listing_only_for_quiet_unchanged_folders(spool: S
     assert spool.has_pending() and len(listings) == 4
     spool.claim(name)
     assert not spool.has_pending()
+
+
+def test_zstd_objects_are_reused_within_a_thread_and_never_shared() -> None:
+    """zstandard's (de)compressors are not thread-safe: each thread keeps its own pair."""
+    import threading
+
+    from lrq.spool import batchfile
+
+    data = b"".join(b"item %d " % i for i in range(20_000))
+    pairs, errors = [], []
+
+    def work() -> None:
+        try:
+            for _ in range(50):
+                packed = batchfile.compress(2, data)
+                assert bytes(batchfile.decompress(2, memoryview(packed))) == data
+            pairs.append(batchfile._zstd_pair())
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors and len(pairs) == 4
+    assert len({id(p[0]) for p in pairs}) == 4  # one compressor per thread
+    assert batchfile._zstd_pair() is batchfile._zstd_pair()  # reused within a thread
