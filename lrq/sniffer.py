@@ -190,7 +190,7 @@ class Sniffer:
         try:
             self.spool.sync_published()
             failpoints.hit("sniff-before-position")
-            self.spool.write_position(position)
+            self.spool.write_position(position, batch_bytes=self.last_bytes)
             return True
         except OSError as e:
             if e.errno not in DISK_FULL:

@@ -180,8 +180,13 @@ class Batches(Listing):
         except FileNotFoundError:
             return None
 
-    def write_position(self, position: Any) -> None:
-        data = json.dumps({"position": position, "at": self.clock()}).encode()
+    def write_position(self, position: Any, *, batch_bytes: int = 0) -> None:
+        """Save the source position; ``batch_bytes``, the size of the last batch published,
+        is kept beside it for :meth:`last_batch_bytes` once no batch file is left."""
+        record = {"position": position, "at": self.clock()}
+        if batch_bytes:
+            record["batch_bytes"] = batch_bytes
+        data = json.dumps(record).encode()
         write_atomic(self.root / "position.json", data, self.tmp)
 
     # -- reading -------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import logging
 import os
 import secrets
@@ -15,8 +16,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lrq.errors import LrqError
-from lrq.spool.files import ATTEMPT, DONE, ERROR, SUFFIX, _entries_from, is_regular, kind
+from lrq.errors import ForeignEntry, LrqError
+from lrq.spool.files import ATTEMPT, DONE, ERROR, SUFFIX, _entries_from, is_regular, kind, read_regular
 from lrq.spool.owners import OWNERS
 
 log = logging.getLogger(__name__)
@@ -230,12 +231,20 @@ class Listing:
 
     def last_batch_bytes(self) -> int:
         """Size of the newest batch file in ``left/`` or ``done/`` (any state): cleanup's
-        estimate of the sniffer's next batch. Cleanup lists ``done/`` anyway (retention)."""
+        and ``lrq status``'s estimate of the sniffer's next batch. Cleanup lists ``done/``
+        anyway (retention). With none left (a budget so small that cleanup removed every
+        done batch), the size the sniffer saved with its position."""
         newest = max(((n, folder) for folder in (self.left, self.done)
                       for n in self._names(folder, SUFFIX)), default=None)
         with contextlib.suppress(FileNotFoundError):
-            return (newest[1] / f"{newest[0]}{SUFFIX}").stat().st_size if newest else 0
-        return 0
+            if newest:
+                return (newest[1] / f"{newest[0]}{SUFFIX}").stat().st_size
+        try:
+            record = json.loads(read_regular(self.root / "position.json"))
+        except (FileNotFoundError, ForeignEntry, ValueError):
+            return 0
+        saved = record.get("batch_bytes") if isinstance(record, dict) else None
+        return saved if isinstance(saved, int) and saved > 0 else 0
 
     def _sample_left(self) -> list[str]:
         """Up to :data:`PROBE` names from ``left/``, in folder order from a random offset.
