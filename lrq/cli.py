@@ -158,6 +158,8 @@ def cmd_work(args: argparse.Namespace) -> int:
                            idle_exit=args.idle_exit, idle_wait=0.2 if args.idle_exit else 1.0)
         except HandlerBroken:  # logged once, as handler-broken, by the worker
             return EXIT_BROKEN
+        finally:
+            worker.spool.close_owner()  # no exit handlers run in a scheduler's worker process
         s = worker.stats
         failed += s.failed + s.infra_errors
         log.info("finished queue=%s batches=%d items=%d dead=%d failed=%d infra_errors=%d "

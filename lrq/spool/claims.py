@@ -158,6 +158,14 @@ class Claims(Batches):
                     weakref.finalize(self, owner.close)
         return owner
 
+    def close_owner(self) -> None:
+        """Remove this process's owner files now if nothing links to them (as at exit): a
+        worker process forked by the scheduler ends without running exit handlers."""
+        owner = self._owner
+        if owner is not None and owner.pid == os.getpid():
+            owner.close()
+            self._owner = None  # a later claim makes a new one
+
     def claim(self, name: str) -> Claim | None:
         """Claim ``name``: link this process's owner file to ``right/<name>``; None when the
         batch is claimed, done or gone.

@@ -119,3 +119,14 @@ def test_run_until_idle_counts_quarantined_batches_of_this_run_only(tmp_path: Pa
     assert again.returncode == 0, again.stderr[-3000:]
     assert "stopped-with-failures" not in again.stderr
     assert status(cfg)["quarantined"] == 1
+
+
+def test_worker_processes_remove_their_owner_files_when_they_exit(tmp_path: Path) -> None:
+    """A scheduler's worker processes end without exit handlers (multiprocessing): each
+    removes its owner file itself, so none is left for cleanup to sweep or the budget to
+    count."""
+    cfg = write_config(tmp_path, docs=200, batch_size=20)
+    r = lrq("-c", str(cfg), "run", "--until-idle", timeout=120)
+    assert r.returncode == 0, r.stderr
+    owners = tmp_path / "data" / "docs" / "owners"
+    assert poll(lambda: not any(owners.iterdir()), seconds=30), list(owners.iterdir())
