@@ -168,10 +168,11 @@ def pages(conn: sqlite3.Connection, size: int) -> Iterator[list[dict[str, Any]]]
 
 # -- results ------------------------------------------------------------------------------
 def open_results(path: Path, create: bool) -> sqlite3.Connection:
-    """A results connection configured like lrq's engine: WAL, synchronous NORMAL."""
+    """A results connection configured like lrq's engine: WAL, synchronous FULL (a commit is
+    durable when it returns, as lrq's are), so every method pays the same for its commits."""
     conn = sqlite3.connect(path, isolation_level=None, timeout=60)
     conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
+    conn.execute("PRAGMA synchronous = FULL")
     if create:
         conn.executescript(RESULTS_DDL)
     return conn

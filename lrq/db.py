@@ -77,7 +77,8 @@ def make_engine(url: str, what: str = "db_url", *, create: bool = True, writer: 
 
 
 def _sqlite_setup(engine: Engine) -> None:
-    """WAL so readers never block the writer; BEGIN IMMEDIATE so concurrent writers queue on
+    """WAL so readers never block the writer, synchronous FULL so a commit is durable (see
+    below); BEGIN IMMEDIATE so concurrent writers queue on
     the busy timeout instead of failing on a read-to-write upgrade. A connection opened with
     ``execution_options(READ_ONLY)`` (see :func:`reader`) takes no write lock: its statements
     run in SQLite's autocommit mode, each its own read transaction."""
@@ -89,7 +90,11 @@ def _sqlite_setup(engine: Engine) -> None:
         cur.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_MS}")
         if engine.url.database not in (None, "", ":memory:"):
             cur.execute("PRAGMA journal_mode = WAL")
-        cur.execute("PRAGMA synchronous = NORMAL")
+        # FULL: a commit is on disk before it returns. With NORMAL (WAL synced only at
+        # checkpoints) an OS crash or power loss may roll back the last commits while the
+        # batches' moves to done/ after them survive: items lost with nothing to replay them
+        # (invariant 3). Costs ~0.9 ms of wall a commit on this disk (bench/README.md).
+        cur.execute("PRAGMA synchronous = FULL")
         cur.close()
 
     @event.listens_for(engine, "begin")
