@@ -1,8 +1,9 @@
 """The scheduler: sniffers in-process, worker runs as child processes, on APScheduler 3.
 
-Each queue gets a sniffer job (max_instances=1) and a worker job (max_instances=workers),
-both coalesced, firing every ``interval`` seconds, and at once when the sniffer publishes
-while a worker slot is free. A sniff run paused on ``max_pending`` waits to refill for at
+Each queue gets a sniffer job (max_instances=1) firing every ``interval`` seconds and a
+worker job (max_instances=workers) firing every ``interval`` but at most once a second
+(``WORK_EVERY``) and at once when the sniffer publishes while a worker slot is free, both
+coalesced. A sniff run paused on ``max_pending`` waits to refill for at
 least five seconds, until just before a firing (:func:`sniff_seconds`), then returns. A
 cleanup job (the reaper) runs every ``cleanup.every`` seconds. A worker job only starts a
 process when something is pending; that process runs ``lrq work QUEUE --idle-exit 2``
@@ -72,6 +73,10 @@ SUPERVISE_EVERY = 0.1  # seconds between idle checks of an ``until_idle`` run (e
 STOP_WAIT = 1.0  # seconds of one wait on the stop flag, then a log rotation check (_watch_stop)
 SNIFF_SECONDS = 5.0  # about how long one sniff job may publish or wait to refill ...
 SNIFF_MARGIN = 0.05  # ... ending this long before a firing of its interval (see sniff_seconds)
+#: Seconds between worker jobs at most as often: a publish starts a worker at once
+#: (``on_publish``), so the job is only the backstop for batches that become pending otherwise
+#: (released or reaped claims, a worker's ``run_seconds`` ending with a backlog left).
+WORK_EVERY = 1.0
 CHILD_IDLE_EXIT = 2.0  # seconds a worker process waits for new batches before exiting
 CHILD_ENV = "LRQ_CHILD"
 BROKEN_PAUSE = 30.0  # seconds without workers for a queue whose handler is broken ...
@@ -340,7 +345,8 @@ class Runner:
         for q in self.app.queues():
             self.scheduler.add_job(self.sniff, "interval", args=[q], seconds=interval,
                                    max_instances=1, id=f"sniff:{q.name}", next_run_time=_now())
-            self.scheduler.add_job(self.work, "interval", args=[q], seconds=interval,
+            self.scheduler.add_job(self.work, "interval", args=[q],
+                                   seconds=max(interval, WORK_EVERY),
                                    max_instances=q.workers, id=f"work:{q.name}",
                                    next_run_time=_now())
         self.scheduler.add_job(self.clean, "interval", seconds=self.app.cfg.cleanup.every,

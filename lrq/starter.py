@@ -6,7 +6,7 @@ STARTER = '''\
 
 data_dir = "data"                          # left/ right/ tmp/ failed/ per queue, logs
 db_url   = "sqlite:///data/results.db"     # results + batch ledger (postgresql://, mysql://)
-# interval = 1.0                           # seconds between scheduler ticks
+# interval = 0.25                          # seconds between scheduler ticks
 # grace    = 30                            # seconds a stopping worker gets to finish
 # secret   = "..."                         # batch-signing key (else LRQ_SECRET, else data/secret.key)
 # previous_secrets = ["..."]              # old keys that still verify batches (env LRQ_PREVIOUS_SECRETS=a,b)
