@@ -100,7 +100,7 @@ def test_the_watermark_is_saved_per_interval_and_at_the_end_of_a_tick(tmp_path: 
     sn = make_sniffer(tmp_path, src)
     saves: list[int] = []
     write = sn.spool.write_position
-    monkeypatch.setattr(sn.spool, "write_position", lambda p: (saves.append(p), write(p)))
+    monkeypatch.setattr(sn.spool, "write_position", lambda p, **kw: (saves.append(p), write(p, **kw)))
     assert sn.tick(max_batches=4) == 4  # a frozen clock: one save, at the end
     assert saves == [400] and sn.spool.read_position() == 400
     ticks = iter(range(0, 1000))  # every clock read is a second later: a save per batch
@@ -136,7 +136,7 @@ def test_crash_between_rename_and_watermark_republishes_the_same_items(tmp_path:
     src = sql_source(tmp_path, 100)
     sn = make_sniffer(tmp_path, src)
 
-    def crash(position):
+    def crash(position, **_kw):
         raise KeyboardInterrupt("killed before the watermark was saved")
 
     monkeypatch.setattr(sn.spool, "write_position", crash)
