@@ -197,12 +197,8 @@ def folder(source: Path, batch: int, tmp: str | None) -> Iterator[Path]:
         shutil.copyfile(source, work / "source.db")
         cfg = work / "lrq.toml"
         cfg.write_text(config_text(work / "source.db", batch))
-        old = os.getcwd()
-        os.chdir(work)
-        try:
+        with contextlib.chdir(work):
             yield cfg
-        finally:
-            os.chdir(old)
 
 
 def sniff_and_work(cfg: Path, n: int, batch: int, meter: Meter) -> dict[str, int]:

@@ -45,12 +45,8 @@ def folder(source: Path, batch: int, tmp: str | None) -> Iterator[Path]:
         work = Path(d)
         cfg = work / "lrq.toml"
         cfg.write_text(run.config_text(source, batch))
-        old = os.getcwd()
-        os.chdir(work)
-        try:
+        with contextlib.chdir(work):
             yield cfg
-        finally:
-            os.chdir(old)
 
 
 def one_run(batch: int, batches: int, tmp: str | None, delete: bool) -> tuple[float, float, int]:
