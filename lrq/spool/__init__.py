@@ -234,6 +234,7 @@ class Spool(Reaping):
         self.tmp = self.root / "tmp"
         self.failed = self.root / "failed"
         self.quarantine = self.root / "quarantine"
+        self.spare = self.root / "spare"
         #: The queue's FIFO that wakes idle workers on a publish (:mod:`lrq.spool.wake`).
         self.bell = Doorbell(self.root / WAKE)
         self._key = key
@@ -247,13 +248,17 @@ class Spool(Reaping):
         self._latest: dict[str, Claim] = {}
         self._none_pending_at: tuple[int, int] | None = None
         self._owner = None
+        self._spare_count: tuple[int, float] | None = None
+        #: Names in ``spare/`` this process may take (one listing each time it runs out).
+        self._spare_names: list[str] = []
+        self._spare_listed_at = float("-inf")
         self._owner_lock = threading.Lock()
         #: Entries lrq did not write, seen by this process: path -> what it is.
         self._foreign: dict[str, str] = {}
 
     def ensure(self) -> Spool:
         for d in (self.root.parent, self.root, self.left, self.right, self.done, self.tmp, self.failed,
-                  self.quarantine, self.root / OWNERS):
+                  self.quarantine, self.spare, self.root / OWNERS):
             d.mkdir(mode=DIR_MODE, exist_ok=True)
         return self
 

@@ -8,8 +8,10 @@ import contextlib
 import json
 import os
 import pickle
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from lrq import failpoints, signing
@@ -20,8 +22,10 @@ from lrq.spool.files import (
     ERROR,
     FILE_MODE,
     SUFFIX,
+    create,
     fsync_dir,
     read_regular,
+    take_spare,
     token,
     write_atomic,
 )
@@ -32,6 +36,8 @@ from lrq.spool.wake import Doorbell
 KEY_IDS = "key-ids"
 #: Pending batches the start-up key check reads.
 KEY_SAMPLE = 16
+#: Seconds between two listings of an empty ``spare/`` by a publisher.
+SPARE_RELIST = 1.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class Batches(Listing):
     _key_noted: bool
     _last_us: int
     bell: Doorbell
+    _spare_names: list[str]
+    _spare_listed_at: float
 
     @property
     def key(self) -> bytes:
@@ -162,10 +170,36 @@ class Batches(Listing):
             body["replace_dead"] = True
         codec = CODECS[self.compress]
         payload = bytes([codec]) + compress(codec, pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL))
-        write_atomic(self.left / f"{name}{SUFFIX}", self._signed(payload), self.tmp, sync_dir=sync)
+        write_atomic(self.left / f"{name}{SUFFIX}", self._signed(payload), self.tmp, sync_dir=sync,
+                     opener=self._open_tmp)
         failpoints.hit("sniff-after-rename")
         self.bell.ring()  # after the rename: a worker woken by it finds the batch
         return name
+
+    def _open_tmp(self, tmp: Path) -> int:
+        """The batch's ``tmp/`` file, open for writing and empty: a spare from ``spare/``
+        when there is one (no new inode: on ext4 creating one right after many deletions is
+        the publish's costliest step), else a new file. The names come from this process's
+        cache of ``spare/``, listed again only once it is used up, and an empty ``spare/``
+        at most once per :data:`SPARE_RELIST` seconds. A foreign entry is noted and left."""
+        while True:
+            if not self._spare_names:
+                now = time.monotonic()
+                if now - self._spare_listed_at < SPARE_RELIST:
+                    break
+                self._spare_names = [e.name for e in self.files(self.spare)]
+                self._spare_listed_at = now if not self._spare_names else float("-inf")
+                if not self._spare_names:
+                    break
+            spare = self.spare / self._spare_names.pop()
+            try:
+                fd = take_spare(spare, tmp)
+            except ForeignEntry as e:
+                self.note_foreign(spare, e.what)
+                continue
+            if fd is not None:
+                return fd
+        return create(tmp)
 
     def sync_published(self) -> None:
         """Make the names of the batches published with ``sync=False`` durable: one fsync of
