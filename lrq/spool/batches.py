@@ -63,6 +63,7 @@ class Batches(Listing):
     bell: Doorbell
     _spare_names: list[str]
     _spare_listed_at: float
+    _foreign: dict[str, str]
 
     @property
     def key(self) -> bytes:
@@ -182,20 +183,23 @@ class Batches(Listing):
         the publish's costliest step), else a new file. The names come from this process's
         cache of ``spare/``, listed again only once it is used up, and an empty ``spare/``
         at most once per :data:`SPARE_RELIST` seconds. A foreign entry is noted and left."""
+        listed = False
         while True:
             if not self._spare_names:
                 now = time.monotonic()
-                if now - self._spare_listed_at < SPARE_RELIST:
+                if listed or now - self._spare_listed_at < SPARE_RELIST:
                     break
-                self._spare_names = [e.name for e in self.files(self.spare)]
+                self._spare_names = [e.name for e in self.files(self.spare)
+                                     if e.path not in self._foreign]
+                # Relisted as soon as a non-empty list is used up; an empty one waits.
                 self._spare_listed_at = now if not self._spare_names else float("-inf")
-                if not self._spare_names:
-                    break
+                listed = True
+                continue
             spare = self.spare / self._spare_names.pop()
             try:
                 fd = take_spare(spare, tmp)
             except ForeignEntry as e:
-                self.note_foreign(spare, e.what)
+                self.note_foreign(spare, e.what)  # and never listed again by this process
                 continue
             if fd is not None:
                 return fd
