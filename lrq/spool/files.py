@@ -101,8 +101,8 @@ def retire(path: Path, spare_dir: Path) -> int | None:
     not :func:`reusable` or ``spare_dir`` is missing (the caller unlinks it instead).
 
     Truncated first: killed in between (failpoint ``retire-after-truncate``), the batch is
-    still done, as an empty file, and retired again by the next pass; a spare never holds
-    data. Opened without following links or blocking (a FIFO), and nothing is written but
+    still done, as an empty file with its done time kept, and retired again by the next
+    pass; a spare never holds data. Opened without following links or blocking (a FIFO), and nothing is written but
     the truncation, which comes only after ``fstat`` says the file is reusable."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -113,6 +113,7 @@ def retire(path: Path, spare_dir: Path) -> int | None:
         if not reusable(st):
             return None
         os.ftruncate(fd, 0)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))  # its done time, for retention
     finally:
         os.close(fd)
     failpoints.hit("retire-after-truncate")
