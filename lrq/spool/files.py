@@ -102,8 +102,9 @@ def retire(path: Path, spare_dir: Path) -> int | None:
 
     Truncated first: killed in between (failpoint ``retire-after-truncate``), the batch is
     still done, as an empty file with its done time kept, and retired again by the next
-    pass; a spare never holds data. Opened without following links or blocking (a FIFO), and nothing is written but
-    the truncation, which comes only after ``fstat`` says the file is reusable."""
+    pass; a spare never holds data. Opened without following links or blocking (a FIFO),
+    and nothing is written but the truncation, which comes only after ``fstat`` says the
+    file is reusable."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
