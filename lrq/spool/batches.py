@@ -8,7 +8,6 @@ import contextlib
 import json
 import os
 import pickle
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,8 +35,6 @@ from lrq.spool.wake import Doorbell
 KEY_IDS = "key-ids"
 #: Pending batches the start-up key check reads.
 KEY_SAMPLE = 16
-#: Seconds between two listings of an empty ``spare/`` by a publisher.
-SPARE_RELIST = 1.0
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,7 @@ class Batches(Listing):
     _last_us: int
     bell: Doorbell
     _spare_names: list[str]
-    _spare_listed_at: float
+    _spare_empty_at: int | None
     _foreign: dict[str, str]
 
     @property
@@ -181,18 +178,23 @@ class Batches(Listing):
         """The batch's ``tmp/`` file, open for writing and empty: a spare from ``spare/``
         when there is one (no new inode: on ext4 creating one right after many deletions is
         the publish's costliest step), else a new file. The names come from this process's
-        cache of ``spare/``, listed again only once it is used up, and an empty ``spare/``
-        at most once per :data:`SPARE_RELIST` seconds. A foreign entry is noted and left."""
+        cache of ``spare/``, listed again only once it is used up; an empty ``spare/`` is
+        listed again only once its mtime changed (a stat per publish meanwhile, ~1 us against
+        the hundreds a new inode costs). A foreign entry is noted and left."""
         listed = False
         while True:
             if not self._spare_names:
-                now = time.monotonic()
-                if listed or now - self._spare_listed_at < SPARE_RELIST:
+                if listed:
                     break
+                try:
+                    stamp = os.stat(self.spare).st_mtime_ns  # before listing: a later change shows
+                except FileNotFoundError:
+                    break
+                if stamp == self._spare_empty_at:
+                    break  # empty when last listed, unchanged since
                 self._spare_names = [e.name for e in self.files(self.spare)
                                      if e.path not in self._foreign]
-                # Relisted as soon as a non-empty list is used up; an empty one waits.
-                self._spare_listed_at = now if not self._spare_names else float("-inf")
+                self._spare_empty_at = None if self._spare_names else stamp
                 listed = True
                 continue
             spare = self.spare / self._spare_names.pop()

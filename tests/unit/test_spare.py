@@ -58,7 +58,6 @@ def test_the_publisher_reuses_a_spare_inode(tmp_path: Path) -> None:
     done_batch(sp, "a")
     cleanup.run(app)
     (spare,) = spares(sp)
-    sp = load_app(tmp_path / "lrq.toml").spool(app.queues("docs")[0])  # a sniffer's own
     name = sp.publish([{"doc_id": "new"}])
     st = (sp.left / f"{name}.pkl").stat()
     assert st.st_ino == spare.st_ino and st.st_size > 0 and st.st_mode & 0o777 == 0o600
