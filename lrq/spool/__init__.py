@@ -154,8 +154,8 @@ us; anything else is a foreign entry, never moved or opened), rename ``spare/<to
 renamed back), truncate it, then write, fsync and rename into ``left/`` exactly as a new
 file. Each process caches the names of ``spare/`` and lists it again only when they are
 used up (an empty ``spare/`` only once its mtime changed: a stat per publish meanwhile).
-Retention's step is the reverse (:func:`lrq.spool.files.retire`): open the done batch file the same way, check it, truncate
-it (its mtime put back), rename it into ``spare/``.
+Retention's step is the reverse (:func:`lrq.spool.files.retire`): open the done batch file
+the same way, check it, truncate it (its mtime put back), rename it into ``spare/``.
 
 Crash windows and what covers them:
 
