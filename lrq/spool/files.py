@@ -152,7 +152,8 @@ def take_spare(spare: Path, dst: Path) -> int | None:
     try:
         fd = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError as e:
-        os.rename(dst, spare)
+        with contextlib.suppress(OSError):
+            os.rename(dst, spare)
         raise ForeignEntry(spare, f"not reopenable ({e.strerror})") from e
     try:
         now = os.fstat(fd)
