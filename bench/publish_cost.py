@@ -6,7 +6,10 @@ when ``max_pending`` pauses it), then the published batches leave ``left/`` as w
 them: renamed into ``done/`` (the default: done batches are kept ``keep_done``, 7 days), or
 with ``--delete`` unlinked, as cleanup does once the data dir is at ``cleanup.max_bytes``
 (on journal-less ext4 a new inode right after deletions costs more CPU, see this folder's
-README), and so on until ``--batches`` are published.
+README), or with ``--retire`` moved into ``done/`` and removed by lrq's own cleanup
+(``cleanup.run`` past ``keep_done``: from the spare branch on, retention retires them into
+``spare/`` for the sniffer to reuse; before it, it unlinks them), and so on until
+``--batches`` are published.
 Only the ticks are timed: wall (``perf_counter``) and CPU (``getrusage(RUSAGE_SELF)``, every
 thread of this process). Nothing else runs in the process meanwhile.
 
@@ -49,9 +52,10 @@ def folder(source: Path, batch: int, tmp: str | None) -> Iterator[Path]:
             yield cfg
 
 
-def one_run(batch: int, batches: int, tmp: str | None, delete: bool) -> tuple[float, float, int]:
+def one_run(batch: int, batches: int, tmp: str | None, delete: bool,
+            retire: bool = False) -> tuple[float, float, int]:
     """(wall s, CPU s, batches published) of the ticks publishing ``batches`` batches."""
-    from lrq import config
+    from lrq import cleanup, config
     from lrq.app import App
 
     source = run.cached_source(batch * batches)
@@ -76,6 +80,8 @@ def one_run(batch: int, batches: int, tmp: str | None, delete: bool) -> tuple[fl
                         os.unlink(entry.path)
                     else:
                         os.rename(entry.path, spool.done / entry.name)
+                if retire:
+                    cleanup.run(app, now=time.time() + app.cfg.cleanup.keep_done + 1)
         sniffer.source.close()
     return wall, cpu, published
 
@@ -89,6 +95,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tmp", help="folder for the run folders (default: system tmp)")
     p.add_argument("--delete", action="store_true",
                    help="unlink the published batches (retention at work) instead of moving them")
+    p.add_argument("--retire", action="store_true",
+                   help="remove the published batches by lrq's cleanup (retention) after each tick")
     p.add_argument("--compare", metavar="CHECKOUT",
                    help="alternate runs with CHECKOUT's lrq (old) and this checkout's (new)")
     args = p.parse_args(argv)
@@ -109,7 +117,8 @@ def compare(args: argparse.Namespace) -> int:
             for which in (("old", "new") if i % 2 == 0 else ("new", "old")):
                 cmd = [sys.executable, __file__, "--batch", str(b), "--batches", str(args.batches),
                        "--repeat", "1", *(["--tmp", args.tmp] if args.tmp else []),
-                       *(["--delete"] if args.delete else [])]
+                       *(["--delete"] if args.delete else []),
+                       *(["--retire"] if args.retire else [])]
                 env = {**os.environ, "PYTHONPATH": str(checkouts[which])}
                 out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True,
                                      timeout=600).stdout
@@ -137,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     for b in args.batch:
         walls, cpus = [], []
         for i in range(args.repeat):
-            wall, cpu, n = one_run(b, args.batches, args.tmp, args.delete)
+            wall, cpu, n = one_run(b, args.batches, args.tmp, args.delete, args.retire)
             walls.append(wall * 1e6 / n)
             cpus.append(cpu * 1e6 / n)
             print(f"{b:>5} {i + 1:>4} {n:>8} {walls[-1]:>14.0f} {cpus[-1]:>13.0f}")

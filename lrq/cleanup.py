@@ -8,7 +8,9 @@ One pass, in order:
 2. **Sweep** files in ``tmp/`` older than ``cleanup.tmp_age`` (writers that died), and the
    owner files of dead workers that no claim or done marker links to any more.
 3. **Retention**: done batches older than ``keep_done``, failed and quarantined ones older
-   than ``keep_failed``.
+   than ``keep_failed``. A done batch file is retired into ``spare/`` (emptied, kept for the
+   sniffer to reuse its inode, up to :data:`lrq.spool.listing.SPARE_MAX`), unless free
+   inodes are below ``min_free``; here and in the budget step.
 4. **Budget**: while the sniffer could not publish its next batch
    (:meth:`lrq.disk.Budget.blocked`: near ``max_bytes``, or free space minus the batch below
    ``min_free``), or the data dir is above 80% of ``max_bytes``, remove done batches oldest
@@ -132,16 +134,22 @@ def _queue_pass(app: App, q: Any, report: Report, t: float, dry_run: bool) -> No
             st = entry.stat(follow_symlinks=False)
         except FileNotFoundError:
             continue
-        if t - st.st_mtime > c.tmp_age:
+        # An empty file may be a spare just taken (lrq.spool.files.take_spare): its mtime is
+        # its retirement's, but the rename into tmp/ set its ctime.
+        age = t - (max(st.st_mtime, st.st_ctime) if st.st_size == 0 else st.st_mtime)
+        if age > c.tmp_age:
             report.tmp_removed += 1
             report.bytes_freed += st.st_size
             if not dry_run:
                 os.unlink(entry.path)
+    budget = app.budget()
+    keep_spares = not budget.space().inodes_low(budget.floor)
     for done_at, name in sp.done_batches():
         if t - done_at <= c.keep_done:
             break  # oldest first: the rest are younger
         report.done_removed += 1
-        report.bytes_freed += _size(sp, name) if dry_run else sp.remove_done(name)
+        report.bytes_freed += (_size(sp, name) if dry_run
+                               else sp.remove_done(name, spare=keep_spares))
     for failed_at, path in sp.failed_batches():
         if t - failed_at <= c.keep_failed:
             break
@@ -154,12 +162,19 @@ def _queue_pass(app: App, q: Any, report: Report, t: float, dry_run: bool) -> No
 def _budget_pass(app: App, queues: list[Any], reports: dict[str, Report], dry_run: bool) -> None:
     """Trim done batches, oldest first, while :meth:`~lrq.disk.Budget.pressure` holds: the
     sniffer's own predicate for the next batch (sized as the newest batch file), or usage
-    above ``TRIM_AT``. A dry run counts the bytes it would free as free space."""
+    above ``TRIM_AT``. A dry run counts the bytes it would free as free space. Trimmed
+    files become spares (0 bytes) unless free inodes are below the floor: then they are
+    unlinked, and so are the spares already kept."""
     budget = app.budget()
     used = budget.used()
     spools = {q.name: app.spool(q) for q in queues}
     nxt = max((sp.last_batch_bytes() for sp in spools.values()), default=0)
     space = budget.space()
+    keep_spares = not space.inodes_low(budget.floor)
+    if not keep_spares and not dry_run:
+        dropped = sum(sp.drop_spares() for sp in spools.values())
+        if dropped:
+            log.warning("spares-dropped count=%d: free inodes below min_free", dropped)
     why = budget.pressure(used, nxt, space)
     if why is None:
         return
@@ -170,7 +185,7 @@ def _budget_pass(app: App, queues: list[Any], reports: dict[str, Report], dry_ru
         if budget.pressure(used - freed, nxt, _after(space, freed) if dry_run else None) is None:
             break
         sp = spools[qname]
-        size = _size(sp, name) if dry_run else sp.remove_done(name)
+        size = _size(sp, name) if dry_run else sp.remove_done(name, spare=keep_spares)
         freed += size
         reports[qname].done_trimmed += 1
         reports[qname].bytes_freed += size

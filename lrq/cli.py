@@ -254,7 +254,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print("bytes by state: " + "; ".join(
         f"{name} pending {_human(s['pending_bytes'])}, claimed {_human(s['claimed_bytes'])}, "
         f"done {_human(s['done_bytes'])}, failed {_human(s['failed_bytes'])}, "
-        f"tmp {_human(s['tmp_bytes'])}" for name, s in st["queues"].items()))
+        f"tmp {_human(s['tmp_bytes'])}, {s.get('spare', 0)} spare files (empty, kept for reuse)"
+        for name, s in st["queues"].items()))
     d = st["disk"]
     print(f"data dir {st['data_dir']}: {_human(d['used'])} of budget {_human(d['max_bytes'])} "
           f"({d['used'] / max(d['max_bytes'], 1):.0%}); filesystem free {_human(d['free_bytes'])} "

@@ -28,7 +28,9 @@ from lrq.errors import ConfigError
 TRIM_AT = 0.8
 #: Folders of a queue whose files count against the budget. ``owners/`` holds one small file
 #: per worker process; a claim in ``right/`` is a hard link to one, counted once (by inode).
-QUEUE_FOLDERS = ("owners", "left", "right", "done", "tmp", "failed", "quarantine")
+#: ``spare/`` holds empty files (0 bytes; their inodes count against the inode floor, and
+#: cleanup unlinks them when free inodes run below it, see :meth:`Space.inodes_low`).
+QUEUE_FOLDERS = ("owners", "left", "right", "done", "tmp", "failed", "quarantine", "spare")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,12 @@ class Space:
         elif free < floor.bytes:
             return f"free space {free} bytes below min_free {floor.bytes} bytes"
         return None
+
+    def inodes_low(self, floor: Floor) -> bool:
+        """Are free inodes below the floor (a fractional ``min_free`` only)? Then retired
+        batch files are unlinked, not kept as spares, and the spares are unlinked too."""
+        return bool(floor.fraction and self.total_inodes
+                    and self.free_inodes < floor.fraction * self.total_inodes)
 
 
 def space(path: Path) -> Space:

@@ -8,7 +8,9 @@ group durable, the source position not yet saved), ``after-claim``, ``during-txn
 ``done/``, its claim not yet removed), ``during-heartbeat`` (the owner file touched, the
 claims not yet checked); in a reaper's split (:meth:`lrq.spool.Spool.split`): ``split-after-half-0``,
 ``split-after-half-1`` (both halves written), ``split-after-retire`` (the batch file removed,
-its claim not yet). Unset in production; the check is one dictionary lookup.
+its claim not yet); ``spare-after-take`` (a spare renamed into ``tmp/`` for a batch, not yet
+opened), ``retire-after-truncate`` (cleanup emptied a done batch file, not yet moved into
+``spare/``). Unset in production; the check is one dictionary lookup.
 """
 from __future__ import annotations
 

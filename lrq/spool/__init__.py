@@ -19,6 +19,12 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
                          only pending and claimed batches, right/ only live claims, and every
                          listing of the backlog is O(backlog), never O(done). The batch ledger
                          in the results database is the truth it can be rebuilt from
+    spare/<token>        an empty retired batch file (0 bytes, one link, ours): retention
+                         (:mod:`lrq.cleanup`) empties a done batch file, keeping its mtime,
+                         and renames it here instead of unlinking it, up to
+                         ``listing.SPARE_MAX`` files; a publisher takes one instead of
+                         creating a new inode (see Publishing). Holds no data; unlinked by
+                         cleanup when free inodes are below ``min_free``
     right/<name>.done    the previous versions' done marker (the claim renamed, the batch file
                          left in left/): still read as done, aged and removed by retention
     right/<name>.attempt attempts so far and why they ended, for a batch that was reclaimed
@@ -139,10 +145,28 @@ name, never the position, so its items are fetched and published again and the u
 absorb them. Other publishers (a split's halves, ``lrq retry-dead``, re-signing) fsync
 ``left/`` per file.
 
+Spares: creating a file is the costliest step of a publish on ext4 while retention deletes
+done batches (see Claims), so the ``tmp/`` file is a spare when there is one
+(:func:`lrq.spool.files.take_spare`): ``lstat`` it (a regular file with one link, owned by
+us; anything else is a foreign entry, never moved or opened), rename ``spare/<token>`` to
+``tmp/<name>...`` (the one atomic step: two publishers never share an inode), open it
+``O_WRONLY|O_NOFOLLOW|O_NONBLOCK``, ``fstat`` it (same inode, still reusable; else it is
+renamed back), truncate it, then write, fsync and rename into ``left/`` exactly as a new
+file. Each process caches the names of ``spare/`` and lists it again only when they are
+used up (an empty ``spare/`` only once its mtime changed: a stat per publish meanwhile).
+Retention's step is the reverse (:func:`lrq.spool.files.retire`): open the done batch file
+the same way, check it, truncate it (its mtime put back), rename it into ``spare/``.
+
 Crash windows and what covers them:
 
 * killed while writing ``tmp/``: the file is never visible; the source position did not move,
-  so the same items are fetched again.
+  so the same items are fetched again. Killed after taking a spare (failpoint
+  ``spare-after-take``), the same with an empty orphan in ``tmp/``: the tmp sweep ages an
+  empty file by its ctime too (the rename set it; the mtime is still its retirement's),
+  so it never takes a spare a live publisher is about to write.
+* cleanup killed after emptying a done batch file, before its rename into ``spare/``
+  (failpoint ``retire-after-truncate``): the batch still reads done, as an empty file with
+  its done time, and the next pass retires it.
 * killed after the rename, before the position is saved, or after some renames of a group
   before ``left/`` is fsynced: the items are published again in later batches; the results
   table's unique keys absorb the replay.
@@ -234,6 +258,7 @@ class Spool(Reaping):
         self.tmp = self.root / "tmp"
         self.failed = self.root / "failed"
         self.quarantine = self.root / "quarantine"
+        self.spare = self.root / "spare"
         #: The queue's FIFO that wakes idle workers on a publish (:mod:`lrq.spool.wake`).
         self.bell = Doorbell(self.root / WAKE)
         self._key = key
@@ -247,13 +272,18 @@ class Spool(Reaping):
         self._latest: dict[str, Claim] = {}
         self._none_pending_at: tuple[int, int] | None = None
         self._owner = None
+        self._spare_count: tuple[int, float] | None = None
+        #: Names in ``spare/`` this process may take (one listing each time it runs out).
+        self._spare_names: list[str] = []
+        #: ``spare/``'s mtime when this process last found it empty.
+        self._spare_empty_at: int | None = None
         self._owner_lock = threading.Lock()
         #: Entries lrq did not write, seen by this process: path -> what it is.
         self._foreign: dict[str, str] = {}
 
     def ensure(self) -> Spool:
         for d in (self.root.parent, self.root, self.left, self.right, self.done, self.tmp, self.failed,
-                  self.quarantine, self.root / OWNERS):
+                  self.quarantine, self.spare, self.root / OWNERS):
             d.mkdir(mode=DIR_MODE, exist_ok=True)
         return self
 

@@ -10,13 +10,14 @@ import errno
 import fcntl
 import itertools
 import os
-from collections.abc import Iterator
+import stat
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import shortuuid
 
 from lrq import failpoints
-from lrq.errors import AlreadyRunning
+from lrq.errors import AlreadyRunning, ForeignEntry
 from lrq.regular import kind as kind
 from lrq.regular import read_regular as read_regular
 
@@ -52,16 +53,24 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, sync_dir: bool = True) -> None:
+def create(path: Path) -> int:
+    """A new file at ``path`` open for writing (never an existing one)."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+
+
+def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, sync_dir: bool = True,
+                 opener: Callable[[Path], int] = create) -> None:
     """Write ``data`` to ``path`` so that a reader sees all of it or nothing.
 
     Any error (including from fsync or close) removes the temporary file and propagates:
     the caller must then treat the write as not having happened. With ``sync_dir=False`` the
     file is visible but its name is not yet durable: the caller fsyncs ``path.parent`` once
-    for several files (group commit) before relying on any of them.
+    for several files (group commit) before relying on any of them. ``opener`` makes the
+    temporary file and opens it empty for writing (the publisher's takes a spare, see
+    :func:`take_spare`).
     """
     tmp = tmp_dir / f"{path.name}.{os.getpid()}.{token(8)}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+    fd = opener(tmp)
     try:
         try:
             view = memoryview(data)
@@ -78,6 +87,87 @@ def write_atomic(path: Path, data: bytes, tmp_dir: Path, *, sync_dir: bool = Tru
         raise
     if sync_dir:
         fsync_dir(path.parent)
+
+
+def reusable(st: os.stat_result) -> bool:
+    """Is this a file a spare may be made of, or taken from: a regular file of ours with
+    one link (a second link would be someone else's name for the same bytes)."""
+    return stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid()
+
+
+def retire(path: Path, spare_dir: Path) -> int | None:
+    """Make the retired batch file ``path`` a spare: truncate it to 0 bytes, then rename it
+    into ``spare_dir`` under a new random name. Returns the bytes freed, or None when it is
+    not :func:`reusable` or ``spare_dir`` is missing (the caller unlinks it instead).
+
+    Truncated first: killed in between (failpoint ``retire-after-truncate``), the batch is
+    still done, as an empty file with its done time kept, and retired again by the next
+    pass; a spare never holds data. Opened without following links or blocking (a FIFO),
+    and nothing is written but the truncation, which comes only after ``fstat`` says the
+    file is reusable."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None  # gone, a symlink (ELOOP), a FIFO with no reader (ENXIO): unlink path
+    try:
+        st = os.fstat(fd)
+        if not reusable(st):
+            return None
+        os.ftruncate(fd, 0)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))  # its done time, for retention
+    finally:
+        os.close(fd)
+    failpoints.hit("retire-after-truncate")
+    try:
+        os.rename(path, spare_dir / token(12))
+    except FileNotFoundError:
+        return None
+    return st.st_size
+
+
+def take_spare(spare: Path, dst: Path) -> int | None:
+    """Move the spare ``spare`` to ``dst`` (in ``tmp/``) and return it open for writing,
+    empty; None when it is gone (another publisher took it).
+
+    The rename comes first: it is the one atomic step, so two publishers never write to one
+    inode. The entry is checked with ``lstat`` before (a foreign entry is never moved or
+    opened: :class:`~lrq.errors.ForeignEntry`) and the opened file with ``fstat`` after (same
+    inode, still reusable; else it goes back to ``spare`` and ForeignEntry is raised). The
+    open neither follows links nor blocks, and truncation waits for those checks. Killed
+    after the rename (failpoint ``spare-after-take``), ``dst`` is an empty orphan in
+    ``tmp/``: its mtime is its retirement's but the rename set its ctime, which is what
+    the tmp sweep ages an empty file by."""
+    try:
+        st = os.lstat(spare)
+    except FileNotFoundError:
+        return None
+    if not reusable(st):
+        raise ForeignEntry(spare, kind(st.st_mode) if not stat.S_ISREG(st.st_mode)
+                           else f"a file with {st.st_nlink} links owned by uid {st.st_uid}")
+    try:
+        os.rename(spare, dst)
+    except FileNotFoundError:
+        return None
+    failpoints.hit("spare-after-take")
+    try:
+        fd = os.open(dst, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.rename(dst, spare)
+        raise ForeignEntry(spare, f"not reopenable ({e.strerror})") from e
+    try:
+        now = os.fstat(fd)
+        if (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev) or not reusable(now):
+            raise ForeignEntry(spare, "replaced while it was taken")
+        os.ftruncate(fd, 0)
+        if stat.S_IMODE(now.st_mode) != FILE_MODE:
+            os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.rename(dst, spare)
+        raise
+    return fd
 
 
 @contextlib.contextmanager

@@ -1,6 +1,7 @@
 """What is in a queue's folders: listings (regular files only; foreign entries noted),
 batch states and counts, the sample of ``left/`` a random pick starts from, and retention
-(removing done and failed batches). Reads and unlinks only; the protocol is in :mod:`lrq.spool`.
+(removing done and failed batches, a done one into ``spare/`` while there is room). Reads,
+unlinks and retires only; the protocol is in :mod:`lrq.spool`.
 """
 from __future__ import annotations
 
@@ -17,13 +18,33 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from lrq.errors import ForeignEntry, LrqError
-from lrq.spool.files import ATTEMPT, DONE, ERROR, SUFFIX, _entries_from, is_regular, kind, read_regular
+from lrq.spool.files import (
+    ATTEMPT,
+    DONE,
+    ERROR,
+    SUFFIX,
+    _entries_from,
+    is_regular,
+    kind,
+    read_regular,
+    retire,
+)
 from lrq.spool.owners import OWNERS
 
 log = logging.getLogger(__name__)
 
 #: Entries of ``left/`` a random pick with no names cached samples before listing them all.
 PROBE = 64
+#: Most files ``spare/`` holds; retention unlinks retired batch files beyond it. A spare is an
+#: inode with no data block (about 256 bytes of inode table and a directory entry), so 4096
+#: hold about 1 MB and a fraction of any filesystem's inodes (ext4 makes one per 16 KB:
+#: 4096 are 64 MB of disk). Cleanup runs every 15 s by default and the sniffer publishes up
+#: to ~450 batches/s at batch 100: 4096 covers ~9 s of publishing per pass; more would
+#: mostly sit idle, counted against the inode floor (which cleanup frees them for).
+SPARE_MAX = 4096
+#: Seconds a count of ``spare/`` is trusted by retention (only cleanup adds spares, one
+#: process at a time, so a stale count is high, never low: the cap holds).
+SPARE_RECOUNT = 1.0
 #: Foreign entries already logged by this process (each is logged once, however often seen).
 _WARNED: set[str] = set()
 
@@ -52,6 +73,8 @@ class Counts:
     done_bytes: int = 0
     failed_bytes: int = 0
     tmp_bytes: int = 0
+    #: Empty files in ``spare/`` (retired batch files the sniffer reuses; 0 bytes, 1 inode each).
+    spare: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -68,7 +91,10 @@ class Listing:
     tmp: Path
     failed: Path
     quarantine: Path
+    spare: Path
     clock: Callable[[], float]
+    #: (spares in ``spare/``, ``time.monotonic()`` when counted), for retention's cap.
+    _spare_count: tuple[int, float] | None
     _none_pending_at: tuple[int, int] | None
     #: Entries lrq did not write, seen by this process: path -> what it is.
     _foreign: dict[str, str]
@@ -101,7 +127,8 @@ class Listing:
     def foreign(self) -> dict[str, str]:
         """Entries lrq did not write that this process came across (path -> what), after
         looking through every folder once more for those a listing alone finds."""
-        for folder in (self.left, self.right, self.done, self.failed, self.quarantine, self.tmp):
+        for folder in (self.left, self.right, self.done, self.failed, self.quarantine, self.tmp,
+                       self.spare):
             self.files(folder)
         return {p: w for p, w in sorted(self._foreign.items()) if os.path.lexists(p)}
 
@@ -227,7 +254,7 @@ class Listing:
             pending_bytes=by_state[State.PENDING][1], claimed_bytes=by_state[State.CLAIMED][1],
             done_bytes=by_state[State.DONE][1] + sum(
                 v for n, v in sizes[self.done].items() if n.endswith(SUFFIX)), failed_bytes=bad,
-            tmp_bytes=sum(sizes[self.tmp].values()))
+            tmp_bytes=sum(sizes[self.tmp].values()), spare=len(self.files(self.spare)))
 
     def last_batch_bytes(self) -> int:
         """Size of the newest batch file in ``left/`` or ``done/`` (any state): cleanup's
@@ -314,15 +341,51 @@ class Listing:
                     continue
         return sorted(out)
 
-    def remove_done(self, name: str) -> int:
+    def remove_done(self, name: str, *, spare: bool = False) -> int:
         """Delete a done batch and its markers; return the bytes freed. The batch file goes
         first: until the markers go too, the batch still reads as done, never as pending.
-        ``right/<name>`` is a done batch's claim file only in the previous version's format."""
+        ``right/<name>`` is a done batch's claim file only in the previous version's format.
+
+        ``spare``: a file in ``done/`` is retired into ``spare/`` (emptied, kept as an inode
+        the sniffer reuses: creating a file right after many deletions is its costliest
+        step on ext4) while ``spare/`` holds fewer than :data:`SPARE_MAX`; else unlinked."""
         if not self.is_done(name):
             raise LrqError(f"batch {name} is not done; cleanup never removes it")
-        return sum(self._remove(path) for path in (
-            self.done / f"{name}{SUFFIX}", self.left / f"{name}{SUFFIX}",
-            self.right / f"{name}{ATTEMPT}", self.right / name, self.right / f"{name}{DONE}"))
+        first = self.done / f"{name}{SUFFIX}"
+        freed = self._retire(first) if spare else self._remove(first)
+        return freed + sum(self._remove(path) for path in (
+            self.left / f"{name}{SUFFIX}", self.right / f"{name}{ATTEMPT}",
+            self.right / name, self.right / f"{name}{DONE}"))
+
+    def spares(self) -> int:
+        """Files in ``spare/``, counted at most once per :data:`SPARE_RECOUNT` seconds."""
+        now = time.monotonic()
+        if self._spare_count is None or now - self._spare_count[1] > SPARE_RECOUNT:
+            self._spare_count = (len(self.files(self.spare)), now)
+        return self._spare_count[0]
+
+    def _retire(self, path: Path) -> int:
+        """:func:`~lrq.spool.files.retire` ``path`` while ``spare/`` has room, else (or when
+        it is not reusable) :meth:`_remove` it."""
+        count = self.spares()
+        if count < SPARE_MAX:
+            freed = retire(path, self.spare)
+            if freed is not None:
+                assert self._spare_count is not None
+                self._spare_count = (count + 1, self._spare_count[1])
+                return freed
+        return self._remove(path)
+
+    def drop_spares(self) -> int:
+        """Unlink every spare (cleanup, when free inodes are below ``min_free``); return
+        how many. Foreign entries in ``spare/`` are left, as everywhere."""
+        dropped = 0
+        for e in self.files(self.spare):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(e.path)
+                dropped += 1
+        self._spare_count = None
+        return dropped
 
     def _remove(self, path: Path) -> int:
         """Unlink a file of lrq's and return its size; leave (and note) anything else."""

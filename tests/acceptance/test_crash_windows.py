@@ -3,9 +3,11 @@ the invariant check (every item exactly once, nothing left claimed)."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -115,3 +117,48 @@ def test_sigterm_past_the_grace_period_releases_the_batch_uncounted(tmp_path: Pa
     for p in (tmp_path / "data/docs/left").glob("*.pkl"):
         shown = json.loads(lrq("-c", str(cfg), "show", p.stem, check=True).stdout)
         assert "attempts" not in shown  # shutting down is not a failed attempt
+
+
+def test_sniffer_killed_taking_a_spare_leaves_an_empty_orphan(tmp_path: Path) -> None:
+    """Killed after renaming a spare into tmp/, before writing it: nothing visible, the
+    position unmoved; the orphan is empty and swept like any other once it ages."""
+    cfg = write_config(tmp_path, docs=500, batch_size=100)
+    lrq("-c", str(cfg), "status", check=True)  # creates the folders
+    spare = tmp_path / "data/docs/spare"
+    for i in range(3):
+        (spare / f"s{i}").write_bytes(b"")
+        (spare / f"s{i}").chmod(0o600)
+    inodes = {p.stat().st_ino for p in spare.iterdir()}
+    killed_at("spare-after-take", "-c", str(cfg), "sniff")
+    st = status(cfg)
+    assert st["pending"] == 0 and st["position"] is None
+    (orphan,) = (tmp_path / "data/docs/tmp").iterdir()
+    assert orphan.stat().st_size == 0 and orphan.stat().st_ino in inodes
+    assert len(list(spare.iterdir())) == 2
+    lrq("-c", str(cfg), "sniff", check=True)
+    published = {p.stat().st_ino for p in (tmp_path / "data/docs/left").iterdir()}
+    assert len(published & inodes) == 2  # the two spares left were taken
+    lrq("-c", str(cfg), "work", "--burst", check=True)
+    assert_exactly_once(cfg, 500)
+
+
+def test_cleanup_killed_retiring_a_done_batch_leaves_it_done(tmp_path: Path) -> None:
+    """Killed after emptying a done batch file, before moving it into spare/: the batch
+    still reads done (an empty file in done/), and the next pass retires it."""
+    cfg = write_config(tmp_path, docs=200, batch_size=100, top={"cleanup": {"keep_done": "1s"}})
+    lrq("-c", str(cfg), "sniff", check=True)
+    lrq("-c", str(cfg), "work", "--burst", check=True)
+    done = tmp_path / "data/docs/done"
+    old = time.time() - 60
+    for p in done.iterdir():
+        os.utime(p, (old, old))
+    killed_at("retire-after-truncate", "-c", str(cfg), "cleanup")
+    files = sorted(done.iterdir())
+    assert len(files) == 2 and sorted(p.stat().st_size == 0 for p in files) == [False, True]
+    assert status(cfg)["done"] == 2
+    r = lrq("-c", str(cfg), "cleanup", check=True)
+    assert "remove 2 done batches past keep_done" in r.stdout, r.stdout
+    assert list(done.iterdir()) == []
+    assert all(p.stat().st_size == 0 for p in (tmp_path / "data/docs/spare").iterdir())
+    assert len(list((tmp_path / "data/docs/spare").iterdir())) == 2
+    assert_exactly_once(cfg, 200)
