@@ -349,7 +349,6 @@ class Sink:
         would wrap it (``IntegrityError``, ``OperationalError``, ...), so :meth:`store`
         reads it as on the other path: a replay, refused rows to isolate (done through
         SQLAlchemy), or an unreachable database."""
-        head, row, tail = self._values_sql or ("", "", "")
         sql: str | None = None  # connecting
         params: tuple[Any, ...] | None = None
         try:
@@ -362,10 +361,7 @@ class Sink:
                     sql, params = self._ledger_sql, (self.queue.name, batch, items, len(bulk), 0,
                                                      attempt)
                     db.execute(sql, params)
-                    for at in range(0, len(bulk), SQLITE_ROWS):
-                        chunk = bulk[at:at + SQLITE_ROWS]
-                        sql = f"{head}{', '.join([row] * len(chunk))}{tail}"
-                        params = tuple(chain.from_iterable(chunk))
+                    for sql, params in self._values_statements(bulk):
                         db.execute(sql, params)
                     failpoints.hit("during-txn")
                     sql, params = "COMMIT", None
@@ -475,15 +471,20 @@ class Sink:
             if self._values_sql is None:
                 conn.exec_driver_sql(self._bulk_sql, params)
                 return
-            head, row, tail = self._values_sql
-            for at in range(0, len(params), SQLITE_ROWS):
-                chunk = params[at:at + SQLITE_ROWS]
-                conn.exec_driver_sql(f"{head}{', '.join([row] * len(chunk))}{tail}",
-                                     tuple(chain.from_iterable(chunk)))
+            for sql, values in self._values_statements(params):
+                conn.exec_driver_sql(sql, values)
             return
         chosen = rows if whole else [rows[i] for i in part]
         for group in _same_fields(chosen):
             conn.execute(self._insert, group)
+
+    def _values_statements(self, params: Sequence[Any]) -> Iterator[tuple[str, tuple[Any, ...]]]:
+        """SQLite's multi-row ``INSERT ... VALUES (...), (...)`` for the generic table's rows
+        ``params``: (statement, parameters) per :data:`SQLITE_ROWS` rows."""
+        head, row, tail = self._values_sql or ("", "", "")
+        for at in range(0, len(params), SQLITE_ROWS):
+            chunk = params[at:at + SQLITE_ROWS]
+            yield f"{head}{', '.join([row] * len(chunk))}{tail}", tuple(chain.from_iterable(chunk))
 
     def _open_batch(self, conn: Connection, batch: str, items: int, results: int, dead: int,
                     attempt: int, replace: list[str] | None = None, *,
