@@ -70,7 +70,8 @@ def test_postgres_restart_mid_run_loses_nothing_and_the_run_resumes(
     log = (tmp_path / "data" / "lrq.log").read_text()
     backoffs = [line for line in log.splitlines() if "lrq.worker: backoff queue=docs" in line]
     assert backoffs, "the outage was not seen"
-    assert all("DatabaseUnreachable" in b and f"port {own_pg.port}" in b for b in backoffs)
+    assert all("DatabaseUnreachable" in b and f"@127.0.0.1:{own_pg.port}/" in b for b in backoffs), \
+        backoffs
     assert own_pg.password not in log
     assert "\n\tIs the server running" not in log  # psycopg's hint, joined into the line
     assert "worker-exit" not in log, log[-3000:]
