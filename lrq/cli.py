@@ -161,7 +161,7 @@ def cmd_work(args: argparse.Namespace) -> int:
         finally:
             worker.spool.close_owner()  # no exit handlers run in a scheduler's worker process
         s = worker.stats
-        failed += s.failed + s.infra_errors
+        failed += s.failed + s.gave_up  # errors it recovered from leave nothing undone
         log.info("finished queue=%s batches=%d items=%d dead=%d failed=%d infra_errors=%d "
                  "seconds=%.1f rate=%.0f/s", q.name, s.batches, s.items, s.dead, s.failed,
                  s.infra_errors, s.seconds, s.rate)

@@ -1,15 +1,24 @@
 """Every error lrq raises on purpose derives from :class:`LrqError`.
 
-The class docstring is the default message; fields carry what callers need to act.
+The class docstring is the default message; fields carry what callers need to act. A
+message is one line: a driver's multi-line text (psycopg's "Is the server running on that
+host..." hint) is joined, so each error is one log line and one line on stderr.
 """
 from __future__ import annotations
+
+
+def one_line(text: str) -> str:
+    """``text`` with its line breaks (and the indentation after them) as single spaces."""
+    if "\n" not in text and "\r" not in text:
+        return text
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
 
 
 class LrqError(Exception):
     """lrq failed."""
 
     def __init__(self, message: str | None = None) -> None:
-        super().__init__(message or (self.__doc__ or "").strip().splitlines()[0])
+        super().__init__(one_line(message or (self.__doc__ or "").strip().splitlines()[0]))
 
 
 class ConfigError(LrqError):

@@ -531,7 +531,9 @@ class Sink:
         database's message and, for a statement, what to check."""
         message = f"{what}: {getattr(e, 'orig', None) or e}"
         if fault(e) is Fault.UNREACHABLE:
-            return DatabaseUnreachable(message)
+            # Named by URL (its password masked): a driver's text may not say which server
+            # ("terminating connection due to administrator command").
+            return DatabaseUnreachable(f"results database {self.engine.url!r}: {message}")
         fix = fix or (f"check that table {self.table.name} has the columns the results carry "
                       "and that the database user may write it")
         return StatementRefused(f"{message} (a schema or configuration problem: {fix})")

@@ -112,6 +112,10 @@ class RunStats:
     refused: int = 0
     #: Batches found already in the ledger and only marked done.
     finalized: int = 0
+    #: The run ended on ``INFRA_TRIES`` failures in a row without progress (the database or
+    #: a service stayed down): work is left, so ``lrq work`` exits non-zero. Infrastructure
+    #: errors the run recovered from are counted in ``infra_errors`` only.
+    gave_up: bool = False
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -460,6 +464,7 @@ class Worker:
                     if failures >= INFRA_TRIES:
                         log.error("giving up queue=%s after %d failures without progress: %s",
                                   self.queue.name, failures, e)
+                        self.stats.gave_up = True
                         break
                     wait = min(self.queue.backoff * 2 ** failures, MAX_BACKOFF)
                     log.warning("backoff queue=%s seconds=%.1f error=%s", self.queue.name, wait, e)

@@ -262,6 +262,15 @@ def _stop_postgres_in(root: Path, bindir: Path, timeout: float = STOP_TIMEOUT) -
             pass
 
 
+def restart_postgres(server: PostgresServer, mode: str = "fast",
+                     timeout: float = START_TIMEOUT) -> None:
+    """``pg_ctl restart -m MODE``: every connection is cut, and the server comes back on the
+    same port with the same options (pg_ctl keeps them in ``postmaster.opts``)."""
+    _run(_as_postgres([str(server.bindir / "pg_ctl"), "-D", str(server.data), "-l",
+                       str(server.log), "-m", mode, "-w", "-t", str(int(timeout)), "restart"]),
+         timeout + 10, "pg_ctl restart", server.log)
+
+
 def stop_postgres(server: PostgresServer, timeout: float = STOP_TIMEOUT) -> None:
     """Stop (fast shutdown, else SIGKILL) and remove the server's folder."""
     try:

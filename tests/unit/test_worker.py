@@ -414,6 +414,7 @@ def test_an_infrastructure_failure_in_a_commit_behind_releases_only_that_batch(a
     w.sink.store = store_failing_once
     stats = w.run(burst=True)
     assert stats.infra_errors == 1 and stats.batches == 3 and rows(app) == 12
+    assert not stats.gave_up  # recovered: `lrq work` exits 0
     assert all(w.spool.state(n) is State.DONE for n in names)
     assert w.spool.attempts(failed[0])["attempts"] == 0  # released uncounted, then redone
 
@@ -535,6 +536,7 @@ def test_a_commit_that_keeps_failing_backs_off_longer_each_time_then_gives_up(
     # before the run returns: one more error, without a wait.
     assert INFRA_TRIES <= stats.infra_errors <= INFRA_TRIES + pipeline and stats.batches == 0
     assert stop.waits == [2.0, 4.0, 8.0, 16.0, 32.0]  # gave up after 6, not at max_seconds
+    assert stats.gave_up  # work left behind: `lrq work` exits non-zero
     assert w.spool.state(name) is State.PENDING
     assert w.spool.attempts(name)["attempts"] == 0  # the database was down: nothing counted
 
