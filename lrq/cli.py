@@ -294,6 +294,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
               f"results {v.results}, dead letters {v.dead}, missing {v.missing}, "
               f"duplicated {v.duplicated}, not in source {v.extra}, "
               f"failed batches {v.failed_batches}, quarantined {v.quarantined_batches}")
+        if v.reconciled:
+            print(f"  {v.reconciled}")
         if v.source_duplicates:
             print(f"  key {q.key!r} is not unique in the source: {v.source} items, {v.distinct} "
                   f"distinct; set `key` to a unique column (queues.{q.name}.key)")
