@@ -19,7 +19,7 @@ from lrq.acker import Acker
 from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
 from lrq.disk import Budget, Floor, Held
-from lrq.errors import BatchCorrupt, ConfigError, SinkError
+from lrq.errors import BatchCorrupt, ConfigError, LrqError, SinkError
 from lrq.sink import Sink
 from lrq.sniffer import Sniffer
 from lrq.spool import Spool, State
@@ -196,7 +196,8 @@ class App:
                                      "foreign": {"count": len(foreign), "sample": [
                                          f"{p} ({w})" for p, w in list(foreign.items())[:5]]},
                                      "key_problem": str(problem) if problem else None,
-                                     "position": sp.read_position()}
+                                     "position": sp.read_position(),
+                                     "source": self._source_status(q)}
             if "database" not in out:
                 self._status_db(q, out)
         out["bytes"] = total
@@ -214,6 +215,15 @@ class App:
                        "blocked": blocked and f"{blocked[1]}; {budget.advice(held, nxt)}",
                        "held": held.as_dict()}
         return out
+
+    def _source_status(self, q: QueueConfig) -> dict[str, Any]:
+        """The source's own view (:meth:`Source.status`: lag, pending per consumer, the last
+        acknowledgement), ``{"kind": ...}`` first; ``{"error": ...}`` when it cannot be
+        opened or asked (the spool's part is still shown)."""
+        try:
+            return {"kind": q.source.kind, **self.source(q).status()}
+        except LrqError as e:
+            return {"kind": q.source.kind, "error": str(e)}
 
     def _status_db(self, q: QueueConfig, out: dict[str, Any]) -> None:
         """Add the database's part of a queue's status, or, when the database cannot be

@@ -85,6 +85,12 @@ class Sniffer:
         #: Items fetched but not yet published (backpressure or a full disk stopped the tick
         #: after the fetch): published first by the next tick, never fetched again or dropped.
         self.carried: Fetched | None = None
+        #: Ask a commit-acked source's ``settled()`` at the end of a drained tick (``lrq run
+        #: --until-idle`` sets it; a broker round trip, so not on every idle tick otherwise).
+        #: Asked here, in the thread that uses the source, not by the supervisor.
+        self.check_settled = False
+        #: The last answer: the source has nothing new and nothing pending for any consumer.
+        self.source_settled = not self.commit_acked
         #: True once a fetch came back short: the source has nothing more for now.
         self.drained = False
         #: Why prefetching is paused ("max_pending", "budget", "min_free", "disk-full"), or None.
@@ -123,6 +129,7 @@ class Sniffer:
             # hands out what it returns); carried into the loop below when it has items.
             fetched = self.source.fetch(position, self.queue.batch_size)
             if not fetched.items:
+                self._ask_settled()
                 return 0  # still nothing new: skip the disk accounting, an idle tick stays cheap
             self.carried, self.drained = fetched, False
         watch = self._pending_sizes()  # the backlog by name, kept up to date while paused
@@ -193,12 +200,18 @@ class Sniffer:
                     break
                 if self.clock() >= save_at and self._save(position):
                     saved, save_at = position, self.clock() + POSITION_EVERY
+            if self.drained:
+                self._ask_settled()
         finally:
             # Every batch up to ``position`` is durable in left/ (a broker's: no position,
             # but the group's names are made durable the same way).
             if position != saved or (self.commit_acked and published):
                 self._save(position)
         return published
+
+    def _ask_settled(self) -> None:
+        if self.commit_acked and self.check_settled:
+            self.source_settled = self.source.settled()
 
     def _size_of(self, name: str) -> int | None:
         """A batch just published: its file's size, None when it already left ``left/``

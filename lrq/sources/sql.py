@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import MetaData, Table, bindparam, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from lrq.config import absolute_sqlite, check_url, take
@@ -53,6 +53,11 @@ class Settings:
                    columns=pairs)
 
 
+def shown(url: str) -> str:
+    """``url`` with its password masked, for messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
 def open(settings: Settings, context: Context | None = None) -> SqlSource:  # noqa: A001
     """The kind's entry point for :func:`lrq.sources.build` (``context`` is not needed: a
     table is re-readable, nothing is held)."""
@@ -68,9 +73,9 @@ class SqlSource:
         try:
             self.table = Table(cfg.table, MetaData(), autoload_with=self.engine)
         except NoSuchTableError:
-            raise ConfigError(f"source table {cfg.table!r} not found in {cfg.url}") from None
+            raise ConfigError(f"source table {cfg.table!r} not found in {shown(cfg.url)}") from None
         except SQLAlchemyError as e:
-            raise SourceError(f"cannot read source {cfg.url}: {e}") from e
+            raise SourceError(f"cannot read source {shown(cfg.url)}: {e}") from e
         cols = self.table.c
         pairs = cfg.columns or tuple((c.name, c.name) for c in cols)
         for _, column in (*pairs, ("", cfg.order_by)):
