@@ -276,9 +276,9 @@ class App:
                    duplicated: int) -> Verification:
         """:meth:`verify` for a source that cannot list its keys: every item the ledger
         recorded is stored once (duplicates as above), and the source holds nothing more:
-        its ``pending`` (fetched, not acknowledged, any consumer) and ``lag`` (not read yet)
-        from :meth:`Source.status`, plus this node's batches not yet stored, are the items
-        not stored yet."""
+        its ``pending`` (fetched, not acknowledged, by any consumer: this node's batches not
+        yet stored are among them) and ``lag`` (not read yet) from :meth:`Source.status` are
+        the items not stored yet."""
         view = self.source(q).status()
         held = sum(int(view.get(k) or 0) for k in ("pending", "lag"))
         _, items = self.sink(q).ledger_stats()
@@ -288,7 +288,7 @@ class App:
                 f"here, {counts.awaiting_ack} awaiting their acknowledgement)")
         return Verification(
             queue=q.name, source=items, distinct=items, results=results, dead=dead,
-            missing=held + counts.pending + counts.claimed, duplicated=duplicated, extra=0,
+            missing=held, duplicated=duplicated, extra=0,
             failed_batches=counts.failed, quarantined_batches=counts.quarantined,
             reconciled=note)
 

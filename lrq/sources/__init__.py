@@ -26,7 +26,22 @@ Acknowledgement, declared by :attr:`Source.ack_at`:
     another node as abandoned. ``position`` is ignored by such a source (None is passed).
 
 Nothing fetched is thrown away: the sniffer publishes or keeps in memory every item a
-``fetch`` returned (an idle tick fetches a whole batch, not a probe of one).
+``fetch`` returned (an idle tick fetches a whole batch, not a probe of one; a batch stopped
+by backpressure or a full disk waits in ``Sniffer.carried`` and is published first next tick).
+
+Who calls what: ``fetch``, ``ack``, ``keep`` and ``settled`` are called only by the process
+that runs the sniffer, from its sniff job's thread, under the sniffer lock (``settled`` only
+for ``lrq run --until-idle``); ``ack`` and ``keep`` by :mod:`lrq.acker` once per tick (``keep``
+every ``min(KEEP_EVERY, source.keep_every)`` seconds, plus up to one sniff job, ~5 s: an
+optional ``keep_every`` attribute is how a source asks for more). ``status`` and ``keys`` are
+also called by other commands (``lrq status``, ``lrq verify``) in their own processes, so
+``open`` must not join a consumer group or take entries: do that on the first ``fetch``.
+:attr:`Context.held` is computed when first read (it scans the spool): read it at the first
+``fetch``, or at ``open`` only if needed.
+
+Kinds: ``sql`` (:mod:`lrq.sources.sql`, at publish) and ``sqlite-broker``
+(:mod:`lrq.sources.sqlite_broker`, at commit: a stand-in broker in one SQLite file for the
+contract suite, tests/contract). The config's ``kind`` defaults to ``"sql"``.
 """
 from __future__ import annotations
 
