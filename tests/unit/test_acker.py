@@ -129,3 +129,21 @@ def test_a_split_batch_slices_its_receipts_and_the_acker_holds_the_halves(
     finish(sp, halves[0])
     sn.tick()
     assert sn.source.acks == [list(range(5))]
+
+
+def test_a_full_disk_keeps_the_fetched_batch_for_the_next_tick(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    sn = make(tmp_path, 10)
+    publish = sn.spool.publish
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sn.spool, "publish", full)
+    assert sn.tick() == 0 and sn.paused == "disk-full"
+    assert sn.carried is not None and sn.carried.receipts == list(range(10))
+    monkeypatch.setattr(sn.spool, "publish", publish)
+    sn._retry_at = 0.0  # the back-off is over
+    assert sn.tick() == 1 and sn.carried is None and sn.source.fetches == 2
+    assert sn.spool.load(sn.spool.pending()[0]).receipts == list(range(10))
