@@ -46,6 +46,7 @@ def results(batch: int, n: int) -> list[dict[str, Any]]:
 def one_run(size: int, stores: int, warm: int, tmp: str | None) -> tuple[float, float]:
     """(CPU ms per store, statements per store) over ``stores`` batches of ``size``."""
     from lrq.config import QueueConfig, SourceConfig
+    from lrq.sources import sql
     from lrq.db import make_engine
     from lrq.sink import Sink
 
@@ -54,8 +55,8 @@ def one_run(size: int, stores: int, warm: int, tmp: str | None) -> tuple[float, 
         try:
             queue = QueueConfig(name="docs", handler="workers.wordcount:handle", key="doc_id",
                                 result_table="doc_results", batch_size=size, chunk_size=size,
-                                source=SourceConfig(url="sqlite:///unused.db",
-                                                    table="source_data"))
+                                source=SourceConfig("sql", sql.Settings(url="sqlite:///unused.db",
+                                                    table="source_data")))
             sink = Sink(engine, queue).prepare()
             batches = [results(b, size) for b in range(warm + stores)]
             for b in range(warm):

@@ -7,18 +7,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Collection
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
 from lrq import signing, sources
+from lrq.acker import Acker
 from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
 from lrq.disk import Budget, Floor, Held
-from lrq.errors import BatchCorrupt, ConfigError, SinkError
+from lrq.errors import BatchCorrupt, ConfigError, LrqError, SinkError
 from lrq.sink import Sink
 from lrq.sniffer import Sniffer
 from lrq.spool import Spool, State
@@ -44,6 +45,10 @@ class Verification:
     failed_batches: int
     quarantined_batches: int = 0
     missing_sample: list[str] = field(default_factory=list)
+    #: Set when the source cannot list its keys (a broker): how the ledger was reconciled
+    #: against what the source still holds instead. ``source`` is then the ledger's item
+    #: count and ``missing`` the entries the source still holds (pending or not yet read).
+    reconciled: str | None = None
 
     @property
     def source_duplicates(self) -> int:
@@ -79,6 +84,7 @@ class App:
         self._sinks: dict[str, Sink] = {}
         self._sources: dict[str, sources.Source] = {}
         self._spools: dict[str, Spool] = {}
+        self._ackers: dict[str, Acker] = {}
         self._key: bytes | None = None
 
     @property
@@ -110,9 +116,19 @@ class App:
         return self._sinks[q.name]
 
     def source(self, q: QueueConfig) -> sources.Source:
+        """The queue's source, opened once. Its context's ``held`` is read from the spool
+        only if the source asks (a broker consumer at open; a SQL table never does)."""
         if q.name not in self._sources:
-            self._sources[q.name] = sources.build(q.source)
+            context = sources.Context(data_dir=self.cfg.data_dir, queue=q.name,
+                                      held=_Lazy(lambda: self.acker(q).receipts()))
+            self._sources[q.name] = sources.build(q.source, context)
         return self._sources[q.name]
+
+    def acker(self, q: QueueConfig) -> Acker:
+        """The queue's :class:`~lrq.acker.Acker` (its spool scanned once, when built)."""
+        if q.name not in self._ackers:
+            self._ackers[q.name] = Acker(self.spool(q))
+        return self._ackers[q.name]
 
     def worker(self, q: QueueConfig, stop: threading.Event | None = None) -> Worker:
         return Worker(q, self.spool(q), self.sink(q), load_handler(q, self.base), stop=stop)
@@ -127,7 +143,9 @@ class App:
         return self.budget().held(self.spool(q).counts() for q in self.queues())
 
     def sniffer(self, q: QueueConfig) -> Sniffer:
-        return Sniffer(q, self.spool(q), self.source(q), budget=self.budget())
+        source = self.source(q)
+        acker = self.acker(q) if source.ack_at == "commit" else None
+        return Sniffer(q, self.spool(q), source, budget=self.budget(), acker=acker)
 
     def check(self) -> None:
         """Build every queue's parts once, so a bad handler, model, URL or key fails up front."""
@@ -145,7 +163,8 @@ class App:
         would fail in the worker, one by one, while the run looks healthy. A ``columns``
         mapping names the fields without a database round trip; else the source is built
         (its table reflected) and asked."""
-        fields = [f for f, _ in q.source.columns] or self.source(q).item_fields()
+        mapped = getattr(q.source.settings, "columns", ())  # a SQL source's, without a query
+        fields = [f for f, _ in mapped] or self.source(q).item_fields()
         if fields is not None and q.key not in fields:
             raise ConfigError(
                 f"queues.{q.name}.key: {q.key!r} is not a field of the source's items "
@@ -177,7 +196,8 @@ class App:
                                      "foreign": {"count": len(foreign), "sample": [
                                          f"{p} ({w})" for p, w in list(foreign.items())[:5]]},
                                      "key_problem": str(problem) if problem else None,
-                                     "position": sp.read_position()}
+                                     "position": sp.read_position(),
+                                     "source": self._source_status(q)}
             if "database" not in out:
                 self._status_db(q, out)
         out["bytes"] = total
@@ -195,6 +215,15 @@ class App:
                        "blocked": blocked and f"{blocked[1]}; {budget.advice(held, nxt)}",
                        "held": held.as_dict()}
         return out
+
+    def _source_status(self, q: QueueConfig) -> dict[str, Any]:
+        """The source's own view (:meth:`Source.status`: lag, pending per consumer, the last
+        acknowledgement), ``{"kind": ...}`` first; ``{"error": ...}`` when it cannot be
+        opened or asked (the spool's part is still shown)."""
+        try:
+            return {"kind": q.source.kind, **self.source(q).status()}
+        except LrqError as e:
+            return {"kind": q.source.kind, "error": str(e)}
 
     def _status_db(self, q: QueueConfig, out: dict[str, Any]) -> None:
         """Add the database's part of a queue's status, or, when the database cannot be
@@ -224,7 +253,10 @@ class App:
         seen: set[str] = set()
         missing: list[str] = []
         n_missing = n_items = 0
-        for k in self.source(q).keys(q.key):
+        keys = self.source(q).keys(q.key)
+        if keys is None:
+            return self._reconcile(q, counts, n_results, len(dead), sink.duplicates() + both)
+        for k in keys:
             n_items += 1
             if k in seen:
                 continue
@@ -239,6 +271,26 @@ class App:
             duplicated=sink.duplicates() + both, extra=len(stored - seen),
             failed_batches=counts.failed, quarantined_batches=counts.quarantined,
             missing_sample=missing)
+
+    def _reconcile(self, q: QueueConfig, counts: Any, results: int, dead: int,
+                   duplicated: int) -> Verification:
+        """:meth:`verify` for a source that cannot list its keys: every item the ledger
+        recorded is stored once (duplicates as above), and the source holds nothing more:
+        its ``pending`` (fetched, not acknowledged, by any consumer: this node's batches not
+        yet stored are among them) and ``lag`` (not read yet) from :meth:`Source.status` are
+        the items not stored yet."""
+        view = self.source(q).status()
+        held = sum(int(view.get(k) or 0) for k in ("pending", "lag"))
+        _, items = self.sink(q).ledger_stats()
+        note = (f"the source cannot list its keys: the ledger's {items} items reconciled "
+                f"against what it still holds (pending {view.get('pending', '?')}, lag "
+                f"{view.get('lag', '?')}; {counts.pending + counts.claimed} batches not stored "
+                f"here, {counts.awaiting_ack} awaiting their acknowledgement)")
+        return Verification(
+            queue=q.name, source=items, distinct=items, results=results, dead=dead,
+            missing=held, duplicated=duplicated, extra=0,
+            failed_batches=counts.failed, quarantined_batches=counts.quarantined,
+            reconciled=note)
 
     def retry_dead(self, q: QueueConfig, keys: Collection[str] | None = None) -> Retried:
         """Publish dead-lettered items (``keys``, or all) again as new batches marked
@@ -324,3 +376,31 @@ class App:
             return info
         raise ConfigError(f"no batch named {name!r} in {self.cfg.data_dir} "
                           f"(queues: {', '.join(self.cfg.queues)})")
+
+
+class _Lazy(Sequence[Any]):
+    """A sequence computed on first use (:attr:`lrq.sources.Context.held`: reading it scans
+    the spool, which only a source acknowledged at commit needs)."""
+
+    def __init__(self, compute: Callable[[], list[Any]]) -> None:
+        self._compute = compute
+        self._items: list[Any] | None = None
+
+    def _get(self) -> list[Any]:
+        if self._items is None:
+            self._items = self._compute()
+        return self._items
+
+    @overload
+    def __getitem__(self, i: int) -> Any: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Any]: ...
+
+    def __getitem__(self, i: int | slice) -> Any:
+        return self._get()[i]
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._get())

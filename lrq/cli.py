@@ -264,6 +264,12 @@ def cmd_status(args: argparse.Namespace) -> int:
     if d["blocked"]:
         print(f"WARNING: no room for the next batch: {d['blocked']}")
     for name, s in st["queues"].items():
+        if s.get("awaiting_ack"):
+            print(f"{name}: {s['awaiting_ack']} of the done batches await their acknowledgement "
+                  "to the source (kept until the sniffer's next tick acknowledges them)")
+        source = s.get("source") or {}
+        if len(source) > 1:
+            print(f"{name}: source " + ", ".join(f"{k} {v}" for k, v in source.items()))
         if s["key_problem"]:
             print(f"WARNING: {s['key_problem']}")
         if s["foreign"]["count"]:
@@ -294,6 +300,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
               f"results {v.results}, dead letters {v.dead}, missing {v.missing}, "
               f"duplicated {v.duplicated}, not in source {v.extra}, "
               f"failed batches {v.failed_batches}, quarantined {v.quarantined_batches}")
+        if v.reconciled:
+            print(f"  {v.reconciled}")
         if v.source_duplicates:
             print(f"  key {q.key!r} is not unique in the source: {v.source} items, {v.distinct} "
                   f"distinct; set `key` to a unique column (queues.{q.name}.key)")

@@ -29,14 +29,11 @@ QUEUE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 
 @dataclass(frozen=True)
 class SourceConfig:
-    """Where a queue's items come from. ``kind = "sql"``: keyset paging over ``table``."""
+    """Where a queue's items come from: a kind named in :data:`lrq.sources.KINDS` and that
+    kind's own frozen ``Settings`` (``kind = "sql"``, the default: :mod:`lrq.sources.sql`)."""
 
     kind: str = "sql"
-    url: str = ""
-    table: str = ""
-    order_by: str = "id"
-    #: Column names, or a table ``{item_field = "column"}``; empty means every column.
-    columns: tuple[tuple[str, str], ...] = ()
+    settings: Any = None
 
 
 @dataclass(frozen=True)
@@ -184,7 +181,7 @@ def check_url(url: str, where: str) -> str:
     return url
 
 
-def _absolute_sqlite(url: str, base: Path) -> str:
+def absolute_sqlite(url: str, base: Path) -> str:
     """Make a relative SQLite path absolute against ``base`` (the config's folder)."""
     u = make_url(url)
     if u.get_backend_name() == "sqlite" and u.database and u.database != ":memory:" \
@@ -193,7 +190,7 @@ def _absolute_sqlite(url: str, base: Path) -> str:
     return url
 
 
-def _take(table: dict[str, Any], known: dict[str, type | tuple[type, ...]], where: str) -> dict[str, Any]:
+def take(table: dict[str, Any], known: dict[str, type | tuple[type, ...]], where: str) -> dict[str, Any]:
     unknown = sorted(set(table) - set(known))
     if unknown:
         raise ConfigError(
@@ -214,22 +211,18 @@ def _typename(t: type | tuple[type, ...]) -> str:
 
 
 def _source(table: dict[str, Any], base: Path, where: str) -> SourceConfig:
-    _take(table, {"kind": str, "url": str, "table": str, "order_by": str,
-                  "columns": (list, dict)}, where)
-    kind = table.get("kind", "sql")
-    if kind != "sql":
-        raise ConfigError(f"{where}.kind: unknown source kind {kind!r} (known: sql)")
-    for required in ("url", "table"):
-        if not table.get(required):
-            raise ConfigError(f"{where}: missing {required!r}")
-    cols = table.get("columns", [])
-    if isinstance(cols, list):
-        pairs = tuple((str(c), str(c)) for c in cols)
-    else:
-        pairs = tuple((str(k), str(v)) for k, v in cols.items())
-    url = _absolute_sqlite(check_url(table["url"], f"{where}.url"), base)
-    return SourceConfig(kind=kind, url=url, table=table["table"],
-                        order_by=table.get("order_by", "id"), columns=pairs)
+    """The ``[queues.X.source]`` table: ``kind`` (default "sql", for configs written before
+    there were others) picks the module in :data:`lrq.sources.KINDS` that checks the rest."""
+    from lrq import sources  # here, not at import: lrq.sources' kinds import this module
+
+    options = dict(table)
+    kind = options.pop("kind", "sql")
+    if not isinstance(kind, str):
+        raise ConfigError(f"{where}.kind: expected str, got {kind!r}")
+    if kind not in sources.KINDS:
+        raise ConfigError(f"{where}.kind: unknown source kind {kind!r} "
+                          f"(known: {', '.join(sorted(sources.KINDS))})")
+    return SourceConfig(kind=kind, settings=sources.parse(kind, options, base, where))
 
 
 _QUEUE_KEYS: dict[str, type | tuple[type, ...]] = {
@@ -245,7 +238,7 @@ _QUEUE_KEYS: dict[str, type | tuple[type, ...]] = {
 def _queue(name: str, table: dict[str, Any], base: Path, where: str) -> QueueConfig:
     if not QUEUE_NAME.match(name):
         raise ConfigError(f"{where}: queue name {name!r} must be letters, digits, _ . -")
-    _take(table, _QUEUE_KEYS, where)
+    take(table, _QUEUE_KEYS, where)
     if "handler" not in table:
         raise ConfigError(f"{where}: missing 'handler' (e.g. handler = \"workers.wordcount:handle\")")
     if "source" not in table:
@@ -298,7 +291,7 @@ def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | No
 def from_dict(raw: dict[str, Any], path: Path, env: Mapping[str, str] | None = None) -> Config:
     env = {} if env is None else env
     where = str(path)
-    _take(raw, {"data_dir": str, "db_url": str, "queues": dict, "cleanup": dict,
+    take(raw, {"data_dir": str, "db_url": str, "queues": dict, "cleanup": dict,
                 "interval": (int, float), "grace": (int, float), "log_file": str,
                 "log_max_bytes": (int, str), "log_backups": int, "secret": str,
                 "previous_secrets": list}, where)
@@ -309,12 +302,12 @@ def from_dict(raw: dict[str, Any], path: Path, env: Mapping[str, str] | None = N
     base = path.parent
     data_dir = base / env.get("LRQ_DATA_DIR", raw.get("data_dir", "data"))
     db_url = env.get("LRQ_DB_URL") or raw.get("db_url") or f"sqlite:///{data_dir / 'results.db'}"
-    db_url = _absolute_sqlite(check_url(db_url, f"{where}: db_url"), base)
+    db_url = absolute_sqlite(check_url(db_url, f"{where}: db_url"), base)
     queues = {name: _queue(name, t, base, f"queues.{name}") if isinstance(t, dict) else
               _bad(f"queues.{name} must be a table") for name, t in raw.get("queues", {}).items()}
     if not queues:
         raise ConfigError(f"{where}: no queues; add a [queues.NAME] table (see `lrq init`)")
-    c = _take(dict(raw.get("cleanup", {})), {"keep_done": (int, float, str),
+    c = take(dict(raw.get("cleanup", {})), {"keep_done": (int, float, str),
               "keep_failed": (int, float, str), "max_bytes": (int, str), "min_free": str,
               "tmp_age": (int, float, str), "every": (int, float, str)}, "cleanup")
     periods = {k: positive(parse_duration(c.get(k, getattr(CleanupConfig, k)), f"cleanup.{k}"),

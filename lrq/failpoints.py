@@ -10,7 +10,9 @@ claims not yet checked); in a reaper's split (:meth:`lrq.spool.Spool.split`): ``
 ``split-after-half-1`` (both halves written), ``split-after-retire`` (the batch file removed,
 its claim not yet); ``spare-after-take`` (a spare renamed into ``tmp/`` for a batch, not yet
 opened), ``retire-after-truncate`` (cleanup emptied a done batch file, not yet moved into
-``spare/``). Unset in production; the check is one dictionary lookup.
+``spare/``); in :mod:`lrq.acker`: ``ack-before`` (done batches found, the source not yet
+told), ``ack-after`` (the source told, the batches not yet marked acknowledged). Unset in
+production; the check is one dictionary lookup.
 """
 from __future__ import annotations
 

@@ -117,6 +117,7 @@ class Runner:
         self.sniffers = {q.name: app.sniffer(q) for q in app.queues()}
         for q in app.queues():
             self.sniffers[q.name].on_publish = lambda q=q: self._start_worker(q)
+            self.sniffers[q.name].check_settled = until_idle
         self.spools = {q.name: app.spool(q) for q in app.queues()}
         #: Queues whose handler is broken: (no worker before this monotonic time, times seen).
         self.broken: dict[str, tuple[float, int]] = {}
@@ -328,11 +329,15 @@ class Runner:
         self.supervise()
 
     def idle(self) -> bool:
-        """Sources drained and no batch pending or claimed. Worker processes still running
-        then have nothing to claim (only the in-process sniffer publishes), so they are not
-        waited for: stopping sends them SIGTERM and they exit at once."""
-        return all(sniffer.drained and self.spools[name].settled()
-                   for name, sniffer in self.sniffers.items())
+        """Sources drained and no batch pending or claimed; for a source acknowledged at
+        commit also no done batch awaiting its acknowledgement and ``source.settled()`` (as
+        last asked by its sniff job: nothing new, nothing pending for any consumer). Worker
+        processes still running then have nothing to claim (only the in-process sniffer
+        publishes), so they are not waited for: stopping sends them SIGTERM and they exit at
+        once."""
+        return all(sniffer.drained and sniffer.carried is None and self.spools[name].settled()
+                   and (sniffer.acker is None or sniffer.acker.awaiting() == 0)
+                   and sniffer.source_settled for name, sniffer in self.sniffers.items())
 
     # -- lifecycle -----------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:

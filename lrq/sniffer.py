@@ -49,9 +49,10 @@ from collections.abc import Callable
 from typing import Any
 
 from lrq import failpoints
+from lrq.acker import Acker
 from lrq.config import QueueConfig
 from lrq.disk import TRIM_AT, Budget
-from lrq.sources import Source
+from lrq.sources import Fetched, Source
 from lrq.spool import DONE, SUFFIX, Spool
 
 log = logging.getLogger(__name__)
@@ -68,13 +69,28 @@ MTIME_SETTLE_NS = 20_000_000
 
 class Sniffer:
     def __init__(self, queue: QueueConfig, spool: Spool, source: Source, *,
-                 budget: Budget | None = None,
+                 budget: Budget | None = None, acker: Acker | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.queue = queue
         self.spool = spool
         self.source = source
         self.budget = budget
         self.clock = clock
+        #: A source acknowledged at commit: no position, receipts in the batch files, and
+        #: this acker told of each publish and stepped once per tick (:mod:`lrq.acker`).
+        self.commit_acked = getattr(source, "ack_at", "publish") == "commit"
+        if self.commit_acked and acker is None:
+            acker = Acker(spool, clock=clock)
+        self.acker = acker
+        #: Items fetched but not yet published (backpressure or a full disk stopped the tick
+        #: after the fetch): published first by the next tick, never fetched again or dropped.
+        self.carried: Fetched | None = None
+        #: Ask a commit-acked source's ``settled()`` at the end of a drained tick (``lrq run
+        #: --until-idle`` sets it; a broker round trip, so not on every idle tick otherwise).
+        #: Asked here, in the thread that uses the source, not by the supervisor.
+        self.check_settled = False
+        #: The last answer: the source has nothing new and nothing pending for any consumer.
+        self.source_settled = not self.commit_acked
         #: True once a fetch came back short: the source has nothing more for now.
         self.drained = False
         #: Why prefetching is paused ("max_pending", "budget", "min_free", "disk-full"), or None.
@@ -101,13 +117,21 @@ class Sniffer:
 
         With ``stop``, a pause on ``max_pending`` waits (until ``max_seconds`` are up or
         ``stop`` is set) for the backlog to fall to the low-water mark, then goes on."""
+        if self.acker is not None:
+            self.acker.step(self.source)
         now = self.clock()
         if now < self._retry_at:
             return 0
         deadline = now + max_seconds
-        position = saved = self.spool.read_position()
-        if self.drained and not self.source.fetch(position, 1).items:
-            return 0  # still nothing new: skip the disk accounting, an idle tick stays cheap
+        position = saved = None if self.commit_acked else self.spool.read_position()
+        if self.drained and self.carried is None:
+            # An idle tick fetches a whole batch, never a probe it would throw away (a broker
+            # hands out what it returns); carried into the loop below when it has items.
+            fetched = self.source.fetch(position, self.queue.batch_size)
+            if not fetched.items:
+                self._ask_settled()
+                return 0  # still nothing new: skip the disk accounting, an idle tick stays cheap
+            self.carried, self.drained = fetched, False
         watch = self._pending_sizes()  # the backlog by name, kept up to date while paused
         self.recounts += 1
         pending, pending_bytes = len(watch), sum(watch.values())
@@ -137,18 +161,24 @@ class Sniffer:
                     self.refills += 1
                     log.debug("refill queue=%s pending=%d", self.queue.name, pending)
                     continue
-                fetched = self.source.fetch(position, self.queue.batch_size)
+                carried, self.carried = self.carried, None
+                fetched = carried or self.source.fetch(position, self.queue.batch_size)
                 if not fetched.items:
                     self.drained = True
                     self._resume(pending)
                     break
                 try:
-                    name = self.spool.publish(fetched.items, fetched.position, sync=False)
+                    self.carried = fetched  # until it is in left/
+                    name = self.spool.publish(fetched.items, fetched.position, sync=False,
+                                              receipts=fetched.receipts)
+                    self.carried = None
                 except OSError as e:
                     if e.errno not in DISK_FULL:
                         raise
                     self._disk_full(e)
                     break
+                if self.acker is not None and fetched.receipts is not None:
+                    self.acker.add(name, list(fetched.receipts))
                 self._full_backoff = 1.0
                 if not refilled:  # a refill is not a resume: one line per pause, not per refill
                     self._resume(pending)
@@ -170,10 +200,18 @@ class Sniffer:
                     break
                 if self.clock() >= save_at and self._save(position):
                     saved, save_at = position, self.clock() + POSITION_EVERY
+            if self.drained:
+                self._ask_settled()
         finally:
-            if position != saved:  # every batch up to ``position`` is durable in left/
+            # Every batch up to ``position`` is durable in left/ (a broker's: no position,
+            # but the group's names are made durable the same way).
+            if position != saved or (self.commit_acked and published):
                 self._save(position)
         return published
+
+    def _ask_settled(self) -> None:
+        if self.commit_acked and self.check_settled:
+            self.source_settled = self.source.settled()
 
     def _size_of(self, name: str) -> int | None:
         """A batch just published: its file's size, None when it already left ``left/``
@@ -190,7 +228,8 @@ class Sniffer:
         try:
             self.spool.sync_published()
             failpoints.hit("sniff-before-position")
-            self.spool.write_position(position, batch_bytes=self.last_bytes)
+            if not self.commit_acked:  # a broker's items are acknowledged by the acker instead
+                self.spool.write_position(position, batch_bytes=self.last_bytes)
             return True
         except OSError as e:
             if e.errno not in DISK_FULL:

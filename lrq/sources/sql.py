@@ -1,4 +1,5 @@
-"""A SQL table read by keyset paging: ``WHERE order_by > :position ORDER BY order_by``.
+"""``kind = "sql"``: a SQL table read by keyset paging: ``WHERE order_by > :position ORDER BY
+order_by``. Acknowledged at publish (the position saved once the batch file is durable).
 
 Unlike ``OFFSET`` paging filtered by ``NOT IN (results)``, this neither re-sends rows that are
 still in flight nor skips rows when results change under it. It assumes ``order_by`` only
@@ -7,31 +8,74 @@ grows for new rows (an auto-increment id or an insertion timestamp with a unique
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import MetaData, Table, bindparam, select
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
-from lrq.config import SourceConfig
+from lrq.config import absolute_sqlite, check_url, take
 from lrq.db import make_engine
 from lrq.errors import ConfigError, SourceError
-from lrq.sources import Fetched
+from lrq.sources import AckAt, Context, Fetched
 
 _POS = "_lrq_position"
 
 
+@dataclass(frozen=True)
+class Settings:
+    """The ``[queues.X.source]`` table of ``kind = "sql"``."""
+
+    url: str = ""
+    table: str = ""
+    order_by: str = "id"
+    #: Column names, or a table ``{item_field = "column"}``; empty means every column.
+    columns: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def parse(cls, table: dict[str, Any], base: Path, where: str) -> Settings:
+        """Check the options (``kind`` already removed); a relative SQLite path is made
+        absolute against ``base``, the config file's folder."""
+        take(table, {"url": str, "table": str, "order_by": str, "columns": (list, dict)}, where)
+        for required in ("url", "table"):
+            if not table.get(required):
+                raise ConfigError(f"{where}: missing {required!r}")
+        cols = table.get("columns", [])
+        if isinstance(cols, list):
+            pairs = tuple((str(c), str(c)) for c in cols)
+        else:
+            pairs = tuple((str(k), str(v)) for k, v in cols.items())
+        url = absolute_sqlite(check_url(table["url"], f"{where}.url"), base)
+        return cls(url=url, table=table["table"], order_by=table.get("order_by", "id"),
+                   columns=pairs)
+
+
+def shown(url: str) -> str:
+    """``url`` with its password masked, for messages."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def open(settings: Settings, context: Context | None = None) -> SqlSource:  # noqa: A001
+    """The kind's entry point for :func:`lrq.sources.build` (``context`` is not needed: a
+    table is re-readable, nothing is held)."""
+    return SqlSource(settings)
+
+
 class SqlSource:
-    def __init__(self, cfg: SourceConfig, engine: Engine | None = None) -> None:
+    ack_at: AckAt = "publish"
+
+    def __init__(self, cfg: Settings, engine: Engine | None = None) -> None:
         self.cfg = cfg
         self.engine = engine or make_engine(cfg.url, what="source url", create=False, writer=False)
         try:
             self.table = Table(cfg.table, MetaData(), autoload_with=self.engine)
         except NoSuchTableError:
-            raise ConfigError(f"source table {cfg.table!r} not found in {cfg.url}") from None
+            raise ConfigError(f"source table {cfg.table!r} not found in {shown(cfg.url)}") from None
         except SQLAlchemyError as e:
-            raise SourceError(f"cannot read source {cfg.url}: {e}") from e
+            raise SourceError(f"cannot read source {shown(cfg.url)}: {e}") from e
         cols = self.table.c
         pairs = cfg.columns or tuple((c.name, c.name) for c in cols)
         for _, column in (*pairs, ("", cfg.order_by)):
@@ -94,6 +138,19 @@ class SqlSource:
             return [dict(zip(names, r)) for r in cur.fetchall()]
         finally:
             cur.close()
+
+    def ack(self, receipts: Sequence[Any]) -> None:
+        """Never called: a table is acknowledged at publish, by the saved position."""
+
+    def keep(self, receipts: Sequence[Any]) -> None:
+        """Nothing is held in a table."""
+
+    def settled(self) -> bool:
+        """Re-readable: settled once a fetch came back short (the sniffer's ``drained``)."""
+        return True
+
+    def status(self) -> dict[str, Any]:
+        return {}
 
     def item_fields(self) -> list[str]:
         """The ``columns`` mapping's fields, else every column (reflected when built)."""

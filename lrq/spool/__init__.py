@@ -31,6 +31,7 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
     failed/<name>.pkl    a batch that could not be processed, beside failed/<name>.error
     quarantine/<name>.pkl a file whose signature did not verify: never unpickled
     position.json        the source position, advanced only after the batch file is durable
+                         (a source acknowledged at publish; a broker has none, see Receipts)
     wake                 a FIFO: whatever publishes a batch writes a byte to it, waking the
                          idle workers blocked on it (:mod:`lrq.spool.wake`); holds no state
     ../key-ids           ids of the keys this data dir has signed batches with, one per line
@@ -97,6 +98,24 @@ Files of the older ``LRQ2\\n`` format (no key id) are still read.
 Optional keys, absent from files that do not need them (and from files written before them),
 read as their default: ``"replace_dead": True`` marks a batch ``lrq retry-dead`` published
 from dead letters; storing it removes those keys' old dead letters in the same transaction.
+``"receipts"`` (default None): one receipt per item, aligned with ``items``, from a source
+acknowledged at commit (see Receipts); a split slices them with the items, and ``lrq
+retry-dead`` batches carry none (their items were committed, and acknowledged, with their
+original batch).
+
+Receipts (a source acknowledged at commit, :mod:`lrq.acker`): a batch published with receipts
+is written with mode :data:`~lrq.spool.files.AWAITING_ACK_MODE` (0400, set on the open
+``tmp/`` file before its rename into ``left/``); renames into ``done/``, ``failed/`` and back
+keep it. Once the batch is in ``done/`` (so its ledger row is committed) the process running
+the sniffer calls ``source.ack`` with its receipts and only then ``chmod``s the file back to
+0600: the mark costs one metadata write and no inode (a rename ``done/`` -> ``acked/`` would
+cost a directory entry in a second folder and a second place every done-batch reader looks;
+``bench/ack_mark.py --files 20000``: chmod 3-6 us per batch, the rename 19-27 us). It is
+not fsynced: lost in a crash, the batch is acknowledged again, which sources allow; a mark is
+never made before the acknowledgement. Retention never removes (nor retires into ``spare/``) a
+done batch still 0400, and ``counts`` reports them as ``awaiting_ack``; the disk budget counts
+them (a broker outage then pauses the sniffer by budget). After a restart the acker finds its
+held batches by this mode (``held_names``) and reads their receipts back.
 
 A file whose signature fails is judged by its key id: one of ours with a failing HMAC was
 altered, and one never used here was not written by lrq: both are moved to ``quarantine/``.
@@ -182,6 +201,12 @@ Crash windows and what covers them:
   ``done/`` is marked the previous way, by linking the owner file to ``right/<name>.done``.
 * killed between setting the batch file's mtime (the done time retention ages from) and the
   move: the batch is not done on disk, and is finished as above.
+* a source acknowledged at commit, killed between the fetch and the publish: the entries are
+  pending for this node in the broker and not in any batch file; the restarted source re-reads
+  its own pending entries minus the receipts held in batch files (``Context.held``).
+* killed after the move to ``done/``, before the acknowledgement (failpoint ``ack-before``) or
+  after it, before the file's mode is put back (``ack-after``): the batch still reads awaiting;
+  the restarted acker acknowledges it (again).
 * killed after the move to ``done/``, before the claim is removed (failpoint
   ``after-done-move``): the batch reads done (``lrq status``, ``settled``); the reaper removes
   the leftover claim without counting an attempt or splitting (``done-claim-removed``).

@@ -18,6 +18,7 @@ from lrq.errors import BatchCorrupt, BatchUnsigned, ForeignEntry, KeyMismatch, L
 from lrq.spool.batchfile import CODECS, MAGIC_V2, check, compress, decompress, key_id_in, seal
 from lrq.spool.files import (
     ATTEMPT,
+    AWAITING_ACK_MODE,
     ERROR,
     FILE_MODE,
     SUFFIX,
@@ -46,6 +47,9 @@ class Batch:
     items: list[dict[str, Any]]
     #: Published by ``lrq retry-dead``: storing it replaces its keys' dead letters.
     replace_dead: bool = False
+    #: One receipt per item from a source acknowledged at commit (:mod:`lrq.acker`); None
+    #: for other sources, retry batches and files written before receipts.
+    receipts: list[Any] | None = None
 
 
 class Batches(Listing):
@@ -152,7 +156,8 @@ class Batches(Listing):
     # -- publishing ----------------------------------------------------------------------
     def publish(self, items: list[dict[str, Any]], position: Any = None, *,
                 replace_dead: bool = False, name: str | None = None,
-                created: float | None = None, sync: bool = True) -> str:
+                created: float | None = None, sync: bool = True,
+                receipts: list[Any] | None = None) -> str:
         """Write a batch durably into ``left/`` and return its name (a new one, unless
         ``name`` is given: the halves of a split).
 
@@ -166,13 +171,26 @@ class Batches(Listing):
                 "position": position, "items": items}
         if replace_dead:
             body["replace_dead"] = True
+        if receipts is not None:
+            body["receipts"] = receipts
         codec = CODECS[self.compress]
         payload = bytes([codec]) + compress(codec, pickle.dumps(body, protocol=pickle.HIGHEST_PROTOCOL))
         write_atomic(self.left / f"{name}{SUFFIX}", self._signed(payload), self.tmp, sync_dir=sync,
-                     opener=self._open_tmp)
+                     opener=self._open_tmp if receipts is None else self._open_held)
         failpoints.hit("sniff-after-rename")
         self.bell.ring()  # after the rename: a worker woken by it finds the batch
         return name
+
+    def _open_held(self, tmp: Path) -> int:
+        """:meth:`_open_tmp`, made :data:`AWAITING_ACK_MODE` (the open descriptor still
+        writes): the batch's items await their acknowledgement to the source."""
+        fd = self._open_tmp(tmp)
+        try:
+            os.fchmod(fd, AWAITING_ACK_MODE)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def _open_tmp(self, tmp: Path) -> int:
         """The batch's ``tmp/`` file, open for writing and empty: a spare from ``spare/``
@@ -266,7 +284,8 @@ class Batches(Listing):
             body = pickle.loads(decompress(data[start], view[start + 1:]))
             return Batch(name=body["name"], queue=body["queue"], created=body["created"],
                          position=body["position"], items=body["items"],
-                         replace_dead=bool(body.get("replace_dead", False)))
+                         replace_dead=bool(body.get("replace_dead", False)),
+                         receipts=body.get("receipts"))
         except Exception as e:  # a truncated or foreign pickle can raise almost anything
             raise BatchCorrupt(path, f"{type(e).__name__}: {e}") from e
 

@@ -27,6 +27,12 @@ ERROR = ".error"
 ATTEMPT = ".attempt"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
+#: The mode of a batch file whose items the source has not been told are stored (a source
+#: acknowledged at commit): set at publish, kept through ``left/``, ``failed/`` and
+#: ``done/`` (renames keep it), put back to :data:`FILE_MODE` by :mod:`lrq.acker` once the
+#: source acknowledged them. Retention never removes such a file. A mode, not a marker
+#: file: the acknowledgement costs one ``chmod``, no inode.
+AWAITING_ACK_MODE = 0o400
 _uuid = shortuuid.ShortUUID()
 #: shortuuid's alphabet (no 0/1/I/O/l): the random part of names keeps its look.
 ALPHABET = "23456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"

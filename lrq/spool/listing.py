@@ -20,8 +20,10 @@ from pathlib import Path
 from lrq.errors import ForeignEntry, LrqError
 from lrq.spool.files import (
     ATTEMPT,
+    AWAITING_ACK_MODE,
     DONE,
     ERROR,
+    FILE_MODE,
     SUFFIX,
     _entries_from,
     is_regular,
@@ -75,6 +77,9 @@ class Counts:
     tmp_bytes: int = 0
     #: Empty files in ``spare/`` (retired batch files the sniffer reuses; 0 bytes, 1 inode each).
     spare: int = 0
+    #: Done batches whose items the source has not acknowledged yet (a source acknowledged
+    #: at commit; :mod:`lrq.acker`): counted in ``done`` too, kept by retention.
+    awaiting_ack: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -226,14 +231,17 @@ class Listing:
         sizes: dict[Path, dict[str, int]] = {}
         #: Inodes counted: a claim is a hard link to its owner file, which counts once.
         seen: set[int] = set()
+        awaiting = 0
         for folder in (self.root / OWNERS, self.left, self.right, self.done, self.failed,
                        self.quarantine, self.tmp):
             found = sizes[folder] = {}
             for e in self.files(folder):
                 with contextlib.suppress(FileNotFoundError):
-                    size = e.stat(follow_symlinks=False).st_size
-                    found[e.name] = 0 if e.inode() in seen else size
+                    info = e.stat(follow_symlinks=False)
+                    found[e.name] = 0 if e.inode() in seen else info.st_size
                     seen.add(e.inode())
+                    if folder == self.done and stat.S_IMODE(info.st_mode) == AWAITING_ACK_MODE:
+                        awaiting += 1
         right = sizes[self.right]
         moved = {n[: -len(SUFFIX)] for n in sizes[self.done] if n.endswith(SUFFIX)}
         done = {n[: -len(DONE)] for n in right if n.endswith(DONE)} | moved
@@ -254,7 +262,8 @@ class Listing:
             pending_bytes=by_state[State.PENDING][1], claimed_bytes=by_state[State.CLAIMED][1],
             done_bytes=by_state[State.DONE][1] + sum(
                 v for n, v in sizes[self.done].items() if n.endswith(SUFFIX)), failed_bytes=bad,
-            tmp_bytes=sum(sizes[self.tmp].values()), spare=len(self.files(self.spare)))
+            tmp_bytes=sum(sizes[self.tmp].values()), spare=len(self.files(self.spare)),
+            awaiting_ack=awaiting)
 
     def last_batch_bytes(self) -> int:
         """Size of the newest batch file in ``left/`` or ``done/`` (any state): cleanup's
@@ -326,12 +335,15 @@ class Listing:
         was published, so it may go up to its time pending early; its results are in the
         database either way. A done batch whose file is gone (cleanup was killed removing
         it) ages by its marker. A batch in ``done/`` ages by its file's mtime, set just before
-        it moved there."""
+        it moved there. A done batch awaiting its acknowledgement to the source
+        (:data:`~lrq.spool.files.AWAITING_ACK_MODE`) is left out: retention keeps it."""
         out = []
         for e in self.files(self.done):
             if e.name.endswith(SUFFIX):
                 with contextlib.suppress(FileNotFoundError):
-                    out.append((e.stat(follow_symlinks=False).st_mtime, e.name[: -len(SUFFIX)]))
+                    st = e.stat(follow_symlinks=False)
+                    if stat.S_IMODE(st.st_mode) != AWAITING_ACK_MODE:  # else kept: see acker
+                        out.append((st.st_mtime, e.name[: -len(SUFFIX)]))
         for name in self._names(self.right, DONE):
             for path in (self.left / f"{name}{SUFFIX}", self.right / f"{name}{DONE}"):
                 try:
@@ -340,6 +352,45 @@ class Listing:
                 except FileNotFoundError:
                     continue
         return sorted(out)
+
+    # -- acknowledgement (lrq.acker) ------------------------------------------------------
+    def ack_state(self, name: str) -> str:
+        """Where a batch of a source acknowledged at commit stands: "held" (in ``left/`` or
+        ``failed/``: not stored yet), "done" (in ``done/``, awaiting its acknowledgement),
+        "acked" (in ``done/``, acknowledged), "gone" (split, quarantined or removed). Two
+        stats at most."""
+        try:
+            st = os.stat(f"{self.done}/{name}{SUFFIX}")
+            return "done" if stat.S_IMODE(st.st_mode) == AWAITING_ACK_MODE else "acked"
+        except FileNotFoundError:
+            pass
+        if os.path.exists(f"{self.left}/{name}{SUFFIX}") or \
+                os.path.exists(f"{self.failed}/{name}{SUFFIX}"):
+            return "held"
+        if os.path.exists(f"{self.done}/{name}{SUFFIX}"):
+            return self.ack_state(name)  # moved to done/ between the two looks
+        return "gone"
+
+    def mark_acked(self, name: str) -> None:
+        """The source acknowledged this done batch's items: one ``chmod`` back to
+        :data:`~lrq.spool.files.FILE_MODE` (no fsync: lost in a crash, the batch is
+        acknowledged again, which sources allow)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{self.done}/{name}{SUFFIX}", FILE_MODE)
+
+    def held_names(self) -> list[str]:
+        """Batches awaiting an acknowledgement: every batch in ``left/`` and ``failed/``
+        written with receipts, and every done one not acknowledged (by mode; one stat per
+        file of the three folders). The acker's start-up scan, and again whenever a batch
+        it held vanished (split into halves it did not publish)."""
+        out = []
+        for folder in (self.left, self.failed, self.done):
+            for e in self.files(folder):
+                if e.name.endswith(SUFFIX):
+                    with contextlib.suppress(FileNotFoundError):
+                        if stat.S_IMODE(e.stat(follow_symlinks=False).st_mode) == AWAITING_ACK_MODE:
+                            out.append(e.name[: -len(SUFFIX)])
+        return sorted(set(out))
 
     def remove_done(self, name: str, *, spare: bool = False) -> int:
         """Delete a done batch and its markers; return the bytes freed. The batch file goes

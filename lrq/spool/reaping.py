@@ -188,10 +188,13 @@ class Reaping(Claims):
         docstring); returns the halves' names."""
         mid = (len(batch.items) + 1) // 2
         halves = (half_name(held.name, 0), half_name(held.name, 1))
-        for i, (name, items) in enumerate(zip(halves, (batch.items[:mid], batch.items[mid:]))):
+        receipts = batch.receipts
+        parts = ((batch.items[:mid], receipts and receipts[:mid]),
+                 (batch.items[mid:], receipts and receipts[mid:]))
+        for i, (name, (items, kept)) in enumerate(zip(halves, parts)):
             if self.state(name) is State.MISSING:
                 self.publish(items, batch.position, name=name, created=batch.created,
-                             replace_dead=batch.replace_dead)
+                             replace_dead=batch.replace_dead, receipts=kept)
             failpoints.hit(f"split-after-half-{i}")
         os.unlink(self.left / f"{held.name}{SUFFIX}")
         fsync_dir(self.left)

@@ -25,6 +25,7 @@ from urllib3.exceptions import MaxRetryError, NewConnectionError, ReadTimeoutErr
 from lrq.config import QueueConfig, SourceConfig, load_handler
 from lrq.errors import HandlerError, Retryable
 from lrq.sample import documents
+from lrq.sources import sql
 from workers import entities
 from workers.entity_service import EntityServer, EntityService, make_server
 
@@ -155,7 +156,7 @@ def test_rows_keep_the_items_doc_id_type_and_order(serve: Serve) -> None:
 def test_built_from_queue_config_handler_options(service: str,
                                                   items: list[dict[str, Any]]) -> None:
     q = QueueConfig(name="docs", handler="workers.entity_service:EntityService",
-                    source=SourceConfig(url="sqlite://", table="t"), key="doc_id",
+                    source=SourceConfig("sql", sql.Settings(url="sqlite://", table="t")), key="doc_id",
                     handler_options={"url": service, "batch": True})
     handler = load_handler(q)
     assert isinstance(handler, EntityService)

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from lrq.config import QueueConfig, SourceConfig
+from lrq.sources import sql
 from lrq.db import make_engine
 from lrq.errors import ConfigError, DatabaseUnreachable, HandlerError, SinkError
 from lrq.sink import DEAD, LEDGER, SQLITE_ROWS, Sink
@@ -33,7 +34,7 @@ JOIN_TIMEOUT = 60.0  # bound on any thread a test starts; the engines' own timeo
 def queue(name: str = "docs", **kw: Any) -> QueueConfig:
     kw.setdefault("key", "doc_id")
     return QueueConfig(name=name, handler="workers.wordcount:handle",
-                       source=SourceConfig(url="sqlite:///unused.db", table="source_data"), **kw)
+                       source=SourceConfig("sql", sql.Settings(url="sqlite:///unused.db", table="source_data")), **kw)
 
 
 def results(*ids: int, tag: str = "") -> list[dict[str, Any]]:

@@ -179,3 +179,37 @@ def test_a_key_the_source_lacks_stops_every_command_at_start_up(tmp_path: Path, 
                         "(fields: id, mid, content, created); set key to one of them, or map a "
                         "column to it in [queues.docs.source] columns\n")
     assert not list((tmp_path / "data" / "docs" / "left").glob("*.pkl"))
+
+
+def test_source_kinds_come_from_the_registry_and_check_their_own_options(tmp_path: Path) -> None:
+    from lrq.sources import sql, sqlite_broker
+
+    base = write_config(tmp_path, docs=None)
+    q = config.load(base).queues["docs"]
+    assert q.source.kind == "sql" and isinstance(q.source.settings, sql.Settings)
+    assert q.source.settings.url == f"sqlite:///{tmp_path}/source.db"  # made absolute
+    text = base.read_text()
+    base.write_text(text.replace('kind = "sql"\n', ""))  # an old config: sql by default
+    assert config.load(base).queues["docs"].source.kind == "sql"
+    broker = text[:text.index("[queues.docs.source]")] + \
+        '[queues.docs.source]\nkind = "sqlite-broker"\npath = "b.db"\nclaim_idle = "2m"\n'
+    base.write_text(broker)
+    s = config.load(base).queues["docs"].source.settings
+    assert isinstance(s, sqlite_broker.Settings) and (s.path, s.claim_idle) == (
+        str(tmp_path / "b.db"), 120.0)
+    base.write_text(broker + 'url = "sqlite:///x.db"\n')  # another kind's option
+    with pytest.raises(ConfigError, match=r"queues.docs.source: unknown key 'url' "
+                                          r"\(known keys: claim_idle, consumer, path\)"):
+        config.load(base)
+    base.write_text(broker.replace('"sqlite-broker"', '"kafak"'))
+    with pytest.raises(ConfigError, match=r"unknown source kind 'kafak' \(known: sql, "):
+        config.load(base)
+
+
+def test_a_source_url_password_never_shows_in_its_error() -> None:
+    from lrq.errors import SourceError
+    from lrq.sources.sql import Settings, SqlSource
+
+    with pytest.raises(SourceError) as e:  # nothing listens on port 1
+        SqlSource(Settings(url="postgresql://lrq:s3cret@127.0.0.1:1/x", table="t"))
+    assert "s3cret" not in str(e.value) and "***" in str(e.value)

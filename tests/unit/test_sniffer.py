@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 from sqlalchemy import MetaData, insert
 
-from lrq.config import SourceConfig
 from lrq.errors import ConfigError, SourceError
 from lrq.sample import documents, source_table, write_documents
 from lrq.sniffer import Sniffer
-from lrq.sources.sql import SqlSource
+from lrq.sources.sql import Settings, SqlSource
 from lrq.spool import Spool
 from lrq.testing import MemorySource
 from lrqtest import load_app, write_config
@@ -22,7 +21,7 @@ from lrqtest import load_app, write_config
 def sql_source(tmp_path: Path, n: int, **kw) -> SqlSource:
     url = f"sqlite:///{tmp_path / 'src.db'}"
     write_documents(url, n)
-    return SqlSource(SourceConfig(url=url, table="source_data", order_by="id",
+    return SqlSource(Settings(url=url, table="source_data", order_by="id",
                                   columns=(("id", "id"), ("doc_id", "mid"), ("content", "content")), **kw))
 
 
@@ -56,11 +55,11 @@ def test_unknown_column_is_a_config_error(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'src.db'}"
     write_documents(url, 1)
     with pytest.raises(ConfigError, match="no column 'nope'"):
-        SqlSource(SourceConfig(url=url, table="source_data", columns=(("x", "nope"),)))
+        SqlSource(Settings(url=url, table="source_data", columns=(("x", "nope"),)))
     with pytest.raises(ConfigError, match="not found"):
-        SqlSource(SourceConfig(url=url, table="missing"))
+        SqlSource(Settings(url=url, table="missing"))
     with pytest.raises(ConfigError, match="does not exist"):
-        SqlSource(SourceConfig(url=f"sqlite:///{tmp_path / 'absent.db'}", table="t"))
+        SqlSource(Settings(url=f"sqlite:///{tmp_path / 'absent.db'}", table="t"))
     assert not (tmp_path / "absent.db").exists()
 
 
@@ -179,7 +178,7 @@ def test_reading_a_sqlite_source_leaves_its_journal_mode_and_locks_alone(tmp_pat
     db.execute("CREATE TABLE source_data (id INTEGER PRIMARY KEY, mid TEXT, content TEXT)")
     db.execute("INSERT INTO source_data VALUES (1, 'm1', 'a b')")
     db.commit()
-    src = SqlSource(SourceConfig(url=f"sqlite:///{url}", table="source_data"))
+    src = SqlSource(Settings(url=f"sqlite:///{url}", table="source_data"))
     with src.engine.connect() as conn:  # a reader holding a transaction open ...
         conn.exec_driver_sql("SELECT 1").all()
         db.execute("INSERT INTO source_data VALUES (2, 'm2', 'c d')")  # ... never blocks the user
@@ -204,7 +203,7 @@ def test_typed_columns_keep_sqlalchemy_conversion(tmp_path: Path) -> None:
     db.execute("CREATE TABLE events (id INTEGER PRIMARY KEY, at DATETIME, amount NUMERIC)")
     db.execute("INSERT INTO events VALUES (1, '2026-11-23 08:00:00.000000', '1.50')")
     db.commit()
-    src = SqlSource(SourceConfig(url=f"sqlite:///{url}", table="events", order_by="id"))
+    src = SqlSource(Settings(url=f"sqlite:///{url}", table="events", order_by="id"))
     assert src._raw is None
     item = src.fetch(None, 10).items[0]
     assert item["at"] == datetime(2026, 11, 23, 8, 0) and item["amount"] == Decimal("1.50")
