@@ -46,6 +46,7 @@ AckAt = Literal["publish", "commit"]
 #: Source kinds and the modules that implement them (imported on first use).
 KINDS: dict[str, str] = {
     "sql": "lrq.sources.sql",
+    "http-agent": "lrq.sources.http_agent",
 }
 
 
