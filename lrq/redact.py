@@ -82,19 +82,21 @@ def _redact_query(tail: str) -> str:
 
 
 def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of a client's option table fit to show: secret options' values hidden, URLs
-    among the values redacted, nested tables likewise."""
-    out: dict[str, Any] = {}
-    for name, value in options.items():
-        if is_secret(str(name)):
-            out[name] = MASK
-        elif isinstance(value, Mapping):
-            out[name] = redact_options(value)
-        elif isinstance(value, str):
-            out[name] = redact_text(value)
-        else:
-            out[name] = value
-    return out
+    """A copy of a client's option table (or of any report, such as ``lrq status``) fit to
+    show: secret options' values hidden, URLs and ``password=`` pairs in strings redacted,
+    nested tables and lists likewise."""
+    return {name: MASK if is_secret(str(name)) else _redact_value(value)
+            for name, value in options.items()}
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, Mapping):
+        return redact_options(value)
+    if isinstance(value, (list, tuple)):
+        return [_redact_value(v) for v in value]
+    return value
 
 
 def redact_text(text: str) -> str:
@@ -102,11 +104,25 @@ def redact_text(text: str) -> str:
     ``password=...`` pairs hidden. Cheap when there is nothing to hide (no ``://``, no
     ``pass``/``pwd``): one substring test each."""
     if "://" in text:
-        text = _URL.sub(lambda m: _redact_rest(m.group(1), m.group(2)), text)
+        text = _URL.sub(_redact_match, text)
     lower = text.lower()
     if "pass" in lower or "pwd" in lower:
-        text = _PAIR.sub(lambda m: m.group(1) + MASK, text)
+        text = _PAIR.sub(_redact_pair, text)
     return text
+
+
+def _redact_match(m: re.Match[str]) -> str:
+    """A URL found in a message; punctuation after it (``url: error``) is not part of it."""
+    rest = m.group(2)
+    kept = rest.rstrip(".,;:)]}")
+    return _redact_rest(m.group(1), kept) + rest[len(kept):]
+
+
+def _redact_pair(m: re.Match[str]) -> str:
+    """``password=value``; one a URL's redaction already hid (``=***:``) stays as it is."""
+    if m.group(2).rstrip(".,;:)]}") == MASK:
+        return m.group(0)
+    return m.group(1) + MASK
 
 
 class RedactingFormatter(logging.Formatter):

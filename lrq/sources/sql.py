@@ -17,6 +17,7 @@ from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 from lrq.config import SourceConfig
 from lrq.db import make_engine
 from lrq.errors import ConfigError, SourceError
+from lrq.redact import redact
 from lrq.sources import Fetched
 
 _POS = "_lrq_position"
@@ -29,9 +30,9 @@ class SqlSource:
         try:
             self.table = Table(cfg.table, MetaData(), autoload_with=self.engine)
         except NoSuchTableError:
-            raise ConfigError(f"source table {cfg.table!r} not found in {cfg.url}") from None
+            raise ConfigError(f"source table {cfg.table!r} not found in {redact(cfg.url)}") from None
         except SQLAlchemyError as e:
-            raise SourceError(f"cannot read source {cfg.url}: {e}") from e
+            raise SourceError(f"cannot read source {redact(cfg.url)}: {e}") from e
         cols = self.table.c
         pairs = cfg.columns or tuple((c.name, c.name) for c in cols)
         for _, column in (*pairs, ("", cfg.order_by)):

@@ -57,6 +57,8 @@ def test_redact_text_hides_every_url_and_password_pair_in_a_message() -> None:
     assert PW not in shown
     assert "postgresql://lrq:***@db/lrq" in shown and "redis://:***@cache/0" in shown
     assert "password authentication failed" in shown  # words about passwords stay
+    assert redact_text(f"cannot reach postgresql://db/x?password={PW}: refused") == \
+        "cannot reach postgresql://db/x?password=***: refused"
     assert redact_text("done queue=docs batch=x items=100") == "done queue=docs batch=x items=100"
 
 
