@@ -204,7 +204,10 @@ class HttpAgentSource:
                 if isinstance(reason, TimeoutError):
                     raise SourceError(f"agent {self.agent} did not answer within {timeout:g} s "
                                       f"(timeout)") from None
-                if attempt == RETRIES or not isinstance(reason, (ConnectionError, OSError)):
+                if not isinstance(reason, OSError):  # a broken answer (not HTTP, cut short)
+                    raise SourceError(f"agent {self.agent} gave a broken answer: "
+                                      f"{type(reason).__name__}: {reason}") from None
+                if attempt == RETRIES:
                     raise SourceError(f"cannot reach agent {self.agent}: {reason} "
                                       f"(after {attempt + 1} tries)") from None
                 log.info("agent-retry agent=%s attempt=%d error=%s", self.agent, attempt + 1, reason)

@@ -62,6 +62,7 @@ def test_a_message_that_is_not_an_object_becomes_a_value_item(
     ("garbage", "answered something that is not JSON: '<html><body>502 Bad Gateway"),
     ("object", "answered a JSON dict, not a list of messages: '{\"error\": \"no such topic\"}'"),
     ("500", "answered HTTP 500 Internal Server Error: 'Internal Server Error: consumer crashed'"),
+    ("nohttp", "gave a broken answer: BadStatusLine: SSH-2.0-OpenSSH_9.2"),
 ])
 def test_a_bad_answer_is_a_source_error_naming_the_agent_without_its_password(
         tmp_path: Path, http_agent: LoopbackAgent, mode: str, says: str) -> None:

@@ -4,7 +4,7 @@
 Like the real agent it commits when it answers: a message served with ``is_commit`` true is
 never served again, whether or not the answer reached the caller. It can be told to fail:
 ``fail = "500"`` (an HTTP 500), ``"garbage"`` (200 with a body that is not JSON),
-``"object"`` (a JSON object, not a list), ``"slow"`` (answers only after ``slow_seconds``,
+``"object"`` (a JSON object, not a list), ``"nohttp"`` (not HTTP at all), ``"slow"`` (answers only after ``slow_seconds``,
 or when stopped), ``"hangup"`` (commits, then closes the connection without answering: the
 at-most-once loss), ``"reset"`` (closes the connection before reading, committing nothing).
 ``fail_times`` limits a failure to the next N calls (None: every call).
@@ -106,6 +106,10 @@ class LoopbackAgent:
             return self._answer(h, 200, b"<html><body>502 Bad Gateway</body></html>" + b"x" * 1000)
         if mode == "object":
             return self._answer(h, 200, b'{"error": "no such topic"}')
+        if mode == "nohttp":  # not even an HTTP status line
+            h.wfile.write(b"SSH-2.0-OpenSSH_9.2\r\n")
+            h.close_connection = True
+            return None
         if mode == "slow":
             self._release.wait(self.slow_seconds)
         with self._lock:
