@@ -20,6 +20,7 @@ from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
 from lrq.disk import Budget, Floor, Held
 from lrq.errors import BatchCorrupt, ConfigError, LrqError, SinkError
+from lrq.redact import redact_options
 from lrq.sink import Sink
 from lrq.sniffer import Sniffer
 from lrq.spool import Spool, State
@@ -181,6 +182,7 @@ class App:
 
     # -- reports -------------------------------------------------------------------------
     def status(self, name: str | None = None) -> dict[str, Any]:
+        """Per queue: the spool's counts, the database's, the disk's; never a password."""
         out: dict[str, Any] = {"data_dir": str(self.cfg.data_dir), "queues": {}}
         total = 0
         every = []
@@ -214,7 +216,7 @@ class App:
                        "below_min_free": space.below(budget.floor),
                        "blocked": blocked and f"{blocked[1]}; {budget.advice(held, nxt)}",
                        "held": held.as_dict()}
-        return out
+        return redact_options(out)  # a source's or the database's words may hold a URL
 
     def _source_status(self, q: QueueConfig) -> dict[str, Any]:
         """The source's own view (:meth:`Source.status`: lag, pending per consumer, the last

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from lrq import logfile
 from lrq.errors import AlreadyRunning, ConfigError, HandlerBroken, LrqError
+from lrq.redact import RedactingFormatter, redact_text
 
 if TYPE_CHECKING:
     from lrq.config import Config
@@ -526,10 +527,10 @@ def _setup_logging(verbose: bool) -> None:
         # A worker process started without the scheduler's stderr: the parent adds the time
         # and re-logs each line.
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(logfile.FORMAT))
+        handler.setFormatter(RedactingFormatter(logfile.FORMAT))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
@@ -547,7 +548,7 @@ def _log_to_file(cfg: Config) -> None:
     else:
         h = logfile.SharedLogFile(cfg.log_file, maxBytes=cfg.log_max_bytes,
                                   backupCount=cfg.log_backups)
-        h.setFormatter(logging.Formatter(logfile.FORMAT))
+        h.setFormatter(RedactingFormatter(logfile.FORMAT))
     logging.getLogger().addHandler(h)
 
 
@@ -599,20 +600,20 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_PIPE
     except AlreadyRunning as e:
-        print(f"lrq: {e}", file=sys.stderr)
+        print(f"lrq: {redact_text(str(e))}", file=sys.stderr)
         return EXIT_BUSY
     except ConfigError as e:
-        print(f"lrq: {e}", file=sys.stderr)
+        print(f"lrq: {redact_text(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except LrqError as e:
-        print(f"lrq: {e}", file=sys.stderr)
+        print(f"lrq: {redact_text(str(e))}", file=sys.stderr)
         return EXIT_PROBLEM
     except Exception as e:
         from sqlalchemy.exc import SQLAlchemyError  # imported by every command that gets here
 
         if not isinstance(e, SQLAlchemyError):
             raise
-        print(f"lrq: database error: {getattr(e, 'orig', None) or e}", file=sys.stderr)
+        print(f"lrq: database error: {redact_text(str(getattr(e, 'orig', None) or e))}", file=sys.stderr)
         return EXIT_PROBLEM
     except KeyboardInterrupt:
         return 130

@@ -22,6 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from lrq.errors import ConfigError
+from lrq.redact import redact
 
 DEFAULT_CONFIG = "lrq.toml"
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -174,9 +175,9 @@ def positive(seconds: float, where: str, most: float = MAX_SECONDS) -> float:
 def check_url(url: str, where: str) -> str:
     try:
         make_url(url)
-    except ArgumentError as e:
+    except (ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
         raise ConfigError(
-            f"{where}: {url!r} is not a database URL; write e.g. sqlite:///data/results.db"
+            f"{where}: {redact(url)!r} is not a database URL; write e.g. sqlite:///data/results.db"
         ) from e
     return url
 

@@ -16,6 +16,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 from sqlalchemy.sql.dml import Insert
 
 from lrq.errors import ConfigError
+from lrq.redact import redact
 
 CONNECT_TIMEOUT = 10  # seconds, for network databases
 STATEMENT_TIMEOUT = 300  # seconds any one statement may run or wait for a lock
@@ -34,6 +35,11 @@ def sqlite_path(url: str) -> str | None:
     return u.database
 
 
+def shown_url(engine: Engine) -> str:
+    """The engine's URL fit for a message: no password (in the user part or the query)."""
+    return redact(engine.url.render_as_string(hide_password=False))
+
+
 def make_engine(url: str, what: str = "db_url", *, create: bool = True, writer: bool = True,
                 **kw: Any) -> Engine:
     """An engine for ``url``. ``create=False``: a missing SQLite file is an error, not created.
@@ -41,8 +47,8 @@ def make_engine(url: str, what: str = "db_url", *, create: bool = True, writer: 
     switching the user's database to WAL or taking write locks for reads."""
     try:
         u = make_url(url)
-    except ArgumentError as e:
-        raise ConfigError(f"{what} {url!r} is not a database URL") from e
+    except (ArgumentError, ValueError) as e:  # ValueError: a port that is not a number
+        raise ConfigError(f"{what} {redact(url)!r} is not a database URL") from e
     backend = u.get_backend_name()
     path = sqlite_path(url)
     if path is not None and not path.startswith("file:"):

@@ -27,6 +27,8 @@ import os
 import time
 from pathlib import Path
 
+from lrq.redact import RedactingFormatter
+
 #: Set in a worker process's environment: the descriptor of the scheduler's stderr.
 LOG_FD_ENV = "LRQ_LOG_FD"
 #: Set in a worker process's environment: the queue its lines are tagged with.
@@ -44,7 +46,7 @@ def child_format(queue: str) -> logging.Formatter:
 @functools.cache
 def _child_format(queue: str, pid: int) -> logging.Formatter:
     tag = f"[{queue} {pid}]".replace("%", "%%")
-    return logging.Formatter(f"%(asctime)s %(levelname)s lrq.child: {tag} %(name)s: %(message)s")
+    return RedactingFormatter(f"%(asctime)s %(levelname)s lrq.child: {tag} %(name)s: %(message)s")
 
 
 class LineHandler(logging.Handler):

@@ -85,7 +85,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError, SQLAlchemyError, Statem
 
 from lrq import failpoints
 from lrq.config import QueueConfig, load_object
-from lrq.db import Fault, dumps_json, fault, insert_ignore, reader
+from lrq.db import Fault, dumps_json, fault, insert_ignore, reader, shown_url
 from lrq.errors import (
     ConfigError,
     DatabaseUnreachable,
@@ -254,8 +254,8 @@ class Sink:
                         continue  # another process created it between the check and the create
                 except OperationalError as again:
                     raise DatabaseUnreachable(f"cannot reach results database "
-                                              f"{self.engine.url!r}: {again.orig}") from again
-                raise self._error(f"cannot create table {table.name} in {self.engine.url!r}", e,
+                                              f"{shown_url(self.engine)}: {again.orig}") from again
+                raise self._error(f"cannot create table {table.name} in {shown_url(self.engine)}", e,
                                   "the database user needs the right to create it, or create "
                                   "it beforehand") from e
         return self

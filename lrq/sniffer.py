@@ -123,7 +123,11 @@ class Sniffer:
         if now < self._retry_at:
             return 0
         deadline = now + max_seconds
-        position = saved = None if self.commit_acked else self.spool.read_position()
+        position = None if self.commit_acked else self.spool.read_position()
+        # Published since the last save: their names are not durable in left/ yet. (Not
+        # ``position != saved``: a source without a position, such as http-agent's, would
+        # never have left/ fsynced.)
+        unsaved = False
         if self.drained and self.carried is None:
             # An idle tick fetches a whole batch, never a probe it would throw away (a broker
             # hands out what it returns); carried into the loop below when it has items.
@@ -152,8 +156,8 @@ class Sniffer:
                     self._pause(*blocked)
                     if blocked[0] != "max_pending" or stop is None:
                         break
-                    if position != saved and self._save(position):
-                        saved = position  # make the group durable before a wait
+                    if unsaved and self._save(position):
+                        unsaved = False  # make the group durable before a wait
                     if not self._wait_for_room(watch, deadline, stop):
                         break
                     pending, pending_bytes = len(watch), sum(watch.values())
@@ -184,6 +188,7 @@ class Sniffer:
                     self._resume(pending)
                 position = fetched.position
                 published += 1
+                unsaved = True
                 size = self._size_of(name)
                 if size is not None:  # else a worker already took it out of left/: not pending
                     watch[name] = size
@@ -199,13 +204,13 @@ class Sniffer:
                 if self.drained or self.clock() >= deadline:
                     break
                 if self.clock() >= save_at and self._save(position):
-                    saved, save_at = position, self.clock() + POSITION_EVERY
+                    unsaved, save_at = False, self.clock() + POSITION_EVERY
             if self.drained:
                 self._ask_settled()
         finally:
-            # Every batch up to ``position`` is durable in left/ (a broker's: no position,
-            # but the group's names are made durable the same way).
-            if position != saved or (self.commit_acked and published):
+            # Every batch up to ``position`` is durable in left/ (a source without one: the
+            # group's names are made durable the same way).
+            if unsaved:
                 self._save(position)
         return published
 

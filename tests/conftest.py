@@ -16,6 +16,7 @@ from typing import Iterator
 import pytest
 
 import servers
+from services.http_agent import http_agent  # noqa: F401 - the fixture, for every tier
 
 _MISSING = "{} server binaries not found; run `make services` (root, Debian)"
 

@@ -61,6 +61,7 @@ AckAt = Literal["publish", "commit"]
 #: Source kinds and the modules that implement them (imported on first use).
 KINDS: dict[str, str] = {
     "sql": "lrq.sources.sql",
+    "http-agent": "lrq.sources.http_agent",
     "sqlite-broker": "lrq.sources.sqlite_broker",  # a stand-in broker for the contract suite
 }
 

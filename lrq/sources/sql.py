@@ -14,12 +14,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import MetaData, Table, bindparam, select
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
 from lrq.config import absolute_sqlite, check_url, take
 from lrq.db import make_engine
 from lrq.errors import ConfigError, SourceError
+from lrq.redact import redact
 from lrq.sources import AckAt, Context, Fetched
 
 _POS = "_lrq_position"
@@ -53,11 +54,6 @@ class Settings:
                    columns=pairs)
 
 
-def shown(url: str) -> str:
-    """``url`` with its password masked, for messages."""
-    return make_url(url).render_as_string(hide_password=True)
-
-
 def open(settings: Settings, context: Context | None = None) -> SqlSource:  # noqa: A001
     """The kind's entry point for :func:`lrq.sources.build` (``context`` is not needed: a
     table is re-readable, nothing is held)."""
@@ -73,9 +69,9 @@ class SqlSource:
         try:
             self.table = Table(cfg.table, MetaData(), autoload_with=self.engine)
         except NoSuchTableError:
-            raise ConfigError(f"source table {cfg.table!r} not found in {shown(cfg.url)}") from None
+            raise ConfigError(f"source table {cfg.table!r} not found in {redact(cfg.url)}") from None
         except SQLAlchemyError as e:
-            raise SourceError(f"cannot read source {shown(cfg.url)}: {e}") from e
+            raise SourceError(f"cannot read source {redact(cfg.url)}: {e}") from e
         cols = self.table.c
         pairs = cfg.columns or tuple((c.name, c.name) for c in cols)
         for _, column in (*pairs, ("", cfg.order_by)):

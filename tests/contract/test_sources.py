@@ -98,6 +98,15 @@ def test_a_run_until_idle_stores_every_item_once_and_acknowledges_all(
     assert v.returncode == 0 and "missing 0," in v.stdout, v.stdout
 
 
+def at_most_once(request: pytest.FixtureRequest, h: Harness, case: str) -> None:
+    """Mark ``case`` an expected failure where the harness says its kind may lose items there
+    (http-agent: the agent commits when it answers), with its reason. It still runs: a loss
+    shows as xfailed, a run that happened to lose nothing as xpassed."""
+    reason = getattr(h, "at_most_once", {}).get(case)
+    if reason:
+        request.node.add_marker(pytest.mark.xfail(reason=f"{h.name}: {reason}", strict=False))
+
+
 def killed_at(point: str, *args: str) -> None:
     r = lrq(*args, env={"LRQ_FAILPOINT": point})
     assert r.returncode == -signal.SIGKILL, f"{point} not reached: {r.returncode}\n{r.stderr}"
@@ -119,9 +128,11 @@ WINDOWS = [
 @pytest.mark.parametrize("point, command, before", WINDOWS,
                          ids=[w.values[0] for w in WINDOWS])
 def test_a_crash_in_each_window_loses_nothing_and_stores_nothing_twice(
-        h: Harness, tmp_path: Path, point: str, command: str, before: tuple[str, ...]) -> None:
+        request: pytest.FixtureRequest, h: Harness, tmp_path: Path, point: str, command: str,
+        before: tuple[str, ...]) -> None:
     if point.startswith("ack-") and h.ack_at != "commit":
         pytest.skip(f"{h.name} is acknowledged at publish: no acknowledgement to crash in")
+    at_most_once(request, h, point)
     cfg = config(tmp_path / "node", h.source_table(tmp_path))
     h.add(items(0, N))
     for step in before:
@@ -139,7 +150,8 @@ def test_a_crash_in_each_window_loses_nothing_and_stores_nothing_twice(
 
 @pytest.mark.slow
 def test_lrq_run_killed_mid_run_then_restarted_finishes_exactly_once(
-        h: Harness, tmp_path: Path) -> None:
+        request: pytest.FixtureRequest, h: Harness, tmp_path: Path) -> None:
+    at_most_once(request, h, "test_lrq_run_killed_mid_run_then_restarted_finishes_exactly_once")
     cfg = config(tmp_path / "node", h.source_table(tmp_path), batch_size=20)
     db = tmp_path / "node/results.db"
     h.add(items(0, 2000))

@@ -93,6 +93,24 @@ def test_watermark_advances_only_after_the_batch_is_durable(tmp_path: Path, monk
     assert again.tick() == 0 and again.spool.read_position() == 300
 
 
+class PositionlessSource(MemorySource):
+    """Acknowledged at publish but with no position of its own (as http-agent: the agent
+    keeps it): every fetch hands out new items, the position stays None."""
+
+    def fetch(self, position, limit):
+        got = super().fetch(self.fetches * limit, limit)
+        return type(got)(got.items, None)
+
+
+def test_left_is_fsynced_for_a_source_without_a_position(tmp_path: Path, monkeypatch) -> None:
+    sn = make_sniffer(tmp_path, PositionlessSource([{"id": i} for i in range(250)]))
+    syncs: list[int] = []
+    sync = sn.spool.sync_published
+    monkeypatch.setattr(sn.spool, "sync_published", lambda: (syncs.append(1), sync()))
+    assert sn.tick() == 3
+    assert syncs, "published batches whose names were never made durable"
+
+
 def test_the_watermark_is_saved_per_interval_and_at_the_end_of_a_tick(tmp_path: Path,
                                                                       monkeypatch) -> None:
     src = sql_source(tmp_path, 1000)
