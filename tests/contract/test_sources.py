@@ -45,10 +45,11 @@ def items(start: int, n: int) -> list[dict[str, Any]]:
 
 
 def config(folder: Path, source: dict[str, Any], *, db: Path | None = None,
-           **queue: Any) -> Path:
-    """An lrq.toml in ``folder`` (its own data dir) reading ``source``, storing into ``db``."""
+           db_url: str | None = None, **queue: Any) -> Path:
+    """An lrq.toml in ``folder`` (its own data dir) reading ``source``, storing into ``db``
+    (or the database at ``db_url``)."""
     folder.mkdir(parents=True, exist_ok=True)
-    top = {"data_dir": "data", "db_url": f"sqlite:///{db or folder / 'results.db'}",
+    top = {"data_dir": "data", "db_url": db_url or f"sqlite:///{db or folder / 'results.db'}",
            "interval": 0.1, "grace": 10}
     q = {"handler": "workers.wordcount:handle", "key": "doc_id", "batch_size": 50,
          "chunk_size": 25, "workers": 2, "result_table": "doc_results", **queue}

@@ -202,7 +202,7 @@ def test_source_kinds_come_from_the_registry_and_check_their_own_options(tmp_pat
                                           r"\(known keys: claim_idle, consumer, path\)"):
         config.load(base)
     base.write_text(broker.replace('"sqlite-broker"', '"kafak"'))
-    with pytest.raises(ConfigError, match=r"unknown source kind 'kafak' \(known: sql, "):
+    with pytest.raises(ConfigError, match=r"unknown source kind 'kafak' \(known: [a-z, -]*\bsql\b"):
         config.load(base)
 
 
