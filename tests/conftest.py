@@ -16,6 +16,7 @@ from typing import Iterator
 import pytest
 
 import servers
+from services.tansu import tansu  # noqa: F401  (the fixture)
 
 _MISSING = "{} server binaries not found; run `make services` (root, Debian)"
 
