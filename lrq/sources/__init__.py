@@ -46,6 +46,7 @@ AckAt = Literal["publish", "commit"]
 #: Source kinds and the modules that implement them (imported on first use).
 KINDS: dict[str, str] = {
     "sql": "lrq.sources.sql",
+    "kafka": "lrq.sources.kafka",
 }
 
 
@@ -71,6 +72,10 @@ class Context:
     #: pending, claimed, failed, or done but not acknowledged). A broker source re-reading
     #: its own unacknowledged entries after a restart skips these: they are in a batch file.
     held: Sequence[Any] = field(default_factory=tuple)
+    #: The queue's ``key`` field. A broker source gives a message it cannot decode this field
+    #: (its broker coordinates), so the item reaches the handler and its dead letter instead
+    #: of failing its whole batch for a missing key. None: the source's own default.
+    key: str | None = None
 
 
 class Source(Protocol):

@@ -1,0 +1,167 @@
+"""kind = "kafka" against a real broker (Tansu, tests/services/tansu.py), through the source
+interface: Settings.parse, open(settings, Context), fetch, ack, settled, status, close.
+
+Committed offsets are read by a separate client (the AdminClient), not by the member under
+test. Each test uses a fresh topic and group (a wedged group cannot leak into another test),
+and closes a source only once it was assigned (closing mid-join can wedge a group on Tansu).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lrqtest import poll
+from services.tansu import FAST_GROUP, Tansu, fresh
+
+from lrq.errors import ConfigError, SourceError
+from lrq.sources import Context, kafka
+
+
+def open_source(tansu: Tansu, topic: str, group: str, tmp_path: Path, *, held: Any = (),
+                key: str | None = None, **table: Any) -> kafka.KafkaSource:
+    settings = kafka.Settings.parse({"brokers": tansu.brokers, "topic": topic, "group": group,
+                                     "options": dict(FAST_GROUP), **table}, tmp_path, "source")
+    return kafka.open(settings, Context(tmp_path / "data", "events", held, key=key))
+
+
+def drain(src: kafka.KafkaSource, n: int, seconds: float = 15.0) -> tuple[list[Any], list[Any]]:
+    """Fetch until ``n`` items came (bounded); the items and their receipts."""
+    items: list[Any] = []
+    receipts: list[Any] = []
+
+    def more() -> bool:
+        f = src.fetch(None, 100)
+        items.extend(f.items)
+        receipts.extend(f.receipts or [])
+        return len(items) >= n
+    poll(more, seconds, every=0)
+    return items, receipts
+
+
+def json_values(ids: range) -> list[bytes]:
+    return [json.dumps({"id": i, "text": f"doc {i}"}).encode() for i in ids]
+
+
+def test_ack_commits_only_the_contiguous_offset(tansu: Tansu, tmp_path: Path) -> None:
+    topic, group = fresh("ev"), fresh("g")
+    tansu.create_topic(topic, 2)
+    tansu.produce(topic, json_values(range(30)), partition=0)
+    tansu.produce(topic, [b"not json", b"[1, 2]", b"{}"], partition=1)
+    src = open_source(tansu, topic, group, tmp_path, key="doc")
+    try:
+        items, receipts = drain(src, 33)
+        assert len(items) == 33
+        by_offset = {tuple(r[1:]): (it, r) for it, r in zip(items, receipts)}
+        assert all(r[0] == topic for r in receipts)
+        assert [by_offset[(0, o)][0]["id"] for o in range(30)] == list(range(30))
+        # bad values are items too: keyed by their coordinates, carrying the error and value
+        bad = by_offset[(1, 0)][0]
+        assert bad["doc"] == f"{topic}:1:0" and "not JSON" in bad["_lrq_error"]
+        assert bad["_lrq_value"] == "not json"
+        assert "not a JSON object: list" in by_offset[(1, 1)][0]["_lrq_error"]
+        assert by_offset[(1, 2)][0] == {}
+        assert not src.settled()  # 33 in flight
+
+        src.ack([by_offset[(0, o)][1] for o in range(10, 20)])  # a later batch finishes first
+        assert tansu.committed(group, topic, 2) == {0: -1, 1: -1}
+        src.ack([by_offset[(0, o)][1] for o in range(10)])
+        assert tansu.committed(group, topic, 2)[0] == 20
+        src.ack([by_offset[(0, o)][1] for o in range(5)])  # a repeat changes nothing
+        assert tansu.committed(group, topic, 2)[0] == 20
+        src.ack([by_offset[(0, o)][1] for o in range(20, 30)] + [by_offset[(1, 1)][1]])
+        assert tansu.committed(group, topic, 2) == {0: 30, 1: -1}  # partition 1: 0 unacked
+        src.ack([by_offset[(1, o)][1] for o in (0, 2)])
+        assert tansu.committed(group, topic, 2) == {0: 30, 1: 3}
+        assert src.settled()
+        st = src.status()
+        assert st["partitions"]["0"]["committed"] == 30 and st["last_commit"]
+        assert st["in_flight"] == 0
+    finally:
+        src.close()
+
+
+def test_restart_resumes_from_the_committed_offset_and_skips_held(tansu: Tansu,
+                                                                   tmp_path: Path) -> None:
+    topic, group = fresh("ev"), fresh("g")
+    tansu.create_topic(topic, 1)
+    tansu.produce(topic, json_values(range(20)))
+    first = open_source(tansu, topic, group, tmp_path)
+    try:
+        _, receipts = drain(first, 20)
+        first.ack(receipts[:10])
+    finally:
+        first.close()
+    assert tansu.committed(group, topic, 1) == {0: 10}
+    # The node holds offsets 10..14 in a batch file (Context.held): not handed out again.
+    held = [[topic, 0, o] for o in range(10, 15)]
+    second = open_source(tansu, topic, group, tmp_path, held=held)
+    try:
+        items, receipts = drain(second, 5)
+        assert [it["id"] for it in items] == list(range(15, 20))
+        assert second.fetch(None, 100).items == []
+        second.ack(receipts)  # 15..19 done, the held 10..14 not yet: nothing moves
+        assert tansu.committed(group, topic, 1) == {0: 10}
+        assert not second.settled()
+        second.ack(held)
+        assert tansu.committed(group, topic, 1) == {0: 20}
+        assert second.settled()
+        tansu.produce(topic, json_values(range(20, 21)))
+        assert not second.settled()  # a new message at the committed offset: lag
+    finally:
+        second.close()
+
+
+def test_raw_format_items(tansu: Tansu, tmp_path: Path) -> None:
+    topic, group = fresh("ev"), fresh("g")
+    tansu.create_topic(topic, 1)
+    tansu.produce(topic, [b"text", b"\xff\xfe", b"x"], keys=[b"k1", None, b"\xff"])
+    src = open_source(tansu, topic, group, tmp_path, format="raw")
+    try:
+        items, _ = drain(src, 3)
+        assert items[0] == {"id": f"{topic}:0:0", "key": "k1", "value": "text", "partition": 0,
+                            "offset": 0}
+        assert items[1]["value"] == b"\xff\xfe" and items[1]["key"] is None  # not UTF-8: bytes
+        assert items[2]["key"] == b"\xff"
+    finally:
+        src.close()
+
+
+def test_unreachable_brokers_fail_fast_naming_them(tmp_path: Path) -> None:
+    import servers
+    brokers = f"127.0.0.1:{servers.free_port()}"
+    settings = kafka.Settings.parse({"brokers": brokers, "topic": "t"}, tmp_path, "source")
+    start = time.monotonic()
+    with pytest.raises(SourceError, match=f"cannot reach kafka brokers {brokers}"):
+        kafka.open(settings, Context(tmp_path, "q"))
+    assert time.monotonic() - start < kafka.OPEN_TIMEOUT + 1
+
+
+def test_missing_topic_is_a_source_error(tansu: Tansu, tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="kafka topic 'nope-.*' not found .* create it"):
+        open_source(tansu, fresh("nope"), fresh("g"), tmp_path)
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"topic": "t"}, "missing 'brokers'"),
+    ({"brokers": "localhost", "topic": "t"}, "'localhost' is not host:port"),
+    ({"brokers": "h:1", "topic": "t", "format": "avro"}, "'avro' is not one of json, raw"),
+    ({"brokers": "h:1", "topic": "t", "partition": 1}, "unknown key 'partition'"),
+    ({"brokers": "h:1", "topic": "t", "options": {"group.id": "x"}}, "'group.id' is set by lrq"),
+    ({"brokers": "h:1", "topic": "t", "options": {"a": [1]}}, r"options.a: expected a string"),
+])
+def test_bad_settings_are_config_errors(table: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        kafka.Settings.parse(table, Path("."), "source")
+
+
+def test_unknown_client_option_is_a_config_error_without_secrets(tansu: Tansu,
+                                                                 tmp_path: Path) -> None:
+    settings = kafka.Settings.parse(
+        {"brokers": tansu.brokers, "topic": "t",
+         "options": {"no.such.property": 1, "sasl.password": "hunter2"}}, tmp_path, "source")
+    with pytest.raises(ConfigError, match="no.such.property") as e:
+        kafka.open(settings, Context(tmp_path, "q"))
+    assert "hunter2" not in str(e.value)
