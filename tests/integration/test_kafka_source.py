@@ -165,3 +165,97 @@ def test_unknown_client_option_is_a_config_error_without_secrets(tansu: Tansu,
     with pytest.raises(ConfigError, match="no.such.property") as e:
         kafka.open(settings, Context(tmp_path, "q"))
     assert "hunter2" not in str(e.value)
+
+
+class Member:
+    """``kafka_member.py`` in a subprocess: its JSON lines read by a thread, waited on bounded."""
+
+    def __init__(self, tansu: Tansu, topic: str, group: str, data_dir: Path, ack_below: int):
+        import subprocess
+        import sys
+        import threading
+        script = Path(__file__).with_name("kafka_member.py")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(script), tansu.brokers, topic, group, str(data_dir),
+             str(ack_below), json.dumps(FAST_GROUP)],
+            stdout=subprocess.PIPE, text=True, start_new_session=True)
+        self.events: list[dict[str, Any]] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.events.append(json.loads(line))
+
+    def last(self, kind: str) -> Any:
+        return next((e[kind] for e in reversed(self.events) if kind in e), None)
+
+    def kill(self) -> None:
+        import signal
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+@pytest.mark.slow
+def test_a_member_takes_over_a_killed_members_partitions(tansu: Tansu, tmp_path: Path) -> None:
+    topic, group = fresh("ev"), fresh("g")
+    tansu.create_topic(topic, 4)
+    for p in range(4):
+        tansu.produce(topic, json_values(range(p * 10, p * 10 + 10)), partition=p)
+    a = Member(tansu, topic, group, tmp_path / "a", ack_below=5)
+    b = None
+    try:
+        assert poll(lambda: a.last("assigned") == [0, 1, 2, 3] and
+                    sum(e.get("acked", 0) for e in a.events) == 20, 30), a.events
+        assert poll(lambda: tansu.committed(group, topic, 4) == {p: 5 for p in range(4)}, 10)
+        b = open_source(tansu, topic, group, tmp_path / "b")
+        got: dict[tuple[int, int], Any] = {}
+
+        def step(want: list[int]) -> bool:
+            f = b.fetch(None, 100)
+            got.update({(r[1], r[2]): r for r in f.receipts or []})
+            return b.assignment() == want if want else bool(b.assignment())
+        assert poll(lambda: step([]), 30), "B never joined"
+        mine = b.assignment()
+        assert poll(lambda: a.last("assigned") and not set(a.last("assigned")) & set(mine), 30)
+        a.kill()  # a lost machine: no LeaveGroup, its session has to expire
+        killed = time.monotonic()
+        assert poll(lambda: step([0, 1, 2, 3]), 30), "B never got A's partitions"
+        takeover = time.monotonic() - killed
+        assert poll(lambda: step([0, 1, 2, 3]) and len(got) == 20, 15), sorted(got)
+        # B reads every partition from A's committed offset (5), nothing below it
+        assert sorted(got) == [(p, o) for p in range(4) for o in range(5, 10)]
+        b.ack(list(got.values()))
+        assert tansu.committed(group, topic, 4) == {p: 10 for p in range(4)}
+        assert b.settled()
+        session = FAST_GROUP["session.timeout.ms"] / 1000
+        print(f"takeover after SIGKILL: {takeover:.2f} s (session timeout {session:g} s)")
+        assert takeover < session + 5  # the session timeout plus one rebalance
+    finally:
+        a.kill()
+        if b is not None:
+            b.close()
+
+
+def test_contract_harness_counts_what_the_group_has_not_committed(tansu: Tansu,
+                                                                   tmp_path: Path) -> None:
+    from contract.harness_kafka import KafkaHarness
+    h = KafkaHarness(tansu)
+    h.add([{"id": i} for i in range(7)])
+    assert h.unacknowledged() == 7
+    table = h.source_table(tmp_path)
+    assert table.pop("kind") == "kafka"
+    src = kafka.open(kafka.Settings.parse(table, tmp_path, "source"),
+                     Context(tmp_path, "events"))
+    try:
+        items, receipts = drain(src, 7)
+        assert sorted(it["id"] for it in items) == list(range(7))
+        src.ack(receipts[:1])
+        assert h.unacknowledged() >= 6
+        src.ack(receipts)
+        assert h.unacknowledged() == 0
+    finally:
+        src.close()
+        h.close()
