@@ -5,6 +5,8 @@ port (see ``tests/servers.py``), stopped and removed at the end of the session. 
 binaries skip the tests that need them (``make services`` installs them), except under
 ``CI``, where they fail: CI must really run them.
 
+``tansu`` (session, tests/services/tansu.py): a Kafka-protocol broker on 127.0.0.1.
+
 ``db_url``: one test per backend (sqlite, postgresql, mariadb), each on a database of its
 own, so no test sees another's rows.
 """

@@ -82,7 +82,7 @@ FORMATS = ("json", "raw")
 RESERVED = ("bootstrap.servers", "group.id", "enable.auto.commit", "enable.auto.offset.store")
 FETCH_WAIT = 0.1   # seconds a fetch waits for new messages at most
 OPEN_TIMEOUT = 5.0  # seconds to reach the brokers when opening
-REFUSED_WAIT = 0.2  # seconds, at open, to hear of refused connections to every broker
+REFUSED_WAIT = 0.25  # seconds per metadata try at open (then: are all brokers down?)
 QUERY_TIMEOUT = 5.0  # seconds for a committed-offsets or metadata request
 ERROR_FIELD, VALUE_FIELD = "_lrq_error", "_lrq_value"
 _BROKER = re.compile(r"[A-Za-z0-9_.\-]+:\d{1,5}|\[[0-9A-Fa-f:.]+\]:\d{1,5}")
@@ -203,7 +203,8 @@ class KafkaSource:
     def _on_error(self, err: Any) -> None:
         """librdkafka's client errors (brokers down, auth failed): logged when they change."""
         text = self._redact(err.str())
-        self._all_down = err.code() == self._KafkaError._ALL_BROKERS_DOWN
+        if err.code() == self._KafkaError._ALL_BROKERS_DOWN:
+            self._all_down = True  # read at open only (the transport errors that follow differ)
         if text != self.last_error:
             log.warning("kafka-error brokers=%s error=%s", self.settings.brokers, text)
         self.last_error = text
@@ -394,21 +395,27 @@ class KafkaSource:
 
     def _partitions(self, opening: bool = False) -> list[int]:
         """The topic's partitions (a metadata request, bounded by :data:`OPEN_TIMEOUT`).
-        ``opening`` (not subscribed yet, so a poll reads nothing): first wait up to
-        :data:`REFUSED_WAIT` for librdkafka to report every broker down (a refused
-        connection), which fails at once instead of after the whole timeout."""
-        if opening:
-            deadline = time.monotonic() + REFUSED_WAIT
-            while not self._all_down and time.monotonic() < deadline:
-                self._consumer.poll(0.02)  # serves error_cb
-            if self._all_down:
+        ``opening`` (not subscribed yet, so a poll reads nothing): the request is retried
+        every :data:`REFUSED_WAIT` and fails as soon as librdkafka reports every broker down
+        (a refused connection), instead of after the whole timeout."""
+        deadline = time.monotonic() + OPEN_TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                md = self._consumer.list_topics(
+                    self.topic, timeout=max(0.01, min(left, REFUSED_WAIT) if opening else left))
+                break
+            except self._KafkaException as e:
+                if opening:
+                    self._consumer.poll(0)  # serves error_cb
+                if self._all_down and opening:
+                    why = self.last_error
+                elif time.monotonic() >= deadline:
+                    why = e.args[0].str()
+                else:
+                    continue
                 raise SourceError(f"cannot reach kafka brokers {self.settings.brokers}: "
-                                  f"{self.last_error}")
-        try:
-            md = self._consumer.list_topics(self.topic, timeout=OPEN_TIMEOUT)
-        except self._KafkaException as e:
-            raise SourceError(f"cannot reach kafka brokers {self.settings.brokers} in "
-                              f"{OPEN_TIMEOUT:g}s: {e.args[0].str()}") from None
+                                  f"{why}") from None
         t = md.topics.get(self.topic)
         if t is None or t.error is not None or not t.partitions:
             why = t.error.str() if t is not None and t.error is not None else "no partitions"

@@ -8,6 +8,7 @@ and closes a source only once it was assigned (closing mid-join can wedge a grou
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -114,13 +115,21 @@ def test_restart_resumes_from_the_committed_offset_and_skips_held(tansu: Tansu,
         second.close()
 
 
-def test_raw_format_items(tansu: Tansu, tmp_path: Path) -> None:
+def test_raw_format_items_and_no_password_shown(tansu: Tansu, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
     topic, group = fresh("ev"), fresh("g")
     tansu.create_topic(topic, 1)
     tansu.produce(topic, [b"text", b"\xff\xfe", b"x"], keys=[b"k1", None, b"\xff"])
-    src = open_source(tansu, topic, group, tmp_path, format="raw")
+    settings = kafka.Settings.parse({"brokers": tansu.brokers, "topic": topic, "group": group,
+                                     "format": "raw", "options": {
+                                         **FAST_GROUP, "sasl.username": "lrq",
+                                         "sasl.password": "hunter2"}}, tmp_path, "source")
+    src = kafka.open(settings, Context(tmp_path, "events"))
     try:
         items, _ = drain(src, 3)
+        assert "hunter2" not in json.dumps(src.status(), default=str)
+        assert "hunter2" not in caplog.text
         assert items[0] == {"id": f"{topic}:0:0", "key": "k1", "value": "text", "partition": 0,
                             "offset": 0}
         assert items[1]["value"] == b"\xff\xfe" and items[1]["key"] is None  # not UTF-8: bytes
@@ -137,6 +146,21 @@ def test_unreachable_brokers_fail_fast_naming_them(tmp_path: Path) -> None:
     with pytest.raises(SourceError, match=f"cannot reach kafka brokers {brokers}"):
         kafka.open(settings, Context(tmp_path, "q"))
     assert time.monotonic() - start < kafka.OPEN_TIMEOUT + 1
+
+
+@pytest.mark.slow
+def test_a_silent_broker_fails_within_the_open_timeout(tmp_path: Path) -> None:
+    """A port that accepts connections and never answers (a hung broker): bounded anyway."""
+    import socket
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        brokers = f"127.0.0.1:{listener.getsockname()[1]}"
+        settings = kafka.Settings.parse({"brokers": brokers, "topic": "t"}, tmp_path, "source")
+        start = time.monotonic()
+        with pytest.raises(SourceError, match=f"cannot reach kafka brokers {brokers}"):
+            kafka.open(settings, Context(tmp_path, "q"))
+        assert time.monotonic() - start < kafka.OPEN_TIMEOUT + 1
 
 
 def test_missing_topic_is_a_source_error(tansu: Tansu, tmp_path: Path) -> None:
