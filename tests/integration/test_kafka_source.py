@@ -194,14 +194,15 @@ def test_unknown_client_option_is_a_config_error_without_secrets(tansu: Tansu,
 class Member:
     """``kafka_member.py`` in a subprocess: its JSON lines read by a thread, waited on bounded."""
 
-    def __init__(self, tansu: Tansu, topic: str, group: str, data_dir: Path, ack_below: int):
+    def __init__(self, tansu: Tansu, topic: str, group: str, data_dir: Path, ack_below: int,
+                 options: dict[str, Any]):
         import subprocess
         import sys
         import threading
         script = Path(__file__).with_name("kafka_member.py")
         self.proc = subprocess.Popen(
             [sys.executable, str(script), tansu.brokers, topic, group, str(data_dir),
-             str(ack_below), json.dumps(FAST_GROUP)],
+             str(ack_below), json.dumps(options)],
             stdout=subprocess.PIPE, text=True, start_new_session=True)
         self.events: list[dict[str, Any]] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -223,18 +224,21 @@ class Member:
 
 
 @pytest.mark.slow
-def test_a_member_takes_over_a_killed_members_partitions(tansu: Tansu, tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", ["range", "cooperative-sticky"])
+def test_a_member_takes_over_a_killed_members_partitions(tansu: Tansu, tmp_path: Path,
+                                                          strategy: str) -> None:
     topic, group = fresh("ev"), fresh("g")
     tansu.create_topic(topic, 4)
     for p in range(4):
         tansu.produce(topic, json_values(range(p * 10, p * 10 + 10)), partition=p)
-    a = Member(tansu, topic, group, tmp_path / "a", ack_below=5)
+    options = {**FAST_GROUP, "partition.assignment.strategy": strategy}
+    a = Member(tansu, topic, group, tmp_path / "a", ack_below=5, options=options)
     b = None
     try:
         assert poll(lambda: a.last("assigned") == [0, 1, 2, 3] and
                     sum(e.get("acked", 0) for e in a.events) == 20, 30), a.events
         assert poll(lambda: tansu.committed(group, topic, 4) == {p: 5 for p in range(4)}, 10)
-        b = open_source(tansu, topic, group, tmp_path / "b")
+        b = open_source(tansu, topic, group, tmp_path / "b", options=options)
         got: dict[tuple[int, int], Any] = {}
 
         def step(want: list[int]) -> bool:
@@ -255,7 +259,7 @@ def test_a_member_takes_over_a_killed_members_partitions(tansu: Tansu, tmp_path:
         assert tansu.committed(group, topic, 4) == {p: 10 for p in range(4)}
         assert b.settled()
         session = FAST_GROUP["session.timeout.ms"] / 1000
-        print(f"takeover after SIGKILL: {takeover:.2f} s (session timeout {session:g} s)")
+        print(f"{strategy}: takeover after SIGKILL {takeover:.2f} s (session timeout {session:g} s)")
         assert takeover < session + 5  # the session timeout plus one rebalance
     finally:
         a.kill()
