@@ -84,6 +84,7 @@ FETCH_WAIT = 0.1   # seconds a fetch waits for new messages at most
 OPEN_TIMEOUT = 5.0  # seconds to reach the brokers when opening
 REFUSED_WAIT = 0.25  # seconds per metadata try at open (then: are all brokers down?)
 QUERY_TIMEOUT = 5.0  # seconds for a committed-offsets or metadata request
+JOIN_WAIT = 10.0  # seconds close() waits at most for a pending first assignment
 ERROR_FIELD, VALUE_FIELD = "_lrq_error", "_lrq_value"
 _BROKER = re.compile(r"[A-Za-z0-9_.\-]+:\d{1,5}|\[[0-9A-Fa-f:.]+\]:\d{1,5}")
 _OPTION_TYPES = (str, int, float, bool)
@@ -423,6 +424,23 @@ class KafkaSource:
                               f"({why}); create it")
         return sorted(t.partitions)
 
+    def _finish_join(self) -> None:
+        """Wait, at most the session timeout and :data:`JOIN_WAIT`, for a pending first
+        assignment. On Tansu a consumer closed while its first JoinGroup is pending wedges
+        the group for good (measured: a new member got nothing in 12 s; after a SIGKILL
+        instead it got its partitions once the session expired). Messages read meanwhile
+        are dropped unrecorded: never committed, so read again by the group."""
+        if self._tracker.early is None:
+            return
+        session = float(self._conf.get("session.timeout.ms", 45000)) / 1000
+        deadline = time.monotonic() + min(session, JOIN_WAIT)
+        log.info("kafka-close-waits-join topic=%s group=%s", self.topic, self.settings.group)
+        while self._tracker.early is not None and time.monotonic() < deadline:
+            try:
+                self._consumer.consume(num_messages=100, timeout=0.1)
+            except (self._KafkaException, RuntimeError):
+                return
+
     def keys(self, key: str) -> Iterator[str] | None:
         return None
 
@@ -474,8 +492,10 @@ class KafkaSource:
             return out
 
     def close(self) -> None:
-        """Commit what is contiguous, then leave the group."""
+        """Commit what is contiguous, then leave the group. A member that never got its first
+        assignment first waits for it (see :meth:`_finish_join`)."""
         with self._lock:
+            self._finish_join()
             try:
                 self._commit(self._tracker.due())
             except SourceError as e:

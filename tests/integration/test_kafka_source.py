@@ -287,3 +287,21 @@ def test_contract_harness_counts_what_the_group_has_not_committed(tansu: Tansu,
     finally:
         src.close()
         h.close()
+
+
+def test_closing_before_the_first_assignment_leaves_the_group_usable(tansu: Tansu,
+                                                                      tmp_path: Path) -> None:
+    """On Tansu a consumer closed mid-join wedges its group: close() waits for the join."""
+    topic, group = fresh("ev"), fresh("g")
+    tansu.create_topic(topic, 2)
+    tansu.produce(topic, json_values(range(4)))
+    early = open_source(tansu, topic, group, tmp_path / "early")
+    early.fetch(None, 100)  # the JoinGroup is sent, its answer takes ~1 s on Tansu
+    assert early.assignment() == []
+    early.close()
+    later = open_source(tansu, topic, group, tmp_path / "later")
+    try:
+        items, _ = drain(later, 4, seconds=10)
+        assert sorted(it["id"] for it in items) == [0, 1, 2, 3]  # nothing committed by early
+    finally:
+        later.close()
