@@ -120,7 +120,7 @@ class App:
         """The queue's source, opened once. Its context's ``held`` is read from the spool
         only if the source asks (a broker consumer at open; a SQL table never does)."""
         if q.name not in self._sources:
-            context = sources.Context(data_dir=self.cfg.data_dir, queue=q.name,
+            context = sources.Context(data_dir=self.cfg.data_dir, queue=q.name, key=q.key,
                                       held=_Lazy(lambda: self.acker(q).receipts()))
             self._sources[q.name] = sources.build(q.source, context)
         return self._sources[q.name]

@@ -5,6 +5,8 @@ port (see ``tests/servers.py``), stopped and removed at the end of the session. 
 binaries skip the tests that need them (``make services`` installs them), except under
 ``CI``, where they fail: CI must really run them.
 
+``tansu`` (session, tests/services/tansu.py): a Kafka-protocol broker on 127.0.0.1.
+
 ``db_url``: one test per backend (sqlite, postgresql, mariadb), each on a database of its
 own, so no test sees another's rows.
 """
@@ -17,6 +19,7 @@ import pytest
 
 import servers
 from services.http_agent import http_agent  # noqa: F401 - the fixture, for every tier
+from services.tansu import tansu  # noqa: F401  (the fixture)
 
 _MISSING = "{} server binaries not found; run `make services` (root, Debian)"
 

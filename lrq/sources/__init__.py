@@ -62,6 +62,7 @@ AckAt = Literal["publish", "commit"]
 KINDS: dict[str, str] = {
     "sql": "lrq.sources.sql",
     "http-agent": "lrq.sources.http_agent",
+    "kafka": "lrq.sources.kafka",
     "sqlite-broker": "lrq.sources.sqlite_broker",  # a stand-in broker for the contract suite
 }
 
@@ -88,6 +89,10 @@ class Context:
     #: pending, claimed, failed, or done but not acknowledged). A broker source re-reading
     #: its own unacknowledged entries after a restart skips these: they are in a batch file.
     held: Sequence[Any] = field(default_factory=tuple)
+    #: The queue's ``key`` field. A broker source gives a message it cannot decode this field
+    #: (its broker coordinates), so the item reaches the handler and its dead letter instead
+    #: of failing its whole batch for a missing key. None: the source's own default.
+    key: str | None = None
 
 
 class Source(Protocol):

@@ -1,6 +1,7 @@
 """The protocol every source kind's contract-suite harness follows (``harness_<kind>.py``).
 
-A harness module exports ``harness() -> Harness``: it skips (``pytest.skip``, with the
+A harness module exports ``harness(request) -> Harness`` (``request``: the suite's pytest
+fixture request, for a harness on a session server fixture): it skips (``pytest.skip``, with the
 reason) when its server binary is missing, and fails instead under ``CI=1``
 (:func:`missing`). The suite (``test_sources.py``) then runs every contract test against
 it, with real ``lrq`` processes.
@@ -22,6 +23,11 @@ class Harness(Protocol):
     #: The option (and a value in seconds) that makes another consumer take over entries a
     #: node holds without keeping them, or None when the kind has none (SQL).
     takeover: dict[str, Any] | None
+    #: Seconds after which that takeover happens (``claim_idle``, a session timeout).
+    takeover_seconds: float
+    #: Whether each node names its consumer (``consumer = "..."``); False where the broker
+    #: tells members apart itself (a Kafka group).
+    named_consumers: bool
 
     def source_table(self, tmp_path: Path) -> dict[str, Any]:
         """The ``[queues.X.source]`` TOML table of a fresh, empty source (its data under

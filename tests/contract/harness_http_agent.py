@@ -11,6 +11,8 @@ after publish, in the worker, after commit; a clean run until idle) must hold as
 """
 from __future__ import annotations
 
+import pytest
+
 import os
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ class HttpAgentHarness:
     name = "http-agent"
     ack_at = "publish"
     takeover = None
+    takeover_seconds = 0.0
+    named_consumers = False
     at_most_once = AT_MOST_ONCE
 
     def __init__(self) -> None:
@@ -62,5 +66,5 @@ class HttpAgentHarness:
             os.environ["no_proxy"] = self._no_proxy
 
 
-def harness() -> HttpAgentHarness:
+def harness(request: pytest.FixtureRequest) -> HttpAgentHarness:
     return HttpAgentHarness()

@@ -1,6 +1,8 @@
 """Contract harness: ``kind = "sql"``, a SQLite table (acknowledged at publish)."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import sqlite3
 from pathlib import Path
@@ -11,6 +13,8 @@ class SqlHarness:
     name = "sql"
     ack_at = "publish"
     takeover = None
+    takeover_seconds = 0.0
+    named_consumers = False
 
     def __init__(self) -> None:
         self.path: Path | None = None
@@ -50,5 +54,5 @@ class SqlHarness:
         pass
 
 
-def harness() -> SqlHarness:
+def harness(request: pytest.FixtureRequest) -> SqlHarness:
     return SqlHarness()

@@ -3,6 +3,8 @@
 processes, before and beside the real brokers' harnesses."""
 from __future__ import annotations
 
+import pytest
+
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,8 @@ class BrokerHarness:
     name = "sqlite-broker"
     ack_at = "commit"
     takeover = {"claim_idle": 1}
+    takeover_seconds = 1.0
+    named_consumers = True
 
     def __init__(self) -> None:
         self.path: Path | None = None
@@ -40,5 +44,5 @@ class BrokerHarness:
         pass
 
 
-def harness() -> BrokerHarness:
+def harness(request: pytest.FixtureRequest) -> BrokerHarness:
     return BrokerHarness()

@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 import servers
 from harness import Harness
 from lrqtest import ROOT, killed_on_exit, poll
-from test_sources import config, h, items  # noqa: F401 - h is the harness fixture
+from test_sources import config, consumer, h, items  # noqa: F401 - h is the harness fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -67,7 +67,7 @@ def test_three_nodes_lose_one_and_the_survivors_finish_exactly_once(
     url = pg_server.url(db)
     try:
         source = {**h.source_table(tmp_path), **h.takeover}
-        cfgs = [config(tmp_path / f"node{i}", {**source, "consumer": f"node{i}"}, db_url=url,
+        cfgs = [config(tmp_path / f"node{i}", {**source, **consumer(h, f"node{i}")}, db_url=url,
                        handler="slow:handle", batch_size=50, chunk_size=50)
                 for i in range(NODES)]
         h.add(items(0, N))
@@ -80,7 +80,7 @@ def test_three_nodes_lose_one_and_the_survivors_finish_exactly_once(
             assert len(set(stored(url))) < N, "the run ended before the node was lost"
             shutil.rmtree(cfgs[0].parent / "data")  # ... with its disk
             done = poll(lambda: len(set(stored(url))) == N and h.unacknowledged() == 0,
-                        seconds=float(next(iter(h.takeover.values()))) * 10 + 120)
+                        seconds=h.takeover_seconds * 10 + 120)
             took = time.monotonic() - killed_at
             assert done, (f"after {took:.0f}s: {len(set(stored(url)))} of {N} stored, "
                           f"{h.unacknowledged()} unacknowledged")

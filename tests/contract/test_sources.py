@@ -32,7 +32,7 @@ N = 500
 
 @pytest.fixture(params=KINDS)
 def h(request: pytest.FixtureRequest) -> Iterator[Harness]:
-    made: Harness = importlib.import_module(f"harness_{request.param}").harness()
+    made: Harness = importlib.import_module(f"harness_{request.param}").harness(request)
     try:
         yield made
     finally:
@@ -74,6 +74,11 @@ def stored(db: Path) -> list[str]:
         conn.close()
 
 
+def consumer(h: Harness, name: str) -> dict[str, Any]:
+    """The source options naming a node's consumer, where the kind has them."""
+    return {"consumer": name} if h.named_consumers else {}
+
+
 def run_until_idle(cfg: Path) -> None:
     r = lrq("-c", str(cfg), "run", "--until-idle", timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -88,7 +93,8 @@ def test_a_run_until_idle_stores_every_item_once_and_acknowledges_all(
         h: Harness, tmp_path: Path) -> None:
     cfg = config(tmp_path / "node", h.source_table(tmp_path))
     h.add(items(0, N))
-    if h.ack_at == "commit":  # verify reconciles against what the source still holds
+    if h.ack_at == "commit" and getattr(h, "exact_lag", True):
+        # verify reconciles against what the source still holds
         lrq("-c", str(cfg), "sniff", check=True)
         v = lrq("-c", str(cfg), "verify")
         assert v.returncode == 1 and f"missing {N}," in v.stdout, v.stdout
@@ -174,11 +180,11 @@ def test_a_replay_by_another_node_is_absorbed(h: Harness, tmp_path: Path) -> Non
         pytest.skip(f"{h.name} has no takeover: nothing is held for a node")
     source = {**h.source_table(tmp_path), **h.takeover}
     db = tmp_path / "results.db"
-    a = config(tmp_path / "a", {**source, "consumer": "a"}, db=db)
-    b = config(tmp_path / "b", {**source, "consumer": "b"}, db=db)
+    a = config(tmp_path / "a", {**source, **consumer(h, "a")}, db=db)
+    b = config(tmp_path / "b", {**source, **consumer(h, "b")}, db=db)
     h.add(items(0, N))
     lrq("-c", str(a), "sniff", check=True)  # a holds every entry, then goes silent ...
-    seconds = float(next(iter(h.takeover.values())))
+    seconds = h.takeover_seconds
     # ... past the takeover time, so b takes them over (bounded: poll b's own run).
     assert poll(lambda: lrq("-c", str(b), "run", "--until-idle").returncode == 0
                 and len(stored(db)) == N, seconds=seconds * 10 + 60)
