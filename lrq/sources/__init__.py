@@ -46,6 +46,8 @@ AckAt = Literal["publish", "commit"]
 #: Source kinds and the modules that implement them (imported on first use).
 KINDS: dict[str, str] = {
     "sql": "lrq.sources.sql",
+    "redis-stream": "lrq.sources.redis_stream",
+    "redis-list": "lrq.sources.redis_list",
 }
 
 
