@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from lrq.config import parse_duration, positive
 from lrq.errors import ConfigError, SourceError
@@ -98,7 +98,9 @@ def redact(url: str) -> str:
             pairs = parse_qsl(query, keep_blank_values=True)
             query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs],
                               safe="*")
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+        # not urlunsplit: it drops the empty authority of unix:///path
+        return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+                + (f"#{parts.fragment}" if parts.fragment else ""))
     except ValueError:
         return "<unparseable url>"
 

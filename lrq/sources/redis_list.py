@@ -280,7 +280,7 @@ class RedisListSource:
             acked = self.client.get(self._acked)
         return {"kind": "redis-list", "url": self._conn.shown, "list": s.list,
                 "inflight_key": s.inflight, "lag": length, "inflight": inflight,
-                "oldest_inflight_s": None if age < 0 else round(age / 1000, 1),
+                "oldest_inflight_s": None if age < 0 else age / 1000,
                 "last_ack": None if acked is None else
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(acked) / 1000))}
 

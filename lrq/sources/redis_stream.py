@@ -121,8 +121,9 @@ class RedisStreamSource:
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
         self._claim_every = min(1.0, s.claim_idle / 4)
-        with self._failing("create the consumer group"):
-            self._create_group()
+        #: The group is created on first use, not here: opening never waits on the network,
+        #: so lrq starts while Redis is down and the sniffer retries.
+        self._grouped = False
         log.info("redis-stream-open %s stream=%s group=%s consumer=%s", self._conn.shown,
                  s.stream, s.group, self.consumer)
 
@@ -147,11 +148,18 @@ class RedisStreamSource:
                 raise
             return False
 
+    def _ensure_group(self) -> None:
+        if not self._grouped:
+            self._create_group()
+            self._grouped = True
+
     def _again_if_gone(self, call: Any) -> Any:
-        """``call()``; if the group or stream was deleted under us (NOGROUP), recreate the
-        group from the start and call once more."""
+        """``call()`` on the group, created first if this is the first call; if the group or
+        stream was deleted under us (NOGROUP), recreate the group from the start and call
+        once more."""
         import redis
 
+        self._ensure_group()
         try:
             return call()
         except redis.ResponseError as e:
@@ -184,7 +192,7 @@ class RedisStreamSource:
         text = r.text
         for raw_id, fields in entries:
             eid = raw_id.decode()
-            if fields is None:
+            if not fields:  # a deleted entry (redis-py: {}); XADD cannot add one without fields
                 deleted.append(eid)
             elif eid not in self._mine:
                 items.append({text(k): text(v) for k, v in fields.items()})
@@ -248,6 +256,7 @@ class RedisStreamSource:
         s = self.settings
         ids = [str(x) for x in receipts]
         with self._failing("acknowledge entries"):
+            self._ensure_group()
             pipe = self.client.pipeline(transaction=False)
             for i in range(0, len(ids), r.CHUNK):
                 pipe.xack(s.stream, s.group, *ids[i:i + r.CHUNK])
@@ -263,6 +272,7 @@ class RedisStreamSource:
         s = self.settings
         ids = [str(x) for x in receipts]
         with self._failing("keep held entries"):
+            self._ensure_group()
             pipe = self.client.pipeline(transaction=False)
             for i in range(0, len(ids), r.CHUNK):
                 pipe.xclaim(s.stream, s.group, self.consumer, 0, ids[i:i + r.CHUNK],
@@ -318,7 +328,7 @@ class RedisStreamSource:
         given (see the module docstring); entries without the field are left out."""
         s = self.settings
         with self._failing("read the stream"):
-            info = self.client.xinfo_stream(s.stream)
+            info = self._again_if_gone(lambda: self.client.xinfo_stream(s.stream))
         added, length = info.get("entries-added"), info.get("length")
         if added is None or int(added) != int(length):
             log.info("redis-stream-keys-partial %s: %s of %s entries remain (trimmed), so the "
