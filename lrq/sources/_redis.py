@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -176,3 +177,8 @@ def text(value: bytes) -> str:
     """Bytes from Redis as text; bytes that are not UTF-8 show as ``\\xNN`` escapes (visible
     and storable) instead of failing the read."""
     return value.decode("utf-8", "backslashreplace")
+
+
+def iso(ms: int) -> str:
+    """Unix milliseconds as a UTC ISO time, for ``status``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))

@@ -12,8 +12,14 @@ Keys (all on one server; ``inflight`` defaults to ``<list>:inflight``):
     A hash of id -> entry, the taken entries themselves.
 ``<inflight>:seq``
     The counter ids are drawn from (INCRBY).
+``<inflight>:owners``
+    A hash of id -> the consumer that took it: a restarted node puts back at once the
+    entries it took but never published (those not in ``Context.held``), as a stream
+    consumer re-reads its own pending entries, instead of leaving them for ``timeout``.
 ``<inflight>:acked``
-    The time of the last acknowledgement (unix ms), for ``lrq status``.
+    A hash of consumer name -> the time of its last acknowledgement (unix ms), for
+    ``lrq status``. ``consumer`` (default: host name + a short hash of the data dir and
+    queue) names the node here and in ``owners``.
 
 Why ids and not the entries as the set's members: a member is unique, so two equal entries
 in flight would be one member and the put-back of a lost node would restore one of them; and
@@ -70,25 +76,30 @@ _NOW = """local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# KEYS: list, inflight, entries, seq. ARGV: count, LPOP|RPOP. Returns {first id, entries}.
+# KEYS: list, inflight, entries, owners, seq. ARGV: count, LPOP|RPOP, consumer.
+# Returns {first id, entries}.
 _TAKE = _NOW + """
 local got = redis.call(ARGV[2], KEYS[1], tonumber(ARGV[1]))
 if not got then return {0, {}} end
-local last = redis.call('INCRBY', KEYS[4], #got)
+local last = redis.call('INCRBY', KEYS[5], #got)
 local first = last - #got + 1
 for i = 1, #got, 500 do
-  local z, h = {}, {}
+  local z, h, o = {}, {}, {}
   for j = i, math.min(i + 499, #got) do
-    z[#z + 1] = now; z[#z + 1] = first + j - 1
-    h[#h + 1] = first + j - 1; h[#h + 1] = got[j]
+    local id = first + j - 1
+    z[#z + 1] = now; z[#z + 1] = id
+    h[#h + 1] = id; h[#h + 1] = got[j]
+    o[#o + 1] = id; o[#o + 1] = ARGV[3]
   end
   redis.call('ZADD', KEYS[2], unpack(z))
   redis.call('HSET', KEYS[3], unpack(h))
+  redis.call('HSET', KEYS[4], unpack(o))
 end
 return {first, got}
 """
 
-# KEYS: list, inflight, entries. ARGV: timeout ms, most, LPUSH|RPUSH. Returns {ids, entries}.
+# KEYS: list, inflight, entries, owners. ARGV: timeout ms, most, LPUSH|RPUSH.
+# Returns {ids, entries}.
 _PUT_BACK = _NOW + """
 local ids = redis.call('ZRANGEBYSCORE', KEYS[2], '-inf', now - tonumber(ARGV[1]),
                        'LIMIT', 0, tonumber(ARGV[2]))
@@ -100,8 +111,25 @@ for i = #ids, 1, -1 do  -- youngest first: the oldest ends up at the taking end
   if e then redis.call(ARGV[3], KEYS[1], e); back = back + 1 end
   redis.call('ZREM', KEYS[2], id)
   redis.call('HDEL', KEYS[3], id)
+  redis.call('HDEL', KEYS[4], id)
 end
 return {#ids, back}
+"""
+
+# KEYS: list, inflight, entries, owners. ARGV: LPUSH|RPUSH, ids in the order taken.
+# Puts those still in flight back now. Returns how many.
+_PUT_BACK_IDS = """
+local back = 0
+for i = #ARGV, 2, -1 do
+  local id = ARGV[i]
+  if redis.call('ZREM', KEYS[2], id) == 1 then
+    local e = redis.call('HGET', KEYS[3], id)
+    if e then redis.call(ARGV[1], KEYS[1], e); back = back + 1 end
+  end
+  redis.call('HDEL', KEYS[3], id)
+  redis.call('HDEL', KEYS[4], id)
+end
+return back
 """
 
 # KEYS: inflight. ARGV: ids. Refreshes the scores of those still in flight.
@@ -137,14 +165,18 @@ class Settings:
     #: "json": an entry that is a JSON object is the item; "raw": every item is {"raw": entry}.
     format: str = "json"
     socket_timeout: float = 5.0
+    #: Names this node in the last-acknowledgement hash; None: host name + a short hash.
+    consumer: str | None = None
     options: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def parse(cls, table: dict[str, Any], base: Path, where: str) -> Settings:
         seconds = (int, float, str)
         r.take(table, {"url": str, "list": str, "inflight": str, "timeout": seconds,
-                       "pop": str, "format": str, "socket_timeout": seconds, "options": dict},
-               where)
+                       "pop": str, "format": str, "socket_timeout": seconds, "consumer": str,
+                       "options": dict}, where)
+        if "consumer" in table and not table["consumer"]:
+            raise ConfigError(f"{where}.consumer: empty; leave it out for the default")
         for key, allowed in (("pop", ("left", "right")), ("format", ("json", "raw"))):
             if table.get(key, getattr(cls, key)) not in allowed:
                 raise ConfigError(f"{where}.{key}: {table[key]!r}; write "
@@ -158,7 +190,7 @@ class Settings:
                    pop=table.get("pop", cls.pop), format=table.get("format", cls.format),
                    socket_timeout=r.parse_seconds(table, "socket_timeout", cls.socket_timeout,
                                                   where),
-                   options=r.parse_options(table, where))
+                   consumer=table.get("consumer"), options=r.parse_options(table, where))
 
 
 def open(settings: Settings, context: Context) -> RedisListSource:  # noqa: A001 - the kind API
@@ -172,13 +204,18 @@ class RedisListSource:
 
     def __init__(self, settings: Settings, context: Context) -> None:
         self.settings = s = settings
+        self.consumer = s.consumer or r.default_consumer(context.data_dir, context.queue)
         self._conn = r.connect(s.url, s.socket_timeout, s.options)
         self.client = c = self._conn.client
         self._entries = f"{s.inflight}:entries"
-        self._keys = [s.list, s.inflight, self._entries, f"{s.inflight}:seq"]
+        self._owners = f"{s.inflight}:owners"
+        self._keys = [s.list, s.inflight, self._entries, self._owners, f"{s.inflight}:seq"]
+        self._held = {int(x) for x in context.held}
+        self._recovered = False
         self._acked = f"{s.inflight}:acked"
         self._take = c.register_script(_TAKE)
         self._put_back = c.register_script(_PUT_BACK)
+        self._put_back_ids = c.register_script(_PUT_BACK_IDS)
         self._keep = c.register_script(_KEEP)
         self._oldest = c.register_script(_OLDEST)
         self._pop = "LPOP" if s.pop == "left" else "RPOP"
@@ -200,7 +237,9 @@ class RedisListSource:
         with self._failing("take entries"):
             if time.monotonic() >= self._next_put_back:
                 self.put_back()
-            first, entries = self._take(keys=self._keys, args=[limit, self._pop])
+            if not self._recovered:
+                self._recover()
+            first, entries = self._take(keys=self._keys, args=[limit, self._pop, self.consumer])
         items = self._items(entries)
         return Fetched(items, None, list(range(first, first + len(entries))))
 
@@ -209,7 +248,7 @@ class RedisListSource:
         s = self.settings
         moved = 0
         for _ in range(_PUTBACK_ROUNDS):
-            ids, back = self._put_back(keys=self._keys[:3],
+            ids, back = self._put_back(keys=self._keys[:4],
                                        args=[int(s.timeout * 1000), r.CHUNK, self._push])
             moved += back
             if back < ids:
@@ -222,6 +261,23 @@ class RedisListSource:
             log.warning("redis-list-put-back %s: %d entries in flight over %g s put back on %s",
                         s.inflight, moved, s.timeout, s.list)
         return moved
+
+    def _recover(self) -> None:
+        """Once, before the first take: put back the entries this consumer took before a
+        restart and never published (in flight as its own, not held in its spool)."""
+        me = self.consumer.encode()
+        lost = sorted(int(i) for i, owner in self.client.hscan_iter(self._owners, count=r.CHUNK)
+                      if owner == me and int(i) not in self._held)
+        back = 0
+        for i in range(0, len(lost), r.CHUNK):
+            back += self._put_back_ids(keys=self._keys[:4],
+                                       args=[self._push, *lost[i:i + r.CHUNK]])
+        self._recovered = True
+        self._held.clear()
+        if back:
+            log.warning("redis-list-recovered %s consumer=%s: %d entries taken before a restart "
+                        "and never published put back on %s", self.settings.inflight,
+                        self.consumer, back, self.settings.list)
 
     def _items(self, entries: list[bytes]) -> list[dict[str, Any]]:
         if self.settings.format == "raw":
@@ -254,7 +310,8 @@ class RedisListSource:
             for i in range(0, len(ids), r.CHUNK):
                 pipe.zrem(self.settings.inflight, *ids[i:i + r.CHUNK])
                 pipe.hdel(self._entries, *ids[i:i + r.CHUNK])
-            pipe.set(self._acked, int(time.time() * 1000))
+                pipe.hdel(self._owners, *ids[i:i + r.CHUNK])
+            pipe.hset(self._acked, self.consumer, int(time.time() * 1000))
             pipe.execute()
 
     def keep(self, receipts: Sequence[Any]) -> None:
@@ -277,12 +334,11 @@ class RedisListSource:
         with self._failing("read the list"):
             length = self.client.llen(s.list)
             inflight, age = self._oldest(keys=[s.inflight])
-            acked = self.client.get(self._acked)
+            acked = self.client.hgetall(self._acked)
         return {"kind": "redis-list", "url": self._conn.shown, "list": s.list,
                 "inflight_key": s.inflight, "lag": length, "inflight": inflight,
                 "oldest_inflight_s": None if age < 0 else age / 1000,
-                "last_ack": None if acked is None else
-                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(acked) / 1000))}
+                "last_ack": {r.text(k): r.iso(int(v)) for k, v in acked.items()}}
 
     def keys(self, key: str) -> Iterator[str] | None:
         return None

@@ -320,7 +320,7 @@ class RedisStreamSource:
             "consumers": {_str(c["name"]): {"pending": int(c["pending"]),
                                             "idle_s": round(int(c["idle"]) / 1000, 1)}
                           for c in consumers},
-            "last_ack": {_str(k): _iso(int(v)) for k, v in acks.items()},
+            "last_ack": {_str(k): r.iso(int(v)) for k, v in acks.items()},
         }
 
     def keys(self, key: str) -> Iterator[str] | None:
@@ -359,6 +359,3 @@ class RedisStreamSource:
 def _str(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
-
-def _iso(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ms / 1000))
