@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeat} repeats (medians)")
     for kind, runs in rows.items():
         med = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
-        print(f"{kind:>20}: " + ", ".join(f"{k} {v:,.1f}" for k, v in med.items()))
+        print(f"{kind:>20}: " + ", ".join(f"{k} {v:,.4g}" for k, v in med.items()))
     return 0
 
 

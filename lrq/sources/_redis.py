@@ -17,7 +17,7 @@ import contextlib
 import hashlib
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from lrq.config import parse_duration, positive
 from lrq.errors import ConfigError, SourceError
+from lrq.sources import AckAt, Context
 
 SCHEMES = ("redis", "rediss", "unix")
 #: Most entries a single command carries (XACK, XCLAIM, ZADD ids): keeps one reply, one Lua
@@ -164,6 +165,30 @@ def failing(conn: Connection, url: str, doing: str) -> Iterator[None]:
     except conn.errors as e:
         raise SourceError(f"redis {conn.shown}: cannot {doing}: "
                           f"{scrub(str(e), url) or type(e).__name__}") from None
+
+
+class RedisSource:
+    """What both kinds' sources share: acknowledged at commit, a consumer name, the client,
+    errors as :class:`SourceError`, no item fields known before reading."""
+
+    ack_at: AckAt = "commit"
+
+    def __init__(self, url: str, consumer: str | None, socket_timeout: float,
+                 options: tuple[tuple[str, Any], ...], context: Context,
+                 block: float = 0.0) -> None:
+        self.url = url
+        self.consumer = consumer or default_consumer(context.data_dir, context.queue)
+        self._conn = connect(url, socket_timeout, options, block=block)
+        self.client = self._conn.client
+
+    def _failing(self, doing: str) -> Any:
+        return failing(self._conn, self.url, doing)
+
+    def item_fields(self) -> Sequence[str] | None:
+        return None
+
+    def close(self) -> None:
+        self.client.close()
 
 
 def default_consumer(data_dir: Path, queue: str) -> str:

@@ -62,7 +62,7 @@ from typing import Any
 import orjson
 
 from lrq.errors import ConfigError
-from lrq.sources import AckAt, Context, Fetched
+from lrq.sources import Context, Fetched
 from lrq.sources import _redis as r
 
 log = logging.getLogger(__name__)
@@ -197,16 +197,13 @@ def open(settings: Settings, context: Context) -> RedisListSource:  # noqa: A001
     return RedisListSource(settings, context)
 
 
-class RedisListSource:
+class RedisListSource(r.RedisSource):
     """Takes entries from ``settings.list`` into ``settings.inflight`` (see the module doc)."""
-
-    ack_at: AckAt = "commit"
 
     def __init__(self, settings: Settings, context: Context) -> None:
         self.settings = s = settings
-        self.consumer = s.consumer or r.default_consumer(context.data_dir, context.queue)
-        self._conn = r.connect(s.url, s.socket_timeout, s.options)
-        self.client = c = self._conn.client
+        super().__init__(s.url, s.consumer, s.socket_timeout, s.options, context)
+        c = self.client
         self._entries = f"{s.inflight}:entries"
         self._owners = f"{s.inflight}:owners"
         self._keys = [s.list, s.inflight, self._entries, self._owners, f"{s.inflight}:seq"]
@@ -229,9 +226,6 @@ class RedisListSource:
     def keep_every(self) -> float:
         """How often :meth:`keep` must run so held entries are never put back."""
         return self.settings.timeout / 4
-
-    def _failing(self, doing: str) -> Any:
-        return r.failing(self._conn, self.settings.url, doing)
 
     def fetch(self, position: Any, limit: int) -> Fetched:
         with self._failing("take entries"):
@@ -342,9 +336,3 @@ class RedisListSource:
 
     def keys(self, key: str) -> Iterator[str] | None:
         return None
-
-    def item_fields(self) -> Sequence[str] | None:
-        return None
-
-    def close(self) -> None:
-        self.client.close()

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from lrq.errors import ConfigError
-from lrq.sources import AckAt, Context, Fetched
+from lrq.sources import Context, Fetched
 from lrq.sources import _redis as r
 
 log = logging.getLogger(__name__)
@@ -103,16 +103,12 @@ def open(settings: Settings, context: Context) -> RedisStreamSource:  # noqa: A0
     return RedisStreamSource(settings, context)
 
 
-class RedisStreamSource:
+class RedisStreamSource(r.RedisSource):
     """One consumer of ``settings.group`` on ``settings.stream`` (see the module docstring)."""
-
-    ack_at: AckAt = "commit"
 
     def __init__(self, settings: Settings, context: Context) -> None:
         self.settings = s = settings
-        self.consumer = s.consumer or r.default_consumer(context.data_dir, context.queue)
-        self._conn = r.connect(s.url, s.socket_timeout, s.options, block=s.block)
-        self.client = self._conn.client
+        super().__init__(s.url, s.consumer, s.socket_timeout, s.options, context, s.block)
         self._acks_key = f"{s.stream}:lrq-acks"
         #: Entry ids this node holds unacknowledged (in its spool or handed out since start).
         self._mine: set[str] = {str(x) for x in context.held}
@@ -131,9 +127,6 @@ class RedisStreamSource:
     def keep_every(self) -> float:
         """How often :meth:`keep` must run so held entries are never idle ``claim_idle``."""
         return self.settings.claim_idle / 4
-
-    def _failing(self, doing: str) -> Any:
-        return r.failing(self._conn, self.settings.url, doing)
 
     def _create_group(self) -> bool:
         """Create the group reading from the start (and the stream); False if it existed."""
@@ -348,12 +341,6 @@ class RedisStreamSource:
             if len(entries) < r.CHUNK:
                 return
             start = "(" + entries[-1][0].decode()
-
-    def item_fields(self) -> Sequence[str] | None:
-        return None
-
-    def close(self) -> None:
-        self.client.close()
 
 
 def _str(value: Any) -> str:

@@ -7,23 +7,13 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from harness import missing
-from services.redis_server import RedisServer, find_redis_server, start_redis, stop_redis
+from services.redis_server import ServerHarness
 
 
-class RedisListHarness:
+class RedisListHarness(ServerHarness):
     name = "redis-list"
-    ack_at = "commit"
     takeover = {"timeout": 1}
-
-    def __init__(self) -> None:
-        if find_redis_server() is None:
-            missing("redis-server not found")
-        import redis
-
-        self.server: RedisServer = start_redis()
-        self.client = redis.Redis.from_url(self.server.url(), socket_timeout=10)
-        self.list = ""
+    list = ""
 
     def source_table(self, tmp_path: Path) -> dict[str, Any]:
         self.list = f"jobs-{secrets.token_hex(4)}"
@@ -35,10 +25,6 @@ class RedisListHarness:
     def unacknowledged(self) -> int:
         """Entries still in the list plus those in flight (taken, not acknowledged)."""
         return int(self.client.llen(self.list)) + int(self.client.zcard(f"{self.list}:inflight"))
-
-    def close(self) -> None:
-        self.client.close()
-        stop_redis(self.server)
 
 
 def harness() -> RedisListHarness:

@@ -6,23 +6,13 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from harness import missing
-from services.redis_server import RedisServer, find_redis_server, start_redis, stop_redis
+from services.redis_server import ServerHarness
 
 
-class RedisStreamHarness:
+class RedisStreamHarness(ServerHarness):
     name = "redis-stream"
-    ack_at = "commit"
     takeover = {"claim_idle": 1}
-
-    def __init__(self) -> None:
-        if find_redis_server() is None:
-            missing("redis-server not found")
-        import redis
-
-        self.server: RedisServer = start_redis()
-        self.client = redis.Redis.from_url(self.server.url(), socket_timeout=10)
-        self.stream = ""
+    stream = ""
 
     def source_table(self, tmp_path: Path) -> dict[str, Any]:
         self.stream = f"events-{secrets.token_hex(4)}"
@@ -48,10 +38,6 @@ class RedisStreamHarness:
         if group is None:
             return int(self.client.xlen(self.stream))
         return int(group["lag"] or 0) + int(group["pending"])
-
-    def close(self) -> None:
-        self.client.close()
-        stop_redis(self.server)
 
 
 def harness() -> RedisStreamHarness:

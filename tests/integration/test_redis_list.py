@@ -17,7 +17,7 @@ from lrq.sources import Context
 from lrq.sources import redis_list as rl
 
 pytestmark = pytest.mark.services
-redis = pytest.importorskip("redis")
+pytest.importorskip("redis")
 
 
 @pytest.fixture
@@ -26,10 +26,8 @@ def name() -> str:
 
 
 @pytest.fixture
-def client(redis_url: str) -> Any:
-    c = redis.Redis.from_url(redis_url, socket_timeout=5)
-    yield c
-    c.close()
+def client(redis_client: Any) -> Any:
+    return redis_client
 
 
 def make(redis_url: str, name: str, data_dir: Path, held: tuple[int, ...] = (),

@@ -18,7 +18,7 @@ from lrq.sources import Context
 from lrq.sources import redis_stream as rs
 
 pytestmark = pytest.mark.services
-redis = pytest.importorskip("redis")
+pytest.importorskip("redis")
 
 
 @pytest.fixture
@@ -27,10 +27,8 @@ def stream() -> str:
 
 
 @pytest.fixture
-def client(redis_url: str) -> Any:
-    c = redis.Redis.from_url(redis_url, socket_timeout=5)
-    yield c
-    c.close()
+def client(redis_client: Any) -> Any:
+    return redis_client
 
 
 def make(redis_url: str, stream: str, data_dir: Path, held: tuple[str, ...] = (),

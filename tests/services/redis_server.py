@@ -19,10 +19,12 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from servers import HOST, PORT_ATTEMPTS, START_TIMEOUT, ServerError, _tail, free_port, wait_for
+from servers import (HOST, PORT_ATTEMPTS, START_TIMEOUT, ServerError, _stop_process, _tail,
+                     free_port, wait_for)
 
 MISSING = "redis-server not found; run `make services` (root, Debian)"
 
@@ -88,7 +90,7 @@ def start_redis(password: str | None = None, timeout: float = START_TIMEOUT) -> 
                 wait_for(ready, timeout, f"redis-server on {HOST}:{port}")
                 return server
             except ServerError:
-                _stop(proc)
+                _stop_process(proc)
                 if attempt + 1 < PORT_ATTEMPTS and "in use" in _tail(root / "redis.log", 20):
                     continue
                 raise
@@ -98,20 +100,9 @@ def start_redis(password: str | None = None, timeout: float = START_TIMEOUT) -> 
         raise
 
 
-def _stop(proc: subprocess.Popen, timeout: float = 10) -> None:
-    if proc.poll() is not None:
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-
-
 def stop_redis(server: RedisServer) -> None:
     try:
-        _stop(server.proc)
+        _stop_process(server.proc)
     finally:
         shutil.rmtree(server.root, ignore_errors=True)
 
@@ -144,3 +135,33 @@ def redis_server() -> Iterator[RedisServer]:
 def redis_url(redis_server: RedisServer) -> str:
     """``redis://127.0.0.1:PORT/0`` on the session's redis-server."""
     return redis_server.url()
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[Any]:
+    """A redis-py client on the session's server (skips without redis-py)."""
+    redis = pytest.importorskip("redis")
+    client = redis.Redis.from_url(redis_url, socket_timeout=10)
+    yield client
+    client.close()
+
+
+class ServerHarness:
+    """The part of the contract-suite harnesses (tests/contract) both Redis kinds share: a
+    redis-server of the harness's own, a client on it, both gone at ``close``."""
+
+    ack_at = "commit"
+
+    def __init__(self) -> None:
+        if find_redis_server() is None:
+            from harness import missing  # tests/contract/harness.py
+
+            missing("redis-server not found")
+        import redis
+
+        self.server = start_redis()
+        self.client = redis.Redis.from_url(self.server.url(), socket_timeout=10)
+
+    def close(self) -> None:
+        self.client.close()
+        stop_redis(self.server)
