@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lrq.errors import ConfigError
+from lrq.errors import ConfigError, SourceError
 from lrq.sources import Context, Fetched
 from lrq.sources import _redis as r
 
@@ -168,13 +168,21 @@ class RedisStreamSource(r.RedisSource):
     def fetch(self, position: Any, limit: int) -> Fetched:
         items: list[dict[str, Any]] = []
         receipts: list[str] = []
-        with self._failing("read the stream"):
-            if self._own is not None:
-                self._read_own(limit, items, receipts)
-            if len(items) < limit and time.monotonic() >= self._next_claim:
-                self._autoclaim(limit - len(items), items, receipts)
-            if len(items) < limit:
-                self._read_new(limit - len(items), not items, items, receipts)
+        try:
+            with self._failing("read the stream"):
+                if self._own is not None:
+                    self._read_own(limit, items, receipts)
+                if len(items) < limit and time.monotonic() >= self._next_claim:
+                    self._autoclaim(limit - len(items), items, receipts)
+                if len(items) < limit:
+                    self._read_new(limit - len(items), not items, items, receipts)
+        except SourceError as e:
+            if not items:
+                raise
+            # What was read is in this consumer's pending list already: hand it out, or it
+            # would wait for claim_idle. The next fetch meets the error again if it stays.
+            log.warning("redis-stream-read-partial %s: %d entries read, then: %s",
+                        self.settings.stream, len(items), e)
         self._mine.update(receipts)
         return Fetched(items, None, receipts)
 

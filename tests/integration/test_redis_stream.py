@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from lrqtest import poll
 
+from lrq.errors import SourceError
 from lrq.sources import Context
 from lrq.sources import redis_stream as rs
 
@@ -176,3 +177,22 @@ def test_keys_while_the_stream_holds_every_entry(redis_url: str, stream: str, cl
     assert keys is not None and list(keys) == [str(i) for i in range(2500)]
     client.xtrim(stream, maxlen=10, approximate=False)
     assert src.keys("id") is None, "a trimmed stream cannot list every key"
+
+
+def test_an_error_after_a_partial_read_hands_out_what_was_read(
+        redis_url: str, stream: str, client: Any, tmp_path: Path, monkeypatch: Any) -> None:
+    """Entries already read into this consumer's pending list are returned, not left to wait
+    for claim_idle, when a later step of the same fetch fails; with nothing read, it raises."""
+    import redis
+
+    ids = add(client, stream, 3)
+    make(redis_url, stream, tmp_path).fetch(None, 3)
+    again = make(redis_url, stream, tmp_path)
+
+    def gone(*_args: Any, **_kw: Any) -> Any:
+        raise redis.ConnectionError("connection lost")
+
+    monkeypatch.setattr(again.client, "xautoclaim", gone)
+    assert again.fetch(None, 10).receipts == ids
+    with pytest.raises(SourceError, match="cannot read the stream: connection lost"):
+        again.fetch(None, 10)
