@@ -277,7 +277,7 @@ class RedisListSource(r.RedisSource):
         if self.settings.format == "raw":
             return [{"raw": r.text(e)} for e in entries]
         items: list[dict[str, Any]] = []
-        odd = 0
+        odd: list[str] = []
         for e in entries:
             try:
                 value = orjson.loads(e)
@@ -286,12 +286,11 @@ class RedisListSource(r.RedisSource):
             if isinstance(value, dict):
                 items.append(value)
             else:
-                items.append({"raw": r.text(e)})
-                odd += 1
+                odd.append(r.text(e))
+                items.append({"raw": odd[-1]})
         if odd:
             log.warning("redis-list-not-json %s: %d entries are not JSON objects (first: %.80r); "
-                        "passed on as {\"raw\": entry}", self.settings.list, odd,
-                        next(i["raw"] for i in items if set(i) == {"raw"}))
+                        "passed on as {\"raw\": entry}", self.settings.list, len(odd), odd[0])
         return items
 
     def ack(self, receipts: Sequence[Any]) -> None:

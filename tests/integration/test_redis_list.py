@@ -140,6 +140,7 @@ def test_entries_that_are_not_json_objects(redis_url: str, name: str, client: An
     assert items == [{"id": 1}, {"raw": "plain"}, {"raw": "42"}, {"raw": "\\xff\\xfe"},
                      {"raw": "[1]"}]
     assert "redis-list-not-json" in caplog.text
+    assert "4 entries are not JSON objects (first: 'plain')" in caplog.text
     client.rpush(name, '{"id": 2}', "7")
     raw = make(redis_url, name, tmp_path / "b", format="raw", pop="right").fetch(None, 10).items
     assert raw == [{"raw": "7"}, {"raw": '{"id": 2}'}]
