@@ -10,6 +10,10 @@ process's CPU (``getrusage``; the server's CPU is not in it). The SQL source (SQ
 keyset paging, the same documents) runs the same loop for reference (no ack: it is
 acknowledged at publish), so the source's share of the 0.8x target can be read off.
 
+Takeover (``--takeover N``): N times, consumer A reads an entry and is dropped without
+ack; consumer B fetches every ``--tick`` seconds (as a sniffer ticks); the time from A's read
+to B's first item, against ``claim_idle`` (2 s).
+
 Idle: ``fetch`` on an empty stream in a loop for ``--idle`` seconds, as a sniffer with
 nothing to do would call it (the stream's ``block`` waits on the server; ``block = 0`` is
 the sniffer's own interval's business); this process's CPU per wall second.
@@ -108,12 +112,38 @@ def idle(src: Any, seconds: float) -> dict[str, float]:
     return {"calls_per_s": calls / wall, "cpu_per_wall_s": (cpu() - c0) / wall}
 
 
+def takeover(url: str, data: Path, runs: int, tick: float) -> dict[str, float]:
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=30)
+    seconds = []
+    for run in range(runs):
+        stream = f"takeover-{run}"
+        client.xadd(stream, {"id": "0"})
+        table = {"url": url, "stream": stream, "claim_idle": 2, "block": 0}
+        dead, live = (open_kind("redis-stream", table, data / name) for name in ("a", "b"))
+        assert dead.fetch(None, 100).items
+        t0 = time.monotonic()
+        dead.close()
+        while not (got := live.fetch(None, 100)).items:  # live runs: it fetches every tick
+            assert time.monotonic() - t0 < 30, "no takeover in 30 s"
+            time.sleep(tick)  # the sniffer's interval
+        seconds.append(time.monotonic() - t0)
+        live.ack(got.receipts)
+        live.close()
+    client.close()
+    return {"claim_idle_s": 2.0, "tick_s": tick, "max_s": max(seconds),
+            "median_s": statistics.median(seconds)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--items", type=int, default=100_000)
     p.add_argument("--batch", type=int, default=100)
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--idle", type=float, default=10.0, help="seconds of idle fetching (0: skip)")
+    p.add_argument("--takeover", type=int, default=5, help="takeover runs (0: skip)")
+    p.add_argument("--tick", type=float, default=0.25, help="seconds between fetches there")
     args = p.parse_args(argv)
     import redis
 
@@ -142,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                     if kind != "sql":
                         assert src.settled(), f"{kind}: not settled after the loop"
                     src.close()
+            if args.takeover:
+                rows["takeover"] = [takeover(url, data, args.takeover, args.tick)]
             if args.idle:
                 for block in (0.5, 0.0):
                     src = open_kind("redis-stream", {"url": url, "stream": "idle",
@@ -156,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.repeat} repeats (medians)")
     for kind, runs in rows.items():
         med = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
-        print(f"{kind:>20}: " + ", ".join(f"{k} {v:,.4g}" for k, v in med.items()))
+        print(f"{kind:>20}: " + ", ".join(f"{k} {v:,.0f}" if v >= 100 else f"{k} {v:.4g}"
+                                          for k, v in med.items()))
     return 0
 
 
