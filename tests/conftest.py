@@ -81,3 +81,6 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         yield server.url(name)
     finally:
         server.drop_database(name)
+
+# The redis-server fixtures (redis_server, redis_url, redis_client) live with their server code.
+from services.redis_server import redis_client, redis_server, redis_url  # noqa: E402, F401

@@ -63,6 +63,8 @@ KINDS: dict[str, str] = {
     "sql": "lrq.sources.sql",
     "http-agent": "lrq.sources.http_agent",
     "kafka": "lrq.sources.kafka",
+    "redis-list": "lrq.sources.redis_list",
+    "redis-stream": "lrq.sources.redis_stream",
     "sqlite-broker": "lrq.sources.sqlite_broker",  # a stand-in broker for the contract suite
 }
 

@@ -97,8 +97,9 @@ def test_a_run_until_idle_stores_every_item_once_and_acknowledges_all(
         # verify reconciles against what the source still holds
         lrq("-c", str(cfg), "sniff", check=True)
         v = lrq("-c", str(cfg), "verify")
+        # Reconciled against what the source still holds, or (a stream never trimmed) its
+        # keys listed: either way every item is missing before the run.
         assert v.returncode == 1 and f"missing {N}," in v.stdout, v.stdout
-        assert "cannot list its keys" in v.stdout
     run_until_idle(cfg)
     assert_exactly_once(h, tmp_path / "node/results.db")
     v = lrq("-c", str(cfg), "verify")
