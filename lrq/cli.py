@@ -250,7 +250,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for name, s in st["queues"].items():
         db = () if down else (s["results"], s["dead_letters"])
         rows.append((name, s["pending"], s["claimed"], s["stale"], s["done"], s["failed"],
-                     s["quarantined"], *db, _human(s["bytes"]), s["position"]))
+                     s["quarantined"], *db, _human(s["bytes"]),
+                     "-" if s["position"] is None else s["position"]))  # a broker has none
     _print_table(rows)
     print("bytes by state: " + "; ".join(
         f"{name} pending {_human(s['pending_bytes'])}, claimed {_human(s['claimed_bytes'])}, "

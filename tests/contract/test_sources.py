@@ -102,6 +102,11 @@ def test_a_run_until_idle_stores_every_item_once_and_acknowledges_all(
         assert v.returncode == 1 and f"missing {N}," in v.stdout, v.stdout
     run_until_idle(cfg)
     assert_exactly_once(h, tmp_path / "node/results.db")
+    if h.ack_at == "commit":  # the broker's own view beside the spool's; no position
+        st = lrq("-c", str(cfg), "status", check=True).stdout
+        assert f"docs: source kind {h.name.replace('_', '-')}" in st, st
+        row = next(line.split() for line in st.splitlines() if line.startswith("docs "))
+        assert row[-1] == "-", row
     v = lrq("-c", str(cfg), "verify")
     assert v.returncode == 0 and "missing 0," in v.stdout, v.stdout
 
