@@ -192,6 +192,7 @@ def one_run(kind: str, sources: Sources, work: Path, cached: Path,
     tl = row["timeline"]
     if "first_done" in tl and "last_done" in tl:
         row["busy_seconds"] = round(tl["last_done"] - tl["first_done"], 3)
+        row["exit_after_last_done"] = round(seconds - tl["last_done"], 3)
     if kind == "kafka":
         assigned = first_assigned(log, launched)
         if assigned is None:
@@ -217,9 +218,11 @@ def one_run(kind: str, sources: Sources, work: Path, cached: Path,
 def summarize(report: dict[str, Any], runs: dict[str, list[dict[str, Any]]], n: int) -> None:
     for kind, rs in runs.items():
         med = statistics.median(r["seconds"] for r in rs)
+        busy = statistics.median(r["busy_seconds"] for r in rs)
         entry = {"kind": kind, "median_seconds": round(med, 3), "items_per_s": round(n / med, 1),
-                 "median_busy_seconds": round(statistics.median(
-                     r.get("busy_seconds", 0.0) for r in rs), 3), "runs": rs}
+                 "median_busy_seconds": round(busy, 3), "busy_items_per_s": round(n / busy, 1),
+                 "median_exit_after_last_done": round(statistics.median(
+                     r["exit_after_last_done"] for r in rs), 3), "runs": rs}
         if kind == "kafka":
             excl = statistics.median(r["seconds_excl_assign"] for r in rs)
             entry["items_per_s_excl_assign"] = round(n / excl, 1)
@@ -230,6 +233,9 @@ def summarize(report: dict[str, Any], runs: dict[str, list[dict[str, Any]]], n: 
     if sql:
         report["ratios"] = {f"{r['kind']}/sql": round(r["items_per_s"] / sql["items_per_s"], 3)
                             for r in report["results"] if r["kind"] != "sql"}
+        report["busy_ratios"] = {
+            f"{r['kind']}/sql": round(r["busy_items_per_s"] / sql["busy_items_per_s"], 3)
+            for r in report["results"] if r["kind"] != "sql"}
         for r in report["results"]:
             if r["kind"] == "kafka":
                 report["ratios"]["kafka-excl-assign/sql"] = round(
@@ -242,19 +248,24 @@ def summarize(report: dict[str, Any], runs: dict[str, list[dict[str, Any]]], n: 
 
 def table(report: dict[str, Any]) -> str:
     s = report["settings"]
-    rows = [("kind", "median s", "items/s", "/sql", "busy s", "runs (s)", "excl. assign")]
-    ratios = report.get("ratios", {})
+    rows = [("kind", "median s", "items/s", "/sql", "busy s", "busy /sql", "exit after",
+             "runs (s)", "excl. assign")]
+    ratios, busy = report.get("ratios", {}), report.get("busy_ratios", {})
     for r in report["results"]:
         k = r["kind"]
         rows.append((k, f"{r['median_seconds']:.2f}", f"{r['items_per_s']:,.0f}",
                      "1.00" if k == "sql" else f"{ratios.get(f'{k}/sql', 0):.2f}",
                      f"{r['median_busy_seconds']:.2f}",
+                     "1.00" if k == "sql" else f"{busy.get(f'{k}/sql', 0):.2f}",
+                     f"{r['median_exit_after_last_done']:.2f}",
                      " ".join(f"{x['seconds']:.2f}" for x in r["runs"]),
                      f"{r['items_per_s_excl_assign']:,.0f}/s, /sql "
                      f"{ratios.get('kafka-excl-assign/sql', 0):.2f} (assigned at "
                      f"{r['median_first_assigned']:.2f} s)" if k == "kafka" else ""))
     lines = [f"one node, {s['docs']} docs, batch {s['batch']}, lrq run --until-idle launch to "
-             f"exit, median of {s['repeat']}", *run._columns(rows, right={1, 2, 3, 4})]
+             f"exit, median of {s['repeat']} (busy: first to last batch done; exit after: "
+             "seconds from the last batch done to the exit)",
+             *run._columns(rows, right={1, 2, 3, 4, 5, 6})]
     t = report.get("target")
     if t:
         lines.append(f"target {t['figure']} >= {t['target']}: {t['ratio']:.2f}, "
