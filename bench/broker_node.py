@@ -248,8 +248,8 @@ def summarize(report: dict[str, Any], runs: dict[str, list[dict[str, Any]]], n: 
 
 def table(report: dict[str, Any]) -> str:
     s = report["settings"]
-    rows = [("kind", "median s", "items/s", "/sql", "busy s", "busy /sql", "exit after",
-             "runs (s)", "excl. assign")]
+    rows: list[tuple[str, ...]] = [("kind", "median s", "items/s", "/sql", "busy s", "busy /sql",
+                                    "exit after", "runs (s)", "excl. assign")]
     ratios, busy = report.get("ratios", {}), report.get("busy_ratios", {})
     for r in report["results"]:
         k = r["kind"]

@@ -168,6 +168,11 @@ def rebalance_seen(logs: list[Path], after: float, covered: float) -> float | No
     return covered - min(starts) if starts else None
 
 
+def removed(folder: Path) -> bool:
+    shutil.rmtree(folder, ignore_errors=True)
+    return not folder.exists()
+
+
 def ledger_items(url: str) -> int:
     from sqlalchemy import create_engine, text
 
@@ -203,8 +208,7 @@ def one_run(kind: Kind, pg: servers.PostgresServer, tmp: Path) -> dict[str, Any]
             stored_at_kill = len(set(stored(url)))
             lost_disk = cfgs[0].parent / "data"  # ... with its disk (its killed children
             # may still be going away, so retried, bounded)
-            if not poll(lambda: shutil.rmtree(lost_disk, ignore_errors=True)
-                        or not lost_disk.exists(), seconds=10):
+            if not poll(lambda: removed(lost_disk), seconds=10):
                 raise BenchError(f"{kind.name}: {lost_disk} not removable in 10 s")
             first = took = None
             deadline = killed + h.takeover_seconds * 10 + 120
@@ -260,8 +264,8 @@ def one_run(kind: Kind, pg: servers.PostgresServer, tmp: Path) -> dict[str, Any]
 
 
 def summary(report: dict[str, Any]) -> str:
-    rows = [("kind", "runs", "lost", "dup", "replayed", "pending", "takeover s (median, max)",
-             "target s", "met")]
+    rows: list[tuple[str, ...]] = [("kind", "runs", "lost", "dup", "replayed", "pending",
+                                    "takeover s (median, max)", "target s", "met")]
     for r in report["results"]:
         runs = r["runs"]
         took = [x["takeover_s"] for x in runs if x["takeover_s"] is not None]
@@ -320,7 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "kafka" in kinds:
             from services.tansu import find_tansu, start_tansu
-            tansu = start_tansu(find_tansu())  # type: ignore[arg-type]
+            binary = find_tansu()
+            assert binary is not None  # available() said so
+            tansu = start_tansu(binary)
         for name in kinds:
             kind = Kind(name, tansu, args.partitions)
             rows = []
