@@ -129,6 +129,12 @@ class Sniffer:
         # never have left/ fsynced.)
         unsaved = False
         if self.drained and self.carried is None:
+            if self.acker is not None and not self.acker.held and self.check_settled:
+                # Everything acknowledged: ask the broker first, so the end of an until-idle
+                # run is not a blocking fetch (a stream's `block`) away.
+                self._ask_settled()
+                if self.source_settled:
+                    return 0
             # An idle tick fetches a whole batch, never a probe it would throw away (a broker
             # hands out what it returns); carried into the loop below when it has items.
             fetched = self.source.fetch(position, self.queue.batch_size)

@@ -147,3 +147,21 @@ def test_a_full_disk_keeps_the_fetched_batch_for_the_next_tick(tmp_path: Path, m
     sn._retry_at = 0.0  # the back-off is over
     assert sn.tick() == 1 and sn.carried is None and sn.source.fetches == 2
     assert sn.spool.load(sn.spool.pending()[0]).receipts == list(range(10))
+
+
+def test_an_until_idle_tick_asks_settled_before_a_blocking_fetch(tmp_path: Path) -> None:
+    """Everything acknowledged: the tick asks the broker whether anything is left before it
+    fetches (a stream's fetch blocks up to `block`, 0.5 s, at the end of every run)."""
+    sn = make(tmp_path, 20)
+    sn.check_settled = True
+    broker, sp = sn.source, sn.spool
+    assert sn.tick() == 2
+    for name in sp.pending():
+        finish(sp, name)
+    sn.tick()  # acknowledges both batches; its own fetch came back empty
+    assert broker.pending == set() and not sn.acker.held
+    fetches = broker.fetches
+    assert sn.tick() == 0 and sn.source_settled
+    assert broker.fetches == fetches  # settled: no fetch
+    broker.add([{"doc_id": 99}])
+    assert sn.tick() == 1 and broker.fetches > fetches  # new entries: fetched at once
