@@ -3,8 +3,10 @@
 A source acknowledged at commit (``Source.ack_at == "commit"``: Redis Streams, a Redis list,
 Kafka) must hear of an item only once its results are committed, or a node lost with its
 disk loses it (issue 13). The :class:`Acker` runs in the process that runs the sniffer (the
-scheduler's sniff job, ``lrq sniff``), once per sniffer tick, under the sniffer lock: a Kafka
-group member must commit its own partitions, and that process owns the consumer.
+scheduler's sniff job, ``lrq sniff``), at the start of every sniffer tick and every
+``lrq.sniffer.ACK_EVERY`` (0.25 s) within one (a tick publishing a backlog or waiting to
+refill can last seconds), under the sniffer lock: a Kafka group member must commit its own
+partitions, and that process owns the consumer.
 
 It holds ``name -> receipts`` for every batch of this queue not yet acknowledged: built at
 start from the spool (:meth:`lrq.spool.Spool.held_names`: batches in ``left/`` and
@@ -43,8 +45,9 @@ from lrq.spool import Spool
 log = logging.getLogger(__name__)
 
 #: Seconds between two ``keep`` calls unless the source asks for less (``keep_every``). The
-#: gap can be as long as one sniff job (:data:`lrq.schedule.SNIFF_SECONDS`, 5 s) more, so a
-#: source's own keep-alive (``claim_idle``) should be at least three times this.
+#: gap can be longer by ``lrq.sniffer.ACK_EVERY`` or by one blocking fetch (a stream's
+#: ``block``), so a source's own keep-alive (``claim_idle``) should be well above this (the
+#: default 60 s keeps every 15 s).
 KEEP_EVERY = 10.0
 
 

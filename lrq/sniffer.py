@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 MAX_BACKOFF = 60.0  # seconds between tries after the disk was full
+ACK_EVERY = 0.25  # seconds between acker steps within one tick (a commit-acked source)
 POSITION_EVERY = 0.5  # seconds of publishing between two saves of the source position
 REFILL_POLL = 0.02  # seconds between looks at right/ while paused, after a change ...
 REFILL_POLL_MAX = 0.1  # ... doubled while nothing changes, up to this
@@ -77,7 +78,8 @@ class Sniffer:
         self.budget = budget
         self.clock = clock
         #: A source acknowledged at commit: no position, receipts in the batch files, and
-        #: this acker told of each publish and stepped once per tick (:mod:`lrq.acker`).
+        #: this acker told of each publish and stepped at each tick and every ``ACK_EVERY``
+        #: within it (:mod:`lrq.acker`).
         self.commit_acked = getattr(source, "ack_at", "publish") == "commit"
         if self.commit_acked and acker is None:
             acker = Acker(spool, clock=clock)
@@ -101,6 +103,7 @@ class Sniffer:
         #: Called after each batch is published (the scheduler starts workers from it, so
         #: they need not wait for a long tick to end).
         self.on_publish: Callable[[], None] | None = None
+        self._ack_at = 0.0
         self._retry_at = 0.0
         self._full_backoff = 1.0
         #: Listings of the backlog (one per tick that looks at it), refills after a pause on
@@ -117,8 +120,7 @@ class Sniffer:
 
         With ``stop``, a pause on ``max_pending`` waits (until ``max_seconds`` are up or
         ``stop`` is set) for the backlog to fall to the low-water mark, then goes on."""
-        if self.acker is not None:
-            self.acker.step(self.source)
+        self._ack_step(force=True)
         now = self.clock()
         if now < self._retry_at:
             return 0
@@ -171,6 +173,7 @@ class Sniffer:
                     self.refills += 1
                     log.debug("refill queue=%s pending=%d", self.queue.name, pending)
                     continue
+                self._ack_step()  # a long tick (a backlog, refills) acknowledges as it goes
                 carried, self.carried = self.carried, None
                 fetched = carried or self.source.fetch(position, self.queue.batch_size)
                 if not fetched.items:
@@ -219,6 +222,18 @@ class Sniffer:
             if unsaved:
                 self._save(position)
         return published
+
+    def _ack_step(self, force: bool = False) -> None:
+        """Run the acker (a source acknowledged at commit): at a tick's start, and every
+        ``ACK_EVERY`` seconds within it, so a tick that publishes a long backlog or waits to
+        refill neither holds acknowledgements back nor lets held entries go stale
+        (``keep``)."""
+        if self.acker is None:
+            return
+        now = self.clock()
+        if force or now >= self._ack_at:
+            self._ack_at = now + ACK_EVERY
+            self.acker.step(self.source)
 
     def _ask_settled(self) -> None:
         if self.commit_acked and self.check_settled:
@@ -280,6 +295,7 @@ class Sniffer:
         module docstring."""
         step, seen = REFILL_POLL, (-1, 0)
         while not self._low(len(watch), sum(watch.values())):
+            self._ack_step()
             left = deadline - self.clock()
             if left <= 0 or stop.wait(min(step, left)):
                 return False

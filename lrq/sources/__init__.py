@@ -31,9 +31,10 @@ by backpressure or a full disk waits in ``Sniffer.carried`` and is published fir
 
 Who calls what: ``fetch``, ``ack``, ``keep`` and ``settled`` are called only by the process
 that runs the sniffer, from its sniff job's thread, under the sniffer lock (``settled`` only
-for ``lrq run --until-idle``); ``ack`` and ``keep`` by :mod:`lrq.acker` once per tick (``keep``
-every ``min(KEEP_EVERY, source.keep_every)`` seconds, plus up to one sniff job, ~5 s: an
-optional ``keep_every`` attribute is how a source asks for more). ``status`` and ``keys`` are
+for ``lrq run --until-idle``); ``ack`` and ``keep`` by :mod:`lrq.acker` at each tick and every
+``lrq.sniffer.ACK_EVERY`` (0.25 s) within one (``keep`` every ``min(KEEP_EVERY,
+source.keep_every)`` seconds: an optional ``keep_every`` attribute is how a source asks for
+more). ``status`` and ``keys`` are
 also called by other commands (``lrq status``, ``lrq verify``) in their own processes, so
 ``open`` must not join a consumer group or take entries: do that on the first ``fetch``.
 :attr:`Context.held` is computed when first read (it scans the spool): read it at the first

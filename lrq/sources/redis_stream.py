@@ -15,7 +15,9 @@ What :meth:`RedisStreamSource.fetch` reads, in this order:
 2. **Abandoned entries** of other consumers (``XAUTOCLAIM`` with ``claim_idle``), scanned at
    most every ``min(1 s, claim_idle / 4)``: a dead node's entries move here within
    ``claim_idle`` plus one sniffer tick.
-3. **New entries** (``XREADGROUP ... >``), waiting at most ``block`` when nothing else came.
+3. **New entries** (``XREADGROUP ... >``), waiting at most ``block`` when nothing else came
+   and the previous fetch found nothing either (idle; right after a batch it does not wait,
+   so the end of a backlog is seen at once).
 
 Keeping held entries: an entry waiting in this node's ``left/`` is still pending and its idle
 time grows; after ``claim_idle`` another node's XAUTOCLAIM would take it. :meth:`keep`
@@ -117,6 +119,7 @@ class RedisStreamSource(r.RedisSource):
         self._claim_cursor = "0-0"
         self._next_claim = 0.0
         self._claim_every = min(1.0, s.claim_idle / 4)
+        self._idle = True  # the last fetch found nothing: the next may block
         #: The group is created on first use, not here: opening never waits on the network,
         #: so lrq starts while Redis is down and the sniffer retries.
         self._grouped = False
@@ -175,7 +178,12 @@ class RedisStreamSource(r.RedisSource):
                 if len(items) < limit and time.monotonic() >= self._next_claim:
                     self._autoclaim(limit - len(items), items, receipts)
                 if len(items) < limit:
-                    self._read_new(limit - len(items), not items, items, receipts)
+                    # Block only when idle (the last fetch found nothing): the fetch right
+                    # after a full batch usually comes back empty at the end of a backlog,
+                    # and blocking there held every until-idle run for `block` more.
+                    self._read_new(limit - len(items), not items and self._idle, items,
+                                   receipts)
+                self._idle = not items
         except SourceError as e:
             if not items:
                 raise

@@ -85,6 +85,21 @@ def test_empty_fetch_waits_at_most_block(redis_url: str, stream: str, tmp_path: 
     assert 0.15 < time.monotonic() - t < 2.0
 
 
+def test_a_fetch_right_after_a_full_batch_does_not_wait(redis_url: str, stream: str,
+                                                         client: Any, tmp_path: Path) -> None:
+    """Only an idle fetch blocks: the one after a batch finds the end of a backlog at once
+    (else every run until idle ended `block` late)."""
+    add(client, stream, 10)
+    src = make(redis_url, stream, tmp_path, block=1.0)
+    assert len(src.fetch(None, 10).items) == 10
+    t = time.monotonic()
+    assert src.fetch(None, 10).items == []
+    assert time.monotonic() - t < 0.5
+    t = time.monotonic()
+    assert src.fetch(None, 10).items == []  # idle now: waits for new entries
+    assert time.monotonic() - t > 0.8
+
+
 def test_items_are_fields_as_text(redis_url: str, stream: str, client: Any,
                                   tmp_path: Path) -> None:
     client.xadd(stream, {"id": "1", "bin": b"ok \xff", "n": 7})

@@ -165,3 +165,22 @@ def test_an_until_idle_tick_asks_settled_before_a_blocking_fetch(tmp_path: Path)
     assert broker.fetches == fetches  # settled: no fetch
     broker.add([{"doc_id": 99}])
     assert sn.tick() == 1 and broker.fetches > fetches  # new entries: fetched at once
+
+
+def test_a_long_tick_acknowledges_as_it_goes(tmp_path: Path) -> None:
+    """A tick publishing a backlog (or waiting to refill) can last seconds: the acker steps
+    within it, so acknowledgements and keeps are not held back until the next tick."""
+    sn = make(tmp_path, 100)
+    broker, sp = sn.source, sn.spool
+    ticks = iter(range(10_000))
+    sn.clock = lambda: float(next(ticks))  # every look at the clock is a second later
+    published: list[str] = []
+
+    def finish_the_first() -> None:
+        published.append(sp.pending()[0] if not published else "")
+        if len(published) == 2:
+            finish(sp, published[0])  # done while the tick still runs
+
+    sn.on_publish = finish_the_first
+    assert sn.tick(max_seconds=10_000) == 10
+    assert broker.acks, "the done batch waited for the next tick to be acknowledged"
