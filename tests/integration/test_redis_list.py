@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lrqtest import poll
+from lrqtest import open_source, poll
 
-from lrq.sources import Context
 from lrq.sources import redis_list as rl
 
 pytestmark = pytest.mark.services
@@ -27,9 +26,9 @@ def name() -> str:
 
 def make(redis_url: str, name: str, data_dir: Path, held: tuple[int, ...] = (),
          **options: Any) -> rl.RedisListSource:
-    table = {"url": redis_url, "list": name, **options}
-    return rl.open(rl.Settings.parse(table, Path("."), "queues.q.source"),
-                   Context(data_dir, "q", held))
+    src: rl.RedisListSource = open_source(
+        "redis-list", {"url": redis_url, "list": name, **options}, data_dir, held)
+    return src
 
 
 def push(redis_client: Any, name: str, start: int, stop: int) -> None:

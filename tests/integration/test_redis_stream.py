@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lrqtest import poll
+from lrqtest import open_source, poll
 
 from lrq.errors import SourceError
-from lrq.sources import Context
 from lrq.sources import redis_stream as rs
 
 pytestmark = pytest.mark.services
@@ -29,9 +28,9 @@ def stream() -> str:
 
 def make(redis_url: str, stream: str, data_dir: Path, held: tuple[str, ...] = (),
          **options: Any) -> rs.RedisStreamSource:
-    table = {"url": redis_url, "stream": stream, "block": 0, **options}  # no waits in tests
-    return rs.open(rs.Settings.parse(table, Path("."), "queues.q.source"),
-                   Context(data_dir, "q", held))
+    src: rs.RedisStreamSource = open_source(  # block 0: no waits in tests
+        "redis-stream", {"url": redis_url, "stream": stream, "block": 0, **options}, data_dir, held)
+    return src
 
 
 def add(redis_client: Any, stream: str, n: int, start: int = 0) -> list[str]:
