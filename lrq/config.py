@@ -22,7 +22,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from lrq.errors import ConfigError
-from lrq.redact import redact
+from lrq.redact import redact, redact_value
 
 DEFAULT_CONFIG = "lrq.toml"
 QUEUE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -191,16 +191,31 @@ def absolute_sqlite(url: str, base: Path) -> str:
     return url
 
 
-def take(table: dict[str, Any], known: dict[str, type | tuple[type, ...]], where: str) -> dict[str, Any]:
+def take(table: dict[str, Any], known: dict[str, type | tuple[type, ...]], where: str,
+         kind: str | None = None) -> dict[str, Any]:
+    """Check ``table`` has only ``known`` keys, each of its type (a bool is not an int): one
+    message shape for every table, the queue's and every source kind's. ``kind``: the table
+    is a ``[queues.X.source]`` of that kind (``kind`` itself already removed), which the
+    message names, so a key of another kind reads as such. A value is shown redacted."""
     unknown = sorted(set(table) - set(known))
     if unknown:
-        raise ConfigError(
-            f"{where}: unknown key {unknown[0]!r} (known keys: {', '.join(sorted(known))})"
-        )
+        keys = sorted(known) if kind is None else ["kind", *sorted(known)]
+        of = "" if kind is None else f' for kind "{kind}"'
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}{of} (known keys: {', '.join(keys)})")
     for k, v in table.items():
         if not isinstance(v, known[k]) or (isinstance(v, bool) and bool not in _tuple(known[k])):
-            raise ConfigError(f"{where}.{k}: expected {_typename(known[k])}, got {v!r}")
+            raise ConfigError(f"{where}.{k}: expected {_typename(known[k])}, "
+                              f"got {redact_value(v)!r}")
     return table
+
+
+def required(table: dict[str, Any], key: str, where: str, example: str) -> str:
+    """``table[key]`` (a string, checked by :func:`take`) stripped; a missing or blank one is
+    a :class:`ConfigError` showing an example line to add."""
+    value = table.get(key)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f'{where}: missing {key!r} (e.g. {key} = "{example}")')
+    return value.strip()
 
 
 def _tuple(t: type | tuple[type, ...]) -> tuple[type, ...]:
@@ -240,8 +255,7 @@ def _queue(name: str, table: dict[str, Any], base: Path, where: str) -> QueueCon
     if not QUEUE_NAME.match(name):
         raise ConfigError(f"{where}: queue name {name!r} must be letters, digits, _ . -")
     take(table, _QUEUE_KEYS, where)
-    if "handler" not in table:
-        raise ConfigError(f"{where}: missing 'handler' (e.g. handler = \"workers.wordcount:handle\")")
+    required(table, "handler", where, "workers.wordcount:handle")
     if "source" not in table:
         raise ConfigError(f"{where}: missing [{where}.source] table")
     if "result_table" in table and "model" in table:

@@ -10,6 +10,10 @@ needs to show them, so:
 - :func:`redact_options` hides the values of secret options in a client's option table;
 - :func:`redact_text` does :func:`redact` on every URL inside a message (a driver's error, a
   traceback) and hides ``password=...`` pairs as a libpq connection string writes them;
+- :func:`redact_value` is :func:`redact_text` for any config value (strings, tables, lists);
+- :func:`scrub` hides known secrets wherever they appear in a message, for secrets a client
+  may quote bare (``AUTH p@ss failed``), where no URL or ``password=`` marks them:
+  :func:`url_secrets` gives a URL's, a kind gives its secret options' values;
 - :class:`RedactingFormatter` runs every log line through :func:`redact_text`, so a URL a
   library puts into an exception message cannot reach the log file by a path lrq forgot.
 
@@ -20,8 +24,9 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 #: What a hidden value is shown as.
 MASK = "***"
@@ -85,17 +90,19 @@ def redact_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a client's option table (or of any report, such as ``lrq status``) fit to
     show: secret options' values hidden, URLs and ``password=`` pairs in strings redacted,
     nested tables and lists likewise."""
-    return {name: MASK if is_secret(str(name)) else _redact_value(value)
+    return {name: MASK if is_secret(str(name)) else redact_value(value)
             for name, value in options.items()}
 
 
-def _redact_value(value: Any) -> Any:
+def redact_value(value: Any) -> Any:
+    """A config value fit to show in an error: strings through :func:`redact_text`, tables
+    through :func:`redact_options`, lists item by item, anything else as it is."""
     if isinstance(value, str):
         return redact_text(value)
     if isinstance(value, Mapping):
         return redact_options(value)
     if isinstance(value, (list, tuple)):
-        return [_redact_value(v) for v in value]
+        return [redact_value(v) for v in value]
     return value
 
 
@@ -123,6 +130,27 @@ def _redact_pair(m: re.Match[str]) -> str:
     if m.group(2).rstrip(".,;:)]}") == MASK:
         return m.group(0)
     return m.group(1) + MASK
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` with every occurrence of each of ``secrets`` replaced by ``***`` (empty
+    ones ignored: they would match everywhere)."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, MASK)
+    return text
+
+
+def url_secrets(url: str) -> list[str]:
+    """The passwords in ``url`` (its ``user:password@`` and secret query parameters), each
+    as written and percent-decoded, for :func:`scrub`; [] for a URL that does not parse."""
+    try:
+        parts = urlsplit(url)
+        found = [parts.password or ""]
+    except ValueError:
+        return []
+    found += [v for k, v in parse_qsl(parts.query) if is_secret(k)]
+    return [s for p in found if p for s in {p, unquote(p)}]
 
 
 class RedactingFormatter(logging.Formatter):

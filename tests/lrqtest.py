@@ -65,6 +65,16 @@ def write_config(folder: Path, *, docs: int | None = 1000, queue: str = "docs",
     return path
 
 
+def open_source(kind: str, table: dict[str, Any], data_dir: Path, held: tuple[Any, ...] = (),
+                where: str = "queues.q.source") -> Any:
+    """A source of ``kind`` on queue "q" from its option table (without ``kind``), checked and
+    opened the way a node does it (:func:`lrq.sources.parse`, :func:`lrq.sources.build`)."""
+    from lrq.sources import Context, build, parse
+
+    settings = parse(kind, table, Path("."), where)
+    return build(config.SourceConfig(kind, settings), Context(data_dir, "q", held))
+
+
 def load_app(path: Path) -> Any:
     from lrq.app import App
 

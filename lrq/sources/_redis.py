@@ -1,10 +1,10 @@
-"""What the two Redis kinds share: option checks, the connection, redaction, error mapping.
+"""What the two Redis kinds share: option checks, the connection, error mapping.
 
 :mod:`lrq.sources.redis_stream` and :mod:`lrq.sources.redis_list` both take a ``url``
 (``redis://``, ``rediss://`` or ``unix://``, with an optional user and password), a
 ``socket_timeout`` for every socket call, and ``options`` passed to the client (TLS files, a client
-name). A password never leaves this module in a string: :func:`redact` replaces it in URLs
-for errors, logs and ``status``, and :func:`failing` turns a client error into a
+name). A password never leaves this module in a string: :func:`lrq.redact.redact` replaces it
+in URLs for errors, logs and ``status``, and :func:`failing` turns a client error into a
 :class:`~lrq.errors.SourceError` naming the redacted URL (scrubbing the password from the
 client's own message too, in case a future client version quotes it).
 
@@ -21,10 +21,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
+from urllib.parse import urlsplit
 
-from lrq.config import parse_duration, positive
+from lrq.config import parse_duration, positive, required
 from lrq.errors import ConfigError, SourceError
+from lrq.redact import redact, scrub, url_secrets
 from lrq.sources import AckAt, Context
 
 SCHEMES = ("redis", "rediss", "unix")
@@ -34,27 +35,6 @@ CHUNK = 1000
 #: Client options lrq sets itself (the ``options`` table may not override them).
 _OWN = {"decode_responses", "socket_timeout", "socket_connect_timeout", "retry",
         "host", "port", "db", "password", "username", "url"}
-
-
-def take(table: dict[str, Any], known: dict[str, type | tuple[type, ...]], where: str) -> None:
-    """Check ``table`` has only ``known`` keys, each of its type (bool is not an int)."""
-    unknown = sorted(set(table) - set(known))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r} "
-                          f"(known keys: kind, {', '.join(sorted(known))})")
-    for k, v in table.items():
-        t = known[k]
-        types = t if isinstance(t, tuple) else (t,)
-        if not isinstance(v, t) or (isinstance(v, bool) and bool not in types):
-            raise ConfigError(f"{where}.{k}: expected {' or '.join(x.__name__ for x in types)}, "
-                              f"got {v!r}")
-
-
-def required(table: dict[str, Any], key: str, where: str, example: str) -> str:
-    value = table.get(key)
-    if not value:
-        raise ConfigError(f"{where}: missing {key!r} (e.g. {key} = {example!r})")
-    return str(value)
 
 
 def parse_url(table: dict[str, Any], where: str) -> str:
@@ -86,44 +66,6 @@ def parse_options(table: dict[str, Any], where: str) -> tuple[tuple[str, Any], .
     return tuple(sorted(options.items()))
 
 
-def redact(url: str) -> str:
-    """``url`` with its password (in the netloc or a ``password=`` query) shown as ``***``."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if parts.password is not None:
-            host = netloc.rpartition("@")[2]
-            user = quote(unquote(parts.username or ""), safe="")
-            netloc = f"{user}:***@{host}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode([(k, "***" if k.lower() == "password" else v) for k, v in pairs],
-                              safe="*")
-        # not urlunsplit: it drops the empty authority of unix:///path
-        return (f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
-                + (f"#{parts.fragment}" if parts.fragment else ""))
-    except ValueError:
-        return "<unparseable url>"
-
-
-def _secrets(url: str) -> list[str]:
-    """The URL's passwords, raw and percent-decoded, to scrub from client messages."""
-    try:
-        parts = urlsplit(url)
-        found = [parts.password or ""]
-        found += [v for k, v in parse_qsl(parts.query) if k.lower() == "password"]
-    except ValueError:
-        return []
-    return [s for p in found if p for s in {p, unquote(p)}]
-
-
-def scrub(message: str, url: str) -> str:
-    for secret in _secrets(url):
-        message = message.replace(secret, "***")
-    return message
-
-
 @dataclass(frozen=True)
 class Connection:
     """A connected client and how to name it in messages."""
@@ -152,7 +94,7 @@ def connect(url: str, timeout: float, options: tuple[tuple[str, Any], ...],
                                       socket_connect_timeout=timeout,
                                       retry=Retry(NoBackoff(), 1), **dict(options))
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"source url {shown}: {scrub(str(e), url)}") from None
+        raise ConfigError(f"source url {shown}: {scrub(str(e), url_secrets(url))}") from None
     return Connection(client, shown, (redis.RedisError, OSError))
 
 
@@ -164,7 +106,7 @@ def failing(conn: Connection, url: str, doing: str) -> Iterator[None]:
         yield
     except conn.errors as e:
         raise SourceError(f"redis {conn.shown}: cannot {doing}: "
-                          f"{scrub(str(e), url) or type(e).__name__}") from None
+                          f"{scrub(str(e), url_secrets(url)) or type(e).__name__}") from None
 
 
 class RedisSource:

@@ -56,7 +56,7 @@ from typing import Any
 
 import orjson
 
-from lrq.config import parse_duration, positive
+from lrq.config import parse_duration, positive, required, take
 from lrq.errors import ConfigError, SourceError
 from lrq.redact import redact
 from lrq.sources import AckAt, Context, Fetched
@@ -92,29 +92,16 @@ class Settings:
     @classmethod
     def parse(cls, table: dict[str, Any], base: Path, where: str) -> Settings:
         """Check the options (``kind`` already removed); ``base`` is not needed (no paths)."""
-        for name, value in table.items():
-            if name not in _OPTIONS:
-                raise ConfigError(f"{where}: unknown option {name!r} for kind \"http-agent\" "
-                                  f"(options: {', '.join(_OPTIONS)})")
-            want = _OPTIONS[name]
-            if not isinstance(value, want) or (isinstance(value, bool) and want is not bool):
-                kinds = " or ".join(t.__name__ for t in (want if isinstance(want, tuple) else (want,)))
-                raise ConfigError(f"{where}.{name}: expected {kinds}, got {_shown(value)}")
-        for name, example in (("url", "http://127.0.0.1:8000"), ("servers", "10.0.0.7:9092"),
-                              ("group", "lrq"), ("topic", "events")):
-            if not table.get(name, "").strip():
-                raise ConfigError(f"{where}: missing {name!r} (e.g. {name} = \"{example}\")")
-        endpoint(table["url"], f"{where}.url")  # fail at load, not at the first sniff
+        take(table, _OPTIONS, where, kind="http-agent")
+        url = required(table, "url", where, "http://127.0.0.1:8000")
+        servers = required(table, "servers", where, "10.0.0.7:9092")
+        group = required(table, "group", where, "lrq")
+        topic = required(table, "topic", where, "events")
+        endpoint(url, f"{where}.url")  # fail at load, not at the first sniff
         timeout = positive(parse_duration(table.get("timeout", cls.timeout), f"{where}.timeout"),
                            f"{where}.timeout", MAX_TIMEOUT)
-        return cls(url=table["url"].strip(), servers=table["servers"].strip(),
-                   group=table["group"].strip(), topic=table["topic"].strip(),
+        return cls(url=url, servers=servers, group=group, topic=topic,
                    is_json=table.get("is_json", True), timeout=timeout)
-
-
-def _shown(value: Any) -> str:
-    """A value for an error message: a string as a redacted URL, never a password."""
-    return repr(redact(value)) if isinstance(value, str) else repr(value)
 
 
 def endpoint(url: str, where: str) -> tuple[str, str | None]:
@@ -126,11 +113,11 @@ def endpoint(url: str, where: str) -> tuple[str, str | None]:
         u = urllib.parse.urlsplit(url.strip())
         u.port  # noqa: B018 - raises ValueError for a port that is not a number
     except ValueError as e:
-        raise ConfigError(f"{where}: {_shown(url)} is not a URL ({e}); {fix}") from None
+        raise ConfigError(f"{where}: {redact(url)!r} is not a URL ({e}); {fix}") from None
     if u.scheme not in ("http", "https") or not u.hostname:
-        raise ConfigError(f"{where}: {_shown(url)} is not an http:// or https:// URL; {fix}")
+        raise ConfigError(f"{where}: {redact(url)!r} is not an http:// or https:// URL; {fix}")
     if u.query or u.fragment:
-        raise ConfigError(f"{where}: {_shown(url)} has a query or fragment; {fix}")
+        raise ConfigError(f"{where}: {redact(url)!r} has a query or fragment; {fix}")
     auth = None
     if u.username is not None or u.password is not None:
         pair = f"{urllib.parse.unquote(u.username or '')}:{urllib.parse.unquote(u.password or '')}"

@@ -73,7 +73,9 @@ from typing import Any
 
 import orjson
 
+from lrq.config import required, take
 from lrq.errors import ConfigError, SourceError
+from lrq.redact import is_secret, scrub
 from lrq.sources import Context, Fetched
 from lrq.sources.kafka_offsets import Tracker
 
@@ -96,9 +98,8 @@ FIRST_FETCH_WAIT = 0.5
 ERROR_FIELD, VALUE_FIELD = "_lrq_error", "_lrq_value"
 _BROKER = re.compile(r"[A-Za-z0-9_.\-]+:\d{1,5}|\[[0-9A-Fa-f:.]+\]:\d{1,5}")
 _OPTION_TYPES = (str, int, float, bool)
-#: Option names whose values are never shown (passwords, keys, tokens, JAAS configs).
-_SECRET = re.compile(r"password|secret|token|jaas|key|credential", re.I)
-_KNOWN = {"brokers": str, "topic": str, "group": str, "format": str, "options": dict}
+_KNOWN: dict[str, type | tuple[type, ...]] = {
+    "brokers": str, "topic": str, "group": str, "format": str, "options": dict}
 
 
 @dataclass(frozen=True)
@@ -113,17 +114,9 @@ class Settings:
     @classmethod
     def parse(cls, table: dict[str, Any], base: Path, where: str) -> Settings:
         """Check the ``[queues.X.source]`` table of a kafka source (``kind`` removed)."""
-        for k, v in table.items():
-            if k not in _KNOWN:
-                raise ConfigError(f"{where}: unknown key {k!r} for kind kafka "
-                                  f"(known keys: {', '.join(sorted(_KNOWN))})")
-            if not isinstance(v, _KNOWN[k]):
-                raise ConfigError(f"{where}.{k}: expected {_KNOWN[k].__name__}, got {v!r}")
-        for required in ("brokers", "topic"):
-            if not table.get(required):
-                raise ConfigError(f"{where}: missing {required!r} (kind kafka needs brokers "
-                                  "and topic)")
-        brokers = table["brokers"].strip()
+        take(table, _KNOWN, where, kind="kafka")
+        brokers = required(table, "brokers", where, "10.0.0.1:9092,10.0.0.2:9092")
+        topic = required(table, "topic", where, "events")
         for b in brokers.split(","):
             if not _BROKER.fullmatch(b.strip()):
                 raise ConfigError(f"{where}.brokers: {b.strip()!r} is not host:port; write e.g. "
@@ -139,7 +132,7 @@ class Settings:
             if not isinstance(v, _OPTION_TYPES):
                 raise ConfigError(f"{where}.options.{k}: expected a string, number or boolean")
             options.append((str(k), v))
-        return cls(brokers=brokers, topic=table["topic"], group=table.get("group", "lrq"),
+        return cls(brokers=brokers, topic=topic, group=table.get("group", "lrq"),
                    format=fmt, options=tuple(options))
 
 
@@ -221,11 +214,9 @@ class KafkaSource:
         self.last_error = text
 
     def _redact(self, text: str) -> str:
-        """``text`` without the value of any option that may be a secret."""
-        for k, v in self.settings.options:
-            if _SECRET.search(k) and isinstance(v, str) and v:
-                text = text.replace(v, "***")
-        return text
+        """``text`` (a librdkafka message) without the value of any secret option."""
+        return scrub(text, (v for k, v in self.settings.options
+                            if is_secret(k) and isinstance(v, str)))
 
     def _on_assign(self, _consumer: Any, partitions: list[Any]) -> None:
         with self._lock:

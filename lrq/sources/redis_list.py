@@ -61,6 +61,7 @@ from typing import Any
 
 import orjson
 
+from lrq.config import required, take
 from lrq.errors import ConfigError
 from lrq.sources import Context, Fetched
 from lrq.sources import _redis as r
@@ -172,16 +173,16 @@ class Settings:
     @classmethod
     def parse(cls, table: dict[str, Any], base: Path, where: str) -> Settings:
         seconds = (int, float, str)
-        r.take(table, {"url": str, "list": str, "inflight": str, "timeout": seconds,
-                       "pop": str, "format": str, "socket_timeout": seconds, "consumer": str,
-                       "options": dict}, where)
+        take(table, {"url": str, "list": str, "inflight": str, "timeout": seconds,
+                     "pop": str, "format": str, "socket_timeout": seconds, "consumer": str,
+                     "options": dict}, where, kind="redis-list")
         if "consumer" in table and not table["consumer"]:
             raise ConfigError(f"{where}.consumer: empty; leave it out for the default")
         for key, allowed in (("pop", ("left", "right")), ("format", ("json", "raw"))):
             if table.get(key, getattr(cls, key)) not in allowed:
                 raise ConfigError(f"{where}.{key}: {table[key]!r}; write "
                                   + " or ".join(f'"{a}"' for a in allowed))
-        name = r.required(table, "list", where, "jobs")
+        name = required(table, "list", where, "jobs")
         inflight = table.get("inflight") or f"{name}:inflight"
         if inflight == name:
             raise ConfigError(f"{where}.inflight: must differ from list {name!r}")

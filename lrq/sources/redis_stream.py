@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lrq.config import parse_duration, required, take
 from lrq.errors import ConfigError, SourceError
 from lrq.sources import Context, Fetched
 from lrq.sources import _redis as r
@@ -80,19 +81,19 @@ class Settings:
     @classmethod
     def parse(cls, table: dict[str, Any], base: Path, where: str) -> Settings:
         seconds = (int, float, str)
-        r.take(table, {"url": str, "stream": str, "group": str, "consumer": str,
-                       "claim_idle": seconds, "block": seconds, "socket_timeout": seconds,
-                       "options": dict}, where)
-        block = r.parse_duration(table.get("block", cls.block), f"{where}.block")
+        take(table, {"url": str, "stream": str, "group": str, "consumer": str,
+                     "claim_idle": seconds, "block": seconds, "socket_timeout": seconds,
+                     "options": dict}, where, kind="redis-stream")
+        block = parse_duration(table.get("block", cls.block), f"{where}.block")
         if not 0 <= block <= _MAX_BLOCK:
             raise ConfigError(f"{where}.block: {block:g} s is out of range; "
                               f"write 0 (no wait) up to {_MAX_BLOCK:g}s")
         if "consumer" in table and not table["consumer"]:
             raise ConfigError(f"{where}.consumer: empty; leave it out for the default")
         return cls(url=r.parse_url(table, where),
-                   stream=r.required(table, "stream", where, "events"),
-                   group=r.required({"group": table.get("group", cls.group)}, "group", where,
-                                    "lrq"),
+                   stream=required(table, "stream", where, "events"),
+                   group=required({"group": table.get("group", cls.group)}, "group", where,
+                                  "lrq"),
                    consumer=table.get("consumer"),
                    claim_idle=r.parse_seconds(table, "claim_idle", cls.claim_idle, where),
                    block=block,

@@ -17,7 +17,7 @@ from sqlalchemy import MetaData, Table, bindparam, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
-from lrq.config import absolute_sqlite, check_url, take
+from lrq.config import absolute_sqlite, check_url, required, take
 from lrq.db import make_engine
 from lrq.errors import ConfigError, SourceError
 from lrq.redact import redact
@@ -40,17 +40,17 @@ class Settings:
     def parse(cls, table: dict[str, Any], base: Path, where: str) -> Settings:
         """Check the options (``kind`` already removed); a relative SQLite path is made
         absolute against ``base``, the config file's folder."""
-        take(table, {"url": str, "table": str, "order_by": str, "columns": (list, dict)}, where)
-        for required in ("url", "table"):
-            if not table.get(required):
-                raise ConfigError(f"{where}: missing {required!r}")
+        take(table, {"url": str, "table": str, "order_by": str, "columns": (list, dict)}, where,
+             kind="sql")
+        url = required(table, "url", where, "sqlite:///source.db")
+        name = required(table, "table", where, "documents")
         cols = table.get("columns", [])
         if isinstance(cols, list):
             pairs = tuple((str(c), str(c)) for c in cols)
         else:
             pairs = tuple((str(k), str(v)) for k, v in cols.items())
-        url = absolute_sqlite(check_url(table["url"], f"{where}.url"), base)
-        return cls(url=url, table=table["table"], order_by=table.get("order_by", "id"),
+        url = absolute_sqlite(check_url(url, f"{where}.url"), base)
+        return cls(url=url, table=name, order_by=table.get("order_by", "id"),
                    columns=pairs)
 
 

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lrq.config import parse_duration, positive, take
-from lrq.errors import ConfigError, SourceError
+from lrq.config import parse_duration, positive, required, take
+from lrq.errors import SourceError
 from lrq.sources import AckAt, Context, Fetched
 
 SCHEMA = ("CREATE TABLE IF NOT EXISTS entries (id INTEGER PRIMARY KEY, body TEXT NOT NULL, "
@@ -51,12 +51,12 @@ class Settings:
 
     @classmethod
     def parse(cls, table: dict[str, Any], base: Path, where: str) -> Settings:
-        take(table, {"path": str, "claim_idle": (int, float, str), "consumer": str}, where)
-        if not table.get("path"):
-            raise ConfigError(f"{where}: missing 'path' (the broker's SQLite file)")
+        take(table, {"path": str, "claim_idle": (int, float, str), "consumer": str}, where,
+             kind="sqlite-broker")
+        path = required(table, "path", where, "broker.db")
         idle = positive(parse_duration(table.get("claim_idle", 60.0), f"{where}.claim_idle"),
                         f"{where}.claim_idle")
-        return cls(path=str(base / table["path"]), claim_idle=idle,
+        return cls(path=str(base / path), claim_idle=idle,
                    consumer=table.get("consumer"))
 
 

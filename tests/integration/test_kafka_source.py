@@ -169,10 +169,11 @@ def test_missing_topic_is_a_source_error(tansu: Tansu, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("table, message", [
-    ({"topic": "t"}, "missing 'brokers'"),
+    ({"topic": "t"}, "^source: missing 'brokers' \\(e.g. brokers = "),
     ({"brokers": "localhost", "topic": "t"}, "'localhost' is not host:port"),
     ({"brokers": "h:1", "topic": "t", "format": "avro"}, "'avro' is not one of json, raw"),
-    ({"brokers": "h:1", "topic": "t", "partition": 1}, "unknown key 'partition'"),
+    ({"brokers": "h:1", "topic": "t", "partition": 1},
+     "^source: unknown key 'partition' for kind \"kafka\" \\(known keys: kind, brokers, "),
     ({"brokers": "h:1", "topic": "t", "options": {"group.id": "x"}}, "'group.id' is set by lrq"),
     ({"brokers": "h:1", "topic": "t", "options": {"a": [1]}}, r"options.a: expected a string"),
 ])

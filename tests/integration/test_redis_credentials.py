@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lrqtest import open_source
 from services.redis_server import running_redis
 from servers import free_port
 
 from lrq.errors import SourceError
-from lrq.sources import Context, module
 
 pytestmark = pytest.mark.services
 pytest.importorskip("redis")
@@ -22,9 +22,7 @@ KINDS = {"redis-stream": {"stream": "events", "block": 0}, "redis-list": {"list"
 
 
 def make(kind: str, url: str, tmp_path: Path) -> Any:
-    mod = module(kind)
-    settings = mod.Settings.parse({"url": url, **KINDS[kind]}, Path("."), "queues.q.source")
-    return mod.open(settings, Context(tmp_path, "q"))
+    return open_source(kind, {"url": url, **KINDS[kind]}, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lrqtest import poll
+from lrqtest import open_source, poll
 
-from lrq.sources import Context
 from lrq.sources import redis_list as rl
 
 pytestmark = pytest.mark.services
@@ -25,20 +24,15 @@ def name() -> str:
     return f"l-{secrets.token_hex(4)}"
 
 
-@pytest.fixture
-def client(redis_client: Any) -> Any:
-    return redis_client
-
-
 def make(redis_url: str, name: str, data_dir: Path, held: tuple[int, ...] = (),
          **options: Any) -> rl.RedisListSource:
-    table = {"url": redis_url, "list": name, **options}
-    return rl.open(rl.Settings.parse(table, Path("."), "queues.q.source"),
-                   Context(data_dir, "q", held))
+    src: rl.RedisListSource = open_source(
+        "redis-list", {"url": redis_url, "list": name, **options}, data_dir, held)
+    return src
 
 
-def push(client: Any, name: str, start: int, stop: int) -> None:
-    client.rpush(name, *[json.dumps({"id": i}) for i in range(start, stop)])
+def push(redis_client: Any, name: str, start: int, stop: int) -> None:
+    redis_client.rpush(name, *[json.dumps({"id": i}) for i in range(start, stop)])
 
 
 def aged(src: rl.RedisListSource, seconds: float) -> bool:
@@ -46,21 +40,21 @@ def aged(src: rl.RedisListSource, seconds: float) -> bool:
     return age is not None and age >= seconds
 
 
-def test_take_ack_settled(redis_url: str, name: str, client: Any, tmp_path: Path) -> None:
+def test_take_ack_settled(redis_url: str, name: str, redis_client: Any, tmp_path: Path) -> None:
     src = make(redis_url, name, tmp_path)
     assert src.ack_at == "commit" and src.settled()
-    push(client, name, 0, 5)
+    push(redis_client, name, 0, 5)
     assert not src.settled()
     got = src.fetch(None, 3)
     assert got.items == [{"id": 0}, {"id": 1}, {"id": 2}] and got.position is None
     assert len(set(got.receipts)) == 3
-    assert client.llen(name) == 2 and client.zcard(f"{name}:inflight") == 3
+    assert redis_client.llen(name) == 2 and redis_client.zcard(f"{name}:inflight") == 3
     rest = src.fetch(None, 10)
     assert rest.items == [{"id": 3}, {"id": 4}]
     assert not src.settled(), "in-flight entries are not settled"
     src.ack(got.receipts)
     src.ack(got.receipts)  # idempotent
-    assert client.zcard(f"{name}:inflight") == 2 and client.hlen(f"{name}:inflight:entries") == 2
+    assert redis_client.zcard(f"{name}:inflight") == 2 and redis_client.hlen(f"{name}:inflight:entries") == 2
     src.ack(rest.receipts)
     assert src.settled() and src.fetch(None, 10).items == []
     st = src.status()
@@ -68,11 +62,11 @@ def test_take_ack_settled(redis_url: str, name: str, client: Any, tmp_path: Path
     assert list(st["last_ack"]) == [src.consumer]
 
 
-def test_put_back_after_timeout_in_order(redis_url: str, name: str, client: Any,
+def test_put_back_after_timeout_in_order(redis_url: str, name: str, redis_client: Any,
                                          tmp_path: Path) -> None:
     """A node dropped without ack loses nothing: after ``timeout`` its entries go back to the
     list's head in the order they were taken, and another node takes them, not before."""
-    push(client, name, 0, 4)
+    push(redis_client, name, 0, 4)
     dead = make(redis_url, name, tmp_path / "a", timeout=0.3)
     assert [i["id"] for i in dead.fetch(None, 3).items] == [0, 1, 2]
     dead.close()
@@ -86,8 +80,8 @@ def test_put_back_after_timeout_in_order(redis_url: str, name: str, client: Any,
     assert live.settled()
 
 
-def test_keep_stops_put_back(redis_url: str, name: str, client: Any, tmp_path: Path) -> None:
-    push(client, name, 0, 3)
+def test_keep_stops_put_back(redis_url: str, name: str, redis_client: Any, tmp_path: Path) -> None:
+    push(redis_client, name, 0, 3)
     holder = make(redis_url, name, tmp_path / "a", timeout=0.3)
     assert holder.keep_every == pytest.approx(0.075)
     got = holder.fetch(None, 10)
@@ -95,17 +89,17 @@ def test_keep_stops_put_back(redis_url: str, name: str, client: Any, tmp_path: P
     holder.keep(got.receipts)
     other = make(redis_url, name, tmp_path / "b", timeout=0.3)
     assert other.fetch(None, 10).items == []
-    assert client.zcard(f"{name}:inflight") == 3
+    assert redis_client.zcard(f"{name}:inflight") == 3
     holder.ack(got.receipts)
     holder.keep(got.receipts)  # acknowledged: not re-added
     assert holder.settled()
 
 
 def test_restart_puts_back_its_unpublished_entries_at_once(redis_url: str, name: str,
-                                                           client: Any, tmp_path: Path) -> None:
+                                                           redis_client: Any, tmp_path: Path) -> None:
     """A restarted node (same data dir) puts back, before its first take, the entries it took
     and never published, but not those held in its spool nor another node's."""
-    push(client, name, 0, 6)
+    push(redis_client, name, 0, 6)
     first = make(redis_url, name, tmp_path / "a")
     got = first.fetch(None, 4)
     other = make(redis_url, name, tmp_path / "b")
@@ -115,15 +109,15 @@ def test_restart_puts_back_its_unpublished_entries_at_once(redis_url: str, name:
     assert again.consumer == first.consumer
     retaken = again.fetch(None, 10)
     assert [i["id"] for i in retaken.items] == [2, 3, 5]
-    assert client.zcard(f"{name}:inflight") == 6  # held 0, 1; the other node's 4; 2, 3, 5
+    assert redis_client.zcard(f"{name}:inflight") == 6  # held 0, 1; the other node's 4; 2, 3, 5
     again.ack(got.receipts[:2] + retaken.receipts)
-    assert client.hlen(f"{name}:inflight:owners") == 1  # the other node's
+    assert redis_client.hlen(f"{name}:inflight:owners") == 1  # the other node's
     assert not again.settled()
 
 
-def test_equal_entries_are_tracked_apart(redis_url: str, name: str, client: Any,
+def test_equal_entries_are_tracked_apart(redis_url: str, name: str, redis_client: Any,
                                          tmp_path: Path) -> None:
-    client.rpush(name, '{"id": 1}', '{"id": 1}')
+    redis_client.rpush(name, '{"id": 1}', '{"id": 1}')
     src = make(redis_url, name, tmp_path, timeout=0.3)
     first = src.fetch(None, 1)
     src.fetch(None, 1)
@@ -133,26 +127,26 @@ def test_equal_entries_are_tracked_apart(redis_url: str, name: str, client: Any,
     assert src.fetch(None, 10).items == [{"id": 1}]
 
 
-def test_entries_that_are_not_json_objects(redis_url: str, name: str, client: Any,
+def test_entries_that_are_not_json_objects(redis_url: str, name: str, redis_client: Any,
                                            tmp_path: Path, caplog: Any) -> None:
-    client.rpush(name, '{"id": 1}', "plain", "42", b"\xff\xfe", "[1]")
+    redis_client.rpush(name, '{"id": 1}', "plain", "42", b"\xff\xfe", "[1]")
     items = make(redis_url, name, tmp_path).fetch(None, 10).items
     assert items == [{"id": 1}, {"raw": "plain"}, {"raw": "42"}, {"raw": "\\xff\\xfe"},
                      {"raw": "[1]"}]
     assert "redis-list-not-json" in caplog.text
     assert "4 entries are not JSON objects (first: 'plain')" in caplog.text
-    client.rpush(name, '{"id": 2}', "7")
+    redis_client.rpush(name, '{"id": 2}', "7")
     raw = make(redis_url, name, tmp_path / "b", format="raw", pop="right").fetch(None, 10).items
     assert raw == [{"raw": "7"}, {"raw": '{"id": 2}'}]
 
 
-def test_validation_run_every_entry_once(redis_url: str, name: str, client: Any,
+def test_validation_run_every_entry_once(redis_url: str, name: str, redis_client: Any,
                                          tmp_path: Path) -> None:
     """The related system's check at the source level: 0..N in; every second batch is
     'lost' once (never acknowledged, its taker gone); after put-backs every entry has been
     acknowledged, and each exactly once."""
     n = 200
-    push(client, name, 0, n)
+    push(redis_client, name, 0, n)
     src = make(redis_url, name, tmp_path, timeout=0.2)
     done: list[int] = []
     dropped_once: set[int] = set()

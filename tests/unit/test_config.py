@@ -8,6 +8,7 @@ import pytest
 
 from lrq import config
 from lrq.errors import ConfigError
+from lrq.sources import KINDS, module, parse
 from lrqtest import lrq, write_config
 
 
@@ -198,8 +199,9 @@ def test_source_kinds_come_from_the_registry_and_check_their_own_options(tmp_pat
     assert isinstance(s, sqlite_broker.Settings) and (s.path, s.claim_idle) == (
         str(tmp_path / "b.db"), 120.0)
     base.write_text(broker + 'url = "sqlite:///x.db"\n')  # another kind's option
-    with pytest.raises(ConfigError, match=r"queues.docs.source: unknown key 'url' "
-                                          r"\(known keys: claim_idle, consumer, path\)"):
+    with pytest.raises(ConfigError, match=r"queues.docs.source: unknown key 'url' for kind "
+                                          r"\"sqlite-broker\" \(known keys: kind, claim_idle, "
+                                          r"consumer, path\)"):
         config.load(base)
     base.write_text(broker.replace('"sqlite-broker"', '"kafak"'))
     with pytest.raises(ConfigError, match=r"unknown source kind 'kafak' \(known: [a-z, -]*\bsql\b"):
@@ -213,3 +215,20 @@ def test_a_source_url_password_never_shows_in_its_error() -> None:
     with pytest.raises(SourceError) as e:  # nothing listens on port 1
         SqlSource(Settings(url="postgresql://lrq:s3cret@127.0.0.1:1/x", table="t"))
     assert "s3cret" not in str(e.value) and "***" in str(e.value)
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_source_kind_checks_its_table_with_the_same_messages(kind: str) -> None:
+    """config.take for every kind: an unknown key names the kind and the known keys (the fix);
+    a value of the wrong type names the option and the type, and shows no password."""
+    where = "queues.q.source"
+    with pytest.raises(ConfigError) as e:
+        parse(kind, {"nonsense": 1}, Path("."), where)
+    assert str(e.value).startswith(f"{where}: unknown key 'nonsense' for kind \"{kind}\" "
+                                   "(known keys: kind, "), str(e.value)
+    option = next(o for o in ("url", "brokers", "path")  # a string option of every kind
+                  if o in module(kind).Settings.__dataclass_fields__)
+    with pytest.raises(ConfigError) as e:
+        parse(kind, {option: ["redis://:pw@h/0"]}, Path("."), where)
+    assert str(e.value).startswith(f"{where}.{option}: expected ") and \
+        str(e.value).endswith("got ['redis://:***@h/0']"), str(e.value)

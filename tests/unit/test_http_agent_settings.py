@@ -28,7 +28,7 @@ def test_defaults_and_values() -> None:
 
 
 @pytest.mark.parametrize("changes, says", [
-    ({"brokers": "x"}, f"{WHERE}: unknown option 'brokers' for kind \"http-agent\" (options: url, servers,"),
+    ({"brokers": "x"}, f"{WHERE}: unknown key 'brokers' for kind \"http-agent\" (known keys: kind, group,"),
     ({"url": None}, f"{WHERE}: missing 'url' (e.g. url = \"http://127.0.0.1:8000\")"),
     ({"topic": " "}, f"{WHERE}: missing 'topic'"),
     ({"group": 5}, f"{WHERE}.group: expected str, got 5"),

@@ -6,7 +6,16 @@ import logging
 
 import pytest
 
-from lrq.redact import MASK, RedactingFormatter, redact, redact_options, redact_text
+from lrq.redact import (
+    MASK,
+    RedactingFormatter,
+    redact,
+    redact_options,
+    redact_text,
+    redact_value,
+    scrub,
+    url_secrets,
+)
 
 PW = "Sup3r-s3cret"
 
@@ -80,3 +89,25 @@ def test_redacting_formatter_hides_passwords_in_messages_and_tracebacks() -> Non
     text = out.getvalue()
     assert PW not in text
     assert "connect-failed url=redis://:***@h/0" in text and "ConnectionError" in text
+
+
+def test_scrub_hides_known_secrets_quoted_bare() -> None:
+    """A client may quote a password with nothing around it that marks it as one."""
+    assert scrub(f"AUTH {PW} failed ({PW})", [PW, ""]) == "AUTH *** failed (***)"
+    assert scrub("nothing to hide", []) == "nothing to hide"
+
+
+@pytest.mark.parametrize("url, secrets", [
+    ("redis://u:p%40ss@h/0", {"p%40ss", "p@ss"}),
+    (f"redis://h/0?password={PW}&db=1", {PW}),
+    ("http://agent:8000/", set()),
+    ("redis://h:port/0", set()),  # does not parse: nothing to scrub, no error
+])
+def test_url_secrets_as_written_and_decoded(url: str, secrets: set[str]) -> None:
+    assert set(url_secrets(url)) == secrets
+
+
+def test_redact_value_hides_passwords_in_any_config_value() -> None:
+    url = f"redis://:{PW}@h/0"
+    assert redact_value({"a": [url], "sasl.password": PW, "n": 1}) == \
+        {"a": ["redis://:***@h/0"], "sasl.password": MASK, "n": 1}

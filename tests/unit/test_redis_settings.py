@@ -8,7 +8,8 @@ import pytest
 
 from lrq.errors import ConfigError
 from lrq.sources import KINDS, module
-from lrq.sources._redis import default_consumer, redact, scrub
+from lrq.redact import redact, scrub, url_secrets
+from lrq.sources._redis import default_consumer
 
 STREAM = {"url": "redis://127.0.0.1:6379/0", "stream": "events"}
 LIST = {"url": "redis://127.0.0.1:6379/0", "list": "jobs"}
@@ -68,7 +69,8 @@ def test_redact(url: str, shown: str) -> None:
 
 
 def test_scrub_decoded_password() -> None:
-    assert scrub("auth p@ss failed, p%40ss", "redis://u:p%40ss@h/0") == "auth *** failed, ***"
+    assert scrub("auth p@ss failed, p%40ss", url_secrets("redis://u:p%40ss@h/0")) == \
+        "auth *** failed, ***"
 
 
 def test_default_consumer_per_data_dir_and_queue(tmp_path: Path) -> None:
