@@ -98,25 +98,7 @@ def tree_cpu(root: int) -> tuple[float, int]:
 def drain(run: Any, cfg: Path, work: Path, docs: int) -> float:
     """``lrq run --until-idle``, then ``lrq verify``; returns the run's seconds."""
     timeout = run.timeout_for(docs) * 5  # small batches are slower than run.py's
-    log = work / "drain.out"
-    t0 = time.perf_counter()
-    with log.open("w") as out:
-        proc = subprocess.Popen([*run.lrq_command(), "-c", str(cfg), "run", "--until-idle"],
-                                cwd=work, env=run.lrq_env(), stdin=subprocess.DEVNULL,
-                                stdout=out, stderr=subprocess.STDOUT)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            run._stop(proc)
-            raise BenchError(f"draining did not finish in {timeout:.0f}s") from None
-    seconds = time.perf_counter() - t0
-    if code != 0:
-        raise BenchError(f"lrq run --until-idle exited {code}:\n{run._tail(log)}")
-    check = subprocess.run([*run.lrq_command(), "-c", str(cfg), "verify"], cwd=work,
-                           env=run.lrq_env(), capture_output=True, text=True, timeout=120)
-    if check.returncode != 0:
-        raise BenchError(f"lrq verify exited {check.returncode}:\n{check.stdout}{check.stderr}")
-    return seconds
+    return run.until_idle(cfg, work, timeout, what="draining", log=work / "drain.out")[0]
 
 
 def stop(proc: subprocess.Popen[bytes], grace: float = 45) -> int:

@@ -20,7 +20,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import run  # bench/run.py (first on sys.path): source cache, lrq command, machine info, tables
@@ -47,26 +46,7 @@ def measure(kind: str, source: Path, n: int, tmp: str | None) -> tuple[float, in
         shutil.copyfile(source, src)
         cfg = work / "lrq.toml"
         cfg.write_text(run.config_text(src, BATCH, chunk=CHUNK, handler=HANDLERS[kind]))
-        log = work / "run.out"
-        cmd = [*run.lrq_command(), "-c", str(cfg)]
-        t0 = time.perf_counter()
-        with log.open("w") as out:
-            proc = subprocess.Popen([*cmd, "run", "--until-idle"], cwd=work, env=run.lrq_env(),
-                                    stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT)
-            try:
-                code = proc.wait(timeout=run.timeout_for(n))
-            except subprocess.TimeoutExpired:
-                run._stop(proc)
-                raise BenchError(f"{kind}: lrq run did not finish in {run.timeout_for(n):.0f}s;"
-                                 f" log tail:\n{run._tail(log)}") from None
-        seconds = time.perf_counter() - t0
-        if code != 0:
-            raise BenchError(f"{kind}: lrq run exited {code}; log tail:\n{run._tail(log)}")
-        check = subprocess.run([*cmd, "verify"], cwd=work, env=run.lrq_env(),
-                               capture_output=True, text=True, timeout=run.timeout_for(n))
-        if check.returncode != 0:
-            raise BenchError(f"{kind}: lrq verify exited {check.returncode}:\n{check.stdout}")
+        seconds = run.until_idle(cfg, work, run.timeout_for(n), what=f"{kind}: lrq run")[0]
         results, dead = _check(kind, work, src, n)
     return seconds, results, dead
 

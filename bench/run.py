@@ -296,7 +296,16 @@ def run_lrq(source: Path, work: Path, n: int, batch: int, *,
     """Time ``lrq run --until-idle`` then require ``lrq verify`` to pass; return
     (seconds, launch wall-clock time for :func:`lrq_timeline`)."""
     cfg = write_config(work, source, batch, unlimited=unlimited)
-    log = work / "run.out"
+    return until_idle(cfg, work, timeout_for(n))
+
+
+def until_idle(cfg: Path, work: Path, timeout: float, *, what: str = "lrq run",
+               log: Path | None = None, verify: bool = True) -> tuple[float, float]:
+    """Time ``lrq -c CFG run --until-idle`` (its output in ``log``, by default
+    ``work/run.out``), bounded by ``timeout``, then, with ``verify``, require ``lrq verify``
+    to pass; return (seconds, launch wall-clock time for :func:`lrq_timeline`). Every
+    bench that runs lrq to the end runs it here."""
+    log = log or work / "run.out"
     t0 = time.perf_counter()
     launched = time.time()
     with log.open("w") as out:
@@ -304,18 +313,20 @@ def run_lrq(source: Path, work: Path, n: int, batch: int, *,
                                 cwd=work, env=lrq_env(), stdin=subprocess.DEVNULL,
                                 stdout=out, stderr=subprocess.STDOUT)
         try:
-            code = proc.wait(timeout=timeout_for(n))
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _stop(proc)
-            raise BenchError(f"lrq run did not finish in {timeout_for(n):.0f}s; "
+            raise BenchError(f"{what} did not finish in {timeout:.0f}s; "
                              f"log tail:\n{_tail(log)}") from None
     seconds = time.perf_counter() - t0
     if code != 0:
-        raise BenchError(f"lrq run exited {code}; log tail:\n{_tail(log)}")
-    check = subprocess.run([*lrq_command(), "-c", str(cfg), "verify"], cwd=work, env=lrq_env(),
-                           capture_output=True, text=True, timeout=timeout_for(n))
-    if check.returncode != 0:
-        raise BenchError(f"lrq verify exited {check.returncode}:\n{check.stdout}{check.stderr}")
+        raise BenchError(f"{what} exited {code}; log tail:\n{_tail(log)}")
+    if verify:
+        check = subprocess.run([*lrq_command(), "-c", str(cfg), "verify"], cwd=work,
+                               env=lrq_env(), capture_output=True, text=True, timeout=timeout)
+        if check.returncode != 0:
+            raise BenchError(f"{what}: lrq verify exited {check.returncode}:\n"
+                             f"{check.stdout}{check.stderr}")
     return seconds, launched
 
 
