@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import sqlite3
 import statistics
@@ -342,10 +343,22 @@ def _stop(proc: subprocess.Popen[bytes], log: Path, what: str) -> int:
                          f"{run._tail(log)}") from None
 
 
-def measure(system: str, source: Path, n: int, batch: int, tmp: str | None) -> Run:
-    with tempfile.TemporaryDirectory(prefix=f"lrq-bench-peer-{system}-", dir=tmp) as d:
+def measure(system: str, source: Path, n: int, batch: int, tmp: str | None,
+            done: list[str] | None = None) -> Run:
+    """One checked run in a folder of its own. With ``done``, the folder is left for the
+    caller to remove once every run is over (its name appended): removing one run's files
+    (lrq's thousand batch files; Huey's few) while the next run creates files taxes that run
+    on ext4 (a new inode near recently deleted ones is slow to find), and only lrq creates a
+    file per batch, so removing as it went charged lrq for the bench's own cleanup."""
+    d = tempfile.mkdtemp(prefix=f"lrq-bench-peer-{system}-", dir=tmp)
+    try:
         result = (run_lrq(Path(d), source, n, batch) if system == "lrq"
                   else run_huey(Path(d), source, n, batch, system.removeprefix("huey-")))
+    finally:
+        if done is None:
+            shutil.rmtree(d, ignore_errors=True)
+        else:
+            done.append(d)
     if result.rows != n:
         raise BenchError(f"{system} N={n} B={batch}: stored {result.rows} rows, expected {n}")
     return result
@@ -401,12 +414,13 @@ def main(argv: list[str] | None = None) -> int:
           f"systems {','.join(a.systems)}", flush=True)
     source = run.cached_source(a.docs)
     reference: str | None = None
+    folders: list[str] = []  # removed once every run is over (see measure)
     try:
         for b in a.batch:
             runs: dict[str, list[Run]] = {s: [] for s in a.systems}
             for r in range(a.repeat):
                 for s in a.systems:  # interleaved, so drift hits every system alike
-                    res = measure(s, source, a.docs, b, a.tmp)
+                    res = measure(s, source, a.docs, b, a.tmp, folders)
                     reference = reference or res.digest
                     if res.digest != reference:
                         raise BenchError(f"{s} B={b}: results differ from the other runs' "
@@ -420,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     except (BenchError, subprocess.TimeoutExpired) as e:
         print(f"bench: FAILED: {e}", file=sys.stderr)
         return 1
+    finally:
+        for d in folders:
+            shutil.rmtree(d, ignore_errors=True)
     run.write_report(report, stamp, NAME, table(report))
     return 0
 
