@@ -94,8 +94,11 @@ class Acker:
 
     def awaiting(self) -> int:
         """Held batches that are done but not acknowledged yet (a stat or two each): 0 is
-        what ``lrq run --until-idle`` waits for."""
-        return sum(1 for name in self.held if self.spool.ack_state(name) == "done")
+        what ``lrq run --until-idle`` waits for. Called from the scheduler's supervise job
+        while the sniff job's thread steps the acker, so it reads a copy of the names
+        (taken at once, under the GIL): iterating ``held`` itself could meet a ``step``
+        removing an acknowledged batch ("dictionary changed size during iteration")."""
+        return sum(1 for name in list(self.held) if self.spool.ack_state(name) == "done")
 
     def step(self, source: Source) -> int:
         """Acknowledge the held batches that are done, and keep the others when it is time;

@@ -184,3 +184,23 @@ def test_a_long_tick_acknowledges_as_it_goes(tmp_path: Path) -> None:
     sn.on_publish = finish_the_first
     assert sn.tick(max_seconds=10_000) == 10
     assert broker.acks, "the done batch waited for the next tick to be acknowledged"
+
+
+def test_awaiting_is_safe_while_the_acker_steps_in_another_thread(tmp_path: Path) -> None:
+    """The supervise job counts awaiting batches while the sniff job's step removes the
+    acknowledged ones: here a removal lands in the middle of the count."""
+    sn = make(tmp_path, 30)
+    sp, acker = sn.spool, sn.acker
+    sn.tick()
+    for name in sp.pending():
+        finish(sp, name)
+    assert acker is not None and len(acker.held) == 3
+    state = sp.ack_state
+    first = next(iter(acker.held))
+
+    def state_while_stepping(name: str) -> str:
+        acker.held.pop(first, None)  # the other thread's step, acknowledging one batch
+        return state(name)
+
+    sp.ack_state = state_while_stepping  # type: ignore[method-assign]
+    assert acker.awaiting() == 3  # counted from the names it started with
