@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -129,6 +130,7 @@ def _graceful(stop: threading.Event, grace: float, current: list[Any]) -> None:
 
 def cmd_work(args: argparse.Namespace) -> int:
     from lrq.process import register_worker
+    from lrq.worker import reach
 
     app = _app(args)
     if not os.environ.get("LRQ_CHILD"):  # the scheduler checked before starting its workers
@@ -141,6 +143,8 @@ def cmd_work(args: argparse.Namespace) -> int:
     failed = 0
     for q in app.queues(args.queue):
         app.check_key(q)
+        if os.environ.get("LRQ_CHILD"):  # a database restarting as the scheduler starts it
+            reach(functools.partial(app.sink, q), q, stop)
         worker = app.worker(q, stop=stop)
         current[:] = [worker]
         register_worker(worker.spool)  # a scheduler counts this process among the workers

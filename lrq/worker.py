@@ -70,6 +70,7 @@ from lrq.errors import (
     BatchCorrupt,
     BatchUnsigned,
     ClaimLost,
+    DatabaseUnreachable,
     HandlerBroken,
     HandlerError,
     KeyMismatch,
@@ -90,7 +91,7 @@ from lrq.sink import Sink
 from lrq.spool import Claim, Spool
 
 __all__ = ["Worker", "Heartbeat", "StoreBehind", "RunStats", "is_infrastructure",
-           "soft_timeout"]
+           "soft_timeout", "reach"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +99,30 @@ PROGRESS_EVERY = 5.0  # seconds between progress lines on long runs
 INFRA_TRIES = 6  # consecutive infrastructure failures before a run gives up
 #: Uncounted releases of one batch in a row (infrastructure failed) that count an attempt.
 RELEASES_PER_ATTEMPT = 10
+
+
+def reach(open_sink: Callable[[], Sink], queue: QueueConfig, stop: threading.Event) -> Sink:
+    """``open_sink()`` with a run's backoff on :class:`~lrq.errors.DatabaseUnreachable`: a
+    worker process the scheduler starts while the results database restarts waits for it as
+    a running worker would (``INFRA_TRIES`` tries, the wait doubling from the queue's
+    ``backoff``), instead of exiting at once into the scheduler's restart pauses. Raises the
+    last error once the tries are spent or ``stop`` is set."""
+    for failures in range(1, INFRA_TRIES + 1):
+        try:
+            return open_sink()
+        except DatabaseUnreachable as e:
+            if failures >= INFRA_TRIES or stop.is_set():
+                raise
+            back_off(queue, failures, f"{type(e).__name__}: {e}", stop)  # as a run logs it
+    raise AssertionError("unreachable")  # the loop returns or raises
+
+
+def back_off(queue: QueueConfig, failures: int, error: object, stop: threading.Event) -> None:
+    """Wait ``queue.backoff × 2^failures`` seconds (at most ``MAX_BACKOFF``), or until
+    ``stop``, after logging the wait."""
+    wait = min(queue.backoff * 2 ** failures, MAX_BACKOFF)
+    log.warning("backoff queue=%s seconds=%.1f error=%s", queue.name, wait, error)
+    stop.wait(wait)
 
 
 @dataclass
@@ -466,9 +491,7 @@ class Worker:
                                   self.queue.name, failures, e)
                         self.stats.gave_up = True
                         break
-                    wait = min(self.queue.backoff * 2 ** failures, MAX_BACKOFF)
-                    log.warning("backoff queue=%s seconds=%.1f error=%s", self.queue.name, wait, e)
-                    self.stop.wait(wait)
+                    back_off(self.queue, failures, e, self.stop)
                     continue
                 if self.stats.settled != settled or not worked:
                     failures, settled = 0, self.stats.settled

@@ -136,6 +136,7 @@ class PostgresServer:
     database: str = "lrq"
     user: str = USER
     host: str = HOST
+    opts: str = ""      # the server options it was started with, for ``start_again``
     _created: list[str] = field(default_factory=list, repr=False)
 
     @property
@@ -204,15 +205,14 @@ def start_postgres(timeout: float = START_TIMEOUT) -> PostgresServer:
         pwfile.unlink()
         server = None
         for attempt in range(PORT_ATTEMPTS):
-            server = PostgresServer(root=root, bindir=bindir, port=free_port(),
-                                    password=secrets.token_hex(12))
-            opts = (f"-c listen_addresses={HOST} -p {server.port} -k {root} "
-                    "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                    "-c max_connections=100 -c shared_buffers=32MB")
+            port = free_port()
+            server = PostgresServer(
+                root=root, bindir=bindir, port=port, password=secrets.token_hex(12),
+                opts=(f"-c listen_addresses={HOST} -p {port} -k {root} "
+                      "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
+                      "-c max_connections=100 -c shared_buffers=32MB"))
             try:
-                _run(_as_postgres([str(bindir / "pg_ctl"), "-D", str(server.data), "-l",
-                                   str(server.log), "-w", "-t", str(int(timeout)), "-o", opts,
-                                   "start"]), timeout + 10, "pg_ctl start", server.log)
+                start_again(server, timeout)
                 break
             except ServerError:
                 if attempt + 1 < PORT_ATTEMPTS and "already in use" in _tail(server.log, 10):
@@ -262,13 +262,19 @@ def _stop_postgres_in(root: Path, bindir: Path, timeout: float = STOP_TIMEOUT) -
             pass
 
 
-def restart_postgres(server: PostgresServer, mode: str = "fast",
-                     timeout: float = START_TIMEOUT) -> None:
-    """``pg_ctl restart -m MODE``: every connection is cut, and the server comes back on the
-    same port with the same options (pg_ctl keeps them in ``postmaster.opts``)."""
+def halt_postgres(server: PostgresServer, timeout: float = STOP_TIMEOUT) -> None:
+    """``pg_ctl stop -m fast``, keeping the data: every connection is cut and the port stays
+    closed until ``start_again``."""
+    _run(_as_postgres([str(server.bindir / "pg_ctl"), "-D", str(server.data), "-m", "fast",
+                       "-w", "-t", str(int(timeout)), "stop"]), timeout + 5, "pg_ctl stop",
+         server.log)
+
+
+def start_again(server: PostgresServer, timeout: float = START_TIMEOUT) -> None:
+    """``pg_ctl start`` on the server's data, port and options (after ``halt_postgres``)."""
     _run(_as_postgres([str(server.bindir / "pg_ctl"), "-D", str(server.data), "-l",
-                       str(server.log), "-m", mode, "-w", "-t", str(int(timeout)), "restart"]),
-         timeout + 10, "pg_ctl restart", server.log)
+                       str(server.log), "-w", "-t", str(int(timeout)), "-o", server.opts,
+                       "start"]), timeout + 10, "pg_ctl start", server.log)
 
 
 def stop_postgres(server: PostgresServer, timeout: float = STOP_TIMEOUT) -> None:
