@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -79,6 +80,45 @@ def load_app(path: Path) -> Any:
     from lrq.app import App
 
     return App(config.load(path))
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid``'s child processes, theirs, and so on (from /proc), nearest first."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:  # gone meanwhile
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(0), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and every process below it, as a lost machine: ``lrq run``'s worker
+    processes run in sessions of their own, so a process-group kill misses them (they would
+    see their scheduler gone and finish their batch gracefully). The tree is frozen with
+    SIGSTOP first, so nothing in it starts a process or reaps one while it is read."""
+    tree = [pid]
+    for _ in range(3):  # a process forked between the read and its parent's stop: read again
+        for p in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p, signal.SIGSTOP)
+        again = [pid, *descendants(pid)]
+        if again == tree:
+            break
+        tree = again
+    for p in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,7 @@
 * a process SIGKILLed between fetch and publish, between publish and commit, between commit
   and the move to ``done/``, and between commit and the acknowledgement (a kind acknowledged
   at commit), then restarted, loses nothing and duplicates nothing;
-* ``lrq run`` SIGKILLed mid-run (its whole process group), then restarted: the same;
+* ``lrq run`` SIGKILLed mid-run (its whole process tree), then restarted: the same;
 * a replay (another node taking over entries a node still holds) is absorbed by the unique
   keys, and both nodes' acknowledgements leave nothing pending.
 """
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import signal
 import sqlite3
 import subprocess
@@ -24,7 +23,7 @@ from typing import Any, Iterator
 import pytest
 
 from harness import Harness
-from lrqtest import ROOT, killed_on_exit, lrq, poll, toml_value
+from lrqtest import ROOT, kill_tree, killed_on_exit, lrq, poll, toml_value
 
 KINDS = sorted(p.stem[len("harness_"):] for p in Path(__file__).parent.glob("harness_*.py"))
 N = 500
@@ -173,7 +172,7 @@ def test_lrq_run_killed_mid_run_then_restarted_finishes_exactly_once(
                             start_new_session=True)
     with killed_on_exit(proc):
         assert poll(lambda: db.exists() and len(stored(db)) >= 200, seconds=60)
-        os.killpg(proc.pid, signal.SIGKILL)  # the scheduler and its workers, mid-run
+        kill_tree(proc.pid)  # the scheduler and its workers, mid-run
         proc.wait(timeout=30)
     assert len(stored(db)) < 2000 or h.ack_at == "publish"
     run_until_idle(cfg)
