@@ -15,7 +15,8 @@ Who reads it, and what a pause means for them:
   once per tick and once per batch published); a broker source's acker keeps stepping, so
   done batches are still acknowledged and held entries kept (not stolen by another node);
 * a **worker** claims nothing new (:meth:`lrq.worker.Worker.run` looks before each claim
-  attempt: one ``lstat``, ~1 µs, bench/claim_cost.py ``--pause-check``) but finishes what it
+  attempt: one ``faccessat``, ~2 µs against ~220 µs for a warm pick and release,
+  ``bench/control_cost.py``) but finishes what it
   holds, its commit in flight included; ``lrq work --batch NAME`` by hand is the exception,
   an operator asking for one batch (to debug it while the queue stands still);
 * the **scheduler** starts no worker process for a paused queue; the ones running finish
@@ -24,7 +25,7 @@ Who reads it, and what a pause means for them:
   without spinning (the jobs run at their usual pace; each look is a stat);
 * cleanup and the reaper go on as usual.
 
-:class:`Watch` is one process's view of one queue: every look is one ``lstat``; the file is
+:class:`Watch` is one process's view of one queue: every look is one ``faccessat``; the file is
 read, and ``paused`` / ``resumed`` logged, only when the answer changes, so each process says
 it once. :meth:`lrq.app.App.watch` hands out one per queue, shared by the process's sniffer,
 scheduler jobs and worker.
@@ -158,13 +159,15 @@ class Watch:
     def __init__(self, data_dir: Path | str, queue: str) -> None:
         self.queue = queue
         self.path = path(data_dir, queue)
+        self._where = str(self.path)
         self._record: dict[str, Any] | None = None
         self._seen: bool | None = None  # None: never looked
         self._lock = threading.Lock()  # the scheduler's sniff and work jobs share one
 
     def paused(self) -> dict[str, Any] | None:
-        """The pause record, or None: one ``lstat`` while nothing changes."""
-        there = os.path.lexists(self.path)
+        """The pause record, or None: one ``faccessat`` while nothing changes (1.5 µs; an
+        ``lstat`` of a missing file raised and caught an exception: 5.5 µs)."""
+        there = os.access(self._where, os.F_OK, follow_symlinks=False)
         if there is self._seen:
             return self._record
         with self._lock:

@@ -238,7 +238,7 @@ class Sniffer:
         return published
 
     def _held(self) -> bool:
-        """Is the queue paused by the operator? (One ``lstat``; :class:`~lrq.control.Watch`
+        """Is the queue paused by the operator? (One ``faccessat``; :class:`~lrq.control.Watch`
         logs ``paused`` / ``resumed`` once per process.) Sets :attr:`paused` to
         ``"operator"`` while it is, and clears that once it is not."""
         record = self.pause.paused() if self.pause is not None else None
