@@ -11,14 +11,14 @@
     writes it: to two files (its stderr, its log file), text and ``--log-format json``; and
     the same call at DEBUG while the level is INFO (what ``claimed`` costs today).
 
-Prints one JSON object (µs per call, p50 of ``--repeat`` rounds of ``--n`` calls each).
+Prints a table (µs per call, the median of ``--repeat`` rounds of ``--n`` calls each) and
+writes ``bench/results/<UTC timestamp>-control-cost.json``.
 
-    .venv/bin/python bench/control_cost.py [--n 20000] [--repeat 5]
+    .venv/bin/python bench/control_cost.py [--quick] [--n 20000] [--repeat 5]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -28,6 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from run import new_report, write_report  # noqa: E402
 
 from lrq import control, logfile  # noqa: E402
 from lrq.spool import Spool  # noqa: E402
@@ -49,7 +51,10 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=20000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--pending", type=int, default=100)
+    ap.add_argument("--quick", action="store_true", help="--n 2000 --repeat 3")
     args = ap.parse_args()
+    if args.quick:
+        args.n, args.repeat = 2000, 3
     out: dict[str, object] = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp)
@@ -92,7 +97,10 @@ def main() -> None:
                       "20261201T104512123456-Xk3pQ9aLm2Zt", 1)
 
         out["log_line_debug_disabled_us"] = per_call(debug_off, args.n, args.repeat)
-    print(json.dumps(out, indent=2))
+    stamp, report = new_report("benchmark", "control-cost", vars(args))
+    report["results"] = [out]
+    table = "\n".join(f"{k:<28} {v:>10.2f} µs" for k, v in out.items())
+    write_report(report, stamp, "control-cost", table)
 
 
 if __name__ == "__main__":
