@@ -19,7 +19,7 @@ from lrq.acker import Acker
 from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
 from lrq.disk import Budget, Floor, Held
-from lrq.errors import BatchCorrupt, ConfigError, LrqError, SinkError
+from lrq.errors import BatchCorrupt, ConfigError, LrqError, NoSuchBatch, SinkError
 from lrq.redact import redact_options
 from lrq.sink import Sink
 from lrq.sniffer import Sniffer
@@ -218,8 +218,9 @@ class App:
 
     def requeue(self, name: str, queue: str | None = None) -> tuple[str, str]:
         """Put a failed batch back (or release a stuck claim) by name, in whichever queue
-        (or ``queue``) has it: (queue, what was done). Raises :class:`~lrq.errors.LrqError`
-        when no queue has it or its state cannot be requeued."""
+        (or ``queue``) has it: (queue, what was done). Raises
+        :class:`~lrq.errors.NoSuchBatch` when no queue has it, :class:`~lrq.errors.LrqError`
+        when its state cannot be requeued (pending, done, quarantined)."""
         for q in self.queues(queue):
             sp = self.spool(q)
             if sp.state(name) is not State.MISSING:
@@ -227,8 +228,8 @@ class App:
                 log.info("requeued queue=%s batch=%s outcome=%s", q.name, name,
                          control.quoted(outcome))
                 return q.name, outcome
-        raise LrqError(f"no batch named {name!r} in {self.cfg.data_dir} "
-                       f"(queues: {', '.join(q.name for q in self.queues(queue))})")
+        raise NoSuchBatch(name, f"{self.cfg.data_dir} (queues: "
+                                f"{', '.join(q.name for q in self.queues(queue))})")
 
     def requeue_failed(self, queue: str | None = None) -> int:
         """Put every failed batch of ``queue`` (or of every queue) back to pending, attempts

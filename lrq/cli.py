@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from lrq import logfile, logjson
-from lrq.errors import AlreadyRunning, ConfigError, HandlerBroken, LrqError
+from lrq.errors import AlreadyRunning, ConfigError, HandlerBroken, LrqError, NoSuchBatch
 from lrq.redact import RedactingFormatter, redact_text
 
 if TYPE_CHECKING:
@@ -206,9 +206,7 @@ def cmd_requeue(args: argparse.Namespace) -> int:
     for name in args.names:
         try:
             queue, outcome = app.requeue(name, args.queue)
-        except LrqError as e:
-            if "no batch named" not in str(e):
-                raise
+        except NoSuchBatch:
             missing.append(name)
             continue
         n += 1
@@ -588,9 +586,10 @@ def _formatter(fmt: str) -> logging.Formatter:
 def _use_format(fmt: str) -> None:
     """Switch the log lines set up by :func:`_setup_logging` to ``fmt`` (the config's
     ``log_format``, known only once the config is read)."""
+    if os.environ.get("LRQ_CHILD") and not os.environ.get(logfile.LOG_FD_ENV):
+        return  # relayed by the scheduler, which reads the text format
     for h in logging.getLogger().handlers:
-        if isinstance(h, (logging.StreamHandler, logfile.LineHandler)) \
-                and not (os.environ.get("LRQ_CHILD") and not os.environ.get(logfile.LOG_FD_ENV)):
+        if isinstance(h, (logging.StreamHandler, logfile.LineHandler)):
             h.setFormatter(_formatter(fmt))
 
 

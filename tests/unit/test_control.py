@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lrq import control
-from lrq.errors import ConfigError, LrqError
+from lrq.errors import ConfigError, LrqError, NoSuchBatch
 from lrq.sniffer import Sniffer
 from lrq.spool import Spool, State
 from lrq.testing import MemoryBroker, MemorySource
@@ -183,7 +183,7 @@ def test_requeue_failed_and_by_name(app) -> None:
     assert app.requeue_failed() == 0
     sp.fail(sp.claim(a), "boom")
     assert app.requeue(a) == ("docs", "requeued from failed/")
-    with pytest.raises(LrqError, match="no batch named"):
+    with pytest.raises(NoSuchBatch, match="no batch named"):
         app.requeue("20990101T000000000000-nosuchbatch0")
     with pytest.raises(LrqError, match="pending"):
         app.requeue(b)
