@@ -15,7 +15,13 @@ shape machine-readable::
   integers and decimals become numbers, everything else stays a string. A key seen twice
   keeps its first value.
 * ``exc`` holds a traceback when the record has one; ``worker`` the queue a scheduler's worker
-  process was started for (its text lines carry it as ``[QUEUE PID]``).
+  process was started for (its text lines carry it as ``[QUEUE PID]``). A worker process's
+  line the scheduler relays (``lrq.child``: the worker had no descriptor of the scheduler's
+  stderr) is unpacked into the worker's own logger, pid and message.
+* The same event name can come from several places, told apart by ``reason``: ``paused``
+  is the operator's pause (``reason=operator``, :mod:`lrq.control`), the sniffer's
+  backpressure (``reason=max_pending``, ``budget``...) or the scheduler's pause of a queue
+  whose workers keep failing (``reason=workers-failing``, ``handler-broken``...).
 
 Redaction comes first (:func:`lrq.redact.redact_text` on the whole message and traceback),
 so the fields are parsed from text that holds no password, as the text format's lines.
@@ -42,6 +48,8 @@ FORMATS = ("text", "json")
 _EVENT = re.compile(r"[a-z][a-z0-9-]*:?$")
 _FIELD = re.compile(r'(?<![\w.-])([A-Za-z_][\w.-]*)=("(?:[^"\\]|\\.)*"|[^\s]*)')
 _NUMBER = re.compile(r"-?\d+(\.\d+)?$")
+#: A worker process's line relayed by the scheduler (``lrq.child``): ``[QUEUE PID] LOGGER: text``.
+_RELAYED = re.compile(r"\[(\S+) (\d+)\] ([\w.]+): (.*)", re.S)
 
 
 def event_of(message: str) -> str | None:
@@ -83,13 +91,18 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         message = redact_text(record.getMessage())
+        logger, pid, worker = record.name, record.process, self.worker
+        relayed = _RELAYED.match(message) if logger == "lrq.child" else None
+        if relayed:  # a worker that could not write the scheduler's stderr itself
+            worker, pid, logger, message = (relayed.group(1), int(relayed.group(2)),
+                                            relayed.group(3), relayed.group(4))
         out: dict[str, Any] = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(
                 timespec="milliseconds").replace("+00:00", "Z"),
-            "level": record.levelname, "logger": record.name, "event": event_of(message),
-            "fields": fields_of(message), "message": message, "pid": record.process}
-        if self.worker is not None:
-            out["worker"] = self.worker
+            "level": record.levelname, "logger": logger, "event": event_of(message),
+            "fields": fields_of(message), "message": message, "pid": pid}
+        if worker is not None:
+            out["worker"] = worker
         if record.exc_info:
             out["exc"] = redact_text(self.formatException(record.exc_info))
         elif record.exc_text:

@@ -120,3 +120,12 @@ def test_a_bad_log_format_in_the_config_is_one_line(tmp_path) -> None:
     with pytest.raises(ConfigError, match="log_format 'xml'"):
         config.load(write_config(tmp_path, docs=None, top={"log_format": "xml"}))
 
+
+
+def test_a_relayed_worker_line_is_unpacked() -> None:
+    record = logging.makeLogRecord({"name": "lrq.child", "levelname": "INFO", "msg": "[%s %d] %s",
+                                    "args": ("docs", 4242, "lrq.worker: done queue=docs items=5")})
+    rec = json.loads(JsonFormatter().format(record))
+    assert (rec["worker"], rec["pid"], rec["logger"], rec["event"]) == ("docs", 4242, "lrq.worker",
+                                                                        "done")
+    assert rec["fields"] == {"queue": "docs", "items": 5}
