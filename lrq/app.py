@@ -14,12 +14,12 @@ from typing import Any, overload
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from lrq import signing, sources
+from lrq import control, signing, sources
 from lrq.acker import Acker
 from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
 from lrq.disk import Budget, Floor, Held
-from lrq.errors import BatchCorrupt, ConfigError, LrqError, SinkError
+from lrq.errors import BatchCorrupt, ConfigError, LrqError, NoSuchBatch, SinkError
 from lrq.redact import redact_options
 from lrq.sink import Sink
 from lrq.sniffer import Sniffer
@@ -86,6 +86,7 @@ class App:
         self._sources: dict[str, sources.Source] = {}
         self._spools: dict[str, Spool] = {}
         self._ackers: dict[str, Acker] = {}
+        self._watches: dict[str, control.Watch] = {}
         self._key: bytes | None = None
 
     @property
@@ -131,8 +132,17 @@ class App:
             self._ackers[q.name] = Acker(self.spool(q))
         return self._ackers[q.name]
 
+    def watch(self, q: QueueConfig) -> control.Watch:
+        """The queue's pause, as this process sees it (:class:`lrq.control.Watch`): one per
+        queue, shared by the sniffer, the scheduler's jobs and the worker, so each process
+        logs ``paused`` / ``resumed`` once."""
+        if q.name not in self._watches:
+            self._watches[q.name] = control.Watch(self.cfg.data_dir, q.name)
+        return self._watches[q.name]
+
     def worker(self, q: QueueConfig, stop: threading.Event | None = None) -> Worker:
-        return Worker(q, self.spool(q), self.sink(q), load_handler(q, self.base), stop=stop)
+        return Worker(q, self.spool(q), self.sink(q), load_handler(q, self.base), stop=stop,
+                      pause=self.watch(q))
 
     def budget(self) -> Budget:
         self.cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -146,7 +156,8 @@ class App:
     def sniffer(self, q: QueueConfig) -> Sniffer:
         source = self.source(q)
         acker = self.acker(q) if source.ack_at == "commit" else None
-        return Sniffer(q, self.spool(q), source, budget=self.budget(), acker=acker)
+        return Sniffer(q, self.spool(q), source, budget=self.budget(), acker=acker,
+                       pause=self.watch(q))
 
     def check(self) -> None:
         """Build every queue's parts once, so a bad handler, model, URL or key fails up front."""
@@ -179,6 +190,64 @@ class App:
             problem = self.spool(q).key_problem()
             if problem is not None:
                 raise problem
+
+    # -- control -------------------------------------------------------------------------
+    def pause(self, queue: str, by: str | None = None) -> dict[str, Any]:
+        """Pause a configured queue (:func:`lrq.control.pause`): its record, ``since`` and
+        ``by``; the first pause's when it was paused already. Raises
+        :class:`~lrq.errors.ConfigError` for a queue the config does not name."""
+        q = self.queues(queue)[0]
+        before = control.paused(self.cfg.data_dir, q.name)
+        record = control.pause(self.cfg.data_dir, q.name, by)
+        if before is None:
+            log.info("pause-requested queue=%s by=%s", q.name, control.quoted(record["by"]))
+        return record
+
+    def resume(self, queue: str, by: str | None = None) -> bool:
+        """Lift a configured queue's pause; False when it was not paused."""
+        q = self.queues(queue)[0]
+        done = control.resume(self.cfg.data_dir, q.name)
+        if done:
+            log.info("resume-requested queue=%s by=%s", q.name,
+                     control.quoted(by or control.default_by()))
+        return done
+
+    def paused(self, queue: str) -> dict[str, Any] | None:
+        """A configured queue's pause record (``since``, ``by``), or None."""
+        return control.paused(self.cfg.data_dir, self.queues(queue)[0].name)
+
+    def requeue(self, name: str, queue: str | None = None) -> tuple[str, str]:
+        """Put a failed batch back (or release a stuck claim) by name, in whichever queue
+        (or ``queue``) has it: (queue, what was done). Raises
+        :class:`~lrq.errors.NoSuchBatch` when no queue has it, :class:`~lrq.errors.LrqError`
+        when its state cannot be requeued (pending, done, quarantined)."""
+        for q in self.queues(queue):
+            sp = self.spool(q)
+            if sp.state(name) is not State.MISSING:
+                outcome = sp.requeue(name)
+                log.info("requeued queue=%s batch=%s outcome=%s", q.name, name,
+                         control.quoted(outcome))
+                return q.name, outcome
+        raise NoSuchBatch(name, f"{self.cfg.data_dir} (queues: "
+                                f"{', '.join(q.name for q in self.queues(queue))})")
+
+    def requeue_failed(self, queue: str | None = None) -> int:
+        """Put every failed batch of ``queue`` (or of every queue) back to pending, attempts
+        reset; return how many. A batch another process moved meanwhile is skipped."""
+        n = 0
+        for q in self.queues(queue):
+            sp = self.spool(q)
+            for _, p in sp.failed_batches():
+                if p.parent != sp.failed:
+                    continue  # quarantined: `lrq requeue --quarantined NAME` re-signs it
+                try:
+                    outcome = sp.requeue(p.stem)
+                except (FileNotFoundError, LrqError):
+                    continue  # requeued or removed by another process since the listing
+                n += 1
+                log.info("requeued queue=%s batch=%s outcome=%s", q.name, p.stem,
+                         control.quoted(outcome))
+        return n
 
     # -- reports -------------------------------------------------------------------------
     def status(self, name: str | None = None) -> dict[str, Any]:

@@ -25,8 +25,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from lrq import logfile
-from lrq.errors import AlreadyRunning, ConfigError, HandlerBroken, LrqError
+from lrq import logfile, logjson
+from lrq.errors import AlreadyRunning, ConfigError, HandlerBroken, LrqError, NoSuchBatch
 from lrq.redact import RedactingFormatter, redact_text
 
 if TYPE_CHECKING:
@@ -49,6 +49,9 @@ examples:
   lrq verify docs               every source item stored exactly once?
   lrq cleanup --dry-run         what the reaper and the tmp sweep would do
   lrq requeue --failed          put every failed batch back
+  lrq pause docs --by alice     stop publishing and claiming in queue docs (all processes)
+  lrq resume docs               ... and go on
+  lrq --log-format json run     one JSON object per log line, for log shippers
   lrq show NAME | less          one batch: state, claim, attempts (times in ISO 8601 UTC)
   lrq dead docs                 dead letters of queue docs: key, batch, time, error
   lrq dead --key m42 --json     one dead letter in full (traceback, item)
@@ -62,7 +65,10 @@ def _app(args: argparse.Namespace) -> Any:
     from lrq import config
     from lrq.app import App
 
-    return App(config.load(args.config))
+    cfg = config.load(args.config)
+    if args.log_format is None and not os.environ.get(logjson.ENV) and cfg.log_format != "text":
+        _use_format(cfg.log_format)  # the config's log_format: switch the lines set up so far
+    return App(cfg)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -96,6 +102,8 @@ def cmd_sniff(args: argparse.Namespace) -> int:
                     break
         state = "drained" if sniffer.drained else f"paused ({sniffer.paused})" if sniffer.paused \
             else "more to fetch"
+        if sniffer.paused == "operator":
+            state = f"not read: the queue is {sniffer.pause_detail} (`lrq resume {q.name}`)"
         print(f"{q.name}: published {total} batches; source {state}")
         if sniffer.paused in ("budget", "min_free", "disk-full"):
             print(f"lrq: {q.name}: no room on disk for more batches ({sniffer.pause_detail}); "
@@ -157,7 +165,8 @@ def cmd_work(args: argparse.Namespace) -> int:
                     return EXIT_PROBLEM
             elif args.once:
                 if not worker.run_once():
-                    log.info("idle queue=%s nothing pending", q.name)
+                    log.info("idle queue=%s %s", q.name,
+                             "paused" if worker.paused() else "nothing pending")
             else:
                 worker.run(burst=args.burst, max_seconds=args.max_seconds, progress=True,
                            idle_exit=args.idle_exit, idle_wait=0.2 if args.idle_exit else 1.0)
@@ -187,29 +196,44 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 
 
 def cmd_requeue(args: argparse.Namespace) -> int:
-    from lrq.spool import State
-
     app = _app(args)
     if args.quarantined:
         return _resign_quarantined(app, args)
     if not args.names and not args.failed:
         raise ConfigError("name batches to requeue, or pass --failed for every failed batch")
-    spools = [app.spool(q) for q in app.queues(args.queue)]
-    todo = [(sp, p.stem) for sp in spools for p in sorted(sp.failed.glob("*.pkl"))] \
-        if args.failed else []
+    n = app.requeue_failed(args.queue) if args.failed else 0
     missing = []
     for name in args.names:
-        sp = next((sp for sp in spools if sp.state(name) is not State.MISSING), None)
-        if sp is None:
+        try:
+            queue, outcome = app.requeue(name, args.queue)
+        except NoSuchBatch:
             missing.append(name)
-        else:
-            todo.append((sp, name))
-    for sp, name in todo:
-        print(f"{sp.queue}: {name}: {sp.requeue(name)}")
+            continue
+        n += 1
+        print(f"{queue}: {name}: {outcome}")
     for name in missing:
         print(f"lrq: no batch named {name}", file=sys.stderr)
-    print(f"requeued {len(todo)} batches")
+    print(f"requeued {n} batches")
     return EXIT_PROBLEM if missing else EXIT_OK
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    app = _app(args)
+    before = app.paused(args.queue)
+    record = app.pause(args.queue, args.by)
+    print(f"{args.queue}: {'already ' if before else ''}paused since {record['since']} by "
+          f"{record['by']}: nothing is published or claimed until `lrq resume {args.queue}`; "
+          "batches in hand finish")
+    return EXIT_OK
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    app = _app(args)
+    if app.resume(args.queue, args.by):
+        print(f"{args.queue}: resumed")
+    else:
+        print(f"{args.queue}: was not paused")
+    return EXIT_OK
 
 
 def _resign_quarantined(app: Any, args: argparse.Namespace) -> int:
@@ -454,6 +478,9 @@ def parser() -> argparse.ArgumentParser:
                         help="debug logging")
     p.add_argument("-c", "--config", help="config file (default ./lrq.toml, env LRQ_CONFIG)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--log-format", choices=logjson.FORMATS, default=None,
+                   help="log lines as text (default) or one JSON object per line (env "
+                        "LRQ_LOG_FORMAT, config log_format)")
     p.add_argument("--version", action="version", version=f"lrq {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -499,6 +526,13 @@ def parser() -> argparse.ArgumentParser:
     rq.add_argument("--yes", action="store_true",
                     help="with --quarantined: no question (for scripts)")
     rq.add_argument("--queue", help="only this queue")
+    pa = add("pause", cmd_pause, "pause a queue: publish and claim nothing new (in every "
+             "process, across restarts) until `lrq resume`; batches in hand finish")
+    pa.add_argument("queue", metavar="NAME")
+    pa.add_argument("--by", metavar="WHO", help="who pauses, shown by status (default user@host)")
+    re_ = add("resume", cmd_resume, "resume a paused queue")
+    re_.add_argument("queue", metavar="NAME")
+    re_.add_argument("--by", metavar="WHO", help="who resumes, for the log (default user@host)")
     sh = add("show", cmd_show, "inspect one batch")
     sh.add_argument("name")
     d = add("dead", cmd_dead, "list dead letters: key, batch, time, the error's first line")
@@ -520,40 +554,57 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _setup_logging(verbose: bool) -> None:
+def _setup_logging(verbose: bool, fmt: str = "text") -> None:
+    """Log to stderr in ``fmt`` ("text" or "json", :mod:`lrq.logjson`)."""
     level = logging.DEBUG if verbose else logging.INFO
     handler: logging.Handler
     if os.environ.get(logfile.LOG_FD_ENV):
         # A scheduler's worker process: it writes to the scheduler's stderr itself (and to
         # its log file, see cmd_work), in the lines the scheduler's relay used to write.
-        handler = logfile.LineHandler(int(os.environ[logfile.LOG_FD_ENV]),
-                                      logfile.child_format(os.environ.get(logfile.QUEUE_ENV, "-")))
+        handler = logfile.LineHandler(int(os.environ[logfile.LOG_FD_ENV]), _formatter(fmt))
     elif os.environ.get("LRQ_CHILD"):
         # A worker process started without the scheduler's stderr: the parent adds the time
-        # and re-logs each line.
+        # and re-logs each line (as text: the relay reads the level from its first word).
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(RedactingFormatter("%(levelname)s %(name)s: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(RedactingFormatter(logfile.FORMAT))
+        handler.setFormatter(_formatter(fmt))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
 
 
+def _formatter(fmt: str) -> logging.Formatter:
+    """This process's line format: a scheduler's worker tags its lines with its queue."""
+    if os.environ.get(logfile.LOG_FD_ENV):
+        return logfile.child_format(os.environ.get(logfile.QUEUE_ENV, "-"), fmt)
+    return logjson.JsonFormatter() if fmt == "json" else RedactingFormatter(logfile.FORMAT)
+
+
+def _use_format(fmt: str) -> None:
+    """Switch the log lines set up by :func:`_setup_logging` to ``fmt`` (the config's
+    ``log_format``, known only once the config is read)."""
+    if os.environ.get("LRQ_CHILD") and not os.environ.get(logfile.LOG_FD_ENV):
+        return  # relayed by the scheduler, which reads the text format
+    for h in logging.getLogger().handlers:
+        if isinstance(h, (logging.StreamHandler, logfile.LineHandler)):
+            h.setFormatter(_formatter(fmt))
+
+
 def _log_to_file(cfg: Config) -> None:
     if cfg.log_file is None:
         return
     cfg.log_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fmt = logjson.in_use()
     h: logging.Handler
     if os.environ.get(logfile.LOG_FD_ENV):  # a scheduler's worker: its log file, not rotated here
-        h = logfile.AppendFileHandler(
-            cfg.log_file, logfile.child_format(os.environ.get(logfile.QUEUE_ENV, "-")))
+        h = logfile.AppendFileHandler(cfg.log_file, _formatter(fmt))
     else:
         h = logfile.SharedLogFile(cfg.log_file, maxBytes=cfg.log_max_bytes,
                                   backupCount=cfg.log_backups)
-        h.setFormatter(RedactingFormatter(logfile.FORMAT))
+        h.setFormatter(_formatter(fmt))
     logging.getLogger().addHandler(h)
 
 
@@ -595,7 +646,7 @@ def _stdout_closed() -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    _setup_logging(args.verbose, logjson.chosen(args.log_format))
     try:
         return args.func(args)
     except BrokenPipeError:

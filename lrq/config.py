@@ -108,6 +108,9 @@ class Config:
     log_file: Path | None = None
     log_max_bytes: int = 10 * 2**20
     log_backups: int = 5
+    #: "text", or "json": one JSON object per log line (lrq.logjson); ``--log-format`` and
+    #: env ``LRQ_LOG_FORMAT`` override it.
+    log_format: str = "text"
     #: Key that signs batch files; else env LRQ_SECRET, else <data_dir>/secret.key (generated).
     secret: str | None = None
     #: Earlier keys that still verify batch files (rotation); also env LRQ_PREVIOUS_SECRETS.
@@ -309,7 +312,10 @@ def from_dict(raw: dict[str, Any], path: Path, env: Mapping[str, str] | None = N
     take(raw, {"data_dir": str, "db_url": str, "queues": dict, "cleanup": dict,
                 "interval": (int, float), "grace": (int, float), "log_file": str,
                 "log_max_bytes": (int, str), "log_backups": int, "secret": str,
-                "previous_secrets": list}, where)
+                "previous_secrets": list, "log_format": str}, where)
+    log_format = raw.get("log_format", Config.log_format)
+    if log_format not in ("text", "json"):
+        raise ConfigError(f"{where}: log_format {log_format!r}: write \"text\" or \"json\"")
     previous = raw.get("previous_secrets", [])
     if not all(isinstance(x, str) and x for x in previous):
         raise ConfigError(f"{where}: previous_secrets must be a list of non-empty strings "
@@ -342,7 +348,7 @@ def from_dict(raw: dict[str, Any], path: Path, env: Mapping[str, str] | None = N
         grace=positive(float(raw.get("grace", Config.grace)), f"{where}: grace"), log_file=log_file,
         log_max_bytes=parse_bytes(raw.get("log_max_bytes", Config.log_max_bytes), "log_max_bytes"),
         log_backups=raw.get("log_backups", Config.log_backups), secret=raw.get("secret"),
-        previous_secrets=tuple(previous),
+        previous_secrets=tuple(previous), log_format=log_format,
     )
 
 

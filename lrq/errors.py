@@ -37,6 +37,14 @@ class BatchCorrupt(LrqError):
         super().__init__(f"batch file {path} is corrupt: {reason}")
 
 
+class NoSuchBatch(LrqError):
+    """No queue holds a batch of that name (``lrq requeue NAME``, the web page's requeue)."""
+
+    def __init__(self, name: str, where: str) -> None:
+        self.name = name
+        super().__init__(f"no batch named {name!r} in {where}")
+
+
 class ForeignEntry(LrqError):
     """An entry in a queue folder that lrq did not write: a directory, FIFO, socket, symlink
     or unreadable file. It is skipped and reported, never read, followed or deleted."""

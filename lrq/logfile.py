@@ -6,7 +6,8 @@ record with its traceback), to a file opened ``O_APPEND``, so lines of several p
 never interleave. Relaying each line through the scheduler (read from a pipe, parse its
 level, log it again) cost the scheduler ~250 µs of CPU per batch at batch 100 (its ``done``
 line; bench/cpu_ledger.py), a tenth of a core at full speed. A child's line keeps the form
-the relay gave it: ``TIME LEVEL lrq.child: [QUEUE PID] LOGGER: message``.
+the relay gave it: ``TIME LEVEL lrq.child: [QUEUE PID] LOGGER: message`` (with
+``--log-format json``, a JSON object with ``"worker": QUEUE``, see :mod:`lrq.logjson`).
 
 What a child writes to its stderr other than log records (a traceback at exit, a handler's
 warnings) still goes through the pipe the scheduler reads (:mod:`lrq.launcher`), which also
@@ -37,14 +38,19 @@ REOPEN_EVERY = 1.0  # seconds between a child's checks that its log file was not
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def child_format(queue: str) -> logging.Formatter:
-    """A worker process's lines as the scheduler's relay wrote them (one formatter per queue
-    and process, so that its stderr and file handlers format each record once)."""
-    return _child_format(queue, os.getpid())
+def child_format(queue: str, fmt: str = "text") -> logging.Formatter:
+    """A worker process's lines as the scheduler's relay wrote them, or as JSON with a
+    ``worker`` key (:mod:`lrq.logjson`): one formatter per queue, process and format, so
+    that its stderr and file handlers format each record once."""
+    return _child_format(queue, os.getpid(), fmt)
 
 
 @functools.cache
-def _child_format(queue: str, pid: int) -> logging.Formatter:
+def _child_format(queue: str, pid: int, fmt: str) -> logging.Formatter:
+    if fmt == "json":
+        from lrq.logjson import JsonFormatter
+
+        return JsonFormatter(worker=queue)
     tag = f"[{queue} {pid}]".replace("%", "%%")
     return RedactingFormatter(f"%(asctime)s %(levelname)s lrq.child: {tag} %(name)s: %(message)s")
 

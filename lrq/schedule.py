@@ -40,6 +40,13 @@ that also sees when the sources are drained and nothing is pending, claimed or r
 stops the scheduler;
 children are then asked to stop with SIGTERM and killed after ``grace`` seconds.
 
+A queue the operator paused (``lrq pause``, :mod:`lrq.control`) gets no new worker process;
+its sniffer publishes nothing (its acker still acknowledges) and the workers running finish
+their batch and exit on their idle timeout. ``until_idle`` does not take a paused queue with
+work left for idle: the run waits for ``lrq resume`` (``until-idle-waiting`` is logged once),
+at the jobs' usual pace, each look a stat. A paused queue with nothing pending whose source
+was found drained is idle as before.
+
 On stopping, batches that failed or were quarantined during the run are counted in one
 ``stopped-with-failures`` line; with ``until_idle`` they make the exit code 1.
 """
@@ -58,7 +65,7 @@ from typing import Any
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.blocking import BlockingScheduler
 
-from lrq import cleanup, logfile, process
+from lrq import cleanup, logfile, logjson, process
 from lrq.app import App
 from lrq.config import QueueConfig
 from lrq.errors import AlreadyRunning, HandlerBroken, LrqError
@@ -123,6 +130,8 @@ class Runner:
         self.broken: dict[str, tuple[float, int]] = {}
         #: Queues whose workers keep failing: (no worker before this monotonic time, in a row).
         self.failing: dict[str, tuple[float, int]] = {}
+        #: Paused queues an ``until_idle`` run said it waits for (:meth:`_held`).
+        self._waiting: set[str] = set()
         #: The exit status that stopped an ``until_idle`` run before it drained, if one did.
         self.stopped_by: int | None = None
         slots = sum(1 + q.workers for q in app.queues()) + 4  # +1: _watch_stop, for good
@@ -158,14 +167,15 @@ class Runner:
                 log.debug("worker start skipped queue=%s: %s", q.name, e)
 
     def work(self, q: QueueConfig) -> None:
-        if (self.stop.is_set() or self._paused(q)
+        if (self.stop.is_set() or self._paused(q) or self._held(q)
                 or time.monotonic() < self.failing.get(q.name, (0.0, 0))[0]
                 or not self.spools[q.name].has_pending() or not self._slot(q)):
             return
         cfg = str(self.app.cfg.path)
         argv = ["-c", cfg, "work", q.name, "--idle-exit", str(CHILD_IDLE_EXIT),
                 "--max-seconds", str(q.run_seconds)]
-        env = {**os.environ, CHILD_ENV: "1", logfile.QUEUE_ENV: q.name, **process.scheduler_env()}
+        env = {**os.environ, CHILD_ENV: "1", logfile.QUEUE_ENV: q.name, **process.scheduler_env(),
+               logjson.ENV: logjson.in_use()}
         try:
             child = self.launcher.spawn(argv, f"lrq work {q.name} -c {cfg}", env,
                                         log_fd=_stderr_fd())
@@ -208,6 +218,18 @@ class Runner:
             self.broken.pop(q.name, None)
         if code != 0 and q.name not in self.broken:
             self._start_worker(q)  # what it held is pending again (or split): not at the next tick
+
+    def _held(self, q: QueueConfig) -> bool:
+        """Is ``q`` paused by the operator (``lrq pause``, a stat)? Then no worker process is
+        started for it; an ``until_idle`` run says once that it waits for the resume."""
+        if self.app.watch(q).paused() is None:
+            self._waiting.discard(q.name)
+            return False
+        if self.until_idle and q.name not in self._waiting:
+            self._waiting.add(q.name)
+            log.info("until-idle-waiting queue=%s: the queue is paused; this run ends only "
+                     "once it is resumed (`lrq resume %s`) and drained", q.name, q.name)
+        return True
 
     def _slot(self, q: QueueConfig) -> bool:
         """Take one of ``q``'s ``workers`` slots for a new process, counting the live worker

@@ -21,6 +21,11 @@ trims done batches on that same predicate. A write that still hits ENOSPC/EDQUOT
 leaves nothing behind, acknowledges nothing, and backs off. Each pause is logged once, and
 so is the resume (refills within one tick are not resumes).
 
+The operator's pause (``lrq pause``, :mod:`lrq.control`): a tick looks once at its start and
+once before each batch it publishes (a stat each); while paused it publishes nothing and
+fetches nothing (what a broker handed over stays carried), but still steps the acker, so a
+broker's done batches are acknowledged and its held entries kept while the queue stands.
+
 Refill: a tick given the scheduler's ``stop`` event does not return when it pauses on
 ``max_pending``; it waits, until its ``max_seconds`` are up or ``stop`` is set, for the
 backlog to fall to the low-water mark (half of ``max_pending``, in batches or bytes) and
@@ -51,6 +56,7 @@ from typing import Any
 from lrq import failpoints
 from lrq.acker import Acker
 from lrq.config import QueueConfig
+from lrq.control import Watch
 from lrq.disk import TRIM_AT, Budget
 from lrq.sources import Fetched, Source
 from lrq.spool import DONE, SUFFIX, Spool
@@ -71,8 +77,11 @@ MTIME_SETTLE_NS = 20_000_000
 class Sniffer:
     def __init__(self, queue: QueueConfig, spool: Spool, source: Source, *,
                  budget: Budget | None = None, acker: Acker | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 pause: Watch | None = None) -> None:
         self.queue = queue
+        #: The operator's pause (:mod:`lrq.control`): nothing is published while it holds.
+        self.pause = pause
         self.spool = spool
         self.source = source
         self.budget = budget
@@ -95,7 +104,8 @@ class Sniffer:
         self.source_settled = not self.commit_acked
         #: True once a fetch came back short: the source has nothing more for now.
         self.drained = False
-        #: Why prefetching is paused ("max_pending", "budget", "min_free", "disk-full"), or None.
+        #: Why prefetching is paused ("max_pending", "budget", "min_free", "disk-full", or
+        #: "operator": ``lrq pause``), or None.
         self.paused: str | None = None
         #: The pause's detail, for the operator.
         self.pause_detail = ""
@@ -120,7 +130,9 @@ class Sniffer:
 
         With ``stop``, a pause on ``max_pending`` waits (until ``max_seconds`` are up or
         ``stop`` is set) for the backlog to fall to the low-water mark, then goes on."""
-        self._ack_step(force=True)
+        self._ack_step(force=True)  # a paused queue's done batches are acknowledged still
+        if self._held():
+            return 0
         now = self.clock()
         if now < self._retry_at:
             return 0
@@ -174,6 +186,8 @@ class Sniffer:
                     log.debug("refill queue=%s pending=%d", self.queue.name, pending)
                     continue
                 self._ack_step()  # a long tick (a backlog, refills) acknowledges as it goes
+                if self._held():
+                    break  # paused during a long tick: nothing more (a stat per batch)
                 carried, self.carried = self.carried, None
                 fetched = carried or self.source.fetch(position, self.queue.batch_size)
                 if not fetched.items:
@@ -222,6 +236,19 @@ class Sniffer:
             if unsaved:
                 self._save(position)
         return published
+
+    def _held(self) -> bool:
+        """Is the queue paused by the operator? (One ``faccessat``; :class:`~lrq.control.Watch`
+        logs ``paused`` / ``resumed`` once per process.) Sets :attr:`paused` to
+        ``"operator"`` while it is, and clears that once it is not."""
+        record = self.pause.paused() if self.pause is not None else None
+        if record is not None:
+            self.paused = "operator"
+            self.pause_detail = f"paused by {record['by']} since {record['since']}"
+            return True
+        if self.paused == "operator":
+            self.paused, self.pause_detail = None, ""
+        return False
 
     def _ack_step(self, force: bool = False) -> None:
         """Run the acker (a source acknowledged at commit): at a tick's start, and every

@@ -32,6 +32,9 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
     quarantine/<name>.pkl a file whose signature did not verify: never unpickled
     position.json        the source position, advanced only after the batch file is durable
                          (a source acknowledged at publish; a broker has none, see Receipts)
+    paused.json          present while the operator has paused the queue (``lrq pause``):
+                         ``{"since", "by"}``, written and removed by :mod:`lrq.control`, not
+                         by the spool; no listing, budget or foreign-entry scan looks at it
     wake                 a FIFO: whatever publishes a batch writes a byte to it, waking the
                          idle workers blocked on it (:mod:`lrq.spool.wake`); holds no state
     ../key-ids           ids of the keys this data dir has signed batches with, one per line
