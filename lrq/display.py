@@ -10,6 +10,7 @@ interpreter starts in ~50 ms), which ``lrq run`` and every worker process must n
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import sys
 import threading
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY = 5.0
 #: Seconds between redraws of a progress bar on a terminal.
 REDRAW_EVERY = 0.2
+
+
+def can_draw(stream: IO[str]) -> bool:
+    """A terminal, and ``rich`` is installed (found, not imported): draw; else plain lines."""
+    return stream.isatty() and importlib.util.find_spec("rich") is not None
 
 
 def human_bytes(n: float) -> str:
@@ -144,7 +150,7 @@ def watch(app: App, queue: str | None, every: float, out: IO[str] | None = None)
     on a terminal, plain lines otherwise."""
     out = out or sys.stdout
     try:
-        if out.isatty():
+        if can_draw(out):
             _watch_live(app, queue, every, out)
         else:
             while True:
@@ -169,7 +175,7 @@ def _watch_live(app: App, queue: str | None, every: float, out: IO[str]) -> None
         table = Table(*rows[0], title=f"lrq {st.data_dir}", caption=datetime.now(UTC)
                       .isoformat(timespec="seconds"))
         for r in rows[1:]:
-            table.add_row(*(str(v) for v in r))
+            table.add_row(*(Text(str(v)) for v in r))
         lines = [line for line in status_lines(st)[len(rows):]]
         return Group(table, *(Text(line) for line in lines))
 
@@ -194,7 +200,7 @@ class Progress:
         self.total = total
         self.unit = unit
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
+        self.tty = can_draw(self.stream)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._started = time.monotonic()

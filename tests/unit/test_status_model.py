@@ -199,3 +199,10 @@ def test_progress_draws_a_bar_on_a_terminal() -> None:
         n[0] = 3
     text = out.getvalue()
     assert "work docs" in text and "3/10" in text
+
+
+def test_without_rich_a_terminal_gets_plain_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert display.can_draw(Tty()) and not display.can_draw(io.StringIO())
+    monkeypatch.setattr(display.importlib.util, "find_spec", lambda name: None)
+    assert not display.can_draw(Tty())
+    assert not display.Progress("sniff docs", lambda: 0, stream=Tty()).tty
