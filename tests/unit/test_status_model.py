@@ -206,3 +206,21 @@ def test_without_rich_a_terminal_gets_plain_lines(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(display.importlib.util, "find_spec", lambda name: None)
     assert not display.can_draw(Tty())
     assert not display.Progress("sniff docs", lambda: 0, stream=Tty()).tty
+
+
+def test_a_brokers_remaining_is_its_lag(tmp_path: Path) -> None:
+    from lrq.sources import sqlite_broker
+
+    broker = tmp_path / "broker.db"
+    sqlite_broker.connect(str(broker)).close()
+    sqlite_broker.add(str(broker), [{"doc_id": f"d{i}", "content": "a b"} for i in range(250)])
+    cfg = tmp_path / "lrq.toml"
+    cfg.write_text('data_dir = "data"\ndb_url = "sqlite:///results.db"\n[queues.docs]\n'
+                   'handler = "workers.wordcount:handle"\nkey = "doc_id"\nbatch_size = 100\n'
+                   f'[queues.docs.source]\nkind = "sqlite-broker"\npath = "{broker}"\n')
+    app = load_app(cfg)
+    q = app.queues()[0]
+    assert app.remaining(q) == 250
+    assert app.sniffer(q).tick(max_batches=1) == 1
+    docs = app.status().queue("docs")
+    assert (docs.remaining, docs.source["lag"], docs.backlog_items) == (150, 150, 100)
