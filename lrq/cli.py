@@ -276,7 +276,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.watch is not None:
         if args.watch <= 0:
             raise ConfigError(f"--watch {args.watch}: give the seconds between refreshes (> 0)")
-        return display.watch(app, args.queue, args.watch)
+        return display.watch(app, args.queue, args.watch, as_json=args.json)
     st = app.status(args.queue)
     if args.json:
         print(json.dumps(st.to_json(), indent=2, default=str))
@@ -488,7 +488,8 @@ def parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true")
     st.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
                     help="refresh every SECONDS (default 2) until Ctrl-C: a live table on a "
-                         "terminal, one line per queue per refresh otherwise")
+                         "terminal, one line per queue per refresh otherwise (with --json: "
+                         "one JSON document per line per refresh)")
     v = add("verify", cmd_verify, "check every source item has exactly one result")
     v.add_argument("queue", nargs="?")
     v.add_argument("--strict", action="store_true",

@@ -11,6 +11,7 @@ interpreter starts in ~50 ms), which ``lrq run`` and every worker process must n
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import sys
 import threading
@@ -53,19 +54,21 @@ def _rate(q: QueueStatus) -> str:
 
 def table_rows(st: Status) -> list[tuple[Any, ...]]:
     """The ``lrq status`` table, header first. The database's columns (results, dead
-    letters, items/s and ETA) are left out when it cannot be reached."""
+    letters, items/s and ETA) are left out when it cannot be reached. Columns read by
+    scripts keep their places from both ends: results at 7, position last (the rate
+    columns went in between)."""
     down = st.database_error is not None
     db_cols: tuple[str, ...] = () if down else ("results", "dead letters")
     rate_cols: tuple[str, ...] = () if down else ("items/s", "eta")
     rows: list[tuple[Any, ...]] = [("queue", "pending", "claimed", "stale", "done", "failed",
-                                    "quarantined", *db_cols, "disk", "position", *rate_cols)]
+                                    "quarantined", *db_cols, *rate_cols, "disk", "position")]
     for q in st.queues:
         c = q.counts
         db = () if down else (q.results, q.dead_letters)
         rate = () if down else (_rate(q), human_seconds(q.eta_seconds))
         rows.append((q.name + (" (paused)" if q.paused else ""), c.pending, c.claimed, q.stale,
-                     c.done, c.failed, c.quarantined, *db, human_bytes(c.bytes),
-                     "-" if q.position is None else q.position, *rate))  # a broker has none
+                     c.done, c.failed, c.quarantined, *db, *rate, human_bytes(c.bytes),
+                     "-" if q.position is None else q.position))  # a broker has none
     return rows
 
 
@@ -145,16 +148,20 @@ def watch_line(st: Status, now: float | None = None) -> list[str]:
     return out
 
 
-def watch(app: App, queue: str | None, every: float, out: IO[str] | None = None) -> int:
+def watch(app: App, queue: str | None, every: float, out: IO[str] | None = None,
+          as_json: bool = False) -> int:
     """Redraw the status every ``every`` seconds until Ctrl-C (then return 0): a live table
-    on a terminal, plain lines otherwise."""
+    on a terminal, plain lines otherwise; ``as_json``: one compact JSON document
+    (:meth:`Status.to_json`) per line per refresh, wherever it goes."""
     out = out or sys.stdout
     try:
-        if can_draw(out):
+        if can_draw(out) and not as_json:
             _watch_live(app, queue, every, out)
         else:
             while True:
-                for line in watch_line(app.status(queue)):
+                st = app.status(queue)
+                for line in [json.dumps(st.to_json(), default=str)] if as_json \
+                        else watch_line(st):
                     print(line, file=out)
                 out.flush()
                 time.sleep(every)

@@ -42,7 +42,9 @@ def test_status_json_keeps_every_old_key_and_adds_rates_and_eta(tmp_path: Path) 
     assert q["remaining"] == 300 and q["backlog_items"] == 100 and q["paused"] is None
     assert q["eta_seconds"] == 60.0 and q["eta_remaining_seconds"] == 240.0  # 100/min
     table = lrq("-c", str(cfg), "status", check=True).stdout.splitlines()
-    assert table[0].split()[-2:] == ["items/s", "eta"] and table[1].split()[-2:] == ["1.7", "1m00s"]
+    header, row = table[0].split(), table[1].split()
+    assert header[10:12] == ["items/s", "eta"] and row[9:11] == ["1.7", "1m00s"]
+    assert header[-1] == "position" and row[-1] == "200"
     assert any(line.startswith("docs: 1.7 items/s (1 min)") for line in table)
 
 

@@ -3,6 +3,7 @@ lrq.display's plain rendering and progress)."""
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -121,8 +122,9 @@ def test_status_lines_show_rate_columns_and_a_paused_queue() -> None:
                     paused={"since": "2026-12-01T10:00:00Z", "by": "alice"})
     lines = display.status_lines(Status(data_dir="/d", queues=(q,), disk=disk()))
     header, row = lines[0].split(), lines[1].split()
-    assert header[7] == "results" and header[-2:] == ["items/s", "eta"]
-    assert row[0] == "docs" and row[-2:] == ["5.0", "20s"] and "(paused)" in lines[1]
+    assert header[7] == "results" and header[10:12] == ["items/s", "eta"]
+    assert header[-2:] == ["disk", "position"] and row[-1] == "7"
+    assert row[0] == "docs" and row[10:12] == ["5.0", "20s"] and "(paused)" in lines[1]
     assert "docs: PAUSED since 2026-12-01T10:00:00Z by alice (`lrq resume docs`)" in lines
     plain = display.watch_line(Status(data_dir="/d", queues=(q,), disk=disk()), now=0)
     assert plain == ["1970-01-01T00:00:00Z docs pending=1 claimed=0 done=0 failed=0 stale=0 "
@@ -224,3 +226,30 @@ def test_a_brokers_remaining_is_its_lag(tmp_path: Path) -> None:
     assert app.sniffer(q).tick(max_batches=1) == 1
     docs = app.status().queue("docs")
     assert (docs.remaining, docs.source["lag"], docs.backlog_items) == (150, 150, 100)
+
+
+class Stopping:
+    """An app whose status is asked ``times`` times, then Ctrl-C arrives."""
+
+    def __init__(self, st: Status, times: int) -> None:
+        self.st, self.left = st, times
+
+    def status(self, queue: str | None = None) -> Status:
+        if not self.left:
+            raise KeyboardInterrupt
+        self.left -= 1
+        return self.st
+
+
+def test_watch_prints_each_refresh_and_returns_0_on_ctrl_c() -> None:
+    q = QueueStatus(name="docs", counts=counts(pending=4), stale=0, foreign_count=0,
+                    foreign_sample=(), key_problem=None, position=None, source={"kind": "sql"})
+    st = Status(data_dir="/d", queues=(q,), disk=disk())
+    out = io.StringIO()
+    assert display.watch(Stopping(st, 3), None, 0.001, out) == 0  # type: ignore[arg-type]
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 3 and all(" docs pending=4 " in line for line in lines)
+    out = Tty()  # --json: JSON lines even on a terminal
+    assert display.watch(Stopping(st, 2), None, 0.001, out, as_json=True) == 0  # type: ignore[arg-type]
+    docs = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(docs) == 2 and docs[0] == st.to_json()
