@@ -188,19 +188,20 @@ class App:
 
     def _queue_status(self, q: QueueConfig, counts: Any, db: dict[str, Any],
                       source: dict[str, Any], base: QueueStatus) -> QueueStatus:
-        """``base`` with the database's counts, the rates, the backlog and its ETAs."""
-        if not db:
-            return base
-        r: rates.Rates = db.pop("rates")
-        per_batch = db["ledger_items"] / db["ledger_batches"] if db["ledger_batches"] \
+        """``base`` with the database's counts and rates (``db``, empty when the database is
+        down), the backlog, what the source still holds, and their ETAs (None without rates,
+        unless there is nothing left)."""
+        r: rates.Rates | None = db.pop("rates", None)
+        per_batch = db["ledger_items"] / db["ledger_batches"] if db.get("ledger_batches") \
             else q.batch_size
         backlog = round((counts.pending + counts.claimed) * per_batch)
         remaining = None if "error" in source else self.remaining(q, source)
+        rate = 0.0 if r is None else r.items_per_s
         return dataclasses.replace(
             base, **db, rates=r, backlog_items=backlog,
-            eta_seconds=rates.eta(backlog, r.items_per_s), remaining=remaining,
+            eta_seconds=rates.eta(backlog, rate), remaining=remaining,
             eta_remaining_seconds=None if remaining is None
-            else rates.eta(backlog + remaining, r.items_per_s))
+            else rates.eta(backlog + remaining, rate))
 
     def _disk_status(self, name: str | None, every: list[Any]) -> DiskStatus:
         budget = self.budget()

@@ -253,3 +253,16 @@ def test_watch_prints_each_refresh_and_returns_0_on_ctrl_c() -> None:
     assert display.watch(Stopping(st, 2), None, 0.001, out, as_json=True) == 0  # type: ignore[arg-type]
     docs = [json.loads(line) for line in out.getvalue().splitlines()]
     assert len(docs) == 2 and docs[0] == st.to_json()
+
+
+def test_with_the_database_down_the_backlog_and_the_source_are_still_counted(
+        tmp_path: Path) -> None:
+    (tmp_path / "dir.db").mkdir()  # SQLite cannot open a directory: "unable to open"
+    app = load_app(write_config(tmp_path, docs=250, batch_size=100,
+                                top={"db_url": f"sqlite:///{tmp_path / 'dir.db'}"}))
+    assert app.sniffer(app.queues()[0]).tick(max_batches=1) == 1
+    st = app.status()
+    docs = st.queue("docs")
+    assert st.database_error is not None and "unable to open" in st.database_error
+    assert (docs.results, docs.rates, docs.backlog_items, docs.remaining) == (None, None, 100, 150)
+    assert docs.eta_seconds is None and docs.eta_remaining_seconds is None
