@@ -5,62 +5,33 @@ the App, so tests and processes can hold several side by side.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Collection, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, overload
 
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from lrq import control, signing, sources
+from lrq import control, rates, signing, sources
 from lrq.acker import Acker
 from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
 from lrq.disk import Budget, Floor, Held
 from lrq.errors import BatchCorrupt, ConfigError, LrqError, NoSuchBatch, SinkError
-from lrq.redact import redact_options
+from lrq.redact import redact_options, redact_text
 from lrq.sink import Sink
 from lrq.sniffer import Sniffer
 from lrq.spool import Spool, State
+from lrq.status import BatchView, DiskStatus, QueueStatus, Status, Verification
 from lrq.worker import Worker
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class Verification:
-    """Source keys against result rows plus dead letters: every item exactly once."""
-
-    queue: str
-    #: Source items (rows), and how many distinct keys they carry.
-    source: int
-    distinct: int
-    results: int
-    dead: int
-    missing: int
-    #: Keys stored more than once, or both as a result and as a dead letter.
-    duplicated: int
-    extra: int
-    failed_batches: int
-    quarantined_batches: int = 0
-    missing_sample: list[str] = field(default_factory=list)
-    #: Set when the source cannot list its keys (a broker): how the ledger was reconciled
-    #: against what the source still holds instead. ``source`` is then the ledger's item
-    #: count and ``missing`` the entries the source still holds (pending or not yet read).
-    reconciled: str | None = None
-
-    @property
-    def source_duplicates(self) -> int:
-        """Source items whose key another item already has: the sink keeps one row per key,
-        so these are lost without a trace unless ``key`` is made unique."""
-        return self.source - self.distinct
-
-    @property
-    def ok(self) -> bool:
-        return self.missing == 0 and self.duplicated == 0 and self.extra == 0 \
-            and self.source_duplicates == 0
+#: Source keys ``verify`` reads between calls of its ``progress`` callback.
+VERIFY_PROGRESS_EVERY = 1000
 
 
 @dataclass(frozen=True)
@@ -250,70 +221,113 @@ class App:
         return n
 
     # -- reports -------------------------------------------------------------------------
-    def status(self, name: str | None = None) -> dict[str, Any]:
-        """Per queue: the spool's counts, the database's, the disk's; never a password."""
-        out: dict[str, Any] = {"data_dir": str(self.cfg.data_dir), "queues": {}}
-        total = 0
+    def status(self, name: str | None = None) -> Status:
+        """Per queue: the spool's counts, the database's, the source's, rates and ETA; the
+        disk's. Never a password. A database that cannot be reached leaves its fields None
+        and says why in :attr:`Status.database_error`: the spool's part is still worth
+        showing (and needs no database)."""
+        queues: list[QueueStatus] = []
         every = []
+        db_error: str | None = None
         for q in self.queues(name):
             sp = self.spool(q)
-            every.append(sp.counts())
-            counts = every[-1].as_dict()
-            total += counts["bytes"]
-            stale = len(sp.stale_claims(q.lease))
+            counts = sp.counts()
+            every.append(counts)
             foreign = sp.foreign()
             problem = sp.key_problem()
-            out["queues"][q.name] = {**counts, "stale": stale,
-                                     "foreign": {"count": len(foreign), "sample": [
-                                         f"{p} ({w})" for p, w in list(foreign.items())[:5]]},
-                                     "key_problem": str(problem) if problem else None,
-                                     "position": sp.read_position(),
-                                     "source": self._source_status(q)}
-            if "database" not in out:
-                self._status_db(q, out)
-        out["bytes"] = total
+            position = sp.read_position()
+            source = self._source_status(q)
+            db: dict[str, Any] = {}
+            if db_error is None:
+                try:
+                    db = self._status_db(q)
+                except (SinkError, SQLAlchemyError) as e:
+                    text = str(getattr(e, "orig", None) or e)
+                    db_error = redact_text(
+                        "; ".join(x.strip() for x in text.splitlines() if x.strip()))
+            queues.append(self._queue_status(q, counts, db, source, QueueStatus(
+                name=q.name, counts=counts, stale=len(sp.stale_claims(q.lease)),
+                foreign_count=len(foreign),
+                foreign_sample=tuple(f"{p} ({w})" for p, w in list(foreign.items())[:5]),
+                key_problem=redact_text(str(problem)) if problem else None,
+                position=position, source=source,
+                paused=control.paused(self.cfg.data_dir, q.name))))
+        return Status(data_dir=str(self.cfg.data_dir), queues=tuple(queues),
+                      disk=self._disk_status(name, every), database_error=db_error)
+
+    def _queue_status(self, q: QueueConfig, counts: Any, db: dict[str, Any],
+                      source: dict[str, Any], base: QueueStatus) -> QueueStatus:
+        """``base`` with the database's counts and rates (``db``, empty when the database is
+        down), the backlog, what the source still holds, and their ETAs (None without rates,
+        unless there is nothing left)."""
+        r: rates.Rates | None = db.pop("rates", None)
+        per_batch = db["ledger_items"] / db["ledger_batches"] if db.get("ledger_batches") \
+            else q.batch_size
+        backlog = round((counts.pending + counts.claimed) * per_batch)
+        remaining = None if "error" in source else self.remaining(q, source)
+        rate = 0.0 if r is None else r.items_per_s
+        return dataclasses.replace(
+            base, **db, rates=r, backlog_items=backlog,
+            eta_seconds=rates.eta(backlog, rate), remaining=remaining,
+            eta_remaining_seconds=None if remaining is None
+            else rates.eta(backlog + remaining, rate))
+
+    def _disk_status(self, name: str | None, every: list[Any]) -> DiskStatus:
         budget = self.budget()
         space = budget.space()
         used = budget.used()
         nxt = max((self.spool(q).last_batch_bytes() for q in self.queues(name)), default=0)
         blocked = budget.blocked(used, nxt, space)
         held = budget.held(every)
-        out["disk"] = {"used": used, "max_bytes": budget.max_bytes,
-                       "free_bytes": space.free_bytes, "total_bytes": space.total_bytes,
-                       "free_inodes": space.free_inodes, "total_inodes": space.total_inodes,
-                       "min_free": self.cfg.cleanup.min_free,
-                       "below_min_free": space.below(budget.floor),
-                       "blocked": blocked and f"{blocked[1]}; {budget.advice(held, nxt)}",
-                       "held": held.as_dict()}
-        return redact_options(out)  # a source's or the database's words may hold a URL
+        return DiskStatus(used=used, max_bytes=budget.max_bytes, free_bytes=space.free_bytes,
+                          total_bytes=space.total_bytes, free_inodes=space.free_inodes,
+                          total_inodes=space.total_inodes, min_free=self.cfg.cleanup.min_free,
+                          below_min_free=space.below(budget.floor),
+                          blocked=f"{blocked[1]}; {budget.advice(held, nxt)}" if blocked else None,
+                          held=held)
 
     def _source_status(self, q: QueueConfig) -> dict[str, Any]:
         """The source's own view (:meth:`Source.status`: lag, pending per consumer, the last
-        acknowledgement), ``{"kind": ...}`` first; ``{"error": ...}`` when it cannot be
-        opened or asked (the spool's part is still shown)."""
+        acknowledgement), ``{"kind": ...}`` first, redacted; ``{"error": ...}`` when it cannot
+        be opened or asked (the spool's part is still shown)."""
         try:
-            return {"kind": q.source.kind, **self.source(q).status()}
+            return redact_options({"kind": q.source.kind, **self.source(q).status()})
         except LrqError as e:
-            return {"kind": q.source.kind, "error": str(e)}
+            return redact_options({"kind": q.source.kind, "error": str(e)})
 
-    def _status_db(self, q: QueueConfig, out: dict[str, Any]) -> None:
-        """Add the database's part of a queue's status, or, when the database cannot be
-        reached, ``out["database"] = {"error": ...}``: the spool's part is still worth
-        showing (and needs no database)."""
+    def remaining(self, q: QueueConfig, view: dict[str, Any] | None = None) -> int | None:
+        """Items the source has yet to hand out: its ``remaining(position)`` where it has one
+        (SQL: rows past the saved watermark), else the ``lag`` of its view (a broker;
+        ``view`` is :meth:`Source.status`, asked here when not given); None when it cannot
+        tell or cannot be asked."""
         try:
-            sink = self.sink(q)
-            batches, items = sink.ledger_stats()
-            # ``results`` are rows in the results table; the ledger's items count what the
-            # workers were given, which is more when items shared a key.
-            out["queues"][q.name].update(results=sink.count(), dead_letters=sink.dead_count(),
-                                         ledger_batches=batches, ledger_items=items)
-        except (SinkError, SQLAlchemyError) as e:
-            text = str(getattr(e, "orig", None) or e)
-            out["database"] = {"error": "; ".join(x.strip() for x in text.splitlines() if x.strip())}
+            count = getattr(self.source(q), "remaining", None)
+            if callable(count):
+                n = count(self.spool(q).read_position())
+                return None if n is None else int(n)
+            view = self._source_status(q) if view is None else view
+        except (LrqError, SQLAlchemyError) as e:
+            log.debug("remaining-unknown queue=%s: %s", q.name, e)
+            return None
+        lag = view.get("lag")
+        return lag if isinstance(lag, int) and not isinstance(lag, bool) else None
 
-    def verify(self, q: QueueConfig, sample: int = 10) -> Verification:
+    def _status_db(self, q: QueueConfig) -> dict[str, Any]:
+        """The database's part of a queue's status: result rows, dead letters, the ledger's
+        counts and the recent rates. Raises what the sink raises when it cannot be reached."""
+        sink = self.sink(q)
+        batches, items = sink.ledger_stats()
+        # ``results`` are rows in the results table; the ledger's items count what the
+        # workers were given, which is more when items shared a key.
+        return {"results": sink.count(), "dead_letters": sink.dead_count(),
+                "ledger_batches": batches, "ledger_items": items,
+                "rates": rates.Rates.from_counts(sink.finished_within(rates.WINDOWS))}
+
+    def verify(self, q: QueueConfig, sample: int = 10,
+               progress: Callable[[int], None] | None = None) -> Verification:
         """Every source item has its own key, and every key exactly one result row or exactly
-        one dead letter."""
+        one dead letter. ``progress`` is called with the count of source keys read so far,
+        every ``VERIFY_PROGRESS_EVERY`` keys (a progress bar over millions of keys)."""
         sink = self.sink(q)
         counts = self.spool(q).counts()
         stored = set(sink.keys())
@@ -329,6 +343,8 @@ class App:
             return self._reconcile(q, counts, n_results, len(dead), sink.duplicates() + both)
         for k in keys:
             n_items += 1
+            if progress is not None and n_items % VERIFY_PROGRESS_EVERY == 0:
+                progress(n_items)
             if k in seen:
                 continue
             seen.add(k)
@@ -336,6 +352,8 @@ class App:
                 n_missing += 1
                 if len(missing) < sample:
                     missing.append(k)
+        if progress is not None:
+            progress(n_items)
         return Verification(
             queue=q.name, source=n_items, distinct=len(seen), results=n_results, dead=len(dead),
             missing=n_missing,
@@ -415,36 +433,31 @@ class App:
                 out.update((str(item.get(key)), name) for item in batch.items)
         return out
 
-    def show(self, name: str) -> dict[str, Any]:
+    def show(self, name: str) -> BatchView:
+        """One batch wherever it is: state, claim, attempts, its first keys, its error and
+        dead letters, and whether the ledger holds it."""
         for q in self.queues():
             sp = self.spool(q)
             state = sp.state(name)
             if state is State.MISSING:
                 continue
-            info: dict[str, Any] = {"queue": q.name, "name": name, "state": state.value}
             claim = sp.read_claim(name)
-            if claim is not None:
-                info["claim"] = claim.__dict__
             attempts = sp.attempts(name)
-            if attempts["attempts"]:
-                info["attempts"] = attempts
+            loaded: dict[str, Any] = {}
             try:
                 batch = sp.load(name)
-                info["created"] = batch.created
-                info["items"] = len(batch.items)
-                info["keys"] = [str(i.get(q.key)) for i in batch.items[:10]]
-                info["position"] = batch.position
+                loaded = {"created": batch.created, "items": len(batch.items),
+                          "keys": tuple(str(i.get(q.key)) for i in batch.items[:10]),
+                          "position": batch.position}
             except Exception as e:  # noqa: BLE001 (show what we can of a broken batch)
-                info["load_error"] = str(e)
-            error = sp.read_error(name)
-            if error is not None:
-                info["error"] = error
+                loaded = {"load_error": str(e)}
             sink = self.sink(q)
-            info["recorded"] = sink.is_recorded(name)
-            dead = sink.dead_letters(batch=name)
-            if dead:
-                info["dead_letters"] = dead
-            return info
+            return BatchView(
+                queue=q.name, name=name, state=state.value,
+                claim=None if claim is None else dict(claim.__dict__),
+                attempts=attempts if attempts["attempts"] else None, **loaded,
+                error=sp.read_error(name), recorded=sink.is_recorded(name),
+                dead_letters=tuple(sink.dead_letters(batch=name)))
         raise ConfigError(f"no batch named {name!r} in {self.cfg.data_dir} "
                           f"(queues: {', '.join(self.cfg.queues)})")
 

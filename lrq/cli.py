@@ -87,24 +87,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     return schedule.run(app, until_idle=args.until_idle, launcher=launcher)
 
 
+#: Batches ``lrq sniff`` publishes per sniffer tick: its progress is counted between ticks.
+SNIFF_STEP = 20
+
+
 def cmd_sniff(args: argparse.Namespace) -> int:
+    from lrq.display import progress
+
     app = _app(args)
     app.check_keys()  # as run and work: a changed key stops before anything is published
     for q in app.queues(args.queue):
         app.check_key(q)
         sniffer = app.sniffer(q)
-        total = 0
-        with sniffer.spool.lock("sniff"):
+        published = [0]  # read by the progress thread
+        left = None if args.once else app.remaining(q)
+        with sniffer.spool.lock("sniff"), progress(
+                f"sniff {q.name}", functools.partial(published.__getitem__, 0),
+                None if left is None else -(-left // q.batch_size)):
             while True:
-                n = sniffer.tick(max_batches=1 if args.once else None)
-                total += n
+                n = sniffer.tick(max_batches=1 if args.once else SNIFF_STEP)
+                published[0] += n
                 if args.once or n == 0 or sniffer.drained or sniffer.paused:
                     break
         state = "drained" if sniffer.drained else f"paused ({sniffer.paused})" if sniffer.paused \
             else "more to fetch"
         if sniffer.paused == "operator":
             state = f"not read: the queue is {sniffer.pause_detail} (`lrq resume {q.name}`)"
-        print(f"{q.name}: published {total} batches; source {state}")
+        print(f"{q.name}: published {published[0]} batches; source {state}")
         if sniffer.paused in ("budget", "min_free", "disk-full"):
             print(f"lrq: {q.name}: no room on disk for more batches ({sniffer.pause_detail}); "
                   f"{app.budget().advice(app.held(), sniffer.last_bytes)}", file=sys.stderr)
@@ -168,8 +177,7 @@ def cmd_work(args: argparse.Namespace) -> int:
                     log.info("idle queue=%s %s", q.name,
                              "paused" if worker.paused() else "nothing pending")
             else:
-                worker.run(burst=args.burst, max_seconds=args.max_seconds, progress=True,
-                           idle_exit=args.idle_exit, idle_wait=0.2 if args.idle_exit else 1.0)
+                _work(worker, args)
         except HandlerBroken:  # logged once, as handler-broken, by the worker
             return EXIT_BROKEN
         finally:
@@ -180,6 +188,25 @@ def cmd_work(args: argparse.Namespace) -> int:
                  "seconds=%.1f rate=%.0f/s", q.name, s.batches, s.items, s.dead, s.failed,
                  s.infra_errors, s.seconds, s.rate)
     return EXIT_PROBLEM if failed else EXIT_OK
+
+
+def _work(worker: Any, args: argparse.Namespace) -> None:
+    """``worker.run`` for ``lrq work [--burst]``: its own progress lines, or on a terminal
+    (``--burst`` by hand) a progress bar over the batches pending at the start. A worker
+    the scheduler starts never draws (nor imports rich)."""
+    bar = args.burst and sys.stderr.isatty() and not os.environ.get("LRQ_CHILD")
+    run = functools.partial(worker.run, burst=args.burst, max_seconds=args.max_seconds,
+                            progress=not bar, idle_exit=args.idle_exit,
+                            idle_wait=0.2 if args.idle_exit else 1.0)
+    if not bar:
+        run()
+        return
+    from lrq.display import progress
+
+    sp = worker.spool
+    with progress(f"work {worker.queue.name}", lambda: worker.stats.settled,
+                  len(sp.pending()) + len(sp.claimed())):
+        run()
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
@@ -267,61 +294,35 @@ def _resign_quarantined(app: Any, args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    st = _app(args).status(args.queue)
-    down = "database" in st  # the spool's part is still shown, and why the rest is missing
+    from lrq import display
+
+    app = _app(args)
+    if args.watch is not None:
+        if args.watch <= 0:
+            raise ConfigError(f"--watch {args.watch}: give the seconds between refreshes (> 0)")
+        return display.watch(app, args.queue, args.watch, as_json=args.json)
+    st = app.status(args.queue)
     if args.json:
-        print(json.dumps(st, indent=2, default=str))
-        return EXIT_PROBLEM if down else EXIT_OK
-    db_cols = () if down else ("results", "dead letters")
-    rows: list[tuple[Any, ...]] = [("queue", "pending", "claimed", "stale", "done", "failed",
-                                    "quarantined", *db_cols, "disk", "position")]
-    for name, s in st["queues"].items():
-        db = () if down else (s["results"], s["dead_letters"])
-        rows.append((name, s["pending"], s["claimed"], s["stale"], s["done"], s["failed"],
-                     s["quarantined"], *db, _human(s["bytes"]),
-                     "-" if s["position"] is None else s["position"]))  # a broker has none
-    _print_table(rows)
-    print("bytes by state: " + "; ".join(
-        f"{name} pending {_human(s['pending_bytes'])}, claimed {_human(s['claimed_bytes'])}, "
-        f"done {_human(s['done_bytes'])}, failed {_human(s['failed_bytes'])}, "
-        f"tmp {_human(s['tmp_bytes'])}, {s.get('spare', 0)} spare files (empty, kept for reuse)"
-        for name, s in st["queues"].items()))
-    d = st["disk"]
-    print(f"data dir {st['data_dir']}: {_human(d['used'])} of budget {_human(d['max_bytes'])} "
-          f"({d['used'] / max(d['max_bytes'], 1):.0%}); filesystem free {_human(d['free_bytes'])} "
-          f"of {_human(d['total_bytes'])}, {d['free_inodes']} inodes; min_free {d['min_free']}"
-          + (f"  WARNING: {d['below_min_free']}" if d["below_min_free"] else ""))
-    if d["blocked"]:
-        print(f"WARNING: no room for the next batch: {d['blocked']}")
-    for name, s in st["queues"].items():
-        if s.get("awaiting_ack"):
-            print(f"{name}: {s['awaiting_ack']} of the done batches await their acknowledgement "
-                  "to the source (kept until the sniffer's next tick acknowledges them)")
-        source = s.get("source") or {}
-        if len(source) > 1:
-            print(f"{name}: source " + ", ".join(f"{k} {v}" for k, v in source.items()))
-        if s["key_problem"]:
-            print(f"WARNING: {s['key_problem']}")
-        if s["foreign"]["count"]:
-            print(f"WARNING: {name}: {s['foreign']['count']} entries lrq did not write (skipped; "
-                  f"remove them): {', '.join(s['foreign']['sample'])}")
-    if down:
-        print(f"database unreachable: {st['database']['error']}")
-        return EXIT_PROBLEM
-    return EXIT_OK
+        print(json.dumps(st.to_json(), indent=2, default=str))
+    else:
+        for line in display.status_lines(st):
+            print(line)
+    # the spool's part is still shown, and why the rest is missing
+    return EXIT_PROBLEM if st.database_error is not None else EXIT_OK
 
 
 def _print_table(rows: list[tuple[Any, ...]]) -> None:
-    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(str(v).ljust(w) for v, w in zip(r, widths)).rstrip())
+    from lrq.display import format_table
+
+    for line in format_table(rows):
+        print(line)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
     app = _app(args)
     bad = False
     for q in app.queues(args.queue):
-        v = app.verify(q)
+        v = _verify_one(app, q)
         ok = v.ok and not (args.strict and v.dead)
         dead = f"{v.dead} dead letters" if v.dead else "no dead letters"
         if args.strict and v.dead:
@@ -341,8 +342,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_PROBLEM if bad else EXIT_OK
 
 
+def _verify_one(app: Any, q: Any) -> Any:
+    """``app.verify(q)`` with a progress bar (or lines) over the source's keys on stderr;
+    its total is the source's row count where it can tell (``remaining(None)``)."""
+    from lrq.display import progress
+
+    seen = [0]
+    count = getattr(app.source(q), "remaining", None)
+    total = count(None) if callable(count) else None
+    with progress(f"verify {q.name}", lambda: seen[0], total, unit="keys"):
+        return app.verify(q, progress=lambda n: seen.__setitem__(0, n))
+
+
 def cmd_show(args: argparse.Namespace) -> int:
-    print(json.dumps(_readable(_app(args).show(args.name)), indent=2, default=str))
+    print(json.dumps(_readable(_app(args).show(args.name).to_json()), indent=2, default=str))
     return EXIT_OK
 
 
@@ -449,14 +462,6 @@ def cmd_init(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return str(n)
-
-
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -508,6 +513,10 @@ def parser() -> argparse.ArgumentParser:
     st = add("status", cmd_status, "pending, claimed, done and failed batches per queue")
     st.add_argument("queue", nargs="?")
     st.add_argument("--json", action="store_true")
+    st.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                    help="refresh every SECONDS (default 2) until Ctrl-C: a live table on a "
+                         "terminal, one line per queue per refresh otherwise (with --json: "
+                         "one JSON document per line per refresh)")
     v = add("verify", cmd_verify, "check every source item has exactly one result")
     v.add_argument("queue", nargs="?")
     v.add_argument("--strict", action="store_true",

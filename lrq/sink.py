@@ -59,7 +59,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from itertools import chain, repeat
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    case,
     delete,
     func,
     inspect,
@@ -619,6 +620,26 @@ class Sink:
         with reader(self.engine) as conn:
             n, items = conn.execute(q).one()
         return int(n), int(items)
+
+    def finished_within(self, windows: Sequence[int]) -> dict[int, tuple[int, int]]:
+        """``{seconds: (batches, items)}`` the ledger recorded as committed in each of the
+        last ``windows`` seconds, for :mod:`lrq.rates`. Measured against the database's own
+        ``now()``: ``finished_at`` is that clock's default (SQLite's is UTC), and a remote
+        database's clock need not agree with this machine's. Read-only: two short queries."""
+        c = self.ledger.c
+        with reader(self.engine) as conn:
+            now = conn.execute(select(func.now())).scalar_one()
+            if isinstance(now, str):  # a driver that leaves the timestamp as text
+                now = datetime.fromisoformat(now)
+            cut = {w: now - timedelta(seconds=w) for w in windows}
+            cols = []
+            for w in windows:
+                recent = c.finished_at >= cut[w]
+                cols += [func.coalesce(func.sum(case((recent, 1), else_=0)), 0),
+                         func.coalesce(func.sum(case((recent, c["items"]), else_=0)), 0)]
+            row = conn.execute(select(*cols).where(
+                c.queue == self.queue.name, c.finished_at >= min(cut.values()))).one()
+        return {w: (int(row[2 * i]), int(row[2 * i + 1])) for i, w in enumerate(windows)}
 
     def dead_count(self, keys: Collection[str] | None = None) -> int:
         q = select(func.count()).select_from(self.dead).where(self.dead.c.queue == self.queue.name)

@@ -40,6 +40,10 @@ also called by other commands (``lrq status``, ``lrq verify``) in their own proc
 :attr:`Context.held` is computed when first read (it scans the spool): read it at the first
 ``fetch``, or at ``open`` only if needed.
 
+What remains: a kind may add ``remaining(position) -> int | None``, the items past
+``position`` it has yet to hand out (``sql``: rows past the watermark). ``lrq status`` uses it
+for the ETA, else the ``lag`` of :meth:`Source.status` (a broker's entries not yet read).
+
 Kinds: ``sql`` (:mod:`lrq.sources.sql`, at publish) and ``sqlite-broker``
 (:mod:`lrq.sources.sqlite_broker`, at commit: a stand-in broker in one SQLite file for the
 contract suite, tests/contract). The config's ``kind`` defaults to ``"sql"``.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import MetaData, Table, bindparam, select
+from sqlalchemy import MetaData, Table, bindparam, func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import NoSuchTableError, SQLAlchemyError
 
@@ -147,6 +147,19 @@ class SqlSource:
 
     def status(self) -> dict[str, Any]:
         return {}
+
+    def remaining(self, position: Any) -> int:
+        """Rows past ``position`` (every row for None): what the sniffer has yet to read, for
+        ``lrq status``'s ETA and the progress of ``lrq sniff`` and ``lrq verify``. One
+        ``count(*)`` over the ``order_by`` range (its index, where it has one)."""
+        q = select(func.count()).select_from(self.table)
+        if position is not None:
+            q = q.where(self.order > position)
+        try:
+            with self.engine.connect() as conn:
+                return int(conn.execute(q).scalar_one())
+        except SQLAlchemyError as e:
+            raise SourceError(f"cannot count rows of source table {self.cfg.table}: {e}") from e
 
     def item_fields(self) -> list[str]:
         """The ``columns`` mapping's fields, else every column (reflected when built)."""

@@ -124,8 +124,8 @@ def test_cleanup_frees_what_the_sniffer_waits_for_so_it_never_stalls(tmp_path: P
         assert sniffer.paused == "min_free", sniffer.paused
         paused += 1
         assert sum(r.done_trimmed for r in cleanup.run(app)) > 0, "cleanup freed nothing"
-    st = app.status()["queues"]["docs"]
-    assert paused >= 2 and st["ledger_items"] == docs and st["pending"] == 0, (paused, st)
+    st = app.status().queue("docs")
+    assert paused >= 2 and st.ledger_items == docs and st.counts.pending == 0, (paused, st)
 
 
 @pytest.mark.parametrize("tmpfs", ["4m"], indirect=True)

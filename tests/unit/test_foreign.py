@@ -49,9 +49,9 @@ def test_foreign_entries_are_skipped_and_reported_and_real_batches_go_through(
     assert sp.claim(names[0]) is not None  # a real claim beside them, its heartbeat to go stale
     stale = sp.stale_claims(lease=1, now=sp.clock() + 100)
     assert [s.name for s in stale] == [names[0]]
-    st = app.status()["queues"]["docs"]
-    assert (st["pending"], st["claimed"]) == (2, 1)
-    assert st["foreign"]["count"] == len(planted)
+    st = app.status().queue("docs")
+    assert (st.counts.pending, st.counts.claimed) == (2, 1)
+    assert st.foreign_count == len(planted)
     reports = cleanup.run(app, now=sp.clock() + 10**9)
     assert not reports[0].skipped and reports[0].reclaimed == [names[0]]
     w = app.worker(q)
