@@ -112,6 +112,9 @@ class Config:
     secret: str | None = None
     #: Earlier keys that still verify batch files (rotation); also env LRQ_PREVIOUS_SECRETS.
     previous_secrets: tuple[str, ...] = ()
+    #: Bearer token the web page's POSTs need; else env LRQ_HTTP_TOKEN, else
+    #: <data_dir>/http.token (generated, mode 0600). See :mod:`lrq.web`.
+    http_token: str | None = None
 
     def queue(self, name: str | None) -> list[QueueConfig]:
         """The named queue (or every queue when ``name`` is None)."""
@@ -309,7 +312,7 @@ def from_dict(raw: dict[str, Any], path: Path, env: Mapping[str, str] | None = N
     take(raw, {"data_dir": str, "db_url": str, "queues": dict, "cleanup": dict,
                 "interval": (int, float), "grace": (int, float), "log_file": str,
                 "log_max_bytes": (int, str), "log_backups": int, "secret": str,
-                "previous_secrets": list}, where)
+                "previous_secrets": list, "http_token": str}, where)
     previous = raw.get("previous_secrets", [])
     if not all(isinstance(x, str) and x for x in previous):
         raise ConfigError(f"{where}: previous_secrets must be a list of non-empty strings "
@@ -342,7 +345,7 @@ def from_dict(raw: dict[str, Any], path: Path, env: Mapping[str, str] | None = N
         grace=positive(float(raw.get("grace", Config.grace)), f"{where}: grace"), log_file=log_file,
         log_max_bytes=parse_bytes(raw.get("log_max_bytes", Config.log_max_bytes), "log_max_bytes"),
         log_backups=raw.get("log_backups", Config.log_backups), secret=raw.get("secret"),
-        previous_secrets=tuple(previous),
+        previous_secrets=tuple(previous), http_token=raw.get("http_token") or None,
     )
 
 

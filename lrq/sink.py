@@ -320,9 +320,10 @@ class Sink:
               seconds: float | None = None) -> Stored:
         """Commit results, dead letters ``(item, error)`` and the ledger row together; a batch
         already in the ledger is left as is. ``seconds``: the batch's handler time, kept in
-        the ledger row for the metrics' histogram (None: not measured). ``replace_dead`` (a ``lrq retry-dead`` batch):
-        the same transaction first deletes the earlier dead letters of the batch's keys, so
-        a retried item ends with its result or its new dead letter, never both or neither.
+        the ledger row for the metrics' histogram (None: not measured). ``replace_dead`` (a
+        ``lrq retry-dead`` batch): the same transaction first deletes the earlier dead letters
+        of the batch's keys, so a retried item ends with its result or its new dead letter,
+        never both or neither.
 
         Rows the database refuses are isolated and dead-lettered in the same transaction (see
         the module docstring); their dead letter carries the item of ``inputs`` with the same
