@@ -190,7 +190,8 @@ def claim_figures(r: dict[str, Any]) -> list[Row]:
 
 def idle_figures(r: dict[str, Any]) -> list[Row]:
     """``results[].lrq_pct_core`` per case (DOCS:BATCH, done batches kept)."""
-    rows = [Row("idle", f"{x['docs']}:{x['batch']} ({x['done_batches']:,} done) % of a core",
+    rows = [Row("idle", f"{x['docs']}:{x['batch']}{' --http' if x.get('http') else ''} "
+                f"({x['done_batches']:,} done) % of a core",
                 x["lrq_pct_core"], "<", IDLE_TARGET,
                 f"{x['window_seconds']:.0f} s window, sleep baseline "
                 f"{x['baseline_pct_core']:.2f}%") for x in r["results"]]

@@ -242,3 +242,54 @@ def test_parse_address(text: str, expected: tuple[str, int]) -> None:
 def test_parse_address_refuses(text: str) -> None:
     with pytest.raises(config.ConfigError, match="HOST:PORT"):
         web.parse_address(text)
+
+
+def test_ledger_sums_kept_between_scrapes_match_a_full_count(tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows finished over an hour ago are summed once and kept; rows added later, old or
+    new, and a mark moved on, still give the totals a full count gives."""
+    from datetime import datetime, timedelta
+
+    from sqlalchemy import func, insert, select
+
+    from lrq import metrics
+
+    app = load_app(make_config(tmp_path))
+    q = app.queues()[0]
+    sink = app.sink(q)
+    now = datetime.utcnow()  # SQLite's CURRENT_TIMESTAMP is UTC  # noqa: DTZ003
+
+    def add(prefix: str, hours: list[float]) -> None:
+        with sink.engine.begin() as conn:
+            conn.execute(insert(sink.ledger), [
+                {"queue": "docs", "name": f"{prefix}{i}", "items": 3, "results": 2, "dead": 1,
+                 "attempt": 1, "seconds": 0.2 * i or None,
+                 "finished_at": now - timedelta(hours=h)} for i, h in enumerate(hours)])
+
+    def full() -> tuple[int, int, int, int]:
+        led = sink.ledger
+        with sink.engine.connect() as conn:
+            n, items, results, timed = conn.execute(select(
+                func.count(), func.sum(led.c["items"]), func.sum(led.c.results),
+                func.count(led.c.seconds))).one()
+        return n, items, results, timed
+
+    collector = metrics.Collector(app)
+    add("a", [5, 3, 2.5, 0.5, 0])
+    rows, _ = collector._query(["docs"])
+    assert tuple(rows["docs"][:3]) + (rows["docs"][3],) == full()
+    add("b", [0.2, 0.1, 0])  # new rows: in the recent part
+    rows, _ = collector._query(["docs"])
+    assert tuple(rows["docs"][:3]) + (rows["docs"][3],) == full()
+    first_mark = collector._mark
+    # As if time passed: the mark moves on (rows 30 and 12 minutes old become settled).
+    monkeypatch.setattr(metrics, "SETTLED", timedelta(minutes=10))
+    add("c", [0])
+    rows, _ = collector._query(["docs"])
+    assert first_mark is not None and collector._mark is not None
+    assert collector._mark - first_mark > timedelta(minutes=45)
+    rows, _ = collector._query(["docs"])
+    assert tuple(rows["docs"][:3]) + (rows["docs"][3],) == full() == (9, 27, 18, 6)
+    # The histogram's cumulative buckets count every timed row at its bound and above.
+    assert rows["docs"][5 + metrics.BUCKETS.index(0.25)] == 2  # 0.2 twice
+    assert rows["docs"][5 + len(metrics.BUCKETS) - 1] == 6
