@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import importlib
 import json
 import logging
 import os
@@ -113,19 +114,26 @@ def _status_json(app: App) -> dict[str, Any]:
     return out
 
 
-def _pause(app: App, queue: str, by: str) -> None:
+def _control() -> Any:
+    """The control branch's ``lrq.control`` (pause/resume across processes), or None until
+    it is merged (then the placeholders below stand in)."""
     try:
-        from lrq import control  # type: ignore[attr-defined]
+        return importlib.import_module("lrq.control")
     except ImportError:
+        return None
+
+
+def _pause(app: App, queue: str, by: str) -> None:
+    control = _control()
+    if control is None:
         _placeholder_set_paused(app, queue, by)
         return
     control.pause(app.cfg.data_dir, queue, by)
 
 
 def _resume(app: App, queue: str, by: str) -> None:
-    try:
-        from lrq import control  # type: ignore[attr-defined]
-    except ImportError:
+    control = _control()
+    if control is None:
         _placeholder_set_paused(app, queue, None)
         return
     control.resume(app.cfg.data_dir, queue, by)
@@ -144,6 +152,7 @@ def _requeue_failed(app: App, queue: str | None) -> list[str]:
 
 
 # PLACEHOLDER (until lrq/control.py lands): pause state the page can show; nothing obeys it.
+# Delete these two functions, _PLACEHOLDER_FILE and the setdefault in _status_json at merge.
 _PLACEHOLDER_FILE = "paused.placeholder.json"
 
 
