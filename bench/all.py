@@ -10,6 +10,7 @@ what they are when run alone:
 ``idle``   ``bench/idle_cpu.py``    CPU of an idle ``lrq run`` scheduler
 ``poison`` ``bench/poison.py``      W1 with 1% poison items against the same run without
 ``peer``   ``bench/peer_huey.py``   W1 on lrq against Huey with SQLite storage, batch 100 and 1000
+``scrape`` ``bench/metrics_scrape.py`` a ``/metrics`` scrape with 10k (and 100k) done batches kept
 
 A part fails when it exits non-zero, runs past its time limit (its process group gets
 SIGTERM, then SIGKILL), writes no JSON, or its JSON lacks a figure the summary reads; the
@@ -55,6 +56,8 @@ IDLE_TARGET = 1.0    # % of one core, strictly under
 POISON_TARGET = 0.5  # W1 with 1% poison, items/s over the same run without
 PEER_TARGET = 1.0    # lrq items/s over Huey's (SQLite storage), at batch 100 (issue 12)
 PEER_TARGET_BATCH = 100
+SCRAPE_TARGET = 50.0  # ms, p50 of a /metrics scrape with 10k done batches kept (issue 14)
+SCRAPE_TARGET_DONE = 10_000
 
 QUIET_SECONDS = 60   # a part silent this long gets a "still running" line
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -111,6 +114,8 @@ class Part:
     takes_repeat: bool = False
     #: A module the part needs that is an optional dependency: without it, it is skipped.
     needs: str | None = None
+    #: The extra that installs it.
+    extra: str = "bench"
 
     def argv(self, quick: bool, repeat: int) -> list[str]:
         if quick:
@@ -188,9 +193,22 @@ def claim_figures(r: dict[str, Any]) -> list[Row]:
             for k, label in (("warm", "pick, warm Spool"), ("fresh", "pick, fresh Spool"))]
 
 
+def scrape_figures(r: dict[str, Any]) -> list[Row]:
+    """``results[].p50_ms`` per number of done batches; the target at 10k only."""
+    rows = [Row("scrape", f"/metrics p50 ms, {_n(x['done_batches'])} done batches",
+                x["p50_ms"], "<" if x["done_batches"] == SCRAPE_TARGET_DONE else "",
+                SCRAPE_TARGET if x["done_batches"] == SCRAPE_TARGET_DONE else 0.0,
+                f"p90 {x['p90_ms']:.1f} ms, {x['scrapes']} scrapes")
+            for x in r["results"]]
+    if not rows:
+        raise KeyError("no results")
+    return rows
+
+
 def idle_figures(r: dict[str, Any]) -> list[Row]:
     """``results[].lrq_pct_core`` per case (DOCS:BATCH, done batches kept)."""
-    rows = [Row("idle", f"{x['docs']}:{x['batch']} ({x['done_batches']:,} done) % of a core",
+    rows = [Row("idle", f"{x['docs']}:{x['batch']}{' --http' if x.get('http') else ''} "
+                f"({x['done_batches']:,} done) % of a core",
                 x["lrq_pct_core"], "<", IDLE_TARGET,
                 f"{x['window_seconds']:.0f} s window, sleep baseline "
                 f"{x['baseline_pct_core']:.2f}%") for x in r["results"]]
@@ -249,6 +267,8 @@ PARTS = (
          ledger_figures),
     Part("peer", "peer", "W1 against Huey (SQLite)", "peer_huey.py", (), (600, 1800),
          peer_figures, needs="huey"),
+    Part("scrape", "scrape", "/metrics scrape with done batches kept", "metrics_scrape.py", (),
+         (300, 900), scrape_figures, needs="prometheus_client", extra="web"),
 )
 
 
@@ -396,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
             argv_ = part.argv(a.quick, a.repeat)
             timeout = part.timeouts[0 if a.quick else 1]
             if part.needs and importlib.util.find_spec(part.needs) is None:
-                why = (f"{part.needs} is not installed (the bench extra: "
-                       "`pip install -e '.[bench]'`, or `make bench`)")
+                why = (f"{part.needs} is not installed (the {part.extra} extra: "
+                       f"`pip install -e '.[{part.extra}]'`"
+                       + (", or `make bench`)" if part.extra == "bench" else ")"))
                 say(f"\n== [{i}/{len(parts)}] {part.key}: {part.title}: skipped: {why}")
                 rows.append(Row(part.label, part.title, None, "", 0.0, why, skipped=True))
                 continue

@@ -13,7 +13,10 @@ batches in the data dir, as retention keeps them for ``keep_done`` = 7 days):
    plus the children it reaped) is sampled over ``--window`` seconds (60; ``--quick``: 15);
    then it gets SIGTERM and must exit 0;
 3. over the same window, the same is measured for ``python -c "import time;
-   time.sleep(...)"`` (the baseline: a process that only sleeps).
+   time.sleep(...)"`` (the baseline: a process that only sleeps);
+4. with ``--http`` (default on; ``--no-http`` skips it), step 2 again as ``lrq run --http
+   127.0.0.1:0``: the scheduler also serving the web page and ``/metrics`` (one scrape of
+   ``/metrics`` while settling checks it is served; nothing polls it in the window).
 
 With ``--attribute`` (default on), the scheduler's periodic jobs are then timed in this
 process on the same drained folder (``Sniffer.tick`` under the sniff lock, ``has_pending``,
@@ -112,18 +115,40 @@ def stop(proc: subprocess.Popen[bytes], grace: float = 45) -> int:
         raise BenchError(f"pid {proc.pid} ignored SIGTERM for {grace:.0f}s; killed") from None
 
 
+def scrape_once(log: Path, settle: float) -> int:
+    """Bytes of one ``/metrics`` scrape of the scheduler whose log is ``log`` (its
+    ``http-serving url=`` line), waiting up to ``settle`` + 30 seconds for that line."""
+    import re
+    import urllib.request
+
+    deadline = time.monotonic() + settle + 30
+    while not (m := re.search(r"http-serving url=(\S+)", log.read_text(errors="replace"))):
+        if time.monotonic() > deadline:
+            raise BenchError(f"lrq run --http never logged http-serving:\n{run._tail(log)}")
+        time.sleep(0.2)
+    with urllib.request.urlopen(m.group(1) + "metrics", timeout=30) as r:
+        body = r.read()
+    if b"lrq_batches" not in body:
+        raise BenchError("/metrics has no lrq_batches")
+    return len(body)
+
+
 def measure_idle(run: Any, cfg: Path, work: Path, settle: float,
-                 window: float) -> dict[str, Any]:
-    """CPU of ``lrq run`` and of a sleeping baseline over the same window."""
+                 window: float, http: bool = False) -> dict[str, Any]:
+    """CPU of ``lrq run`` (``--http``: serving the page too) and of a sleeping baseline over
+    the same window."""
     log = work / "idle.out"
     sleeper = [sys.executable, "-c", f"import time; time.sleep({settle + window + 30:.0f})"]
+    extra = ["--http", "127.0.0.1:0"] if http else []
     with log.open("w") as out:
-        lrq = subprocess.Popen([*run.lrq_command(), "-c", str(cfg), "run"], cwd=work,
+        lrq = subprocess.Popen([*run.lrq_command(), "-c", str(cfg), "run", *extra], cwd=work,
                                env=run.lrq_env(), stdin=subprocess.DEVNULL, stdout=out,
                                stderr=subprocess.STDOUT)
         base = subprocess.Popen(sleeper, stdin=subprocess.DEVNULL)
         try:
-            time.sleep(settle)
+            t_settle = time.monotonic()
+            scraped = scrape_once(log, settle) if http else None
+            time.sleep(max(0.0, settle - (time.monotonic() - t_settle)))
             if lrq.poll() is not None:
                 raise BenchError(f"lrq run exited {lrq.returncode} while settling:\n"
                                  f"{run._tail(log)}")
@@ -150,6 +175,7 @@ def measure_idle(run: Any, cfg: Path, work: Path, settle: float,
             "baseline_cpu_seconds": round(base1 - base0, 3),
             "baseline_pct_core": round(100 * (base1 - base0) / elapsed, 3),
             "max_processes_in_tree": procs_seen, "exit_code": code,
+            "http": http, "metrics_bytes": scraped,
             "log_lines": len(lines), "log_tail": lines[-5:]}
 
 
@@ -243,6 +269,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-attribute", dest="attribute", action="store_false",
                    help="skip timing the scheduler's jobs in process")
     p.add_argument("--tmp", help="folder for the per-case temporary folders")
+    p.add_argument("--no-http", dest="http", action="store_false",
+                   help="skip the row of `lrq run --http` (the web page and /metrics served)")
     p.add_argument("--intervals", type=_floats, default=[None],
                    help="comma list of scheduler intervals, each measured idle in turn "
                         "(default: lrq's default)")
@@ -255,21 +283,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def one(a: argparse.Namespace, cfg: Path, work: Path, docs: int, batch: int, drained: float,
-        interval: float | None) -> dict[str, Any]:
-    """One idle measurement of the drained folder at ``interval``."""
+        interval: float | None, http: bool = False) -> dict[str, Any]:
+    """One idle measurement of the drained folder at ``interval`` (``http``: with
+    ``--http``)."""
     from lrq import config
 
     row: dict[str, Any] = {"docs": docs, "batch": batch, "done_batches": -(-docs // batch),
                            "drain_seconds": round(drained, 2),
                            "interval": config.load(cfg).interval}
-    row.update(measure_idle(run, cfg, work, a.settle, a.window))
-    if a.attribute:
+    row.update(measure_idle(run, cfg, work, a.settle, a.window, http))
+    if a.attribute and not http:
         at = row["attribution"] = attribute(cfg)
         # What the jobs' own work does not explain: APScheduler's loop and thread pool, the
         # 4 Hz supervise job, logging, the interpreter.
         at["unattributed_pct_core"] = round(row["lrq_pct_core"] - at["est_pct_core_jobs"], 3)
     print(f"  {docs}:{batch} ({row['done_batches']} done batches), interval "
-          f"{row['interval']:g}: lrq run {row['lrq_pct_core']:.2f}% of a core, sleep baseline "
+          f"{row['interval']:g}: lrq run{' --http' if http else ''} "
+          f"{row['lrq_pct_core']:.2f}% of a core, sleep baseline "
           f"{row['baseline_pct_core']:.2f}% over {row['window_seconds']}s", flush=True)
     return row
 
@@ -291,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
                 for interval in a.intervals:
                     with_interval(cfg, interval)
                     report["results"].append(one(a, cfg, work, docs, batch, drained, interval))
+                if a.http:  # at the last interval given (the default: lrq's)
+                    report["results"].append(one(a, cfg, work, docs, batch, drained,
+                                                 a.intervals[-1], http=True))
     except (BenchError, subprocess.TimeoutExpired) as e:
         print(f"bench: FAILED: {e}", file=sys.stderr)
         return 1
@@ -302,7 +335,9 @@ def table(report: dict[str, Any]) -> str:
     rows = [("docs:batch", "interval", "done batches", "window s", "lrq CPU s", "lrq % core",
              "sleep CPU s", "sleep % core", "procs")]
     for r in report["results"]:
-        rows.append((f"{r['docs']}:{r['batch']}", f"{r['interval']:g}", f"{r['done_batches']:,}",
+        http = " --http" if r.get("http") else ""
+        rows.append((f"{r['docs']}:{r['batch']}{http}", f"{r['interval']:g}",
+                     f"{r['done_batches']:,}",
                      f"{r['window_seconds']:.1f}", f"{r['lrq_cpu_seconds']:.2f}",
                      f"{r['lrq_pct_core']:.2f}", f"{r['baseline_cpu_seconds']:.2f}",
                      f"{r['baseline_pct_core']:.2f}", str(r["max_processes_in_tree"])))

@@ -44,6 +44,8 @@ examples:
   lrq init                      write a commented starter lrq.toml
   lrq run --until-idle          scheduler until the sources are drained and the queue is empty
   nohup lrq run &               the scheduler, unattended (logs rotate under data/)
+  lrq run --http :8321          ... and the web page, /metrics and the API on 127.0.0.1:8321
+  lrq web --http 127.0.0.1:8321 the web page alone, on the data dir (no scheduler)
   lrq work docs --burst         process every pending batch of queue docs, then exit
   lrq status --json             counts per queue
   lrq verify docs               every source item stored exactly once?
@@ -84,7 +86,40 @@ def cmd_run(args: argparse.Namespace) -> int:
     _log_to_file(app.cfg)
     app.cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     app.check_keys()  # a changed key stops here, before the sniffer or a worker starts
-    return schedule.run(app, until_idle=args.until_idle, launcher=launcher)
+    if not args.http:
+        return schedule.run(app, until_idle=args.until_idle, launcher=launcher)
+    from lrq import web
+
+    server = web.serve(app.cfg, args.http)  # after the fork server: workers do not inherit it
+    try:
+        return schedule.run(app, until_idle=args.until_idle, launcher=launcher)
+    finally:
+        server.close()
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    from lrq import web
+
+    app = _app(args)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _s, _f: stop.set())
+    server = web.serve(app.cfg, args.http)
+    print(f"serving {server.url} (data dir {app.cfg.data_dir}); POSTs need the token: "
+          f"{_token_source(app.cfg)}", flush=True)
+    try:
+        stop.wait()
+    finally:
+        server.close()
+    return EXIT_OK
+
+
+def _token_source(cfg: Any) -> str:
+    if cfg.http_token:
+        return f"http_token in {cfg.path}"
+    if os.environ.get("LRQ_HTTP_TOKEN"):
+        return "env LRQ_HTTP_TOKEN"
+    return str(cfg.data_dir / "http.token")
 
 
 #: Batches ``lrq sniff`` publishes per sniffer tick: its progress is counted between ticks.
@@ -498,6 +533,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--until-idle", action="store_true",
                    help="exit once sources are drained and nothing is pending or claimed; "
                         "exit 1 if batches failed or were quarantined meanwhile")
+    r.add_argument("--http", metavar="HOST:PORT",
+                   help="also serve the web page, /metrics and the JSON API (host defaults "
+                        "to 127.0.0.1)")
+    wb = add("web", cmd_web, "serve the web page, /metrics and the JSON API on a data dir")
+    wb.add_argument("--http", metavar="HOST:PORT", default="127.0.0.1:8321",
+                    help="where to listen (default 127.0.0.1:8321)")
     s = add("sniff", cmd_sniff, "prefetch batches from the source now")
     s.add_argument("queue", nargs="?")
     s.add_argument("--once", action="store_true", help="publish at most one batch")

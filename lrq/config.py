@@ -115,6 +115,9 @@ class Config:
     secret: str | None = None
     #: Earlier keys that still verify batch files (rotation); also env LRQ_PREVIOUS_SECRETS.
     previous_secrets: tuple[str, ...] = ()
+    #: Bearer token the web page's POSTs need; else env LRQ_HTTP_TOKEN, else
+    #: <data_dir>/http.token (generated, mode 0600). See :mod:`lrq.web`.
+    http_token: str | None = None
 
     def queue(self, name: str | None) -> list[QueueConfig]:
         """The named queue (or every queue when ``name`` is None)."""
@@ -312,7 +315,7 @@ def from_dict(raw: dict[str, Any], path: Path, env: Mapping[str, str] | None = N
     take(raw, {"data_dir": str, "db_url": str, "queues": dict, "cleanup": dict,
                 "interval": (int, float), "grace": (int, float), "log_file": str,
                 "log_max_bytes": (int, str), "log_backups": int, "secret": str,
-                "previous_secrets": list, "log_format": str}, where)
+                "previous_secrets": list, "log_format": str, "http_token": str}, where)
     log_format = raw.get("log_format", Config.log_format)
     if log_format not in ("text", "json"):
         raise ConfigError(f"{where}: log_format {log_format!r}: write \"text\" or \"json\"")
@@ -349,6 +352,7 @@ def from_dict(raw: dict[str, Any], path: Path, env: Mapping[str, str] | None = N
         log_max_bytes=parse_bytes(raw.get("log_max_bytes", Config.log_max_bytes), "log_max_bytes"),
         log_backups=raw.get("log_backups", Config.log_backups), secret=raw.get("secret"),
         previous_secrets=tuple(previous), log_format=log_format,
+        http_token=raw.get("http_token") or None,
     )
 
 

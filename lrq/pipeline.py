@@ -120,6 +120,8 @@ class Handled:
     replace_dead: bool = False
     #: The batch's items: a result the database refuses is dead-lettered with its item.
     inputs: list[dict[str, Any]] | None = None
+    #: Seconds the handler calls took (retries and backoff included), for the ledger row.
+    seconds: float | None = None
 
 
 class StoreBehind:

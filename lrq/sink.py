@@ -69,6 +69,7 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Double,
     Integer,
     MetaData,
     String,
@@ -102,7 +103,7 @@ log = logging.getLogger(__name__)
 LEDGER = "lrq_batches"
 GENERIC_FIELDS = ("queue", "key", "batch", "value")
 #: The ledger columns a commit writes, in its compiled insert's parameter order.
-LEDGER_FIELDS = ("queue", "name", "items", "results", "dead", "attempt")
+LEDGER_FIELDS = ("queue", "name", "items", "results", "dead", "attempt", "seconds")
 DEAD = "lrq_dead_letters"
 #: Rows per multi-row ``INSERT ... VALUES (...), (...)`` into the generic table on SQLite:
 #: 4 parameters a row stays within the 999 of SQLite builds before 3.32. Measured on W1's
@@ -127,6 +128,10 @@ def ledger_table(metadata: MetaData) -> Table:
         Column("dead", Integer, nullable=False, default=0),
         Column("attempt", Integer, nullable=False, default=1),
         Column("finished_at", DateTime, nullable=False, server_default=func.now()),
+        # The batch's handler time (seconds, the worker's clock): the metrics' histogram.
+        # Nullable: rows of ledgers older than the column, and batches only finalized, have
+        # none. Added to an existing ledger by :meth:`Sink.prepare`.
+        Column("seconds", Double, nullable=True),
     )
 
 
@@ -259,7 +264,34 @@ class Sink:
                 raise self._error(f"cannot create table {table.name} in {shown_url(self.engine)}", e,
                                   "the database user needs the right to create it, or create "
                                   "it beforehand") from e
+        self._add_missing_columns()
         return self
+
+    def _add_missing_columns(self) -> None:
+        """Add the ledger columns a ledger made by an older lrq lacks (``seconds``), with
+        ``ALTER TABLE ... ADD COLUMN``: nullable, so old rows keep NULL. Safe when several
+        processes start at once: a column another process added meanwhile is fine."""
+        try:
+            have = {c["name"] for c in inspect(self.engine).get_columns(LEDGER)}
+        except OperationalError as e:
+            raise DatabaseUnreachable(f"cannot reach results database "
+                                      f"{shown_url(self.engine)}: {e.orig}") from e
+        for column in self.ledger.c:
+            if column.name in have:
+                continue
+            kind = column.type.compile(dialect=self.engine.dialect)
+            name = self.engine.dialect.identifier_preparer.quote(column.name)
+            try:
+                with self.engine.begin() as conn:
+                    conn.exec_driver_sql(f"ALTER TABLE {LEDGER} ADD COLUMN {name} {kind}")
+                log.info("ledger-migrated table=%s column=%s", LEDGER, column.name)
+            except SQLAlchemyError as e:
+                if column.name in {c["name"] for c in inspect(self.engine).get_columns(LEDGER)}:
+                    continue  # another process added it between the look and the ALTER
+                raise self._error(f"cannot add column {column.name} to {LEDGER} in "
+                                  f"{shown_url(self.engine)}", e,
+                                  "the database user needs the right to alter it, or run "
+                                  f"ALTER TABLE {LEDGER} ADD COLUMN {column.name} {kind}") from e
 
     def is_recorded(self, name: str) -> bool:
         with reader(self.engine) as conn:
@@ -285,11 +317,14 @@ class Sink:
 
     def store(self, batch: str, items: int, results: list[dict[str, Any]], attempt: int = 1, *,
               dead: Sequence[tuple[dict[str, Any], str]] = (),
-              inputs: list[dict[str, Any]] | None = None, replace_dead: bool = False) -> Stored:
+              inputs: list[dict[str, Any]] | None = None, replace_dead: bool = False,
+              seconds: float | None = None) -> Stored:
         """Commit results, dead letters ``(item, error)`` and the ledger row together; a batch
-        already in the ledger is left as is. ``replace_dead`` (a ``lrq retry-dead`` batch):
-        the same transaction first deletes the earlier dead letters of the batch's keys, so
-        a retried item ends with its result or its new dead letter, never both or neither.
+        already in the ledger is left as is. ``seconds``: the batch's handler time, kept in
+        the ledger row for the metrics' histogram (None: not measured). ``replace_dead`` (a
+        ``lrq retry-dead`` batch): the same transaction first deletes the earlier dead letters
+        of the batch's keys, so a retried item ends with its result or its new dead letter,
+        never both or neither.
 
         Rows the database refuses are isolated and dead-lettered in the same transaction (see
         the module docstring); their dead letter carries the item of ``inputs`` with the same
@@ -309,11 +344,11 @@ class Sink:
             try:
                 if bulk is not None and self._values_sql is not None and not dead_rows \
                         and replace is None:
-                    self._store_sqlite(batch, items, attempt, bulk)
+                    self._store_sqlite(batch, items, attempt, bulk, seconds)
                 else:
                     with self.engine.begin() as conn:
                         self._open_batch(conn, batch, items, n, len(dead_rows), attempt,
-                                         replace, checked=False)
+                                         replace, checked=False, seconds=seconds)
                         self._insert_rows(conn, rows, bulk, range(n))
                         if dead_rows:
                             conn.execute(self._insert_dead, dead_rows)
@@ -328,7 +363,7 @@ class Sink:
                             "database refuses: %s", self.queue.name, batch, self.table.name,
                             _first_line(e))
                 return self._store_isolating(batch, items, rows or self.rows(batch, results),
-                                             bulk, dead_rows, attempt, inputs, replace)
+                                             bulk, dead_rows, attempt, inputs, replace, seconds)
         except (SQLAlchemyError, TypeError, ValueError) as e:
             what = f"storing batch {batch} into {self.table.name} failed"
             if isinstance(e, DBAPIError) and e.connection_invalidated and self._answers():
@@ -339,7 +374,8 @@ class Sink:
             raise self._error(what, e) from e
         return Stored(recorded=True, results=n, dead=len(dead_rows))
 
-    def _store_sqlite(self, batch: str, items: int, attempt: int, bulk: list[Any]) -> None:
+    def _store_sqlite(self, batch: str, items: int, attempt: int, bulk: list[Any],
+                      seconds: float | None = None) -> None:
         """The happy path of :meth:`store` on SQLite's generic table (no dead letters, none
         replaced): the transaction :meth:`store` makes through SQLAlchemy (``BEGIN
         IMMEDIATE``, the ledger row, the multi-row inserts, ``COMMIT``), sent on the pooled
@@ -360,7 +396,7 @@ class Sink:
                 db.execute(sql)
                 try:
                     sql, params = self._ledger_sql, (self.queue.name, batch, items, len(bulk), 0,
-                                                     attempt)
+                                                     attempt, seconds)
                     db.execute(sql, params)
                     for sql, params in self._values_statements(bulk):
                         db.execute(sql, params)
@@ -390,13 +426,14 @@ class Sink:
     def _store_isolating(self, batch: str, items: int, rows: list[dict[str, Any]],
                          bulk: list[Any] | None, dead_rows: list[dict[str, Any]], attempt: int,
                          inputs: list[dict[str, Any]] | None,
-                         replace: list[str] | None = None) -> Stored:
+                         replace: list[str] | None = None,
+                         seconds: float | None = None) -> Stored:
         """The whole insert failed on a row's values: the same transaction again, each group
         of rows inserted inside a SAVEPOINT and halved on refusal until the refused rows are
         alone; those are dead-lettered with the database's message."""
         with self.engine.begin() as conn:
             if not self._open_batch(conn, batch, items, len(rows), len(dead_rows), attempt,
-                                    replace):
+                                    replace, seconds=seconds):
                 return Stored(recorded=False, results=0)
             refused: list[tuple[int, Exception]] = []
             for group in _same_fields(rows, indexes=True):
@@ -489,7 +526,7 @@ class Sink:
 
     def _open_batch(self, conn: Connection, batch: str, items: int, results: int, dead: int,
                     attempt: int, replace: list[str] | None = None, *,
-                    checked: bool = True) -> bool:
+                    checked: bool = True, seconds: float | None = None) -> bool:
         """Insert the ledger row first, in ``conn``'s transaction; False when the ledger
         already holds the batch. The row's key makes a concurrent writer of the same batch
         wait for this transaction, then fail (a replay). Then the dead letters of the keys in
@@ -503,7 +540,7 @@ class Sink:
                 self.ledger.c.queue == self.queue.name,
                 self.ledger.c.name == batch)).first() is not None:
             return False
-        values = (self.queue.name, batch, items, results, dead, attempt)
+        values = (self.queue.name, batch, items, results, dead, attempt, seconds)
         conn.exec_driver_sql(self._ledger_sql, values if self._ledger_positional
                              else dict(zip(LEDGER_FIELDS, values)))
         for i in range(0, len(replace or ()), DELETE_CHUNK):

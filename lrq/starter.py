@@ -10,6 +10,7 @@ db_url   = "sqlite:///data/results.db"     # results + batch ledger (postgresql:
 # grace    = 30                            # seconds a stopping worker gets to finish
 # secret   = "..."                         # batch-signing key (else LRQ_SECRET, else data/secret.key)
 # previous_secrets = ["..."]              # old keys that still verify batches (env LRQ_PREVIOUS_SECRETS=a,b)
+# http_token = "..."                       # web page POSTs (else LRQ_HTTP_TOKEN, else data/http.token)
 
 [queues.docs]
 handler    = "workers.wordcount:handle"    # callable(items: list[dict]) -> list[dict]

@@ -333,13 +333,14 @@ class Worker:
             # load the two contend for the GIL (either took ~2 ms longer), while a handler
             # waiting on a service leaves it free.
             behind.start()
+        t_handle = time.monotonic()
         try:
             results, dead = self.handle(batch.items)
         except HandlerBroken as e:
             self._broken(claim, e)
             raise
         return Handled(claim, lost, len(batch.items), results, dead, t0, batch.replace_dead,
-                       batch.items)
+                       batch.items, seconds=time.monotonic() - t_handle)
 
     def _bad_keys(self, items: list[Item]) -> str | None:
         """Why the batch's keys cannot identify its items, or None. Keys are compared as the
@@ -372,7 +373,8 @@ class Worker:
             raise ClaimLost(claim.name)
         try:
             stored = self.sink.store(claim.name, h.items, h.results, claim.attempt, dead=h.dead,
-                                     inputs=h.inputs, replace_dead=h.replace_dead)
+                                     inputs=h.inputs, replace_dead=h.replace_dead,
+                                     seconds=h.seconds)
         except HandlerBroken as e:  # the database refused every result alike
             self._broken(claim, e)
             raise

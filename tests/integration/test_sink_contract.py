@@ -382,6 +382,40 @@ def test_ledger_rows_are_per_queue(engine: Engine) -> None:
     assert [tuple(r) for r in rows] == [("a", "same-name", 2, 2), ("b", "same-name", 5, 3)]
 
 
+@pytest.mark.parametrize("dead", [False, True], ids=["happy", "with-dead-letters"])
+def test_ledger_keeps_the_handler_seconds(engine: Engine, dead: bool) -> None:
+    """Both commit paths (SQLite's driver-level one and SQLAlchemy's) write ``seconds``;
+    a store without it leaves NULL."""
+    sink = Sink(engine, queue(result_table="doc_results")).prepare()
+    letters = [({"doc_id": "doc-9"}, "boom")] if dead else []
+    assert sink.store("timed", 2, results(1, 2), dead=letters, seconds=1.25).recorded
+    assert sink.store("untimed", 1, results(3)).recorded
+    with engine.connect() as conn:
+        rows = dict(conn.execute(text(f"SELECT name, seconds FROM {LEDGER}")).all())
+    assert rows == {"timed": 1.25, "untimed": None}
+
+
+def test_prepare_adds_seconds_to_an_older_ledger(engine: Engine) -> None:
+    """A ledger made before the ``seconds`` column gets it at prepare (ALTER TABLE), keeps
+    its rows (their seconds NULL), and takes timed rows afterwards; preparing again, as
+    every worker process does, is a no-op."""
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE TABLE {LEDGER} (queue VARCHAR(64) NOT NULL, "
+                          "name VARCHAR(64) NOT NULL, items INTEGER NOT NULL, "
+                          "results INTEGER NOT NULL, dead INTEGER NOT NULL, "
+                          "attempt INTEGER NOT NULL, finished_at TIMESTAMP NOT NULL "
+                          "DEFAULT CURRENT_TIMESTAMP, PRIMARY KEY (queue, name))"))
+        conn.execute(text(f"INSERT INTO {LEDGER} (queue, name, items, results, dead, attempt) "
+                          "VALUES ('docs', 'old', 3, 3, 0, 1)"))
+    sink = Sink(engine, queue(result_table="doc_results")).prepare()
+    Sink(engine, queue(result_table="doc_results")).prepare()
+    assert sink.store("new", 1, results(1), seconds=0.5).recorded
+    assert not sink.store("old", 3, results(1, 2, 3), seconds=9.0).recorded  # a replay
+    with engine.connect() as conn:
+        rows = dict(conn.execute(text(f"SELECT name, seconds FROM {LEDGER}")).all())
+    assert rows == {"old": None, "new": 0.5}
+
+
 def test_ledger_check_does_not_wait_for_another_workers_transaction(engine: Engine) -> None:
     """A worker asking "is this batch recorded?" reads; it must not queue behind a commit
     in progress (on SQLite, behind the write lock, for up to the 60 s busy timeout)."""

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install the server binaries the service tests start themselves (PostgreSQL, MariaDB, Redis).
+# Install the server binaries the service tests start themselves (PostgreSQL, MariaDB, Redis),
+# and Debian's chromium, which the web page's browser tests drive through Playwright.
 #
 # Idempotent: exits at once when the binaries are already there. Installs with apt-get only
 # as root on Debian; anywhere else it prints a note (the service tests then skip, or fail
@@ -8,7 +9,7 @@
 # throwaway servers of their own on 127.0.0.1.
 set -uo pipefail
 
-PACKAGES=(postgresql mariadb-server redis-server)
+PACKAGES=(postgresql mariadb-server redis-server chromium)
 START=$SECONDS
 
 have_postgres() {
@@ -35,12 +36,13 @@ missing() {
     have_postgres || m+=("postgresql (initdb, pg_ctl)")
     have mariadbd mysqld || m+=("mariadb-server (mariadbd)")
     have redis-server || m+=("redis-server")
+    [[ -x /usr/bin/chromium ]] || m+=("chromium")
     (( ${#m[@]} )) && printf '%s; ' "${m[@]}"
 }
 
 need=$(missing)
 if [[ -z "$need" ]]; then
-    echo "services: PostgreSQL, MariaDB and Redis server binaries present; nothing to install"
+    echo "services: PostgreSQL, MariaDB and Redis server binaries and chromium present; nothing to install"
     exit 0
 fi
 
