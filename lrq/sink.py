@@ -70,6 +70,7 @@ from sqlalchemy import (
     Column,
     DateTime,
     Double,
+    Index,
     Integer,
     MetaData,
     String,
@@ -103,6 +104,7 @@ log = logging.getLogger(__name__)
 LEDGER = "lrq_batches"
 GENERIC_FIELDS = ("queue", "key", "batch", "value")
 #: The ledger columns a commit writes, in its compiled insert's parameter order.
+LEDGER_RECENT = "ix_lrq_batches_recent"  # (queue, finished_at): see ledger_table
 LEDGER_FIELDS = ("queue", "name", "items", "results", "dead", "attempt", "seconds")
 DEAD = "lrq_dead_letters"
 #: Rows per multi-row ``INSERT ... VALUES (...), (...)`` into the generic table on SQLite:
@@ -132,6 +134,11 @@ def ledger_table(metadata: MetaData) -> Table:
         # Nullable: rows of ledgers older than the column, and batches only finalized, have
         # none. Added to an existing ledger by :meth:`Sink.prepare`.
         Column("seconds", Double, nullable=True),
+        # The rates (lrq status, the web page) and the metrics read a queue's recent rows: a
+        # range scan here, not a scan of a ledger that grows by a row a batch for weeks
+        # (101k rows: 139 ms -> 3 ms for the rates' query on SQLite). Added to an existing
+        # ledger by :meth:`Sink.prepare`.
+        Index(LEDGER_RECENT, "queue", "finished_at"),
     )
 
 
@@ -265,7 +272,31 @@ class Sink:
                                   "the database user needs the right to create it, or create "
                                   "it beforehand") from e
         self._add_missing_columns()
+        self._add_missing_indexes()
         return self
+
+    def _add_missing_indexes(self) -> None:
+        """Create the ledger indexes a ledger made by an older lrq lacks (``LEDGER_RECENT``).
+        Safe when several processes start at once, as :meth:`_add_missing_columns`."""
+        try:
+            have = {i["name"] for i in inspect(self.engine).get_indexes(LEDGER)}
+        except OperationalError as e:
+            raise DatabaseUnreachable(f"cannot reach results database "
+                                      f"{shown_url(self.engine)}: {e.orig}") from e
+        for index in self.ledger.indexes:
+            if index.name in have:
+                continue
+            try:
+                index.create(self.engine)
+                log.info("ledger-migrated table=%s index=%s", LEDGER, index.name)
+            except SQLAlchemyError as e:
+                if index.name in {i["name"] for i in inspect(self.engine).get_indexes(LEDGER)}:
+                    continue  # another process made it between the look and the create
+                raise self._error(f"cannot create index {index.name} on {LEDGER} in "
+                                  f"{shown_url(self.engine)}", e,
+                                  "the database user needs the right to create it, or run "
+                                  f"CREATE INDEX {index.name} ON {LEDGER} (queue, finished_at)"
+                                  ) from e
 
     def _add_missing_columns(self) -> None:
         """Add the ledger columns a ledger made by an older lrq lacks (``seconds``), with

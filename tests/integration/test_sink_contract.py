@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 from lrqtest import statements_sent
-from sqlalchemy import Integer, String, Text, func, select, text
+from sqlalchemy import Integer, String, Text, func, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -21,7 +21,7 @@ from lrq.config import QueueConfig, SourceConfig
 from lrq.sources import sql
 from lrq.db import make_engine
 from lrq.errors import ConfigError, DatabaseUnreachable, HandlerError, SinkError
-from lrq.sink import DEAD, LEDGER, SQLITE_ROWS, Sink
+from lrq.sink import DEAD, LEDGER, LEDGER_RECENT, SQLITE_ROWS, Sink
 from lrq.worker import is_infrastructure
 
 MODEL = "workers.models:DocEntMap"
@@ -414,6 +414,16 @@ def test_prepare_adds_seconds_to_an_older_ledger(engine: Engine) -> None:
     with engine.connect() as conn:
         rows = dict(conn.execute(text(f"SELECT name, seconds FROM {LEDGER}")).all())
     assert rows == {"old": None, "new": 0.5}
+    # ... and the index the rates and metrics read recent rows by (made by an older lrq
+    # without it), made once however often prepare runs.
+    indexes = [i for i in inspect(engine).get_indexes(LEDGER) if i["name"] == LEDGER_RECENT]
+    assert [i["column_names"] for i in indexes] == [["queue", "finished_at"]]
+
+
+def test_a_new_ledger_has_the_recent_rows_index(engine: Engine) -> None:
+    Sink(engine, queue(result_table="doc_results")).prepare()
+    names = [i["name"] for i in inspect(engine).get_indexes(LEDGER)]
+    assert names.count(LEDGER_RECENT) == 1
 
 
 def test_ledger_check_does_not_wait_for_another_workers_transaction(engine: Engine) -> None:
