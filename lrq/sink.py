@@ -271,58 +271,44 @@ class Sink:
                 raise self._error(f"cannot create table {table.name} in {shown_url(self.engine)}", e,
                                   "the database user needs the right to create it, or create "
                                   "it beforehand") from e
-        self._add_missing_columns()
-        self._add_missing_indexes()
+        self._migrate()
         return self
 
-    def _add_missing_indexes(self) -> None:
-        """Create the ledger indexes a ledger made by an older lrq lacks (``LEDGER_RECENT``).
-        Safe when several processes start at once, as :meth:`_add_missing_columns`."""
-        try:
-            have = {i["name"] for i in inspect(self.engine).get_indexes(LEDGER)}
-        except OperationalError as e:
-            raise DatabaseUnreachable(f"cannot reach results database "
-                                      f"{shown_url(self.engine)}: {e.orig}") from e
-        for index in self.ledger.indexes:
-            if index.name in have:
+    def _migrate(self) -> None:
+        """Add what a ledger made by an older lrq lacks: the ``seconds`` column (nullable, so
+        old rows keep NULL) and the ``LEDGER_RECENT`` index. Safe when several processes
+        start at once: what another process added between the look and the change is fine."""
+        quote = self.engine.dialect.identifier_preparer.quote
+        steps = [("column", c.name, f"ALTER TABLE {LEDGER} ADD COLUMN {quote(c.name)} "
+                  f"{c.type.compile(dialect=self.engine.dialect)}") for c in self.ledger.c]
+        steps += [("index", str(i.name), f"CREATE INDEX {i.name} ON {LEDGER} "
+                   f"({', '.join(quote(c.name) for c in i.columns)})")
+                  for i in self.ledger.indexes]
+        have = {what: self._ledger_has(what) for what in ("column", "index")}
+        for what, name, sql in steps:
+            if name in have[what]:
                 continue
-            try:
-                index.create(self.engine)
-                log.info("ledger-migrated table=%s index=%s", LEDGER, index.name)
-            except SQLAlchemyError as e:
-                if index.name in {i["name"] for i in inspect(self.engine).get_indexes(LEDGER)}:
-                    continue  # another process made it between the look and the create
-                raise self._error(f"cannot create index {index.name} on {LEDGER} in "
-                                  f"{shown_url(self.engine)}", e,
-                                  "the database user needs the right to create it, or run "
-                                  f"CREATE INDEX {index.name} ON {LEDGER} (queue, finished_at)"
-                                  ) from e
-
-    def _add_missing_columns(self) -> None:
-        """Add the ledger columns a ledger made by an older lrq lacks (``seconds``), with
-        ``ALTER TABLE ... ADD COLUMN``: nullable, so old rows keep NULL. Safe when several
-        processes start at once: a column another process added meanwhile is fine."""
-        try:
-            have = {c["name"] for c in inspect(self.engine).get_columns(LEDGER)}
-        except OperationalError as e:
-            raise DatabaseUnreachable(f"cannot reach results database "
-                                      f"{shown_url(self.engine)}: {e.orig}") from e
-        for column in self.ledger.c:
-            if column.name in have:
-                continue
-            kind = column.type.compile(dialect=self.engine.dialect)
-            name = self.engine.dialect.identifier_preparer.quote(column.name)
             try:
                 with self.engine.begin() as conn:
-                    conn.exec_driver_sql(f"ALTER TABLE {LEDGER} ADD COLUMN {name} {kind}")
-                log.info("ledger-migrated table=%s column=%s", LEDGER, column.name)
+                    conn.exec_driver_sql(sql)
+                log.info("ledger-migrated table=%s %s=%s", LEDGER, what, name)
             except SQLAlchemyError as e:
-                if column.name in {c["name"] for c in inspect(self.engine).get_columns(LEDGER)}:
-                    continue  # another process added it between the look and the ALTER
-                raise self._error(f"cannot add column {column.name} to {LEDGER} in "
+                if name in self._ledger_has(what):
+                    continue
+                raise self._error(f"cannot add {what} {name} to {LEDGER} in "
                                   f"{shown_url(self.engine)}", e,
-                                  "the database user needs the right to alter it, or run "
-                                  f"ALTER TABLE {LEDGER} ADD COLUMN {column.name} {kind}") from e
+                                  f"the database user needs the right to alter it, or run {sql}"
+                                  ) from e
+
+    def _ledger_has(self, what: str) -> set[str]:
+        """The names of the ledger's columns (``what="column"``) or indexes."""
+        look = inspect(self.engine)
+        try:
+            found = look.get_columns(LEDGER) if what == "column" else look.get_indexes(LEDGER)
+        except OperationalError as e:
+            raise DatabaseUnreachable(f"cannot reach results database "
+                                      f"{shown_url(self.engine)}: {e.orig}") from e
+        return {str(f["name"]) for f in found}
 
     def is_recorded(self, name: str) -> bool:
         with reader(self.engine) as conn:
