@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 from pathlib import Path
 
 from lrq.errors import ForeignEntry
@@ -47,3 +48,23 @@ def read_regular(path: Path) -> bytes:
         raise ForeignEntry(path, f"unreadable ({e.strerror})") from e
     finally:
         os.close(fd)
+
+
+def create_once(path: Path, content: bytes) -> bool:
+    """Make ``path`` (mode 0600) holding ``content`` unless it exists: written aside, fsynced,
+    then hard-linked into place, so the first of racing writers (processes or threads) wins
+    and nobody reads a half-written file. True when this call made it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, content)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from lrq.errors import ConfigError, ForeignEntry
-from lrq.regular import read_regular
+from lrq.regular import create_once, read_regular
 
 DIGEST = hashlib.sha256
 SIZE = DIGEST().digest_size
@@ -64,20 +64,7 @@ def load_key(secret: str | None, data_dir: Path, env: Mapping[str, str] | None =
     except FileNotFoundError:
         pass
     data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key = secrets.token_hex(32).encode()
-    tmp = data_dir / f".{KEY_FILE}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, key)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # first writer wins; a racing process reads the winner's key
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(tmp)
+    create_once(path, secrets.token_hex(32).encode())  # a racing process's may win: read it
     return _read_key(path)
 
 

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from lrq.errors import ConfigError, LrqError, NoSuchBatch
+from lrq.regular import create_once
 
 if TYPE_CHECKING:
     from lrq.app import App
@@ -80,20 +81,8 @@ def load_token(cfg: Config, env: dict[str, str] | None = None) -> str:
     with contextlib.suppress(FileNotFoundError):
         return _read_token(path)
     cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = cfg.data_dir / f".{TOKEN_FILE}.{os.getpid()}.{threading.get_ident()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, secrets.token_urlsafe(32).encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
+    if create_once(path, secrets.token_urlsafe(32).encode()):  # else a racing writer's won
         log.info("http-token-created path=%s", path)
-    except FileExistsError:
-        pass
-    finally:
-        os.unlink(tmp)
     return _read_token(path)
 
 
