@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -346,13 +345,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return EXIT_PROBLEM if st.database_error is not None else EXIT_OK
 
 
-def _print_table(rows: list[tuple[Any, ...]]) -> None:
-    from lrq.display import format_table
-
-    for line in format_table(rows):
-        print(line)
-
-
 def cmd_verify(args: argparse.Namespace) -> int:
     app = _app(args)
     bad = False
@@ -390,11 +382,15 @@ def _verify_one(app: Any, q: Any) -> Any:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    print(json.dumps(_readable(_app(args).show(args.name).to_json()), indent=2, default=str))
+    from lrq import display
+
+    print(json.dumps(display.readable(_app(args).show(args.name).to_json()), indent=2, default=str))
     return EXIT_OK
 
 
 def cmd_dead(args: argparse.Namespace) -> int:
+    from lrq import display
+
     if args.limit < 0:
         raise ConfigError(f"--limit {args.limit}: give a count, or 0 for every dead letter")
     app = _app(args)
@@ -408,11 +404,11 @@ def cmd_dead(args: argparse.Namespace) -> int:
         shown += got
         more += sink.dead_count(keys) - len(got)
     if args.json:
-        print(json.dumps([{**d.__dict__, "created_at": _iso(d.created_at)} for d in shown],
+        print(json.dumps([{**d.__dict__, "created_at": display.iso(d.created_at)} for d in shown],
                          indent=2, default=str))
     elif shown:
-        _print_table([("queue", "key", "batch", "created", "error")] + [
-            (d.queue, d.key, d.batch, _iso(d.created_at), _first_line(d.error)) for d in shown])
+        display.print_table([("queue", "key", "batch", "created", "error")] + [
+            (d.queue, d.key, d.batch, display.iso(d.created_at), display.first_line(d.error)) for d in shown])
     else:
         print("no dead letters" + (f" for keys {', '.join(sorted(keys))}" if keys else ""))
     if more:
@@ -439,50 +435,6 @@ def cmd_retry_dead(args: argparse.Namespace) -> int:
     for key in sorted(missing):
         print(f"lrq: no dead letter with key {key!r}", file=sys.stderr)
     return EXIT_PROBLEM if missing else EXIT_OK
-
-
-def _iso(t: float | datetime | None) -> str | None:
-    """ISO 8601: epoch seconds (lrq's files) as UTC with a Z; a database timestamp as it is
-    (naive: the server's clock, UTC on SQLite)."""
-    if t is None:
-        return None
-    if isinstance(t, datetime):
-        if t.tzinfo is not None:
-            t = t.astimezone(UTC)
-        return t.isoformat(timespec="seconds").replace("+00:00", "Z")
-    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds") \
-        .replace("+00:00", "Z")
-
-
-def _first_line(text: str) -> str:
-    return next((line for line in text.splitlines() if line.strip()), "")
-
-
-def _exit_text(ex: dict[str, Any]) -> str:
-    """A dead owner's end as the procs reaper records it: ``{"code": int|None, "signal": str|None}``."""
-    if ex.get("signal") is not None:
-        sig = ex["signal"]
-        return f"killed by {signal.Signals(sig).name if isinstance(sig, int) else sig}"
-    return f"exit code {ex['code']}" if ex.get("code") is not None else ""
-
-
-def _readable(value: Any, key: str = "") -> Any:
-    """``show``'s record for people: every time (``*_at``, ``created``) as ISO 8601 UTC, and
-    a dead owner's exit code or signal added to its attempt's ``reason``."""
-    if isinstance(value, dict):
-        out = {k: _readable(v, k) for k, v in value.items()}
-        ex = out.get("exit")
-        text = _exit_text(ex) if isinstance(ex, dict) else ""
-        if text:
-            out["reason"] = f"{out['reason']} ({text})" if out.get("reason") else text
-        return out
-    if isinstance(value, list):
-        return [_readable(v, key) for v in value]
-    if isinstance(value, datetime) or (
-            (key.endswith("_at") or key == "created") and isinstance(value, (int, float))
-            and not isinstance(value, bool)):
-        return _iso(value)
-    return value
 
 
 def cmd_init(args: argparse.Namespace) -> int:

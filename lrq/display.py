@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import signal
 import sys
 import threading
 import time
@@ -291,3 +292,55 @@ def progress(what: str, count: Callable[[], int], total: int | None = None,
     """``with progress("work docs", lambda: worker.stats.batches, total=n): worker.run()``."""
     with Progress(what, count, total, unit, stream) as p:
         yield p
+
+
+# -- records for people: tables, times, exits (lrq show, lrq dead) ---------------------
+def print_table(rows: list[tuple[Any, ...]]) -> None:
+    from lrq.display import format_table
+
+    for line in format_table(rows):
+        print(line)
+
+
+def iso(t: float | datetime | None) -> str | None:
+    """ISO 8601: epoch seconds (lrq's files) as UTC with a Z; a database timestamp as it is
+    (naive: the server's clock, UTC on SQLite)."""
+    if t is None:
+        return None
+    if isinstance(t, datetime):
+        if t.tzinfo is not None:
+            t = t.astimezone(UTC)
+        return t.isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds") \
+        .replace("+00:00", "Z")
+
+
+def first_line(text: str) -> str:
+    return next((line for line in text.splitlines() if line.strip()), "")
+
+
+def _exit_text(ex: dict[str, Any]) -> str:
+    """A dead owner's end as the procs reaper records it: ``{"code": int|None, "signal": str|None}``."""
+    if ex.get("signal") is not None:
+        sig = ex["signal"]
+        return f"killed by {signal.Signals(sig).name if isinstance(sig, int) else sig}"
+    return f"exit code {ex['code']}" if ex.get("code") is not None else ""
+
+
+def readable(value: Any, key: str = "") -> Any:
+    """``show``'s record for people: every time (``*_at``, ``created``) as ISO 8601 UTC, and
+    a dead owner's exit code or signal added to its attempt's ``reason``."""
+    if isinstance(value, dict):
+        out = {k: readable(v, k) for k, v in value.items()}
+        ex = out.get("exit")
+        text = _exit_text(ex) if isinstance(ex, dict) else ""
+        if text:
+            out["reason"] = f"{out['reason']} ({text})" if out.get("reason") else text
+        return out
+    if isinstance(value, list):
+        return [readable(v, key) for v in value]
+    if isinstance(value, datetime) or (
+            (key.endswith("_at") or key == "created") and isinstance(value, (int, float))
+            and not isinstance(value, bool)):
+        return iso(value)
+    return value
