@@ -145,7 +145,8 @@ def test_run_with_http_serves_metrics_pauses_for_5s_and_resumes_to_exactly_once(
         assert (code, body) == (200, {"queue": "docs", "paused": True})
         # Claims first, then the ledger: a batch claimed then is in hand, one that committed
         # meanwhile is counted twice (the bound only loosens), none falls between the reads.
-        in_hand = sp.counts().claimed
+        at_pause = sp.counts()
+        in_hand = at_pause.claimed
         before = ledger_count(tmp_path)
         state = paused(url)
         assert state and state["by"] == "web:127.0.0.1" and state["since"]
@@ -165,6 +166,9 @@ def test_run_with_http_serves_metrics_pauses_for_5s_and_resumes_to_exactly_once(
               f"{left.pending} pending")
         assert left.pending > 0 and done < DOCS // 100, \
             "the run had no work left when paused: make the handler slower"
+        # The sniffer published nothing since (it may finish the one batch it was writing).
+        assert left.pending + done <= at_pause.pending + in_hand + before + 1, \
+            (at_pause.pending, in_hand, before, left.pending, done)
 
         # A resume without the token changes nothing: the hold below covers it.
         assert post(resume, None)[0] == 401
