@@ -93,7 +93,7 @@ def metrics(server: web.Server) -> dict[str, Any]:
 
 def test_metrics_parse_and_match_disk_and_ledger(served: web.Server, worked: Path) -> None:
     m = metrics(served)
-    st = load_app(worked).status()["queues"]["docs"]
+    st = load_app(worked).status().to_json()["queues"]["docs"]
     assert (st["done"], st["failed"], st["dead_letters"]) == (4, 1, 1)
     for state in ("pending", "claimed", "done", "failed", "quarantined"):
         assert m[("lrq_batches", (("state", state),))] == st[state]
@@ -224,7 +224,7 @@ def test_token_from_config_env_or_a_generated_file(tmp_path: Path) -> None:
     assert [p.name for p in cfg.data_dir.iterdir() if p.name.startswith(".")] == []
     # Not lrq's queue data: not a foreign entry, not counted against the budget.
     assert app.budget().used() == used
-    assert app.status()["queues"]["docs"]["foreign"]["count"] == 0
+    assert app.status().to_json()["queues"]["docs"]["foreign"]["count"] == 0
     cfg2 = config.load(make_config(tmp_path / "c", http_token="from-config"))
     assert web.load_token(cfg2, env={"LRQ_HTTP_TOKEN": "from-env"}) == "from-config"
 
