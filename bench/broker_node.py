@@ -56,7 +56,7 @@ from run import BenchError
 sys.path[:0] = [str(run.ROOT / "tests"), str(run.ROOT / "tests" / "contract")]
 from lrqtest import toml_value  # noqa: E402
 
-from lrq.sink import LEDGER  # noqa: E402
+from lrq.schema import LEDGER  # noqa: E402
 
 NAME = "broker-node"
 KINDS = ("sql", "redis-stream", "redis-list", "kafka")

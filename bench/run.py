@@ -69,7 +69,7 @@ LRQ_METHODS = ("lrq", "lrq-unlimited")
 UNLIMITED = 1_000_000_000
 
 SELECT_PAGE = "SELECT id, mid, content FROM source_data WHERE id > ? ORDER BY id LIMIT ?"
-# The DDL SQLAlchemy emits for lrq.sink.generic_table(TABLE) on SQLite, copied verbatim.
+# The DDL SQLAlchemy emits for lrq.schema.generic_table(TABLE) on SQLite, copied verbatim.
 RESULTS_DDL = f"""
 CREATE TABLE {TABLE} (
     id INTEGER NOT NULL,

@@ -176,7 +176,7 @@ def removed(folder: Path) -> bool:
 def ledger_items(url: str) -> int:
     from sqlalchemy import create_engine, text
 
-    from lrq.sink import LEDGER
+    from lrq.schema import LEDGER
     engine = create_engine(url, connect_args={"connect_timeout": 5})
     try:
         with engine.connect() as c:

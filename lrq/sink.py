@@ -65,17 +65,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Column,
-    DateTime,
-    Double,
-    Index,
-    Integer,
     MetaData,
-    String,
     Table,
-    Text,
     UniqueConstraint,
     case,
     delete,
@@ -98,15 +89,17 @@ from lrq.errors import (
     StatementRefused,
 )
 from lrq.policy import BROKEN_AFTER, ERROR_CHARS, clip
+from lrq.schema import (
+    GENERIC_FIELDS,
+    LEDGER,
+    LEDGER_FIELDS,
+    dead_letter_table,
+    generic_table,
+    ledger_table,
+)
 
 log = logging.getLogger(__name__)
 
-LEDGER = "lrq_batches"
-GENERIC_FIELDS = ("queue", "key", "batch", "value")
-#: The ledger columns a commit writes, in its compiled insert's parameter order.
-LEDGER_RECENT = "ix_lrq_batches_recent"  # (queue, finished_at): see ledger_table
-LEDGER_FIELDS = ("queue", "name", "items", "results", "dead", "attempt", "seconds")
-DEAD = "lrq_dead_letters"
 #: Rows per multi-row ``INSERT ... VALUES (...), (...)`` into the generic table on SQLite:
 #: 4 parameters a row stays within the 999 of SQLite builds before 3.32. Measured on W1's
 #: results, such statements and their commit took 0.6x the CPU of executemany.
@@ -118,55 +111,6 @@ MESSAGE_CHARS = 2000  # of the database's message kept in a refused row's dead l
 #: and a driver's own TypeError/ValueError for a value it cannot bind (PyMySQL: "dict can
 #: not be used as parameter"), which SQLAlchemy passes on unwrapped.
 _REFUSED = (StatementError, TypeError, ValueError)
-
-
-def ledger_table(metadata: MetaData) -> Table:
-    return Table(
-        LEDGER, metadata,
-        Column("queue", String(64), primary_key=True),
-        Column("name", String(64), primary_key=True),
-        Column("items", Integer, nullable=False),
-        Column("results", Integer, nullable=False),
-        Column("dead", Integer, nullable=False, default=0),
-        Column("attempt", Integer, nullable=False, default=1),
-        Column("finished_at", DateTime, nullable=False, server_default=func.now()),
-        # The batch's handler time (seconds, the worker's clock): the metrics' histogram.
-        # Nullable: rows of ledgers older than the column, and batches only finalized, have
-        # none. Added to an existing ledger by :meth:`Sink.prepare`.
-        Column("seconds", Double, nullable=True),
-        # The rates (lrq status, the web page) and the metrics read a queue's recent rows: a
-        # range scan here, not a scan of a ledger that grows by a row a batch for weeks
-        # (101k rows: 139 ms -> 3 ms for the rates' query on SQLite). Added to an existing
-        # ledger by :meth:`Sink.prepare`.
-        Index(LEDGER_RECENT, "queue", "finished_at"),
-    )
-
-
-def _keyed_table(metadata: MetaData, name: str, *payload: Column, index_created: bool = False) -> Table:
-    """Rows unique by ``(queue, key)``, so a replay adds nothing: results and dead letters."""
-    return Table(
-        name, metadata,
-        Column("id", BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-               autoincrement=True),
-        Column("queue", String(64), nullable=False),
-        Column("key", String(255), nullable=False),
-        Column("batch", String(64), nullable=False),
-        *payload,
-        Column("created_at", DateTime, nullable=False, server_default=func.now(),
-               index=index_created),
-        UniqueConstraint("queue", "key", name=f"uq_{name}_queue_key"),
-    )
-
-
-def dead_letter_table(metadata: MetaData) -> Table:
-    """Items the handler failed on after retries, one row per (queue, key), with the error."""
-    return _keyed_table(metadata, DEAD, Column("error", Text, nullable=False),
-                        Column("item", JSON, nullable=False))
-
-
-def generic_table(metadata: MetaData, name: str) -> Table:
-    """Results as JSON values, for queues without a model of their own."""
-    return _keyed_table(metadata, name, Column("value", JSON, nullable=False), index_created=True)
 
 
 @dataclass(frozen=True)

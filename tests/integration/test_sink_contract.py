@@ -21,7 +21,8 @@ from lrq.config import QueueConfig, SourceConfig
 from lrq.sources import sql
 from lrq.db import make_engine
 from lrq.errors import ConfigError, DatabaseUnreachable, HandlerError, SinkError
-from lrq.sink import DEAD, LEDGER, LEDGER_RECENT, SQLITE_ROWS, Sink
+from lrq.schema import DEAD, LEDGER, LEDGER_RECENT
+from lrq.sink import SQLITE_ROWS, Sink
 from lrq.worker import is_infrastructure
 
 MODEL = "workers.models:DocEntMap"
