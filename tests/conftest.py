@@ -13,7 +13,7 @@ own, so no test sees another's rows.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 
@@ -81,6 +81,19 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> Iterator[str]:
         yield server.url(name)
     finally:
         server.drop_database(name)
+
+
+
+@pytest.fixture
+def engine(db_url: str) -> Iterator[Any]:
+    """A SQLAlchemy engine on :func:`db_url`'s database, disposed after the test."""
+    from lrq.db import make_engine
+
+    e = make_engine(db_url)
+    try:
+        yield e
+    finally:
+        e.dispose()
 
 # The redis-server fixtures (redis_server, redis_url, redis_client) live with their server code.
 from services.redis_server import redis_client, redis_server, redis_url  # noqa: E402, F401

@@ -44,15 +44,6 @@ def results(*ids: int, tag: str = "") -> list[dict[str, Any]]:
              "mapped_list_str": f"mapped {i}{tag}"} for i in ids]
 
 
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    e = make_engine(db_url)
-    try:
-        yield e
-    finally:
-        e.dispose()
-
-
 @pytest.fixture(params=["generic", "model"])
 def target(request: pytest.FixtureRequest) -> dict[str, Any]:
     """Where results go: the generic table, or the user's ORM model keyed by doc_id."""

@@ -3,7 +3,7 @@ installed): :meth:`Sink.finished_within` counts commits against the database's o
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -11,7 +11,6 @@ from sqlalchemy.engine import Engine
 
 from lrq import rates
 from lrq.config import QueueConfig, SourceConfig
-from lrq.db import make_engine
 from lrq.sink import Sink
 from lrq.sources import sql
 
@@ -25,15 +24,6 @@ def queue(name: str) -> QueueConfig:
 
 def results(*ids: int) -> list[dict[str, Any]]:
     return [{"doc_id": f"doc-{i}", "ent_list_str": "e", "mapped_list_str": "m"} for i in ids]
-
-
-@pytest.fixture
-def engine(db_url: str) -> Iterator[Engine]:
-    e = make_engine(db_url)
-    try:
-        yield e
-    finally:
-        e.dispose()
 
 
 def age(sink: Sink, batch: str, seconds: int) -> None:
