@@ -79,7 +79,11 @@ def _check_by(by: str) -> str:
 
 
 def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return _iso(datetime.now(UTC))
+
+
+def _iso(t: datetime) -> str:
+    return t.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def pause(data_dir: Path | str, queue: str, by: str | None = None) -> dict[str, Any]:
@@ -109,12 +113,10 @@ def resume(data_dir: Path | str, queue: str, by: str | None = None) -> bool:
         os.unlink(target)
     except FileNotFoundError:
         return False
+    from lrq.spool.files import fsync_dir
+
     with contextlib.suppress(OSError):
-        fd = os.open(target.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)  # a resume survives a crash as the pause does
-        finally:
-            os.close(fd)
+        fsync_dir(target.parent)  # a resume survives a crash as the pause does
     from lrq.spool.wake import NAME as WAKE
     from lrq.spool.wake import Doorbell
 
@@ -143,8 +145,7 @@ def _read(target: Path) -> dict[str, Any] | None:
         since = datetime.fromtimestamp(os.lstat(target).st_mtime, UTC)
     except FileNotFoundError:
         return None  # resumed while we looked
-    return {"since": since.isoformat(timespec="seconds").replace("+00:00", "Z"),
-            "by": f"unknown ({target} unreadable: {why})"}
+    return {"since": _iso(since), "by": f"unknown ({target} unreadable: {why})"}
 
 
 def quoted(value: str) -> str:
