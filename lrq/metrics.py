@@ -54,7 +54,8 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from lrq.disk import log_bytes, space
 from lrq.errors import LrqError
-from lrq.spool.files import DONE, SUFFIX
+from lrq.spool.files import SUFFIX
+from lrq.spool.listing import split_states
 from lrq.spool.owners import OWNERS
 
 if TYPE_CHECKING:
@@ -130,27 +131,14 @@ class Listing:
                 size = info.st_size
             done_files[name] = size
         self.done_sizes[sp.queue] = done_files
-        right = sizes[sp.right]
-        markers = {n[: -len(DONE)] for n in right if n.endswith(DONE)}
-        claims = {n for n in right if "." not in n}
-        count = {"pending": 0, "claimed": 0, "done": 0}
-        held = {"pending": 0, "claimed": 0, "done": 0}
-        for n, b in sizes[sp.left].items():
-            if n.endswith(SUFFIX):
-                stem = n[: -len(SUFFIX)]
-                st = ("done" if stem in markers or n in done_files
-                      else "claimed" if stem in claims else "pending")
-                count[st] += 1
-                held[st] += b
-        done = len(done_files) + sum(1 for m in markers if f"{m}{SUFFIX}" not in done_files)
-        claimed = sum(1 for c in claims if c not in markers and f"{c}{SUFFIX}" not in done_files)
+        split = split_states(sizes[sp.left], sizes[sp.right], done_files)  # batch files only
         done_bytes = sum(done_files.values())
         return Listed(
-            batches={"pending": count["pending"], "claimed": claimed, "done": done,
+            batches={"pending": split.pending, "claimed": split.claimed, "done": split.done,
                      "failed": sum(n.endswith(SUFFIX) for n in sizes[sp.failed]),
                      "quarantined": sum(n.endswith(SUFFIX) for n in sizes[sp.quarantine])},
-            bytes_by_state={"pending": held["pending"], "claimed": held["claimed"],
-                            "done": held["done"] + done_bytes,
+            bytes_by_state={"pending": split.pending_bytes, "claimed": split.claimed_bytes,
+                            "done": split.done_left_bytes + done_bytes,
                             "failed": sum(sizes[sp.failed].values())
                             + sum(sizes[sp.quarantine].values()),
                             "tmp": sum(sizes[sp.tmp].values())},

@@ -13,7 +13,7 @@ import os
 import secrets
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -242,25 +242,16 @@ class Listing:
                     seen.add(e.inode())
                     if folder == self.done and stat.S_IMODE(info.st_mode) == AWAITING_ACK_MODE:
                         awaiting += 1
-        right = sizes[self.right]
-        moved = {n[: -len(SUFFIX)] for n in sizes[self.done] if n.endswith(SUFFIX)}
-        done = {n[: -len(DONE)] for n in right if n.endswith(DONE)} | moved
-        claims = {n for n in right if "." not in n}
-        by_state = {State.PENDING: [0, 0], State.CLAIMED: [0, 0], State.DONE: [0, 0]}
-        for n, size in sizes[self.left].items():
-            if n.endswith(SUFFIX):
-                stem = n[: -len(SUFFIX)]
-                st = State.DONE if stem in done else State.CLAIMED if stem in claims else State.PENDING
-                by_state[st][0] += 1
-                by_state[st][1] += size
+        split = split_states(sizes[self.left], sizes[self.right],
+                             {n for n in sizes[self.done] if n.endswith(SUFFIX)})
         bad = sum(sizes[self.failed].values()) + sum(sizes[self.quarantine].values())
         return Counts(
-            pending=by_state[State.PENDING][0], claimed=len(claims - done), done=len(done),
+            pending=split.pending, claimed=split.claimed, done=split.done,
             failed=sum(n.endswith(SUFFIX) for n in sizes[self.failed]),
             quarantined=sum(n.endswith(SUFFIX) for n in sizes[self.quarantine]),
             bytes=sum(sum(f.values()) for f in sizes.values()),
-            pending_bytes=by_state[State.PENDING][1], claimed_bytes=by_state[State.CLAIMED][1],
-            done_bytes=by_state[State.DONE][1] + sum(
+            pending_bytes=split.pending_bytes, claimed_bytes=split.claimed_bytes,
+            done_bytes=split.done_left_bytes + sum(
                 v for n, v in sizes[self.done].items() if n.endswith(SUFFIX)), failed_bytes=bad,
             tmp_bytes=sum(sizes[self.tmp].values()), spare=len(self.files(self.spare)),
             awaiting_ack=awaiting)
@@ -462,3 +453,44 @@ class Listing:
 
     def remove_failed(self, path: Path) -> int:
         return self._remove(path) + self._remove(path.with_suffix(ERROR))
+
+
+@dataclass(frozen=True)
+class StateSplit:
+    """Batches by state from a listing: ``left/`` files, ``right/`` entries, ``done/`` files."""
+
+    pending: int
+    pending_bytes: int
+    claimed: int
+    claimed_bytes: int
+    done: int
+    #: Bytes of done batches whose file is still in ``left/`` (marked done in ``right/``).
+    done_left_bytes: int
+
+
+def split_states(left: dict[str, int], right: Iterable[str], done_files: Collection[str]
+                 ) -> StateSplit:
+    """The one reading of a listing into states (:meth:`Listing.counts` and the metrics'
+    cached listing): ``left`` maps batch file names to sizes, ``right`` holds claims (a bare
+    name) and done markers, ``done_files`` the batch file names in ``done/`` (looked up by
+    name, never walked: the metrics keep 10k+ of them). A batch is done when marked or
+    moved, claimed when it has a claim and is not done, else pending."""
+    names = list(right)
+    markers = {n[: -len(DONE)] for n in names if n.endswith(DONE)}
+    claims = [n for n in names if "." not in n]
+
+    def is_done(stem: str) -> bool:
+        return stem in markers or f"{stem}{SUFFIX}" in done_files
+
+    by_state = {State.PENDING: [0, 0], State.CLAIMED: [0, 0], State.DONE: [0, 0]}
+    claimed = {c for c in claims if not is_done(c)}
+    for n, size in left.items():
+        if n.endswith(SUFFIX):
+            stem = n[: -len(SUFFIX)]
+            st = State.DONE if is_done(stem) else State.CLAIMED if stem in claimed else State.PENDING
+            by_state[st][0] += 1
+            by_state[st][1] += size
+    done = len(done_files) + sum(1 for m in markers if f"{m}{SUFFIX}" not in done_files)
+    return StateSplit(pending=by_state[State.PENDING][0], pending_bytes=by_state[State.PENDING][1],
+                      claimed=len(claimed), claimed_bytes=by_state[State.CLAIMED][1],
+                      done=done, done_left_bytes=by_state[State.DONE][1])
