@@ -178,13 +178,18 @@ def window_starts(ts: np.ndarray, width: int, interval: int) -> np.ndarray:
     return last[:, None] - np.arange(width // interval, dtype=np.int64)[None, :] * interval
 
 
-def _group(starts: np.ndarray, codes: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Distinct (window start, code) pairs of the (n, k) ``starts`` and one code per line:
-    the pairs (m, 2), the number of lines of each, and each (line, window)'s pair index."""
-    k = starts.shape[1]
-    pairs = np.column_stack((starts.ravel(), np.repeat(codes, k)))
-    keys, inverse, counts = np.unique(pairs, axis=0, return_inverse=True, return_counts=True)
-    return keys, counts, inverse.reshape(-1)
+def _group(starts: np.ndarray, codes: np.ndarray, interval: int
+           ) -> tuple[list[int], list[int], np.ndarray, np.ndarray]:
+    """Distinct (window start, code) pairs of the (n, k) ``starts`` and one code (>= 0) per
+    line: the starts and codes of the pairs, the number of lines of each, and each (line,
+    window)'s pair index. The pair is packed into one int64 (window number * (max code + 1)
+    + code), as a 1-d ``np.unique`` is several times faster than ``np.unique(axis=0)``."""
+    base = int(starts.min())
+    span = int(codes.max()) + 1
+    packed = ((starts - base) // interval * span + codes[:, None]).ravel()
+    keys, inverse, counts = np.unique(packed, return_inverse=True, return_counts=True)
+    windows, code = np.divmod(keys, span)
+    return ((windows * interval + base).tolist(), code.tolist(), counts, inverse.reshape(-1))
 
 
 @dataclass(frozen=True)
@@ -201,11 +206,11 @@ class StatusWindows:
         parsed = [parse_line(_line(it)) for it in items]
         ts = np.fromiter((a.ts for a in parsed), np.int64, len(parsed))
         status = np.fromiter((a.status for a in parsed), np.int64, len(parsed))
-        keys, counts, _ = _group(window_starts(ts, self.width, self.interval), status)
         w, i = self.width, self.interval
+        starts, codes, counts, _ = _group(window_starts(ts, w, i), status, i)
         return [{"id": f"status:{w}:{i}:{s}:{st}", "window_start": s, "width": w,
                  "interval": i, "status": st, "requests": n}
-                for (s, st), n in zip(keys.tolist(), counts.tolist())]
+                for s, st, n in zip(starts, codes, counts.tolist())]
 
 
 @dataclass(frozen=True)
@@ -225,14 +230,14 @@ class RemoteWindows:
         size = np.fromiter((a.size for a in parsed), np.int64, n)
         names, codes = np.unique(np.array([a.remote for a in parsed], dtype=object),
                                  return_inverse=True)
-        starts = window_starts(ts, self.width, self.interval)
-        keys, counts, inverse = _group(starts, codes.reshape(-1).astype(np.int64))
-        sizes = np.zeros(len(keys), dtype=np.int64)
-        np.add.at(sizes, inverse, np.repeat(size, starts.shape[1]))
         w, i = self.width, self.interval
+        windows = window_starts(ts, w, i)
+        starts, codes, counts, inverse = _group(windows, codes.reshape(-1).astype(np.int64), i)
+        sizes = np.zeros(len(starts), dtype=np.int64)
+        np.add.at(sizes, inverse, np.repeat(size, windows.shape[1]))
         return [{"id": f"remote:{w}:{i}:{s}:{names[c]}", "window_start": s, "width": w,
                  "interval": i, "remote": names[c], "requests": r, "bytes": b}
-                for (s, c), r, b in zip(keys.tolist(), counts.tolist(), sizes.tolist())]
+                for s, c, r, b in zip(starts, codes, counts.tolist(), sizes.tolist())]
 
 
 def status_windows(width: int = 60, interval: int = 10) -> StatusWindows:

@@ -1,6 +1,7 @@
 """A day of sample Apache access logs, rotated twice, for ``make demo-logs`` and the tests.
 
 ``python -m workers.apache_sample --out data/demo-logs/logs --lines 60000``
+``python -m workers.apache_sample --peek sqlite:///data/demo-logs/results.db TABLE TABLE``
 
 Writes ``access.log`` in three parts of about ``lines / 3`` lines, with timestamps increasing
 over 24 hours; between the parts the file is *rotated* as logrotate's ``create`` mode does:
@@ -18,11 +19,13 @@ Existing ``access.log*`` files in the folder are removed first: a sample is a fr
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -142,6 +145,41 @@ def read_day(folder: Path, rotations: int = 2) -> list[str]:
     return [s for p in files for s in p.read_text(encoding="utf-8").splitlines()]
 
 
+def stored_rows(url: str, table: str) -> list[dict[str, Any]]:
+    """The result rows an output stored in lrq's generic table ``table`` (its JSON values)."""
+    from sqlalchemy import text
+
+    from lrq.db import make_engine
+
+    engine = make_engine(url, what="results url", create=False)
+    try:
+        with engine.connect() as conn:
+            values = conn.execute(text(f"SELECT value FROM {table}")).scalars().all()
+    finally:
+        engine.dispose()
+    return [json.loads(v) if isinstance(v, (str, bytes)) else v for v in values]
+
+
+def peek(url: str, status_table: str, remote_table: str, rows: int = 5) -> int:
+    """Print the busiest windows (the end of ``make demo-logs``)."""
+    status = stored_rows(url, status_table)
+    errors = sorted((r for r in status if r["status"] >= 500), key=lambda r: -r["requests"])
+    print(f"{status_table}: {len(status)} rows; the windows with the most 5xx:")
+    for r in errors[:rows]:
+        print(f"  {_utc(r['window_start'])} +{r['width']}s  status {r['status']}: "
+              f"{r['requests']} requests")
+    remote = sorted(stored_rows(url, remote_table), key=lambda r: -r["bytes"])
+    print(f"{remote_table}: {len(remote)} rows; the most bytes in a window:")
+    for r in remote[:rows]:
+        print(f"  {_utc(r['window_start'])} +{r['width']}s  {r['remote']}: "
+              f"{r['requests']} requests, {r['bytes']} bytes")
+    return 0
+
+
+def _utc(t: int) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=Path("data/demo-logs/logs"))
@@ -150,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bad", type=int, default=5, help="malformed lines among them")
     p.add_argument("--pause", type=float, default=0.0,
                    help="seconds to wait around each rotation, so a running tail sees it")
+    p.add_argument("--peek", nargs=3, metavar=("URL", "STATUS_TABLE", "REMOTE_TABLE"),
+                   help="print the busiest stored windows instead")
     a = p.parse_args(argv)
+    if a.peek:
+        return peek(*a.peek)
     w = write_day(a.out, a.lines, a.seed, a.bad, pause=a.pause)
     print(f"{a.out}: {w.lines} lines ({w.bad} malformed) in "
           + ", ".join(f"{f.name} ({f.stat().st_size} bytes)" for f in w.files))
