@@ -154,14 +154,18 @@ def items_of(lines: list[str]) -> list[dict[str, Any]]:
 
 
 def status_of(rows: dict[str, dict[str, Any]]) -> dict[str, int]:
-    for key, r in rows.items():  # the descriptive fields agree with the key
-        assert key == f"status:{r['width']}:{r['interval']}:{r['window_start']}:{r['status']}"
+    for key, r in rows.items():  # what names the window agrees with the key, after merging
+        w = r["window"]
+        assert key == f"status:{w['width']}:{w['interval']}:{w['start']}:{w['status']}"
+        assert set(r) == {"id", "window", "requests"}
     return {k: r["requests"] for k, r in rows.items()}
 
 
 def remote_of(rows: dict[str, dict[str, Any]]) -> dict[str, tuple[int, int]]:
     for key, r in rows.items():
-        assert key == f"remote:{r['width']}:{r['interval']}:{r['window_start']}:{r['remote']}"
+        w = r["window"]
+        assert key == f"remote:{w['width']}:{w['interval']}:{w['start']}:{w['remote']}"
+        assert set(r) == {"id", "window", "requests", "bytes"}
     return {k: (r["requests"], r["bytes"]) for k, r in rows.items()}
 
 
@@ -201,6 +205,10 @@ def test_windows_of_random_batches_merged_by_the_additive_rule_equal_the_whole(
     r_rows = [remote(b) for b in batches]
     assert status_of(merge(s_rows)) == expected_status
     assert remote_of(merge(r_rows)) == expected_remote
+    # the rows are merged as lrq merges an aggregating output's rows (numbers added, the
+    # rest newest): what names a window is not a number, so it is never added up
+    row = next(r for rows in s_rows for r in rows)
+    assert merge([[row], [row]])[row["id"]] == {**row, "requests": 2 * row["requests"]}
     # the merge order does not matter (batches commit in any order)
     assert status_of(merge(s_rows[::-1])) == expected_status
     # a batch merged twice (what the ledger prevents) counts its lines twice
