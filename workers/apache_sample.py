@@ -164,13 +164,13 @@ def peek(url: str, status_table: str, remote_table: str, rows: int = 5) -> int:
     """Print the busiest windows (the end of ``make demo-logs``)."""
     status = stored_rows(url, status_table)
     errors = sorted((r for r in status if r["window"]["status"] >= 500),
-                    key=lambda r: -r["requests"])
+                    key=lambda r: (-r["requests"], r["id"]))
     print(f"{status_table}: {len(status)} rows; the windows with the most 5xx:")
     for r in errors[:rows]:
         w = r["window"]
         print(f"  {_utc(w['start'])} +{w['width']}s  status {w['status']}: "
               f"{r['requests']} requests")
-    remote = sorted(stored_rows(url, remote_table), key=lambda r: -r["bytes"])
+    remote = sorted(stored_rows(url, remote_table), key=lambda r: (-r["bytes"], r["id"]))
     print(f"{remote_table}: {len(remote)} rows; the most bytes in a window:")
     for r in remote[:rows]:
         w = r["window"]
