@@ -249,3 +249,14 @@ def test_the_sample_day_parses_except_its_malformed_lines(tmp_path: Path) -> Non
     # a second day replaces the first
     write_day(tmp_path, lines=30, seed=4, bad=0)
     assert len(read_day(tmp_path)) == 30
+
+
+def test_merge_is_the_rule_lrq_stores_aggregating_outputs_by() -> None:
+    outputs = pytest.importorskip("lrq.outputs", reason="needs the fan-out (outputs branch)")
+    rng = random.Random(5)
+    batches = [remote_windows(60, 10)(items_of(random_lines(rng, 200))) for _ in range(5)]
+    folded: dict[str, dict[str, Any]] = {}
+    for rows in batches:
+        for r in rows:
+            folded[r["id"]] = outputs.merge(folded[r["id"]], r) if r["id"] in folded else r
+    assert merge(batches) == folded
