@@ -48,8 +48,13 @@ def split(lines: list[str]) -> tuple[list[Access], list[str]]:
 def check_stored(folder: Path, good: list[Access], bad: list[str]) -> None:
     """``lrq verify`` is exact; every good line stored once, every bad one a dead letter of
     each output with its text; the windows those of a direct computation."""
-    verify = lrq("-c", str(folder / "lrq.toml"), "verify")
+    verify = lrq("-c", str(folder / "lrq.toml"), "verify", "--json")
     assert verify.returncode == 0, verify.stdout + verify.stderr[-2000:]
+    outputs = json.loads(verify.stdout)[0]["outputs"]  # exact per output
+    assert set(outputs) == {"lines", "status_per_minute", "per_remote"}
+    assert all(o["ok"] and o["missing"] == o["duplicated"] == 0 for o in outputs.values())
+    assert outputs["lines"]["results"] == len(good)
+    assert [o["dead"] for o in outputs.values()] == [len(bad)] * 3
     url = f"sqlite:///{folder / 'results.db'}"
     engine = create_engine(url)
     with engine.connect() as conn:
