@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import Float, Integer, String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
 #: Item numbers (the digits of doc_id) the ``picky`` and the ``totals`` handlers refuse.
 PICKY_BAD = {3, 7}
 TOTALS_BAD = {5}
@@ -55,3 +58,21 @@ def make_totals(scale: int = 1) -> Any:
             r["docs"] *= scale
         return out
     return handle
+
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class BucketTotal(Base):
+    """The aggregating output's ORM model: one row per bucket, unique by it."""
+
+    __tablename__ = "bucket_totals"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    bucket: Mapped[str] = mapped_column(String(64), unique=True)
+    docs: Mapped[int] = mapped_column(Integer, default=0)
+    words: Mapped[int] = mapped_column(Integer, default=0)
+    ratio: Mapped[float] = mapped_column(Float, default=0.0)
+    last: Mapped[str] = mapped_column(String(64), nullable=True)
