@@ -39,6 +39,7 @@ IMMEDIATE`` serializes writers, so there is no race there.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 from collections.abc import Iterator
@@ -181,7 +182,7 @@ class SqlOutput:
         rows = s.rows(batch, results)
         refused: list[tuple[int, Exception]] = []
         try:
-            with conn.begin_nested():
+            with savepoint(conn):
                 s._insert_rows(conn, rows, None, range(len(rows)))
         except s.refused_errors as e:
             if fault(e) is Fault.UNREACHABLE:
@@ -225,7 +226,7 @@ class AggregateSqlOutput(SqlOutput):
         """Upsert ``rows`` in a SAVEPOINT; on a refused row, halve until it is alone."""
         s = self.table_sink
         try:
-            with conn.begin_nested():
+            with savepoint(conn):
                 self._upsert(conn, batch, rows)
         except s.refused_errors as e:
             if fault(e) is Fault.UNREACHABLE:
@@ -240,21 +241,13 @@ class AggregateSqlOutput(SqlOutput):
             self._upsert_isolating(conn, batch, rows[mid:], final, refused)
 
     def _upsert(self, conn: Connection, batch: str, rows: list[dict[str, Any]]) -> None:
+        """Read the stored rows of ``rows``' keys ``FOR UPDATE``, update those with the merge,
+        insert the others (a concurrent insert of one of them fails on the unique key)."""
         s = self.table_sink
         t = self.table
         keys = [str(r[self.key]) for r in rows]
-        stored: dict[str, dict[str, Any]] = {}
+        stored = self._stored(conn, keys)
         col = t.c.key if s.generic else t.c[self.key]
-        for at in range(0, len(keys), SELECT_CHUNK):
-            part = keys[at:at + SELECT_CHUNK]
-            if s.generic:
-                q = select(t.c.key, t.c.value).where(t.c.queue == s.queue.name, col.in_(part))
-                found = {str(k): v for k, v in conn.execute(
-                    q.order_by(col).with_for_update())}
-            else:
-                found = {str(r[self.key]): dict(r) for r in conn.execute(
-                    select(t).where(col.in_(part)).order_by(col).with_for_update()).mappings()}
-            stored.update(found)
         new = [r for k, r in zip(keys, rows) if k not in stored]
         # the stored row merged with the new one; a model's row only in the new row's fields
         # (its other columns, an id or created_at, are the database's)
@@ -280,6 +273,42 @@ class AggregateSqlOutput(SqlOutput):
             for _fields, group in _grouped([(str(r[self.key]), r) for r in new]):
                 conn.execute(t.insert(), [r for _k, r in group])
 
+    def _stored(self, conn: Connection, keys: list[str]) -> dict[str, dict[str, Any]]:
+        """The stored rows (generic: values) of ``keys`` (sorted), locked ``FOR UPDATE``."""
+        s = self.table_sink
+        t = self.table
+        stored: dict[str, dict[str, Any]] = {}
+        col = t.c.key if s.generic else t.c[self.key]
+        for at in range(0, len(keys), SELECT_CHUNK):
+            part = keys[at:at + SELECT_CHUNK]
+            if s.generic:
+                q = select(t.c.key, t.c.value).where(t.c.queue == s.queue.name, col.in_(part))
+                found = {str(k): v for k, v in conn.execute(
+                    q.order_by(col).with_for_update())}
+            else:
+                found = {str(r[self.key]): dict(r) for r in conn.execute(
+                    select(t).where(col.in_(part)).order_by(col).with_for_update()).mappings()}
+            stored.update(found)
+        return stored
+
+
+@contextlib.contextmanager
+def savepoint(conn: Connection) -> Iterator[None]:
+    """The block in a SAVEPOINT, rolled back to it on an error; but a deadlock raises
+    :class:`Race` at once: MariaDB has then rolled the whole transaction back, and going
+    back to the savepoint would fail with "SAVEPOINT does not exist" while the statements
+    after it ran outside any transaction."""
+    sp = conn.begin_nested()
+    try:
+        yield
+    except BaseException as e:
+        if is_deadlock(e):
+            raise Race(f"deadlock: {getattr(e, 'orig', None) or e}") from e
+        if sp.is_active:
+            sp.rollback()
+        raise
+    else:
+        sp.commit()
 
 
 def _grouped(pairs: list[tuple[str, dict[str, Any]]]) -> list[tuple[frozenset[str], list[Any]]]:
@@ -378,6 +407,11 @@ def store_batch(sink: Sink, batch: str, items: int,
         except Race as e:
             log.info("upsert-race queue=%s batch=%s try=%d: %s", q, batch, n,
                      str(e).splitlines()[0] if str(e) else "")
+            if final:
+                from lrq.errors import DatabaseUnreachable
+
+                raise DatabaseUnreachable(f"storing batch {batch}: {RACE_TRIES} tries lost a "
+                                          f"race with other writers of the same keys: {e}") from e
             continue
         except (SQLAlchemyError, TypeError, ValueError) as e:
             if fault(e) is Fault.ROW and sink.is_recorded(batch):

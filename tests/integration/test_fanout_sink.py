@@ -190,3 +190,41 @@ def test_merge_adds_numbers_and_keeps_the_newest_of_the_rest() -> None:
     assert merge(old, new) == {"k": "a", "n": 5, "x": 1.75, "flag": False, "s": "new",
                                "only_old": 1, "only_new": "z"}
     assert merge({"n": "text"}, {"n": 2}) == {"n": 2}  # not both numbers: the newest
+
+
+def test_two_writers_racing_on_a_new_key_retry_and_sum_exactly(
+        db_url: str, engine: Engine, agg_target: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Both writers read the key as absent (FOR UPDATE), then both insert it: the loser's
+    unique violation (PostgreSQL) or deadlock (MariaDB) retries its whole transaction."""
+    if db_url.startswith("sqlite"):
+        pytest.skip("SQLite's BEGIN IMMEDIATE serializes writers: no race to force")
+    from lrq.outputs import AggregateSqlOutput
+
+    Sink(engine, fanout(agg_target)).prepare()
+    sinks = [Sink(engine, fanout(agg_target)) for _ in range(2)]
+    met = threading.Barrier(2, timeout=30)
+    first: set[int] = set()
+    original = AggregateSqlOutput._stored
+
+    def stored_then_meet(self: Any, conn: Any, keys: list[str]) -> Any:
+        found = original(self, conn, keys)
+        me = threading.get_ident()
+        if me not in first:  # the first try of each writer: both have read, neither inserted
+            first.add(me)
+            met.wait()
+        return found
+
+    monkeypatch.setattr(AggregateSqlOutput, "_stored", stored_then_meet)
+    caplog.set_level("INFO", logger="lrq.outputs")
+
+    def writer(w: int) -> Callable[[], Any]:
+        return lambda: sinks[w].store_outputs(f"b{w}", 1, {
+            "words": ([], []), "picky": ([], []),
+            "totals": ([totals_row("new", 1, 10 * (w + 1), f"w{w}")], [])})
+
+    out = run_threads([writer(0), writer(1)])
+    assert all(getattr(x, "recorded", False) for x in out), out
+    totals = stored_totals(sinks[0])
+    assert (totals["new"]["docs"], totals["new"]["words"]) == (2, 30)
+    assert any(r.message.startswith("upsert-race") for r in caplog.records)
