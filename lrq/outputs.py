@@ -55,7 +55,7 @@ from lrq.db import Fault, fault
 from lrq.errors import ConfigError
 
 if TYPE_CHECKING:
-    from lrq.sink import Sink
+    from lrq.sink import Sink, Stored
 
 log = logging.getLogger(__name__)
 
@@ -349,7 +349,7 @@ MESSAGE_CHARS = 2000  # of the database's message kept in a refused row's dead l
 def store_batch(sink: Sink, batch: str, items: int,
                 handled: dict[str, tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]],
                 attempt: int = 1, *, inputs: list[dict[str, Any]] | None = None,
-                replace_dead: bool = False, seconds: float | None = None) -> Any:
+                replace_dead: bool = False, seconds: float | None = None) -> Stored:
     """Commit every output's results of a batch (``handled``: output name -> (results, dead
     letters)), their dead letters and the ledger row, in one transaction (see the module
     docstring); :class:`lrq.sink.Stored`. A batch the ledger holds is left as is

@@ -67,7 +67,6 @@ from typing import Any
 from sqlalchemy import (
     MetaData,
     Table,
-    UniqueConstraint,
     case,
     delete,
     func,
@@ -95,7 +94,9 @@ from lrq.schema import (
     LEDGER_FIELDS,
     dead_letter_table,
     generic_table,
+    is_unique,
     ledger_table,
+    values_form,
 )
 
 log = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class Sink:
             if self.key not in table.c:
                 raise ConfigError(f"queues.{queue.name}.model: {queue.model} has no column "
                                   f"{self.key!r} (the queue's key)")
-            if not _is_unique(table, self.key):
+            if not is_unique(table, self.key):
                 raise ConfigError(f"queues.{queue.name}.model: column {table.name}.{self.key} "
                                   "must be unique (unique=True) so replays add nothing")
             self.table = table
@@ -196,7 +197,7 @@ class Sink:
             self._bulk_sql = compiled.string
             self._bulk_positional = compiled.positional
             #: SQLite: the statement's (head, row, tail), to send many rows in one statement.
-            self._values_sql = (_values_form(compiled.string)
+            self._values_sql = (values_form(compiled.string)
                                 if engine.dialect.name == "sqlite" else None)
             #: The driver's error root, to wrap its errors as SQLAlchemy does (SQLite's
             #: happy path, :meth:`_store_sqlite`, runs on the driver's connection).
@@ -356,18 +357,12 @@ class Sink:
         return Stored(recorded=True, results=n, dead=len(dead_rows))
 
     def store_outputs(self, batch: str, items: int,
-                      handled: dict[str, tuple[list[dict[str, Any]],
-                                               list[tuple[dict[str, Any], str]]]],
-                      attempt: int = 1, *, inputs: list[dict[str, Any]] | None = None,
-                      replace_dead: bool = False, seconds: float | None = None) -> Stored:
-        """A fan-out queue's :meth:`store`: every output's results (``handled``: output name
-        -> (results, dead letters)), dead letters and the ledger row in one transaction
-        (:func:`lrq.outputs.store_batch`)."""
+                      handled: dict[str, tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]],
+                      attempt: int = 1, **kw: Any) -> Stored:
+        """A fan-out queue's :meth:`store` (:func:`lrq.outputs.store_batch`)."""
         from lrq.outputs import store_batch
 
-        stored: Stored = store_batch(self, batch, items, handled, attempt, inputs=inputs,
-                                     replace_dead=replace_dead, seconds=seconds)
-        return stored
+        return store_batch(self, batch, items, handled, attempt, **kw)
 
     def _store_sqlite(self, batch: str, items: int, attempt: int, bulk: list[Any],
                       seconds: float | None = None) -> None:
@@ -699,26 +694,5 @@ def _same_fields(rows: list[dict[str, Any]], indexes: bool = False) -> list[list
     return list(groups.values())
 
 
-def _values_form(sql: str) -> tuple[str, str, str] | None:
-    """``sql`` (a one-row ``INSERT ... VALUES (?, ...) ...``) cut around its row of
-    parameters: (head, row, tail), so one statement can carry many rows; None when it does
-    not have that shape (then executemany is used)."""
-    head, values, rest = sql.partition(" VALUES ")
-    group, close, tail = rest.partition(")")
-    if not values or not close or not group.startswith("(") or set(group[1:]) - set("?, "):
-        return None
-    return f"{head} VALUES ", f"{group})", tail
-
-
 def _first_line(e: BaseException) -> str:
     return str(getattr(e, "orig", None) or e).splitlines()[0]
-
-
-def _is_unique(table: Table, column: str) -> bool:
-    col = table.c[column]
-    if col.unique or (col.primary_key and len(table.primary_key.columns) == 1):
-        return True
-    for c in table.constraints:
-        if isinstance(c, UniqueConstraint) and [x.name for x in c.columns] == [column]:
-            return True
-    return any(ix.unique and [x.name for x in ix.columns] == [column] for ix in table.indexes)
