@@ -461,11 +461,17 @@ class App:
         and store, does not publish an item twice. Those batches are listed *before* the
         dead letters are read: a retry batch stored in between has replaced its rows by
         then. Items come back as the dead-letter table stored them (JSON)."""
-        if q.fanout:
-            raise ConfigError(f"queues.{q.name}: retry-dead is not supported yet for a queue "
-                              "with outputs (a retried item would be added again to an "
-                              "aggregating output); requeue its batches instead")
         sp, sink = self.spool(q), self.sink(q)
+        # A fan-out queue's dead letters are keyed "output/item key" (lrq.outputs): an item
+        # dead in several outputs is published once; its batch runs each output only on the
+        # items dead in it (Worker.handle_outputs).
+        fanout = q.fanout
+        asked = keys
+        if fanout and keys is not None:
+            from lrq.outputs import dead_key
+
+            keys = {dead_key(o, k) for o in sink.outputs for k in keys}
+        queued: set[str] = set()
         names: list[str] = []
         skipped: dict[str, str] = {}
         found: set[str] = set()
@@ -480,6 +486,11 @@ class App:
         with sp.lock("retry-dead"):
             waiting = self._waiting_retries(sp, q.key)
             for key, item in sink.dead_items(keys):
+                if fanout:
+                    key = str(item.get(q.key))
+                    if key in queued:
+                        continue  # dead in another output too: published once
+                    queued.add(key)
                 found.add(key)
                 if key in waiting:
                     skipped[key] = waiting[key]
@@ -491,7 +502,7 @@ class App:
             if todo:
                 publish()
         return Retried(queue=q.name, batches=names, items=items, waiting=skipped,
-                       missing=sorted(set(keys or ()) - found))
+                       missing=sorted(set(asked or ()) - found))
 
     @staticmethod
     def _waiting_retries(sp: Spool, key: str) -> dict[str, str]:

@@ -424,3 +424,21 @@ def store_batch(sink: Sink, batch: str, items: int,
                               "check that each output's table has the columns its results "
                               "carry and that the database user may write it") from e
     raise AssertionError("unreachable")  # the final try raises or returns
+
+
+def dead_in(sink: Sink, keys: list[str]) -> dict[str, set[str]]:
+    """Output name -> the ``keys`` (item keys) dead-lettered in it: what a ``lrq retry-dead``
+    batch of a fan-out queue runs again, output by output, so an item stored by an
+    aggregating output is not added to it twice."""
+    from lrq.db import reader
+
+    wanted = [dead_key(o, k) for o in sink.outputs for k in keys]
+    out: dict[str, set[str]] = {o: set() for o in sink.outputs}
+    d = sink.dead
+    with reader(sink.engine) as conn:
+        for at in range(0, len(wanted), SELECT_CHUNK):
+            for (k,) in conn.execute(select(d.c.key).where(
+                    d.c.queue == sink.queue.name, d.c.key.in_(wanted[at:at + SELECT_CHUNK]))):
+                name, _, key = str(k).partition(SEP)
+                out.setdefault(name, set()).add(key)
+    return out

@@ -366,7 +366,7 @@ class Worker:
         dead: list[tuple[Item, str]] = []
         try:
             if self.queue.fanout:
-                per = self.handle_outputs(batch.items)
+                per = self.handle_outputs(batch.items, retry=batch.replace_dead)
             else:
                 results, dead = self.handle(batch.items)
         except HandlerBroken as e:
@@ -488,11 +488,20 @@ class Worker:
         (results, dead letters)."""
         return self.policy.run(items)
 
-    def handle_outputs(self, items: list[Item]) -> dict[str, tuple[list[Item], list[tuple[Item, str]]]]:
+    def handle_outputs(self, items: list[Item], retry: bool = False
+                       ) -> dict[str, tuple[list[Item], list[tuple[Item, str]]]]:
         """A fan-out queue's :meth:`handle`: each output's handler over ``items``, in the
         config's order; output name -> (results, dead letters). An item one output fails on
-        is dead for that output only."""
-        return {name: policy.run(items) for name, policy in self.policies.items()}
+        is dead for that output only. ``retry`` (a ``lrq retry-dead`` batch): each output
+        gets only the items dead-lettered in it."""
+        if not retry:
+            return {name: policy.run(items) for name, policy in self.policies.items()}
+        from lrq.outputs import dead_in
+
+        key = self.queue.key
+        dead = dead_in(self.sink, [str(it[key]) for it in items])
+        return {name: policy.run([it for it in items if str(it[key]) in dead.get(name, ())])
+                for name, policy in self.policies.items()}
 
     # -- stopping ------------------------------------------------------------------------
     def abandon(self) -> bool:

@@ -171,7 +171,26 @@ def test_a_single_handler_queue_keeps_its_dead_letter_keys_and_tables(tmp_path: 
     assert v.ok and v.outputs == () and "outputs" not in v.to_json()
 
 
-def test_retry_dead_is_refused_for_a_queue_with_outputs(tmp_path: Path) -> None:
+def test_retry_dead_runs_each_output_only_on_the_items_dead_in_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     app = fanout_app(tmp_path)
-    with pytest.raises(ConfigError, match="not supported yet"):
-        app.retry_dead(app.queues("docs")[0])
+    sniff_all(app)
+    q = app.queues("docs")[0]
+    app.worker(q).run(burst=True)
+    totals_before = rows(app, "SELECT key, value FROM doc_totals ORDER BY key")
+    monkeypatch.setattr(fh, "PICKY_BAD", set())  # picky is fixed; totals still refuses 5
+
+    r = app.retry_dead(q)
+    assert r.items == 3 and len(r.batches) == 1  # items 3, 7 (picky) and 5 (totals), once each
+    assert app.retry_dead(q).items == 0  # waiting in the pending retry batch: not again
+    app.worker(q).run(burst=True)
+
+    assert rows(app, "SELECT COUNT(*) FROM doc_picky")[0][0] == DOCS
+    assert sorted(k for (k,) in rows(app, "SELECT key FROM lrq_dead_letters")) == \
+        ["totals/m000000005"]
+    # items 3 and 7 were not run through totals again: its sums are unchanged
+    assert rows(app, "SELECT key, value FROM doc_totals ORDER BY key") == totals_before
+    assert rows(app, "SELECT COUNT(*) FROM doc_words")[0][0] == DOCS
+    assert app.verify(q).ok
+    only = app.retry_dead(q, ["m000000005", "m000000099"])
+    assert only.items == 1 and only.missing == ["m000000099"]
