@@ -179,14 +179,19 @@ class SqlOutput:
         if not results:
             return []
         s = self.table_sink
-        rows = s.rows(batch, results)
+        # lrq's generic table: its rows as driver parameters, JSON encoded once, sent as
+        # multi-row INSERTs on SQLite (the sink's own fast path); the row dicts only on a
+        # refusal. A model's rows go through SQLAlchemy.
+        bulk = s._bulk_of(batch, results) if s.generic else None
+        rows = [] if bulk is not None else s.rows(batch, results)
         refused: list[tuple[int, Exception]] = []
         try:
             with savepoint(conn):
-                s._insert_rows(conn, rows, None, range(len(rows)))
+                s._insert_rows(conn, rows, bulk, range(len(results)))
         except s.refused_errors as e:
             if fault(e) is Fault.UNREACHABLE:
                 raise
+            rows = s.rows(batch, results)
             s._bisect(conn, rows, None, list(range(len(rows))), refused)
         return [(s._row_value(rows[i]), s._row_key(rows[i]), e) for i, e in refused]
 
@@ -374,9 +379,10 @@ def store_batch(sink: Sink, batch: str, items: int,
         final = n == RACE_TRIES
         try:
             with sink.engine.begin() as conn:
-                if not sink._open_batch(conn, batch, items, n_results, len(dead_rows), attempt,
-                                        replace, checked=True, seconds=seconds):
-                    return Stored(recorded=False, results=0)
+                # unchecked, as Sink.store's first try: a replay fails on the ledger's key
+                # (below), before anything else is written or added
+                sink._open_batch(conn, batch, items, n_results, len(dead_rows), attempt,
+                                 replace, checked=False, seconds=seconds)
                 refused_rows: list[dict[str, Any]] = []
                 stored = 0
                 for name, output in sink.outputs.items():
