@@ -79,6 +79,8 @@ class Output(Protocol):
     aggregate: bool
     #: The fields a result may have (a model's columns), None: any.
     columns: frozenset[str] | None
+    #: How a refused row's dead letter begins ("the database refused the result").
+    refusal: str
 
     def prepare(self) -> None:
         """Create what the output needs (its table), as :meth:`lrq.sink.Sink.prepare`."""
@@ -165,6 +167,7 @@ class SqlOutput:
 
         self.name = output.name
         self.aggregate = output.aggregate
+        self.refusal = "the database refused the result"
         self.key = output.key or queue.key
         self.table_sink: Sink = Sink(engine, replace(queue.for_output(output), key=self.key),
                                      base, tables_only=True)
@@ -393,11 +396,11 @@ def store_batch(sink: Sink, batch: str, items: int,
                         error = str(getattr(e, "orig", None) or e)[:MESSAGE_CHARS]
                         refused_rows.append({
                             "queue": q, "key": dead_key(name, k), "batch": batch,
-                            "error": f"the database refused the result: {error}\n"
+                            "error": f"{output.refusal}: {error}\n"
                                      f"result: {dumps_json(value)[:MESSAGE_CHARS]}",
                             "item": value if output.aggregate else by_key.get(k, value)})
-                        log.warning("dead-lettered queue=%s output=%s key=%s error=the "
-                                    "database refused the result: %s", q, name, k,
+                        log.warning("dead-lettered queue=%s output=%s key=%s error=%s: %s",
+                                    q, name, k, output.refusal,
                                     error.splitlines()[0] if error else "")
                     if name != last:
                         failpoints.hit("between-outputs")

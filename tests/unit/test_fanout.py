@@ -194,3 +194,28 @@ def test_retry_dead_runs_each_output_only_on_the_items_dead_in_it(
     assert app.verify(q).ok
     only = app.retry_dead(q, ["m000000005", "m000000099"])
     assert only.items == 1 and only.missing == ["m000000099"]
+
+
+def test_an_item_that_kills_its_worker_is_dead_in_every_output(tmp_path: Path) -> None:
+    import signal
+
+    from test_reaper import die
+
+    from lrq import reaper
+    from lrq.spool import Exit
+
+    app = load_app(write_config(tmp_path, docs=None, handler=None, result_table=None,
+                                outputs=OUTPUTS))
+    q = app.queues("docs")[0]
+    sp = app.spool(q)
+    name = sp.publish([{"doc_id": "m000000042", "content": "x"}])
+    exits = reaper.Exits()
+    outcomes = []
+    for _ in range(2):  # two deaths on a lone item: dead-lettered
+        stale = die(sp, name)
+        exits.record(stale.pid, stale.start, Exit.of(-signal.SIGSEGV))
+        outcomes.append(reaper.take_back(app, q, stale, exits))
+    assert outcomes == ["requeued", "dead-lettered"]
+    assert sorted(k for (k,) in rows(app, "SELECT key FROM lrq_dead_letters")) == [
+        "picky/m000000042", "totals/m000000042", "words/m000000042"]
+    assert app.sink(q).ledger_stats() == (1, 1)
