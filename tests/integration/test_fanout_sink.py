@@ -228,3 +228,31 @@ def test_two_writers_racing_on_a_new_key_retry_and_sum_exactly(
     totals = stored_totals(sinks[0])
     assert (totals["new"]["docs"], totals["new"]["words"]) == (2, 30)
     assert any(r.message.startswith("upsert-race") for r in caplog.records)
+
+
+def test_a_row_the_database_refuses_is_dead_in_its_output_and_the_rest_is_stored(
+        engine: Engine) -> None:
+    q = QueueConfig(
+        name="docs", handler="", key="doc_id",
+        source=SourceConfig("sql", sql.Settings(url="sqlite:///unused.db", table="source_data")),
+        outputs=(OutputConfig("ents", "m:f", model="workers.models:DocEntMap"),
+                 OutputConfig("totals", "m:f", model="fanout_handlers:BucketTotal",
+                              key="bucket", aggregate=True)))
+    sink = Sink(engine, q).prepare()
+    ents = [{"doc_id": f"doc-{i}", "ent_list_str": None if i == 3 else f"e{i}",
+             "mapped_list_str": ""} for i in range(1, 6)]
+    rows = [totals_row("ok", 2, 2, "doc-2"), {**totals_row("bad", 1, 1, "doc-3"), "docs": None}]
+    inputs = [{"doc_id": f"doc-{i}", "content": "x"} for i in range(1, 6)]
+    stored = sink.store_outputs("b1", 5, {"ents": (ents, []), "totals": (rows, [])},
+                                inputs=inputs)
+    assert stored.recorded and stored.dead == 2
+    assert count(engine, "doc_ent_map") == 4
+    assert stored_totals(sink).keys() == {"ok"}
+    dead = {d.key: d for d in sink.dead_records()}
+    assert sorted(dead) == ["ents/doc-3", "totals/bad"]
+    assert dead["ents/doc-3"].item == inputs[2]  # the input item, so it can be retried
+    assert dead["ents/doc-3"].error.startswith("the database refused the result")
+    assert dead["totals/bad"].item["bucket"] == "bad"  # an aggregate row: the row itself
+    with engine.connect() as conn:
+        led = conn.execute(text(f"SELECT results, dead FROM {LEDGER}")).one()
+    assert tuple(led) == (5, 2)  # rows stored over both outputs, dead letters
