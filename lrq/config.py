@@ -343,7 +343,7 @@ def _output(name: str, table: dict[str, Any], where: str) -> OutputConfig:
                           "of its own; the others' results carry the queue's key")
     if table.get("chunk_size", 1) < 1:
         raise ConfigError(f"{where}.chunk_size: must be at least 1, got {table['chunk_size']}")
-    own = {k: v for k, v in table.items() if k not in _SQL_OUTPUT_KEYS}
+    own = {k: v for k, v in table.items() if k not in _OUTPUT_KEYS}  # "sql": none left
     settings = outputs.parse(kind, own, f"{where}") if kind != "sql" else None
     return OutputConfig(name=name, handler=handler, options=table.get("options"), kind=kind,
                         model=table.get("model"), result_table=table.get("result_table"),
