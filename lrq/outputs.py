@@ -196,6 +196,7 @@ class SqlOutput:
                 raise
             rows = s.rows(batch, results)
             s._bisect(conn, rows, None, list(range(len(rows))), refused)
+            s._check_broken(rows, refused)  # all refused alike: HandlerBroken, not dead letters
         return [(s._row_value(rows[i]), s._row_key(rows[i]), e) for i, e in refused]
 
     def keys(self) -> Iterator[str] | None:
@@ -227,6 +228,7 @@ class AggregateSqlOutput(SqlOutput):
         ordered = [merged[k] for k in sorted(merged)]
         refused: list[tuple[dict[str, Any], str, Exception]] = []
         self._upsert_isolating(conn, batch, ordered, final, refused)
+        self.table_sink._check_broken(ordered, [(i, e) for i, (_r, _k, e) in enumerate(refused)])
         return refused
 
     def _upsert_isolating(self, conn: Connection, batch: str, rows: list[dict[str, Any]],

@@ -256,3 +256,20 @@ def test_a_row_the_database_refuses_is_dead_in_its_output_and_the_rest_is_stored
     with engine.connect() as conn:
         led = conn.execute(text(f"SELECT results, dead FROM {LEDGER}")).one()
     assert tuple(led) == (5, 2)  # rows stored over both outputs, dead letters
+
+
+def test_every_row_of_an_output_refused_alike_is_a_broken_handler(engine: Engine) -> None:
+    from lrq.errors import HandlerBroken
+
+    q = QueueConfig(
+        name="docs", handler="", key="doc_id",
+        source=SourceConfig("sql", sql.Settings(url="sqlite:///unused.db", table="source_data")),
+        outputs=(OutputConfig("words", "m:f", result_table="fo_words"),
+                 OutputConfig("ents", "m:ents", model="workers.models:DocEntMap")))
+    sink = Sink(engine, q).prepare()
+    ents = [{"doc_id": f"doc-{i}", "ent_list_str": None, "mapped_list_str": ""}
+            for i in range(4)]
+    with pytest.raises(HandlerBroken, match="m:ents"):
+        sink.store_outputs("b1", 4, {"words": (word_rows(0, 1, 2, 3), []), "ents": (ents, [])})
+    assert count(engine, "fo_words") == 0 and count(engine, DEAD) == 0
+    assert count(engine, LEDGER) == 0
