@@ -4,6 +4,8 @@ when it reaches that point, so tests can check each crash window with a real dea
 Points: ``sniff-mid-write``, ``sniff-after-rename``, ``sniff-before-dir-sync`` (a group of
 batches renamed into ``left/``, the folder not yet fsynced), ``sniff-before-position`` (the
 group durable, the source position not yet saved), ``after-claim``, ``during-txn``,
+``between-outputs`` (a fan-out queue's batch: an output's rows written in the transaction,
+the next output's not yet: lrq.outputs),
 ``after-commit`` (before the batch moves to ``done/``), ``after-done-move`` (the batch in
 ``done/``, its claim not yet removed), ``during-heartbeat`` (the owner file touched, the
 claims not yet checked); in a reaper's split (:meth:`lrq.spool.Spool.split`): ``split-after-half-0``,
