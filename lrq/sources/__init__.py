@@ -67,6 +67,7 @@ AckAt = Literal["publish", "commit"]
 KINDS: dict[str, str] = {
     "sql": "lrq.sources.sql",
     "http-agent": "lrq.sources.http_agent",
+    "ingest": "lrq.sources.ingest",  # items POSTed to the web server (lrq.webingest)
     "kafka": "lrq.sources.kafka",
     "redis-list": "lrq.sources.redis_list",
     "redis-stream": "lrq.sources.redis_stream",
