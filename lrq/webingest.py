@@ -6,7 +6,8 @@ The body is a JSON list of objects, each carrying the queue's ``key`` field. The
 the sniffer makes batches. Otherwise nothing of the request is kept, and:
 
 * 400 with the reason: not JSON, not a list, an item that is not an object, an item without
-  the key (or with a null one), a body shorter than its Content-Length;
+  the key (or with a null one), two items with one key, a body shorter than its
+  Content-Length;
 * 401 / 403: the bearer token, as every POST (:mod:`lrq.web`), checked before the body is
   read;
 * 404: no such queue, or its source is not ``ingest``;
@@ -158,11 +159,17 @@ def _items(body: bytes, key: str) -> list[Any] | str:
         return f"the body is not JSON: {e}"
     if not isinstance(items, list):
         return f"the body must be a JSON list of items (objects), not {type(items).__name__}"
+    seen: dict[str, int] = {}
     for i, item in enumerate(items):
         if not isinstance(item, dict):
             return f"item {i} is a {_json_type(item)}, not an object"
         if item.get(key) is None:
             return f"item {i} has no {key!r} field (the queue's key); every item needs one"
+        k = str(item[key])  # as the sink stores it
+        if k in seen:
+            return (f"item {i} repeats the {key!r} of item {seen[k]} ({k!r}); the queue's "
+                    "key must be unique per item")
+        seen[k] = i
     return items
 
 

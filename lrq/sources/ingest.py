@@ -18,11 +18,17 @@ Config::
 
 A paused queue (``lrq pause``) still accepts items until ``max_unread_bytes``: clients keep
 sending while the operator looks, and get 503 (Retry-After) only once the journal is full.
+A client that retries a request whose 202 it never saw (the connection dropped) sends its
+items again; within one fetch (one batch) an item whose key repeats an earlier one's is
+dropped (``ingest-repeats-dropped``), since a batch whose items share a key fails whole;
+across batches the sink's unique key keeps the first copy.
+
 ``lrq verify`` cannot list an HTTP client's keys: it reconciles the ledger against what the
 journal still holds (``lag``: items not yet in a batch).
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +38,8 @@ from lrq.config import parse_bytes, take
 from lrq.errors import ConfigError
 from lrq.journal import FOLDER, Reader, parse_position
 from lrq.sources import AckAt, Context, Fetched
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST = 4 * 10**6
 DEFAULT_MAX_UNREAD = 256 * 10**6
@@ -69,16 +77,18 @@ def folder(data_dir: Path, queue: str) -> Path:
 
 def open(settings: Settings, context: Context) -> IngestSource:  # noqa: A001
     """The kind's entry point for :func:`lrq.sources.build`."""
-    return IngestSource(settings, context.data_dir, context.queue)
+    return IngestSource(settings, context.data_dir, context.queue, context.key or "id")
 
 
 class IngestSource:
     ack_at: AckAt = "publish"
 
-    def __init__(self, settings: Settings, data_dir: Path, queue: str) -> None:
+    def __init__(self, settings: Settings, data_dir: Path, queue: str, key: str = "id") -> None:
         from lrq.spool import Spool
 
         self.settings = settings
+        self.queue = queue
+        self.key = key
         self.reader = Reader(folder(data_dir, queue))
         #: Only to read the saved position (deleting segments behind it).
         self._spool = Spool(Path(data_dir), queue)
@@ -88,7 +98,23 @@ class IngestSource:
         items, after = self.reader.read(position, limit)
         if start is not None:
             self._delete_behind(start[0])
-        return Fetched(items, after if items else (position if after is None else after))
+        return Fetched(self._first_of_each_key(items),
+                       after if items else (position if after is None else after))
+
+    def _first_of_each_key(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``items`` without those whose key (as a string, as the sink stores it) an earlier
+        one has: a client's retried request."""
+        seen: set[str] = set()
+        out = []
+        for it in items:
+            k = str(it.get(self.key))
+            if k not in seen:
+                seen.add(k)
+                out.append(it)
+        if len(out) < len(items):
+            log.info("ingest-repeats-dropped queue=%s items=%d kept=%d", self.queue,
+                     len(items), len(out))
+        return out
 
     def _delete_behind(self, segment: int) -> None:
         """Delete segments behind the *saved* position only: ``position`` may be ahead of it

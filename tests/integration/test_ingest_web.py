@@ -111,6 +111,7 @@ def test_accepted_items_are_stored_exactly_once(served: web.Server, tmp_path: Pa
     (b'[{"id": 1}, 7]', "item 1 is a number, not an object"),
     (b'[{"id": 1}, {"n": 2}]', "item 1 has no 'id' field"),
     (b'[{"id": null}]', "item 0 has no 'id' field"),
+    (b'[{"id": 1}, {"id": 2}, {"id": "1"}]', "item 2 repeats the 'id' of item 0"),
 ])
 def test_malformed_input_is_400_with_the_reason_and_nothing_is_kept(
         served: web.Server, tmp_path: Path, body: bytes, reason: str) -> None:

@@ -192,3 +192,14 @@ def test_settings_are_checked() -> None:
         source(Path("."), max_request_bytes="10MB", max_unread_bytes="1MB")
     s = source(Path("."), max_request_bytes="1MB", segment_bytes=4096).settings
     assert (s.max_request_bytes, s.segment_bytes) == (10**6, 4096)
+
+
+def test_a_retried_request_s_repeats_are_dropped_within_a_fetch(tmp_path: Path) -> None:
+    w = writer(tmp_path)
+    post(w, ["a", "b"])
+    post(w, ["a", "b"])  # the client saw no 202 and sent it again
+    post(w, ["c"])
+    src = open_source("ingest", {}, tmp_path)  # the queue's key is "id" (Context.key None)
+    f = src.fetch(None, 10)
+    assert [i["id"] for i in f.items] == ["a", "b", "c"]
+    assert src.fetch(f.position, 10).items == []
