@@ -203,3 +203,46 @@ def test_a_retried_request_s_repeats_are_dropped_within_a_fetch(tmp_path: Path) 
     f = src.fetch(None, 10)
     assert [i["id"] for i in f.items] == ["a", "b", "c"]
     assert src.fetch(f.position, 10).items == []
+
+
+def test_a_failed_fsync_acknowledges_nothing_and_the_next_append_starts_a_new_segment(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "ingest"
+    w = Writer(folder)
+    post(w, ["a"])
+    real = os.fsync
+
+    def failing(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.raises(journal.JournalFailed, match="Input/output error"):
+        post(w, ["b"])
+    monkeypatch.setattr(os, "fsync", real)
+    post(w, ["c"])  # never after bytes of unknown state: a new segment
+    assert journal.segments(folder) == [1, 2]
+    # "b" was written (not acknowledged): it may be read, "a" and "c" must be.
+    got = read_all(Reader(folder))[0]
+    assert got[0] == "a" and got[-1] == "c" and set(got) <= {"a", "b", "c"}
+
+
+def test_a_failed_write_leaves_the_segment_for_a_new_one(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "ingest"
+    w = Writer(folder)
+    post(w, ["a"])
+    real = os.pwrite
+
+    def full(fd: int, data: Any, offset: int) -> int:
+        if offset > 0 and len(data) > 20:  # the record, not the head
+            real(fd, bytes(data)[:10], offset)  # part of it, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match="No space"):
+        post(w, ["b"])
+    monkeypatch.setattr(os, "pwrite", real)
+    post(w, ["c"])
+    assert journal.segments(folder) == [1, 2]
+    assert read_all(Reader(folder))[0] == ["a", "c"]
