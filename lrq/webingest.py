@@ -200,7 +200,9 @@ class Ingest:
 
                 # A spool of its own (the position only: no key, no folders made) and a
                 # budget of its own: nothing shared with the routes under Web.lock.
-                spool = Spool(self.app.cfg.data_dir, q.name)
+                # ensure(): the queue's folders 0700, as the scheduler makes them (this
+                # server may be the first to touch a new data dir).
+                spool = Spool(self.app.cfg.data_dir, q.name).ensure()
                 self._fronts[name] = Front(q, spool, self.app.budget())
             return self._fronts[name]
 

@@ -180,3 +180,12 @@ def test_the_disk_budget_answers_503_with_retry_after(served: web.Server) -> Non
     code, headers, answer = send(served, URL, items(40))  # 2 x 1200 bytes do not
     assert code == 503 and headers["Retry-After"] == "5"
     assert "no room on disk" in answer["error"] and "max_bytes 1500" in answer["error"]
+
+
+def test_the_journal_s_folders_are_private(served: web.Server, tmp_path: Path) -> None:
+    assert send(served, URL, items(1))[0] == 202
+    data = tmp_path / "data"
+    for p in (data, data / "events", data / "events" / "ingest"):
+        assert p.stat().st_mode & 0o777 == 0o700, p
+    for p in (data / "events" / "ingest").iterdir():
+        assert p.stat().st_mode & 0o777 == 0o600, p
