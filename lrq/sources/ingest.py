@@ -94,27 +94,31 @@ class IngestSource:
         self._spool = Spool(Path(data_dir), queue)
 
     def fetch(self, position: Any, limit: int) -> Fetched:
+        """Up to ``limit`` items, each key once (see the module docstring): the repeats of a
+        retried request are dropped and more are read in their place, so a short answer
+        still means the journal has nothing more (the sniffer's ``drained``)."""
         start = parse_position(position)
-        items, after = self.reader.read(position, limit)
+        out: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        at, read = position, 0
+        while len(out) < limit:
+            want = limit - len(out)
+            items, after = self.reader.read(at, want)
+            at = at if after is None else after
+            read += len(items)
+            for it in items:
+                k = str(it.get(self.key))  # as the sink stores it
+                if k not in seen:
+                    seen.add(k)
+                    out.append(it)
+            if len(items) < want:
+                break
+        if read > len(out):
+            log.info("ingest-repeats-dropped queue=%s items=%d kept=%d", self.queue, read,
+                     len(out))
         if start is not None:
             self._delete_behind(start[0])
-        return Fetched(self._first_of_each_key(items),
-                       after if items else (position if after is None else after))
-
-    def _first_of_each_key(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """``items`` without those whose key (as a string, as the sink stores it) an earlier
-        one has: a client's retried request."""
-        seen: set[str] = set()
-        out = []
-        for it in items:
-            k = str(it.get(self.key))
-            if k not in seen:
-                seen.add(k)
-                out.append(it)
-        if len(out) < len(items):
-            log.info("ingest-repeats-dropped queue=%s items=%d kept=%d", self.queue,
-                     len(items), len(out))
-        return out
+        return Fetched(out, at)
 
     def _delete_behind(self, segment: int) -> None:
         """Delete segments behind the *saved* position only: ``position`` may be ahead of it

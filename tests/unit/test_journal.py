@@ -246,3 +246,14 @@ def test_a_failed_write_leaves_the_segment_for_a_new_one(
     post(w, ["c"])
     assert journal.segments(folder) == [1, 2]
     assert read_all(Reader(folder))[0] == ["a", "c"]
+
+
+def test_repeats_dropped_are_replaced_so_a_short_fetch_means_drained(tmp_path: Path) -> None:
+    w = writer(tmp_path)
+    post(w, ["a", "b", "c"])
+    post(w, ["a", "b", "c"])  # a retry
+    post(w, ["d", "e"])
+    src = open_source("ingest", {}, tmp_path)
+    f = src.fetch(None, 4)
+    assert [i["id"] for i in f.items] == ["a", "b", "c", "d"]  # a full batch: not drained
+    assert [i["id"] for i in src.fetch(f.position, 4).items] == ["e"]
