@@ -48,6 +48,10 @@ Crash windows:
   client saw no 202; after power loss it may be gone (a new segment follows, see above).
 * killed after the fsync, before the 202 reached the client: the item is stored; the client
   retries and the sink's unique keys absorb the second copy.
+
+Failpoints (:mod:`lrq.failpoints`): ``ingest-mid-write`` (half a record written),
+``ingest-before-head`` (the record written, the head not moved), ``ingest-before-fsync``
+(the head moved, nothing fsynced yet).
 """
 from __future__ import annotations
 
@@ -66,6 +70,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lrq import failpoints
 from lrq.errors import LrqError, SourceError
 
 log = logging.getLogger(__name__)
@@ -204,13 +209,18 @@ class Writer:
                         os.ftruncate(self._fd, start)
                         log.warning("ingest-torn-tail-cut folder=%s segment=%d offset=%d",
                                     self.folder, self._seg, start)
+                    if os.environ.get(failpoints.ENV) == "ingest-mid-write":
+                        _write_all(self._fd, data[:len(data) // 2], start)  # half, then die
+                        failpoints.hit("ingest-mid-write")
                     _write_all(self._fd, data, start)
+                    failpoints.hit("ingest-before-head")
                     self._write_head(self._seg, start + len(data))
                 except OSError:
                     self._retire()
                     raise
             self._gen += 1
             gen, seg = self._gen, self._seg
+        failpoints.hit("ingest-before-fsync")
         self._sync(gen)
         return Appended(seg, start, len(data))
 
