@@ -240,7 +240,11 @@ def _handler(web: Web) -> type[BaseHTTPRequestHandler]:
                 answer = Answer(500, {"error": f"{type(e).__name__}: {e}"}, close=True)
             if answer.close:
                 self.close_connection = True
-            self._send(*_json(answer.body, answer.status), extra=dict(answer.headers))
+            try:
+                self._send(*_json(answer.body, answer.status), extra=dict(answer.headers))
+            except (BrokenPipeError, ConnectionResetError):  # the client left: nothing to tell
+                self.close_connection = True
+                log.debug("http-client-gone path=%s status=%d", self.path, answer.status)
 
         def _ingest(self, queue: str) -> Any:
             from lrq.webingest import Answer
@@ -259,14 +263,17 @@ def _handler(web: Web) -> type[BaseHTTPRequestHandler]:
             refused = front.too_large(length)
             if refused is not None:
                 return refused
-            try:
-                body = self.rfile.read(length)
-            except OSError as e:  # a client that stalls past the timeout
-                return Answer(400, {"error": f"reading the body failed: {e}"}, close=True)
-            if len(body) < length:
-                return Answer(400, {"error": f"the body ended after {len(body)} of {length} "
-                                    "bytes (Content-Length)"}, close=True)
-            return front.post(body)
+            with web.ingest.slot() as busy:
+                if busy is not None:
+                    return busy
+                try:
+                    body = self.rfile.read(length)
+                except OSError as e:  # a client that stalls past the timeout
+                    return Answer(400, {"error": f"reading the body failed: {e}"}, close=True)
+                if len(body) < length:
+                    return Answer(400, {"error": f"the body ended after {len(body)} of "
+                                        f"{length} bytes (Content-Length)"}, close=True)
+                return front.post(body)
 
         def _answer(self, route: Callable[[], tuple[int, str, bytes]]) -> None:
             try:

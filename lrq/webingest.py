@@ -17,7 +17,8 @@ the sniffer makes batches. Otherwise nothing of the request is kept, and:
 * 503 with ``Retry-After``: backpressure. The journal holds ``max_unread_bytes`` not yet in
   batches (the sniffer is behind, or the queue is paused: a paused queue accepts until
   then), the disk budget says no (:meth:`lrq.disk.Budget.blocked`, as for the sniffer's next
-  batch), the disk is full, or the journal's lock stayed held.
+  batch), the disk is full, the journal's lock stayed held, or :data:`MAX_BODIES` requests
+  are being handled already (memory: a body is read whole before it is checked).
 
 Costs per request: a listing of the journal folder and a stat per segment (the unread
 bytes), a read of the queue's ``position.json``, a ``statvfs``; the budget's walk of the data
@@ -25,11 +26,13 @@ dir is done at most every :data:`BUDGET_EVERY` seconds (the bytes appended since
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +49,11 @@ log = logging.getLogger(__name__)
 
 #: Seconds between two walks of the data dir for the disk budget.
 BUDGET_EVERY = 1.0
+#: Request bodies read and handled at once, over every ingest queue of a server: each may hold
+#: up to ``max_request_bytes`` in memory (the server starts a thread per connection). One
+#: more waits up to :data:`SLOT_WAIT` seconds, then is answered 503 without being read.
+MAX_BODIES = 32
+SLOT_WAIT = 1.0
 RETRY_FULL = 1  # seconds a client should wait when the journal is full ...
 RETRY_DISK = 5  # ... and when the disk is
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
@@ -181,10 +189,25 @@ def _json_type(value: Any) -> str:
 class Ingest:
     """The ingest queues of one web server's :class:`~lrq.app.App`, built on first use."""
 
-    def __init__(self, app: App) -> None:
+    def __init__(self, app: App, max_bodies: int = MAX_BODIES) -> None:
         self.app = app
         self._fronts: dict[str, Front] = {}
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_bodies)
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[Answer | None]:
+        """Hold one of the :data:`MAX_BODIES` slots while a body is read and handled; yields
+        the 503 to answer instead when none frees up within :data:`SLOT_WAIT` seconds."""
+        if not self._slots.acquire(timeout=SLOT_WAIT):
+            yield Answer(503, {"error": f"{MAX_BODIES} requests are being handled; retry "
+                               f"after {RETRY_FULL}s"}, (("Retry-After", str(RETRY_FULL)),),
+                         close=True)
+            return
+        try:
+            yield None
+        finally:
+            self._slots.release()
 
     def front(self, name: str) -> Front | Answer:
         """The queue's :class:`Front`, or the 404 for a queue that is not an ingest one."""

@@ -189,3 +189,21 @@ def test_the_journal_s_folders_are_private(served: web.Server, tmp_path: Path) -
         assert p.stat().st_mode & 0o777 == 0o700, p
     for p in (data / "events" / "ingest").iterdir():
         assert p.stat().st_mode & 0o777 == 0o600, p
+
+
+def test_bodies_beyond_the_server_s_slots_answer_503(served: web.Server) -> None:
+    from lrqtest import poll
+
+    from lrq import webingest
+
+    served.web.ingest = webingest.Ingest(served.web.app, max_bodies=1)
+    host, port = served.httpd.server_address[:2]
+    with socket.create_connection((str(host), int(port)), timeout=30) as slow:
+        # A client that sends its headers and a byte of its body, then stalls: it holds the
+        # one slot while the server reads.
+        slow.sendall(f"POST {URL} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+                     f"Content-Length: 100\r\n\r\n[".encode())
+        answer = poll(lambda: (r := send(served, URL, items(1)))[0] == 503 and r, 30)
+        assert answer, "the stalled body never held the slot"
+        assert answer[1]["Retry-After"] == "1" and "being handled" in answer[2]["error"]
+    assert poll(lambda: send(served, URL, items(1, 5))[0] == 202, 30)  # the slot is free again
