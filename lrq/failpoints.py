@@ -13,7 +13,9 @@ claims not yet checked); in a reaper's split (:meth:`lrq.spool.Spool.split`): ``
 its claim not yet); ``spare-after-take`` (a spare renamed into ``tmp/`` for a batch, not yet
 opened), ``retire-after-truncate`` (cleanup emptied a done batch file, not yet moved into
 ``spare/``); in :mod:`lrq.acker`: ``ack-before`` (done batches found, the source not yet
-told), ``ack-after`` (the source told, the batches not yet marked acknowledged). Unset in
+told), ``ack-after`` (the source told, the batches not yet marked acknowledged); in
+:mod:`lrq.journal`'s writer: ``ingest-mid-write``, ``ingest-before-head``,
+``ingest-before-fsync``. Unset in
 production; the check is one dictionary lookup.
 """
 from __future__ import annotations
