@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from lrq import control, rates, signing, sources
 from lrq.acker import Acker
+from lrq.batching import Rules
 from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
 from lrq.disk import Budget, Floor, Held
@@ -128,12 +129,13 @@ class App:
         source = self.source(q)
         acker = self.acker(q) if source.ack_at == "commit" else None
         return Sniffer(q, self.spool(q), source, budget=self.budget(), acker=acker,
-                       pause=self.watch(q))
+                       pause=self.watch(q), rules=Rules.of(q, self.base))
 
     def check(self) -> None:
         """Build every queue's parts once, so a bad handler, model, URL or key fails up front."""
         for q in self.queues():
             handler = load_handler(q, self.base)
+            Rules.of(q, self.base)  # imports its `separate`, if any
             close = getattr(handler, "close", None)
             if callable(close):
                 close()  # built only to check it; workers build their own
