@@ -7,8 +7,8 @@ A queue's batches are shaped by four keys (``[queues.NAME]``):
 ``batch_max_bytes``
     A batch closes before its items' size would pass this (``"1MB"`` or bytes). An item's
     size is the length of its own pickle (:func:`item_size`), the encoding the spool writes
-    before compression; a batch file is its items' sizes plus a fixed header of about 200
-    bytes, less what compression saves. An item larger than the limit goes alone in its
+    before compression; a batch file is at most its items' sizes plus a header (about 150
+    bytes, plus the source position), less what compression saves. An item larger than the limit goes alone in its
     batch: never dropped, never stalled.
 ``separate``
     ``"module:function"``, a function ``(batch_so_far, item) -> bool`` that says ``item``
