@@ -205,12 +205,13 @@ class Sniffer:
                     self.drained = True
                     self._resume(pending)
                     break
-                if not self._short and not held.ready(self.clock(), flush):
-                    self._fetch(position, held.room())  # a batch lingering for more: fill it
                 if not held.ready(self.clock(), flush):
-                    self.drained = True  # it lingers, and the source has no more for now
-                    self._resume(pending)
-                    break
+                    if not self._short:
+                        self._fetch(position, held.room())  # a batch lingering for more: fill it
+                    if not held.ready(self.clock(), flush):
+                        self.drained = True  # it lingers, and the source has no more for now
+                        self._resume(pending)
+                        break
                 piece = held.piece(position)  # held until it is in left/
                 try:
                     name = self.spool.publish(piece.items, piece.position, sync=False,
