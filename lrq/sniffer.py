@@ -13,6 +13,13 @@ save, just before it (:meth:`lrq.spool.Spool.sync_published`): one directory fsy
 only after every batch up to it is durable; a crash (or power loss) before that fsync
 re-publishes the group, which the unique keys absorb.
 
+Batch rules (:mod:`lrq.batching`): what a fetch returns goes into a :class:`~lrq.batching.Batcher`
+that cuts it into batches by ``batch_size``, ``batch_max_bytes`` and ``separate``, and holds a
+batch that is not full for up to ``batch_linger`` while later fetches fill it. The position
+moves to a fetch's position only once its last piece is published (and is saved, as above,
+after ``left/`` is fsynced); a broker's receipts are sliced with their items. Without rules a
+fetch is one batch, as before, with no work per item.
+
 Backpressure: the sniffer stops prefetching while ``max_pending`` batches (or bytes; one
 batch may always wait, however large, or a byte limit below one batch would stall) wait,
 or while :meth:`lrq.disk.Budget.blocked` says the next batch does not fit (the data dir near
