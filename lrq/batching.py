@@ -268,11 +268,17 @@ class Batcher:
         return moved, position
 
     def held(self) -> Fetched | None:
-        """What is held, as one :class:`Fetched` (a copy), or None when nothing is."""
-        if not len(self):
+        """What is held, as one :class:`Fetched` (a copy), or None when nothing is. Also read
+        by the scheduler's supervise job (``lrq run --until-idle``) while the sniff job's
+        thread changes the buffer: it reads each field once and never raises."""
+        items, start, receipts = self._items, self._start, self._receipts
+        if len(items) <= start:
             return None
-        return Fetched(self._items[self._start:], self._marks[-1][1],
-                       None if self._receipts is None else self._receipts[self._start:])
+        try:
+            position = self._marks[-1][1]
+        except IndexError:  # emptied meanwhile
+            position = None
+        return Fetched(items[start:], position, None if receipts is None else receipts[start:])
 
     def receipts(self) -> list[Any]:
         """The receipts of the items held (for the acker's ``keep``)."""
