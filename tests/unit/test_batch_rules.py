@@ -225,6 +225,24 @@ def test_the_position_moves_only_once_every_piece_of_a_fetch_is_published(
     assert [i["doc_id"] for b in got for i in b] == list(range(10))
 
 
+def test_pieces_stopped_by_backpressure_are_carried_and_published_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    items = [{"doc_id": i, "kind": 1 + i % 2} for i in range(6)]  # kinds alternate: 6 pieces
+    sn = make(tmp_path, MemorySource(items), batch_size=10, separate="workers.storage:apart",
+              max_pending=2)
+    names = record_publishes(sn, monkeypatch)
+    assert sn.tick() == 2 and sn.paused == "max_pending"
+    assert sn.spool.read_position() is None  # 4 of the fetch's 6 items are only in memory
+    assert sn.carried is not None and [i["doc_id"] for i in sn.carried.items] == [2, 3, 4, 5]
+    for name in sn.spool.pending():  # workers take the backlog
+        sn.spool.mark_done(sn.spool.claim(name))
+    assert sn.tick() == 2 and sn.carried is not None and sn.spool.read_position() is None
+    for name in sn.spool.pending():
+        sn.spool.mark_done(sn.spool.claim(name))
+    assert sn.tick() == 2 and sn.carried is None and sn.spool.read_position() == 6
+    assert [i["doc_id"] for b in batches(sn, names) for i in b] == list(range(6))
+
+
 def test_receipts_of_a_commit_acked_source_are_sliced_with_their_items(tmp_path: Path,
                                                                        monkeypatch) -> None:
     rng = random.Random(3)
