@@ -288,6 +288,9 @@ def _queue(name: str, table: dict[str, Any], base: Path, where: str) -> QueueCon
                               f"got {table['batch_max_bytes']!r}")
     if "batch_linger" in values:  # 0 is meant here: publish at once
         linger = parse_duration(values["batch_linger"], f"{where}.batch_linger")
+        if not linger >= 0:  # also NaN
+            raise ConfigError(f"{where}.batch_linger: must be 0 (publish at once) or more "
+                              f"seconds, got {linger:g}")
         values["batch_linger"] = 0.0 if linger == 0 else positive(linger, f"{where}.batch_linger")
     if "separate" in values:
         values["separate"] = required(table, "separate", where, "workers.rules:apart")
