@@ -5,6 +5,7 @@ position never passes a document that is not in a batch file."""
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from lrq.batching import item_size
+from lrq.sources import sqlite_broker
 from lrq.spool import SUFFIX
 from lrqtest import ROOT, kill_tree, killed_on_exit, load_app, lrq, poll, write_config
 
@@ -81,6 +83,38 @@ def test_run_until_idle_keeps_the_rules_and_stores_each_document_once(tmp_path: 
     assert ids == list(range(1, 601)), "a document was cut twice or lost"
     assert len(batches) > 600 / 5 * 1.5, "the rules never cut a fetch"
     assert status(cfg)["position"] == 600
+
+
+def test_a_commit_acked_source_keeps_receipts_with_their_items(tmp_path: Path) -> None:
+    """sqlite-broker (acknowledged at commit) through ``lrq run --until-idle``: every batch
+    file's receipts are its items' entries, and every entry is stored and acknowledged."""
+    kinds = [(i * 7) % 5 % 3 for i in range(500)]  # 0, 1, 2 mixed; 1 and 2 must stay apart
+    sqlite_broker.add(str(tmp_path / "broker.db"),
+                      [{"id": i + 1, "kind": k} for i, k in enumerate(kinds)])
+    cfg = tmp_path / "lrq.toml"
+    cfg.write_text(
+        'data_dir = "data"\ndb_url = "sqlite:///results.db"\ninterval = 0.2\n'
+        '[queues.docs]\nhandler = "workers.storage:handle"\nkey = "id"\n'
+        'result_table = "stored"\nbatch_size = 5\nseparate = "workers.storage:apart"\n'
+        'batch_linger = "0.2s"\nmax_pending = 1000\n'
+        '[queues.docs.source]\nkind = "sqlite-broker"\npath = "broker.db"\n')
+    p = subprocess.run([sys.executable, "-m", "lrq", "-c", str(cfg), "run", "--until-idle"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    app = load_app(cfg)
+    sp = app.spool(app.queues("docs")[0])
+    seen: list[int] = []
+    for path in sp.done.glob(f"*{SUFFIX}"):
+        batch = sp.load(path.name[:-len(SUFFIX)])
+        assert batch.receipts == [i["id"] for i in batch.items]  # entry id == item id
+        assert 1 <= len(batch.items) <= 5 and not {1, 2} <= {i["kind"] for i in batch.items}
+        seen += batch.receipts
+    assert sorted(seen) == list(range(1, 501))
+    assert len(list(sp.done.glob(f"*{SUFFIX}"))) > 500 / 5, "the rule never cut a fetch"
+    with sqlite3.connect(tmp_path / "broker.db") as db:
+        assert db.execute("SELECT count(*) FROM entries WHERE acked = 0").fetchone() == (0,)
+    with sqlite3.connect(tmp_path / "results.db") as db:
+        assert db.execute("SELECT count(DISTINCT key), count(*) FROM stored").fetchone() == (500, 500)
 
 
 def test_a_tick_ending_between_the_pieces_of_a_fetch_saves_no_position(tmp_path: Path) -> None:
