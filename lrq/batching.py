@@ -23,7 +23,7 @@ A queue's batches are shaped by four keys (``[queues.NAME]``):
     a log written line by line still flows in sizeable batches. Default 0: published at
     once, as before these rules. The wait counts from the fetch of the batch's first item
     and is checked at each sniffer tick (``interval``), so a batch can wait up to one
-    interval longer.
+    interval longer. ``lrq sniff``, a one-off run, does not linger (``Sniffer.tick(flush=True)``).
 
 Items waiting (lingering, or carried by backpressure or a full disk) are in memory only. A
 source acknowledged at publish has not moved its position past them, so a crash loses
