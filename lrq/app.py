@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from lrq import control, rates, signing, sources
 from lrq.acker import Acker
+from lrq.batching import Rules
 from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
 from lrq.disk import Budget, Floor, Held
@@ -141,7 +142,7 @@ class App:
         source = self.source(q)
         acker = self.acker(q) if source.ack_at == "commit" else None
         return Sniffer(q, self.spool(q), source, budget=self.budget(), acker=acker,
-                       pause=self.watch(q))
+                       pause=self.watch(q), rules=Rules.of(q, self.base))
 
     def check(self) -> None:
         """Build every queue's parts once, so a bad handler, model, URL or key fails up front."""
@@ -151,6 +152,7 @@ class App:
                 close = getattr(handler, "close", None)
                 if callable(close):
                     close()  # built only to check it; workers build their own
+            Rules.of(q, self.base)  # imports its `separate`, if any
             self.sink(q)
             self.source(q)
             self.check_key(q)

@@ -139,7 +139,7 @@ def cmd_sniff(args: argparse.Namespace) -> int:
                 f"sniff {q.name}", functools.partial(published.__getitem__, 0),
                 None if left is None else -(-left // q.batch_size)):
             while True:
-                n = sniffer.tick(max_batches=1 if args.once else SNIFF_STEP)
+                n = sniffer.tick(max_batches=1 if args.once else SNIFF_STEP, flush=True)
                 published[0] += n
                 if args.once or n == 0 or sniffer.drained or sniffer.paused:
                     break

@@ -110,6 +110,14 @@ class QueueConfig:
     #: all of a batch's committed together. Empty: the queue's ``handler`` is its one output.
     outputs: tuple[OutputConfig, ...] = ()
 
+    #: Batch rules (:mod:`lrq.batching`): a batch closes before its items' pickled size
+    #: passes ``batch_max_bytes``; ``separate`` ("module:function", ``(batch_so_far, item) ->
+    #: bool``) says an item starts a new batch; a batch that is not full waits up to
+    #: ``batch_linger`` seconds for more items (0: published at once).
+    batch_max_bytes: int | None = None
+    separate: str | None = None
+    batch_linger: float = 0.0
+
     @property
     def fanout(self) -> bool:
         """Does the queue name its outputs (``outputs`` tables) instead of one ``handler``?"""
@@ -309,7 +317,8 @@ _QUEUE_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_pending": (int, str), "run_seconds": (int, float, str), "source": dict,
     "retries": int, "backoff": (int, float), "handler_timeout": (int, float, str),
     "lease": (int, float, str), "max_attempts": int, "compress": str,
-    "pipeline": bool, "outputs": dict,
+    "pipeline": bool, "outputs": dict, "batch_max_bytes": (int, str), "separate": str,
+    "batch_linger": (int, float, str),
 }
 #: Keys of an ``[queues.X.outputs.NAME]`` table, any kind; "sql" adds ``model`` and
 #: ``result_table``, another kind's own keys go to its ``parse`` (lrq.outputs.KINDS).
@@ -395,6 +404,19 @@ def _queue(name: str, table: dict[str, Any], base: Path, where: str) -> QueueCon
     for k in ("run_seconds", "handler_timeout", "lease"):
         if k in values:
             values[k] = positive(parse_duration(values[k], f"{where}.{k}"), f"{where}.{k}")
+    if "batch_max_bytes" in values:
+        values["batch_max_bytes"] = parse_bytes(values["batch_max_bytes"], f"{where}.batch_max_bytes")
+        if values["batch_max_bytes"] < 1:
+            raise ConfigError(f"{where}.batch_max_bytes: must be more than 0 bytes, "
+                              f"got {table['batch_max_bytes']!r}")
+    if "batch_linger" in values:  # 0 is meant here: publish at once
+        linger = parse_duration(values["batch_linger"], f"{where}.batch_linger")
+        if not linger >= 0:  # also NaN
+            raise ConfigError(f"{where}.batch_linger: must be 0 (publish at once) or more "
+                              f"seconds, got {linger:g}")
+        values["batch_linger"] = 0.0 if linger == 0 else positive(linger, f"{where}.batch_linger")
+    if "separate" in values:
+        values["separate"] = required(table, "separate", where, "workers.rules:apart")
     if values.get("run_seconds", 1) < 1:
         raise ConfigError(f"{where}.run_seconds: must be at least 1 second (a worker process "
                           f"exits after it), got {values['run_seconds']:g}")
