@@ -356,7 +356,15 @@ class KafkaOutput:
                 f"of kafka output {self.name}")
 
     def status(self) -> dict[str, Any]:
-        """For ``lrq status``: where it sends, the last send and error; never an option value."""
+        """For ``lrq status``: where it sends, the last send and error, the idempotent
+        producer's state (with ``statistics.interval.ms`` set); never an option value. Serves
+        the client's pending callbacks when no send is in progress."""
+        if self._producer is not None and self._lock.acquire(blocking=False):
+            try:
+                if self._producer is not None:
+                    self._producer.poll(0)
+            finally:
+                self._lock.release()
         out: dict[str, Any] = {"kind": "kafka", "bootstrap": self.settings.bootstrap,
                                "topic": self.settings.topic, "last_error": self.last_error}
         if self.last is not None:
