@@ -1,5 +1,5 @@
 """kind = "kafka" output against a real broker (Tansu, tests/services/tansu.py): rows produced
-by :class:`lrq.outputs.kafka.KafkaOutput` and read back by a separate consumer (assign mode,
+by :class:`lrq.kafka_output.KafkaProducer` and read back by a separate consumer (assign mode,
 no group: nothing to wedge), dead letters for messages too large, bounded failures.
 
 Tansu enforces no message size of its own (a 3 MB message is stored), so a broker's
@@ -18,11 +18,11 @@ import servers
 from lrqtest import poll
 from services.tansu import Tansu, fresh
 
+from lrq import kafka_output as kafka
 from lrq.errors import ConfigError, Retryable
-from lrq.outputs import kafka
 
 
-def output(brokers: str, topic: str, **table: Any) -> kafka.KafkaOutput:
+def output(brokers: str, topic: str, **table: Any) -> kafka.KafkaProducer:
     settings = kafka.Settings.parse({"bootstrap": brokers, "topic": topic, **table}, Path("."),
                                     "queues.access.outputs.to_kafka")
     return kafka.open(settings, "to_kafka")

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
+from lrq import kafka_output as kafka
 from lrq.errors import ConfigError, Retryable
-from lrq.outputs import kafka
 
 WHERE = "queues.access.outputs.to_kafka"
 
@@ -106,7 +106,7 @@ def test_bad_settings_are_one_line_config_errors(table: dict[str, Any], message:
 def test_settings_and_the_producer_config_they_make() -> None:
     s = settings(max_message_bytes="2MB", timeout="5s", producer={"linger.ms": 20})
     assert (s.max_message_bytes, s.timeout) == (2_000_000, 5.0)
-    conf = kafka.KafkaOutput(s).config
+    conf = kafka.KafkaProducer(s).config
     assert conf["enable.idempotence"] is True and conf["acks"] == "all"
     assert conf["message.timeout.ms"] == 5000 and conf["request.timeout.ms"] == 5000
     assert conf["socket.timeout.ms"] == 5000 and conf["linger.ms"] == 20
@@ -115,7 +115,7 @@ def test_settings_and_the_producer_config_they_make() -> None:
 
 
 def test_nothing_is_made_before_the_first_send() -> None:
-    out = kafka.KafkaOutput(settings(), make_producer=fake())
+    out = kafka.KafkaProducer(settings(), make_producer=fake())
     assert FakeProducer.made == [] and out.status()["topic"] == "lines"
     assert out.send([{"id": 1}], "id") == []
     assert len(FakeProducer.made) == 1 and FakeProducer.made[0].sent == [(b"1", b'{"id":1}')]
@@ -125,7 +125,7 @@ def test_nothing_is_made_before_the_first_send() -> None:
 
 def test_the_brokers_size_refusal_is_a_dead_letter_for_that_row_only() -> None:
     too_large = KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Broker: Message size too large")
-    out = kafka.KafkaOutput(settings(), make_producer=fake(
+    out = kafka.KafkaProducer(settings(), make_producer=fake(
         answer=lambda key: too_large if key == b"b" else None))
     rows = [{"id": "a"}, {"id": "b", "text": "long"}, {"id": "c"}]
     dead = out.send(rows, "id")
@@ -139,7 +139,7 @@ def test_a_failed_delivery_raises_and_the_next_send_uses_a_new_client() -> None:
     timed_out = KafkaError(KafkaError._MSG_TIMED_OUT, "Local: Message timed out")
     answers = iter([None, timed_out, None])
     made = [fake(answer=lambda key: next(answers)), fake()]
-    out = kafka.KafkaOutput(settings(), make_producer=lambda conf: made.pop(0)(conf))
+    out = kafka.KafkaProducer(settings(), make_producer=lambda conf: made.pop(0)(conf))
     with pytest.raises(kafka.ProduceFailed, match="1 of 3 messages to topic 'lines' not "
                        "delivered: Local: Message timed out") as e:
         out.send([{"id": i} for i in range(3)], "id")
@@ -150,7 +150,7 @@ def test_a_failed_delivery_raises_and_the_next_send_uses_a_new_client() -> None:
 
 
 def test_a_flush_that_does_not_finish_raises_at_the_timeout() -> None:
-    out = kafka.KafkaOutput(settings(timeout=0.3), make_producer=fake(stuck=frozenset({b"2"})))
+    out = kafka.KafkaProducer(settings(timeout=0.3), make_producer=fake(stuck=frozenset({b"2"})))
     with pytest.raises(kafka.ProduceFailed, match="1 of 3 messages not acknowledged within "
                        "0.3 s"):
         out.send([{"id": i} for i in range(3)], "id")
@@ -158,20 +158,20 @@ def test_a_flush_that_does_not_finish_raises_at_the_timeout() -> None:
 
 
 def test_a_fatal_producer_error_raises_at_once() -> None:
-    out = kafka.KafkaOutput(settings(timeout=60), make_producer=fake(
+    out = kafka.KafkaProducer(settings(timeout=60), make_producer=fake(
         stuck=frozenset({b"1"}), fatal=True))
     with pytest.raises(kafka.ProduceFailed, match="fatal producer error: .*producer fenced"):
         out.send([{"id": 1}], "id")
 
 
 def test_a_full_client_queue_waits_for_room_bounded() -> None:
-    out = kafka.KafkaOutput(settings(), make_producer=fake(full=3))
+    out = kafka.KafkaProducer(settings(), make_producer=fake(full=3))
     assert out.send([{"id": 1}, {"id": 2}], "id") == []
     assert [k for k, _ in FakeProducer.made[0].sent] == [b"1", b"2"]
 
 
 def test_keys_values_and_rows_that_cannot_be_messages() -> None:
-    out = kafka.KafkaOutput(settings(max_message_bytes=40), make_producer=fake())
+    out = kafka.KafkaProducer(settings(max_message_bytes=40), make_producer=fake())
     when = __import__("datetime").datetime(2026, 12, 1, 13, 0)
     rows = [{"id": 7, "at": when}, {"id": None}, {"id": "x", "blob": object()},
             {"id": "y", "text": "z" * 40}]
@@ -180,3 +180,20 @@ def test_keys_values_and_rows_that_cannot_be_messages() -> None:
     assert [r for r, _ in dead] == rows[1:]
     assert "has no 'id'" in dead[0][1] and "cannot be encoded as JSON" in dead[1][1]
     assert "over max_message_bytes 40" in dead[2][1]
+
+
+def test_the_output_interface_sends_results_and_returns_the_undeliverable() -> None:
+    """KafkaOutput (lrq.outputs' Output for kind "kafka"): write() sends through the
+    producer, keyed by the queue's key, and returns (row, key, error) for each dead letter."""
+    from types import SimpleNamespace
+    out = kafka.KafkaOutput(None, SimpleNamespace(name="access", key="id"), SimpleNamespace(
+        name="to_kafka", aggregate=False, key=None, settings=settings(max_message_bytes=30)))
+    out.producer._make = fake()
+    assert kafka.KafkaOutput.parse({"bootstrap": "h:1", "topic": "t"}, WHERE).topic == "t"
+    assert out.write(None, "b1", [], False) == [] and FakeProducer.made == []
+    refused = out.write(None, "b1", [{"id": 1}, {"id": 2, "text": "y" * 40}], False)
+    assert [(row["id"], key) for row, key, _ in refused] == [(2, "2")]
+    assert isinstance(refused[0][2], kafka.Undeliverable) and "over max_message_bytes 30" in \
+        str(refused[0][2])
+    assert FakeProducer.made[0].sent == [(b"1", b'{"id":1}')]
+    assert out.keys() is None and out.count() is None and out.duplicates() == 0

@@ -19,7 +19,7 @@ row's key field as text (``str(row[key])``), so one item's messages go to one pa
 (``partitioner = "murmur2_random"``, as the Java client places keys, unless ``producer`` says
 otherwise).
 
-Delivery is **at least once**. :meth:`KafkaOutput.send` produces every row, then flushes
+Delivery is **at least once**. :meth:`KafkaProducer.send` produces every row, then flushes
 with a bounded wait and checks every delivery report; the batch's transaction (results,
 dead letters, ledger row) commits only after that. So:
 
@@ -54,7 +54,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ from typing import Any
 import orjson
 
 from lrq.config import parse_bytes, parse_duration, positive, required, take
-from lrq.errors import ConfigError, Retryable
+from lrq.errors import ConfigError, LrqError, Retryable
 from lrq.redact import is_secret, scrub
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
 FRAMING_BYTES = 4096
 MOST_MESSAGE_BYTES = 1_000_000_000 - FRAMING_BYTES  # librdkafka's message.max.bytes maximum
 DEFAULT_TIMEOUT = 30.0
-#: Seconds :meth:`KafkaOutput.send` waits past ``timeout`` for the delivery reports of
+#: Seconds :meth:`KafkaProducer.send` waits past ``timeout`` for the delivery reports of
 #: messages the client times out at ``timeout`` (its reports come back after that).
 FLUSH_GRACE = 2.0
 #: Seconds per flush wait: between them the send looks for every broker down or a fatal error.
@@ -135,21 +135,21 @@ class Settings:
                    producer=tuple(producer))
 
 
-def open(settings: Settings, name: str = "kafka") -> KafkaOutput:  # noqa: A001 - the kind API
-    """The output for ``settings``; nothing is connected until its first send."""
-    return KafkaOutput(settings, name)
+def open(settings: Settings, name: str = "kafka") -> KafkaProducer:  # noqa: A001 - as sources'
+    """The producer for ``settings``; nothing is connected until its first send."""
+    return KafkaProducer(settings, name)
 
 
 @dataclass(frozen=True)
 class Sent:
-    """What one :meth:`KafkaOutput.send` did."""
+    """What one :meth:`KafkaProducer.send` did."""
 
     delivered: int
     dead: int
     seconds: float
 
 
-class KafkaOutput:
+class KafkaProducer:
     """An idempotent producer to one topic, made at the first :meth:`send`. One send at a
     time (a lock): the worker commits one batch at a time per process."""
 
@@ -381,3 +381,58 @@ class KafkaOutput:
             p, self._producer = self._producer, None
             if p is not None:
                 p.flush(timeout)
+
+
+class Undeliverable(LrqError):
+    """A result that cannot be a Kafka message (too large, no key, not JSON): dead-lettered
+    for its output, the rest of the batch delivered."""
+
+
+class KafkaOutput:
+    """``kind = "kafka"`` in a queue's ``outputs`` (the :class:`lrq.outputs.Output`
+    interface): :meth:`write`, called inside the batch's transaction before the ledger row
+    commits, sends the output's results and returns the rows that cannot be messages. A
+    send that fails raises :class:`ProduceFailed`, which rolls the transaction back.
+
+    The message key is the output's ``key`` for an aggregating output (rows are produced as
+    the handler returns them, not merged: a topic has no stored row to add to), else the
+    queue's. :meth:`keys` and :meth:`count` are None: a topic cannot be listed, so ``lrq
+    verify`` shows this output as not listed."""
+
+    columns: frozenset[str] | None = None  # any fields: a message is the row as JSON
+
+    def __init__(self, engine: Any, queue: Any, output: Any, base: Path | None = None) -> None:
+        self.name: str = output.name
+        self.aggregate: bool = output.aggregate
+        self.key: str = output.key or queue.key
+        self.producer = KafkaProducer(output.settings, f"{queue.name}.{output.name}")
+
+    @classmethod
+    def parse(cls, options: dict[str, Any], where: str) -> Settings:
+        """The kind's own keys of an outputs table (the outputs' keys already taken)."""
+        return Settings.parse(options, Path("."), where)
+
+    def prepare(self) -> None:
+        """Nothing to create: the topic is the operator's (a missing one fails the send)."""
+
+    def write(self, conn: Any, batch: str, results: list[dict[str, Any]],
+              final: bool) -> list[tuple[dict[str, Any], str, Exception]]:
+        if not results:
+            return []
+        dead = self.producer.send(results, self.key)
+        for row, why in dead:
+            log.warning("dead-lettered output=%s batch=%s key=%s error=%s", self.name, batch,
+                        row.get(self.key), why)
+        return [(row, str(row.get(self.key)), Undeliverable(why)) for row, why in dead]
+
+    def keys(self) -> Iterator[str] | None:
+        return None
+
+    def count(self) -> int | None:
+        return None
+
+    def duplicates(self) -> int:
+        return 0
+
+    def status(self) -> dict[str, Any]:
+        return self.producer.status()
