@@ -28,33 +28,9 @@ def output(brokers: str, topic: str, **table: Any) -> kafka.KafkaProducer:
     return kafka.open(settings, "to_kafka")
 
 
-def read_topic(tansu: Tansu, topic: str, partitions: int, n: int,
-               seconds: float = 15.0) -> list[tuple[int, bytes, bytes]]:
-    """Every message of ``topic`` as (partition, key, value), read from offset 0 until ``n``
-    came and every partition reached its end (bounded)."""
-    from confluent_kafka import Consumer, KafkaError, TopicPartition
-    c = Consumer({"bootstrap.servers": tansu.brokers, "group.id": fresh("reader"),
-                  "enable.auto.commit": False, "enable.partition.eof": True,
-                  "socket.timeout.ms": 5000})
-    try:
-        c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
-        got: list[tuple[int, bytes, bytes]] = []
-        ended: set[int] = set()
-
-        def more() -> bool:
-            for m in c.consume(num_messages=500, timeout=0.2):
-                if m.error() is None:
-                    got.append((m.partition(), m.key(), m.value()))
-                    ended.discard(m.partition())
-                elif m.error().code() == KafkaError._PARTITION_EOF:
-                    ended.add(m.partition())
-                else:
-                    raise AssertionError(m.error().str())
-            return len(got) >= n and len(ended) == partitions
-        poll(more, seconds, every=0)
-        return got
-    finally:
-        c.close()
+def read_topic(tansu: Tansu, topic: str, partitions: int,
+               n: int) -> list[tuple[int, bytes, bytes]]:
+    return tansu.read(topic, partitions, n)
 
 
 def test_rows_are_produced_keyed_by_their_key_and_read_back_exactly(tansu: Tansu) -> None:
