@@ -400,6 +400,8 @@ class KafkaOutput:
     verify`` shows this output as not listed."""
 
     columns: frozenset[str] | None = None  # any fields: a message is the row as JSON
+    #: How a dead letter of this output starts (:data:`lrq.outputs.REFUSAL` for a table).
+    refusal = "the kafka output cannot send the result"
 
     def __init__(self, engine: Any, queue: Any, output: Any, base: Path | None = None) -> None:
         self.name: str = output.name
@@ -420,9 +422,6 @@ class KafkaOutput:
         if not results:
             return []
         dead = self.producer.send(results, self.key)
-        for row, why in dead:
-            log.warning("dead-lettered output=%s batch=%s key=%s error=%s", self.name, batch,
-                        row.get(self.key), why)
         return [(row, str(row.get(self.key)), Undeliverable(why)) for row, why in dead]
 
     def keys(self) -> Iterator[str] | None:
