@@ -149,6 +149,23 @@ class Sent:
     seconds: float
 
 
+class _Reports:
+    """The delivery reports of one send: how many came, and the failures with their message's
+    key and value (a report carries no row index, and one callback per message would cost a
+    closure each)."""
+
+    __slots__ = ("served", "failed")
+
+    def __init__(self) -> None:
+        self.served = 0
+        self.failed: list[tuple[Any, bytes, bytes]] = []
+
+    def report(self, err: Any, msg: Any) -> None:
+        self.served += 1
+        if err is not None:
+            self.failed.append((err, msg.key(), msg.value()))
+
+
 class KafkaProducer:
     """An idempotent producer to one topic, made at the first :meth:`send`. One send at a
     time (a lock): the worker commits one batch at a time per process."""
@@ -269,26 +286,21 @@ class KafkaProducer:
         p = self._client()
         deadline = start + s.timeout + FLUSH_GRACE
         dead: list[tuple[Row, str]] = []
-        #: Delivery reports of this send: (row index, error or None). A report of an earlier,
-        #: failed send goes to that send's list, never this one's.
-        reports: list[tuple[int, Any]] = []
-        produced = 0
+        reports = _Reports()  # this send's: a late report of a failed send goes to that one's
+        sent: list[tuple[bytes, bytes, int]] = []  # (key, value, row index) of each produced
         for i, row in enumerate(rows):
             message = self._encode(row, key_field)
             if isinstance(message, str):
                 dead.append((row, message))
                 continue
             key, value = message
-
-            def report(err: Any, _msg: Any, i: int = i) -> None:
-                reports.append((i, err))
             while True:
                 try:
-                    p.produce(s.topic, value, key=key, on_delivery=report)
-                    produced += 1
+                    p.produce(s.topic, value, key=key, on_delivery=reports.report)
+                    sent.append((key, value, i))
                     break
                 except BufferError:  # the client's queue is full: let it send, bounded
-                    self._check(deadline, produced - len(reports), produced)
+                    self._check(deadline, len(sent) - reports.served, len(sent))
                     p.poll(FLUSH_SLICE)
                 except KafkaException as e:
                     err = e.args[0]
@@ -297,25 +309,26 @@ class KafkaProducer:
                         break
                     raise ProduceFailed(f"kafka output {self.name}: cannot produce to topic "
                                         f"{s.topic!r}: {self._redact(err.str())}") from None
+        produced = len(sent)
         while True:
             left = p.flush(max(0.0, min(FLUSH_SLICE, deadline - time.monotonic())))
             if left == 0:
                 break
             self._check(deadline, left, produced)
-        failed = [(i, err) for i, err in reports if err is not None]
-        for i, err in failed:
-            if err.code() == KafkaError.MSG_SIZE_TOO_LARGE:
-                row = rows[i]
-                dead.append((row, self._too_large(None, err.str())))
-        errors = [err for _, err in failed if err.code() != KafkaError.MSG_SIZE_TOO_LARGE]
-        if errors:
-            raise ProduceFailed(f"kafka output {self.name}: {len(errors)} of {produced} "
-                                f"messages to topic {s.topic!r} not delivered: "
-                                f"{self._redact(errors[0].str())}")
-        if len(reports) != produced:  # flush said done: every report was served
-            raise ProduceFailed(f"kafka output {self.name}: {produced - len(reports)} of "
+        if reports.failed:
+            errors = [err for err, _k, _v in reports.failed
+                      if err.code() != KafkaError.MSG_SIZE_TOO_LARGE]
+            if errors:
+                raise ProduceFailed(f"kafka output {self.name}: {len(errors)} of {produced} "
+                                    f"messages to topic {s.topic!r} not delivered: "
+                                    f"{self._redact(errors[0].str())}")
+            index = {(k, v): i for k, v, i in sent}  # which row each refused message was
+            for err, k, v in reports.failed:
+                dead.append((rows[index[k, v]], self._too_large(None, err.str())))
+        if reports.served != produced:  # flush said done: every report was served
+            raise ProduceFailed(f"kafka output {self.name}: {produced - reports.served} of "
                                 f"{produced} delivery reports missing after the flush")
-        return dead, produced - len(failed)
+        return dead, produced - len(reports.failed)
 
     def _check(self, deadline: float, left: int, produced: int) -> None:
         """Raise :class:`ProduceFailed` when waiting longer cannot help: the deadline passed,

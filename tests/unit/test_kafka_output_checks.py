@@ -21,6 +21,17 @@ def settings(**table: Any) -> kafka.Settings:
                                 Path("."), WHERE)
 
 
+class Message:
+    def __init__(self, key: bytes, value: bytes) -> None:
+        self._key, self._value = key, value
+
+    def key(self) -> bytes:
+        return self._key
+
+    def value(self) -> bytes:
+        return self._value
+
+
 class FakeProducer:
     """Answers each produced message with ``answer(key)`` (a KafkaError or None) at flush;
     ``stuck`` keys are never answered; ``full`` produce() calls raise BufferError first."""
@@ -58,7 +69,7 @@ class FakeProducer:
             err = self.answer(key)
             if err is None:
                 self.sent.append((key, value))
-            report(err, None)
+            report(err, Message(key, value))
             served += 1
         return served
 
