@@ -123,6 +123,8 @@ class Settings:
                               f"bytes, got {size}")
         timeout = positive(parse_duration(table.get("timeout", DEFAULT_TIMEOUT),
                                           f"{where}.timeout"), f"{where}.timeout", most=3600)
+        if timeout < 1:  # librdkafka's socket.connection.setup.timeout.ms is 1000 at least
+            raise ConfigError(f"{where}.timeout: must be at least 1s, got {timeout:g}s")
         producer = []
         for k, v in table.get("producer", {}).items():
             if k in RESERVED:

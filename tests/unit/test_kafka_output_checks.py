@@ -101,6 +101,7 @@ def _fresh_fakes(monkeypatch: pytest.MonkeyPatch) -> None:
     ({"max_message_bytes": "2 apples"}, "is not a size; write e.g. 10GB"),
     ({"timeout": "0s"}, "timeout: must be more than 0 seconds"),
     ({"timeout": "soon"}, "is not a duration"),
+    ({"timeout": 0.5}, "timeout: must be at least 1s, got 0.5s"),
     ({"acks": 1}, f"^{WHERE}: unknown key 'acks' for kind \"kafka\" \\(known keys: kind, bootstrap, "),
     ({"producer": {"acks": "1"}}, "'acks' is set by lrq"),
     ({"producer": {"message.timeout.ms": 5}}, "set by lrq .* `timeout`"),
@@ -161,7 +162,8 @@ def test_a_failed_delivery_raises_and_the_next_send_uses_a_new_client() -> None:
 
 
 def test_a_flush_that_does_not_finish_raises_at_the_timeout() -> None:
-    out = kafka.KafkaProducer(settings(timeout=0.3), make_producer=fake(stuck=frozenset({b"2"})))
+    quick = kafka.Settings(bootstrap="h:1", topic="lines", timeout=0.3)  # parse wants 1 s
+    out = kafka.KafkaProducer(quick, make_producer=fake(stuck=frozenset({b"2"})))
     with pytest.raises(kafka.ProduceFailed, match="1 of 3 messages not acknowledged within "
                        "0.3 s"):
         out.send([{"id": i} for i in range(3)], "id")
