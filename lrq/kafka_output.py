@@ -67,13 +67,24 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from lrq.config import parse_bytes, parse_duration, positive, required, take
+from lrq.config import (
+    OutputConfig,
+    QueueConfig,
+    parse_bytes,
+    parse_duration,
+    positive,
+    required,
+    take,
+)
 from lrq.errors import ConfigError, LrqError, Retryable
 from lrq.redact import is_secret, scrub
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection, Engine
 
 log = logging.getLogger(__name__)
 
@@ -425,10 +436,11 @@ class KafkaOutput:
     verify`` shows this output as not listed."""
 
     columns: frozenset[str] | None = None  # any fields: a message is the row as JSON
-    #: How a dead letter of this output starts (:data:`lrq.outputs.REFUSAL` for a table).
+    #: How a dead letter of this output starts ("the database refused the result" for a table).
     refusal = "the kafka output cannot send the result"
 
-    def __init__(self, engine: Any, queue: Any, output: Any, base: Path | None = None) -> None:
+    def __init__(self, engine: Engine, queue: QueueConfig, output: OutputConfig,
+                 base: Path | None = None) -> None:
         self.name: str = output.name
         self.aggregate: bool = output.aggregate
         self.key: str = output.key or queue.key
@@ -442,8 +454,10 @@ class KafkaOutput:
     def prepare(self) -> None:
         """Nothing to create: the topic is the operator's (a missing one fails the send)."""
 
-    def write(self, conn: Any, batch: str, results: list[dict[str, Any]],
+    def write(self, conn: Connection, batch: str, results: list[dict[str, Any]],
               final: bool) -> list[tuple[dict[str, Any], str, Exception]]:
+        """Send ``results`` (the batch's transaction waits); the rows that cannot be
+        messages. Raises :class:`ProduceFailed`: the transaction rolls back."""
         if not results:
             return []
         dead = self.producer.send(results, self.key)
