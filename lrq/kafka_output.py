@@ -474,3 +474,9 @@ class KafkaOutput:
 
     def status(self) -> dict[str, Any]:
         return self.producer.status()
+
+
+if TYPE_CHECKING:  # mypy checks the kind against the outputs' interface
+    from lrq.outputs import Output
+
+    _conforms: type[Output] = KafkaOutput
