@@ -210,3 +210,21 @@ def test_the_output_interface_sends_results_and_returns_the_undeliverable() -> N
         str(refused[0][2])
     assert FakeProducer.made[0].sent == [(b"1", b'{"id":1}')]
     assert out.keys() is None and out.count() is None and out.duplicates() == 0
+
+
+def test_loading_a_config_with_a_kafka_output_does_not_import_the_client(tmp_path: Path) -> None:
+    """The kind is checked at config load (lrq.outputs.KINDS); confluent_kafka is imported
+    only by the first send, so every lrq command that reads the config stays cheap."""
+    import subprocess
+    import sys
+
+    from lrqtest import ROOT, write_config
+    cfg = write_config(tmp_path, docs=None, handler=None, result_table=None, outputs={
+        "to_kafka": {"kind": "kafka", "handler": "workers.wordcount:handle",
+                     "bootstrap": "127.0.0.1:9", "topic": "t", "producer": {"linger.ms": 5}}})
+    code = ("import sys; from lrq import config; c = config.load(sys.argv[1]); "
+            "o = c.queues['docs'].outputs[0]; print(o.kind, o.settings.topic, "
+            "'confluent_kafka' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(cfg)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60)
+    assert out.stdout.split() == ["kafka", "t", "False"], out.stderr
