@@ -213,6 +213,7 @@ class KafkaProducer:
         #: secrets.
         self.config: dict[str, Any] = {
             "partitioner": "murmur2_random",
+            "log_level": 5,  # notices and worse: not info lines such as BGQUEUE at every exit
             "socket.timeout.ms": min(60000, ms),
             "socket.connection.setup.timeout.ms": min(30000, ms),
             "request.timeout.ms": min(30000, ms),
