@@ -1,0 +1,535 @@
+"""``kind = "logfile"``: growing log files tailed with ``tail -F`` semantics, acknowledged at
+publish (the sniffer saves the position only once the batch file is durable, as for SQL).
+
+(Not :mod:`lrq.logfile`, which is lrq's own log handler.)
+
+```toml
+[queues.access.source]
+kind      = "logfile"
+paths     = ["/var/log/apache2/access.log"]   # globs allowed, relative to the config dir
+max_bytes = 65536        # a longer line is cut into parts, each marked (part, of)
+# encoding = "utf-8"     # undecodable bytes are replaced (U+FFFD), never dropped
+```
+
+Items: ``id`` (``dev:inode:tag:offset``, plus ``:part`` for the parts of a cut line), ``line``
+(the text without its newline), ``path`` (where the file was when read), ``offset`` (the byte
+offset of the line's start) and, for a cut line, ``part`` (1-based) and ``of``. ``tag`` is a
+short hash of the file's first line, so the ids stay unique when a file is truncated and
+written again (copytruncate) or a deleted file's inode is reused: ``dev:inode:offset`` alone
+would repeat an id the results already hold, and the new line would be dropped as a replay.
+It depends only on the file's content, so a crash before the position is saved re-reads the
+same lines under the same ids (the unique keys absorb them).
+
+The position (``position.json``, a JSON value) lists each known file: its identity
+``(dev, ino)``, ``tag``, ``offset`` (the end of the last complete line handed out), the last
+size seen, the path where it was last seen and ``home``, the configured path it lived at.
+A fetch:
+
+* expands the globs (a file is identified by ``(dev, ino)``, never by its name);
+* finds each known file that is no longer at a glob path (rotated away): by the descriptor
+  this process keeps open, else at its last path, else among the entries of its home's
+  folder whose name starts with the home's name (``access.log.1``, ``access.log-20260101``,
+  however often it was renamed since); such a file is read to its end before the files at
+  the glob paths (older content first), and forgotten once read to its end and unchanged for
+  ``GRACE`` seconds (a writer may still append until it reopens its log; a partial last line
+  is then handed out as it is, since it will never complete);
+* reads each file from its offset with big reads (``CHUNK``), splits on ``b"\\n"`` and holds
+  a partial last line back until its newline arrives;
+* detects truncation (copytruncate): the size below the offset, or the first line changed
+  under the same inode; the file is read again from 0, with a WARNING ``truncated``.
+
+Losses are reported, never skipped silently: a known file that can no longer be found while
+its offset is below its last known size, or a truncation that cut bytes not yet read, logs a
+WARNING ``lost`` naming the file and the bytes, and is recorded in ``logfile-losses.json`` in
+the queue's folder (at once, not with the position), which :meth:`LogfileSource.status`
+shows. The window that cannot be closed: while lrq is down, a file rotated away *and* moved
+out of its home folder (or renamed to a name not starting with its home's name, or deleted)
+cannot be found after the restart; its unread tail is reported lost. A running lrq keeps a
+descriptor on every file it follows, so it reads a rotated or even deleted file to its end.
+Lines written between logrotate's copy and its truncate are lost by copytruncate itself.
+
+The encoding must write ``"\\n"`` as the byte ``0x0a`` (utf-8, latin-1, cp1252 ...; not
+utf-16). A line is held in memory whole until its newline, however long; its parts are cut
+at ``max_bytes`` (for utf-8, moved back to a character boundary so no character is split).
+
+``keys()`` is None: the ids of rotated-away files cannot be listed again, so ``lrq verify``
+reconciles the ledger against the ``lag`` of :meth:`LogfileSource.status` (lines behind,
+estimated from the bytes behind and the mean line length read so far).
+"""
+from __future__ import annotations
+
+import codecs
+import glob as globlib
+import hashlib
+import json
+import logging
+import os
+import stat
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from lrq.config import take
+from lrq.errors import ConfigError, SourceError
+from lrq.sources import AckAt, Context, Fetched
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20  # bytes per read
+HEAD = 256  # at most this much of a file's first line makes its tag
+GRACE = 5.0  # seconds a rotated file read to its end stays watched for late appends
+SCAN_EVERY = 1.0  # seconds between glob scans while reading a backlog (always after an EOF)
+LOSSES = "logfile-losses.json"
+KEEP_LOSSES = 100  # loss records kept in LOSSES (the totals count all)
+FIELDS = ("id", "line", "path", "offset")
+
+Key = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The ``[queues.X.source]`` table of ``kind = "logfile"``."""
+
+    paths: tuple[str, ...]
+    max_bytes: int = 65536
+    encoding: str = "utf-8"
+
+    @classmethod
+    def parse(cls, table: dict[str, Any], base: Path, where: str) -> Settings:
+        """Check the options; relative paths (and globs) are made absolute against ``base``."""
+        take(table, {"paths": list, "max_bytes": int, "encoding": str}, where, kind="logfile")
+        paths = table.get("paths")
+        if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
+            raise ConfigError(f'{where}.paths: missing or empty; give a list of files or globs '
+                              f'(e.g. paths = ["/var/log/apache2/access.log"])')
+        max_bytes = table.get("max_bytes", cls.max_bytes)
+        if max_bytes < 1:
+            raise ConfigError(f"{where}.max_bytes: {max_bytes} is below 1; give the longest "
+                              f"line in bytes before it is cut into parts (e.g. 65536)")
+        encoding = table.get("encoding", cls.encoding)
+        try:
+            name = codecs.lookup(encoding).name
+            ok = "\n".encode(name) == b"\n"
+        except LookupError:
+            raise ConfigError(f"{where}.encoding: unknown encoding {encoding!r} "
+                              f'(e.g. encoding = "utf-8")') from None
+        if not ok:
+            raise ConfigError(f"{where}.encoding: {encoding!r} does not write a newline as one "
+                              f'byte 0x0a; use an ASCII-compatible one (e.g. "utf-8")')
+        return cls(paths=tuple(str(base / p.strip()) for p in paths), max_bytes=max_bytes,
+                   encoding=name)
+
+
+def open(settings: Settings, context: Context | None = None) -> LogfileSource:  # noqa: A001
+    """The kind's entry point for :func:`lrq.sources.build`: nothing is opened yet."""
+    return LogfileSource(settings, context)
+
+
+class _File:
+    """A followed file, as the position records it (mutable while one fetch works on it)."""
+
+    __slots__ = ("dev", "ino", "tag", "hl", "offset", "size", "path", "home", "n")
+
+    def __init__(self, dev: int, ino: int, path: str, home: str, offset: int = 0,
+                 size: int = 0, tag: str | None = None, hl: int = 0, n: int = 0) -> None:
+        self.dev, self.ino, self.path, self.home = dev, ino, path, home
+        self.offset, self.size, self.tag, self.hl, self.n = offset, size, tag, hl, n
+
+    @property
+    def key(self) -> Key:
+        return (self.dev, self.ino)
+
+    def to_json(self) -> dict[str, Any]:
+        return {s: getattr(self, s) for s in self.__slots__}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> _File:
+        return cls(**{s: d[s] for s in cls.__slots__ if s in d})
+
+
+@dataclass(frozen=True)
+class Loss:
+    """Bytes of a file that will never be read: a record of ``logfile-losses.json``."""
+
+    path: str
+    dev: int
+    ino: int
+    offset: int
+    bytes: int
+    why: str  # "missing" (the file cannot be found) or "truncated" (cut before it was read)
+    at: float
+
+
+def _files(position: Any) -> list[_File]:
+    if not isinstance(position, dict):
+        return []
+    return [_File.from_json(d) for d in position.get("files", [])]
+
+
+class LogfileSource:
+    ack_at: AckAt = "publish"
+
+    def __init__(self, cfg: Settings, context: Context | None = None) -> None:
+        self.cfg = cfg
+        self.context = context
+        self.clock = time.monotonic
+        self.wall = time.time
+        self._utf8 = cfg.encoding == "utf-8"
+        self._fds: dict[Key, int] = {}
+        #: Read-ahead per file: (offset of data[0], data), reused by the next fetch.
+        self._buf: dict[Key, tuple[int, bytes]] = {}
+        #: Files quiet for GRACE after rotation: a trailing partial line is handed out.
+        self._final: set[Key] = set()
+        self._scan_at = float("-inf")
+        self._rescan = True
+        self._reported: set[str] = set()  # warnings logged and losses recorded, by event id
+
+    # -- fetch ---------------------------------------------------------------------------
+    def fetch(self, position: Any, limit: int) -> Fetched:
+        """Up to ``limit`` complete lines past ``position`` (more only when one line's parts
+        alone exceed it), rotated files first; the new position lists every file followed."""
+        before = _files(position)
+        files = before
+        if self._rescan or self.clock() - self._scan_at >= SCAN_EVERY or \
+                any(f.key not in self._fds for f in files):
+            files = self._locate(before)
+        items: list[dict[str, Any]] = []
+        self._rescan = False
+        try:
+            for f in files:
+                if len(items) >= limit:
+                    break
+                if self._read(f, items, limit):
+                    self._rescan = True  # at an end: look for rotations and new files next time
+        except OSError as e:
+            self._rescan = True
+            raise SourceError(f"cannot read log file {f.path}: {e}") from e
+        if len(items) < limit:
+            self._rescan = True
+        self._close_unused({f.key for f in before} | {f.key for f in files})
+        return Fetched(items, {"files": [f.to_json() for f in files]})
+
+    def _read(self, f: _File, items: list[dict[str, Any]], limit: int) -> bool:
+        """Append ``f``'s complete lines past its offset to ``items`` (up to ``limit``) and
+        move its offset; True when it was read to its end."""
+        fd = self._fds[f.key]
+        size = os.fstat(fd).st_size
+        if size < f.offset or (f.tag is not None and not self._same_head(fd, f)):
+            self._truncated(f, size)
+        f.size = size
+        start, data = self._buf.get(f.key, (f.offset, b""))
+        if not start <= f.offset <= start + len(data):
+            start, data = f.offset, b""
+        pos = f.offset - start
+        prefix = f"{f.dev}:{f.ino}:{f.tag}:"
+        max_bytes, enc, path = self.cfg.max_bytes, self.cfg.encoding, f.path
+        append, n = items.append, 0
+        eof = False
+        while len(items) < limit:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                more = os.pread(fd, max(CHUNK, len(data) - pos), start + len(data))
+                if more:
+                    data, start, pos = data[pos:] + more, start + pos, 0
+                    continue
+                eof = True
+                if f.key in self._final and pos < len(data):
+                    nl = len(data)  # a rotated file gone quiet: its last line will never end
+                else:
+                    break
+            if f.tag is None:  # the first line (start == 0 here): it names the file
+                head = data[:min(nl + 1, HEAD)]
+                f.tag, f.hl = hashlib.blake2b(head, digest_size=4).hexdigest(), len(head)
+                prefix = f"{f.dev}:{f.ino}:{f.tag}:"
+            offset = start + pos
+            if nl - pos <= max_bytes:
+                append({"id": prefix + str(offset), "line": data[pos:nl].decode(enc, "replace"),
+                        "path": path, "offset": offset})
+            else:
+                cuts = self._cuts(data, pos, nl)
+                if items and len(items) + len(cuts) > limit:
+                    break  # its parts go together, in the next fetch
+                of = len(cuts)
+                for part, (a, b) in enumerate(cuts, 1):
+                    append({"id": f"{prefix}{offset}:{part}", "line": data[a:b].decode(enc, "replace"),
+                            "path": path, "offset": offset, "part": part, "of": of})
+            n += 1
+            pos = nl + 1
+            if eof:
+                pos = nl
+                break
+        else:
+            eof = data.find(b"\n", pos) < 0 and start + len(data) >= size
+        f.offset, f.n = start + pos, f.n + n
+        f.size = max(f.size, start + len(data))
+        if pos >= len(data):
+            self._buf.pop(f.key, None)
+        else:
+            self._buf[f.key] = (start, data)
+        return eof
+
+    def _cuts(self, data: bytes, pos: int, end: int) -> list[tuple[int, int]]:
+        """The parts of the line ``data[pos:end]``: ``max_bytes`` each, for utf-8 moved back
+        to a character boundary (never to an empty part), so every byte is in one part."""
+        out, a, step = [], pos, self.cfg.max_bytes
+        while a < end:
+            b = min(a + step, end)
+            if self._utf8 and b < end:
+                c = b
+                while c > a + 1 and b - c < 3 and data[c] & 0xC0 == 0x80:
+                    c -= 1
+                if data[c] & 0xC0 != 0x80:
+                    b = c
+            out.append((a, b))
+            a = b
+        return out
+
+    def _same_head(self, fd: int, f: _File) -> bool:
+        head = os.pread(fd, f.hl, 0)
+        return len(head) == f.hl and hashlib.blake2b(head, digest_size=4).hexdigest() == f.tag
+
+    def _truncated(self, f: _File, size: int) -> None:
+        """copytruncate (or the file rewritten under the same inode): read it again from 0.
+        Bytes past the offset that were seen but not read are reported lost."""
+        event = f"truncated:{f.dev}:{f.ino}:{f.tag}:{f.offset}"
+        if event not in self._reported:
+            self._reported.add(event)
+            log.warning("truncated path=%s size=%d offset=%d: reading it again from the start",
+                        f.path, size, f.offset)
+        if f.size > f.offset:
+            self._lost(f, f.size - f.offset, "truncated")
+        f.offset, f.tag, f.hl, f.n = 0, None, 0, 0
+        self._buf.pop(f.key, None)
+        self._final.discard(f.key)
+
+    # -- finding files -------------------------------------------------------------------
+    def _glob(self) -> dict[Key, tuple[str, os.stat_result]]:
+        """The regular files at the configured paths now, by identity, in path order."""
+        found: dict[Key, tuple[str, os.stat_result]] = {}
+        for pattern in self.cfg.paths:
+            names = sorted(globlib.glob(pattern)) if globlib.has_magic(pattern) else [pattern]
+            for p in names:
+                try:
+                    st = os.stat(p)
+                except OSError:
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    found.setdefault((st.st_dev, st.st_ino), (p, st))
+        return found
+
+    def _locate(self, files: list[_File]) -> list[_File]:
+        """The files to read, in order: rotated-away ones still to finish, the known ones at
+        the glob paths, then new ones (oldest first). Opens each one's descriptor; reports
+        known files that cannot be found any more."""
+        live = self._glob()
+        moved: list[_File] = []
+        kept: list[_File] = []
+        seen: set[Key] = set()
+        for f in files:
+            if f.key in seen:
+                continue
+            seen.add(f.key)
+            hit = live.get(f.key)
+            if hit is not None and self._open(f.key, hit[0]):
+                f.path = f.home = hit[0]
+                self._final.discard(f.key)
+                kept.append(f)
+                continue
+            st = self._find(f)
+            if st is None:
+                if f.size > f.offset:
+                    self._lost(f, f.size - f.offset, "missing")
+                log.info("forgotten path=%s offset=%d: no longer found", f.path, f.offset)
+                continue
+            quiet = self.wall() - st.st_mtime > GRACE
+            if quiet and f.offset >= st.st_size:
+                log.info("finished path=%s offset=%d: rotated away and read to its end",
+                         f.path, f.offset)
+                self._drop(f.key)
+                continue
+            if quiet:
+                self._final.add(f.key)
+            moved.append(f)
+        new = [(st.st_mtime, p, k) for k, (p, st) in live.items() if k not in seen]
+        for _, p, k in sorted(new):
+            if self._open(k, p):
+                kept.append(_File(k[0], k[1], path=p, home=p))
+                log.info("following path=%s", p)
+        self._scan_at = self.clock()
+        return moved + kept
+
+    def _open(self, key: Key, path: str) -> bool:
+        """Keep a descriptor on the file ``key`` found at ``path``; False if it is no longer
+        there (rotated between the look and the open)."""
+        if key in self._fds:
+            return True
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError as e:
+            raise SourceError(f"cannot open log file {path}: {e}") from e
+        st = os.fstat(fd)
+        if (st.st_dev, st.st_ino) != key:
+            os.close(fd)
+            return False
+        self._fds[key] = fd
+        return True
+
+    def _find(self, f: _File) -> os.stat_result | None:
+        """A known file no longer at a glob path: at its last path or renamed beside its home
+        (``access.log.1``), else by the descriptor this process keeps (moved elsewhere or
+        deleted, still readable); None when it cannot be found."""
+        home = Path(f.home)
+        candidates = [f.path]
+        try:
+            with os.scandir(home.parent) as it:
+                candidates += [e.path for e in it if e.name.startswith(home.name)
+                               and e.inode() == f.ino and e.path != f.path]
+        except OSError:
+            pass
+        for p in candidates:
+            try:
+                st = os.stat(p)
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == f.key and self._open(f.key, p):
+                f.path = p
+                return os.fstat(self._fds[f.key])
+        fd = self._fds.get(f.key)
+        return None if fd is None else os.fstat(fd)
+
+    def _drop(self, key: Key) -> None:
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+        self._buf.pop(key, None)
+        self._final.discard(key)
+
+    def _close_unused(self, keep: set[Key]) -> None:
+        for key in [k for k in self._fds if k not in keep]:
+            self._drop(key)
+
+    # -- losses --------------------------------------------------------------------------
+    def _losses_path(self) -> Path | None:
+        if self.context is None:
+            return None
+        return Path(self.context.data_dir) / self.context.queue / LOSSES
+
+    def _lost(self, f: _File, nbytes: int, why: str) -> None:
+        """Report bytes that will never be read: once per event, logged and recorded."""
+        event = f"lost:{f.dev}:{f.ino}:{f.tag}:{f.offset}"
+        if event in self._reported:
+            return
+        self._reported.add(event)
+        loss = Loss(path=f.path, dev=f.dev, ino=f.ino, offset=f.offset, bytes=nbytes, why=why,
+                    at=self.wall())
+        log.warning("lost path=%s bytes=%d offset=%d why=%s: not read, and can no longer be",
+                    f.path, nbytes, f.offset, why)
+        path = self._losses_path()
+        if path is None:
+            return
+        record = self._read_losses(path)
+        if any(r.get("event") == event for r in record["recent"]):
+            return  # recorded before a restart
+        record["recent"] = [*record["recent"], {"event": event, **asdict(loss)}][-KEEP_LOSSES:]
+        record["count"] += 1
+        record["bytes"] += nbytes
+        from lrq.spool.files import write_atomic
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / "tmp"  # the spool's, swept by cleanup after a crash
+        try:
+            write_atomic(path, json.dumps(record).encode(), tmp if tmp.is_dir() else path.parent)
+        except OSError as e:  # the WARNING above still says it
+            log.error("lost-unrecorded path=%s: cannot write %s: %s", f.path, path, e)
+
+    @staticmethod
+    def _read_losses(path: Path) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(path.read_bytes())
+            return data
+        except (FileNotFoundError, ValueError):
+            return {"count": 0, "bytes": 0, "recent": []}
+
+    def losses(self) -> list[Loss]:
+        """The recorded losses, oldest first (the last ``KEEP_LOSSES``)."""
+        path = self._losses_path()
+        if path is None:
+            return []
+        return [Loss(**{k: v for k, v in r.items() if k != "event"})
+                for r in self._read_losses(path)["recent"]]
+
+    # -- reports -------------------------------------------------------------------------
+    def _behind(self, position: Any) -> tuple[list[dict[str, Any]], int, int, int]:
+        """Per file (known, or new at a glob path): path, offset, size now; and the totals of
+        bytes behind, of bytes read and of lines read."""
+        files = _files(position)
+        live = self._glob()
+        rows, behind, read, lines = [], 0, 0, 0
+        for f in files:
+            hit = live.pop(f.key, None)
+            size = hit[1].st_size if hit else f.size
+            rows.append({"path": hit[0] if hit else f.path, "offset": f.offset, "size": size})
+            behind += max(size - f.offset, 0)
+            read, lines = read + f.offset, lines + f.n
+        for p, st in live.values():
+            rows.append({"path": p, "offset": 0, "size": st.st_size})
+            behind += st.st_size
+        return rows, behind, read, lines
+
+    def _saved(self) -> Any:
+        if self.context is None:
+            return None
+        from lrq.spool import Spool
+
+        return Spool(self.context.data_dir, self.context.queue).read_position()
+
+    def remaining(self, position: Any) -> int | None:
+        """Lines behind, estimated: bytes behind over the mean line length read so far (None
+        before any line was read while bytes wait; 0 when none do)."""
+        _, behind, read, lines = self._behind(position)
+        if not behind:
+            return 0
+        return round(behind * lines / read) if lines and read else None
+
+    def status(self) -> dict[str, Any]:
+        """Files with offsets and sizes, ``behind_bytes``, ``lag`` (lines behind, estimated),
+        and the losses reported (``lost_bytes``, ``losses``, the last one's file)."""
+        rows, behind, read, lines = self._behind(self._saved())
+        path = self._losses_path()
+        record: dict[str, Any] = self._read_losses(path) if path else \
+            {"count": 0, "bytes": 0, "recent": []}
+        view: dict[str, Any] = {
+            "files": rows, "behind_bytes": behind,
+            "lag": (round(behind * lines / read) if lines and read else None) if behind else 0,
+            "losses": record["count"], "lost_bytes": record["bytes"]}
+        if record["recent"]:
+            last = record["recent"][-1]
+            view["last_loss"] = f"{last['path']}: {last['bytes']} bytes ({last['why']})"
+        return view
+
+    # -- the rest of the protocol --------------------------------------------------------
+    def ack(self, receipts: Sequence[Any]) -> None:
+        """Never called: acknowledged at publish, by the saved position."""
+
+    def keep(self, receipts: Sequence[Any]) -> None:
+        """Nothing is held: files are re-readable."""
+
+    def settled(self) -> bool:
+        """Re-readable: settled once a fetch came back short (the sniffer's ``drained``)."""
+        return True
+
+    def keys(self, key: str) -> Iterator[str] | None:
+        """None: a rotated-away file's lines cannot be listed again (verify reconciles)."""
+        return None
+
+    def item_fields(self) -> list[str]:
+        """The fields every item carries (a cut line's parts add ``part`` and ``of``)."""
+        return list(FIELDS)
+
+    def close(self) -> None:
+        for key in list(self._fds):
+            self._drop(key)
