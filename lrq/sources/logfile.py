@@ -68,6 +68,7 @@ import stat
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -226,8 +227,14 @@ class LogfileSource:
         prefix = f"{f.dev}:{f.ino}:{f.tag}:"
         max_bytes, enc, path = self.cfg.max_bytes, self.cfg.encoding, f.path
         append, n = items.append, 0
+        avg = max(16, f.offset // f.n) if f.n else 256  # bytes per line so far: the window
         eof = False
         while len(items) < limit:
+            if f.tag is not None:
+                block = self._block(data, pos, start, limit - len(items), avg, prefix, path, items)
+                if block is not None:
+                    n, pos = n + block[0], block[1]
+                    continue
             nl = data.find(b"\n", pos)
             if nl < 0:
                 more = os.pread(fd, max(CHUNK, len(data) - pos), start + len(data))
@@ -269,6 +276,26 @@ class LogfileSource:
         else:
             self._buf[f.key] = (start, data)
         return eof
+
+    def _block(self, data: bytes, pos: int, start: int, room: int, avg: int, prefix: str,
+               path: str, items: list[dict[str, Any]]) -> tuple[int, int] | None:
+        """The fast path: up to ``room`` complete lines of ``data[pos:]`` within a window of
+        about ``room`` average lines, split and built in C-level passes instead of one
+        ``find`` and a few Python statements a line; (lines, new pos). None when the window
+        holds no complete line or a line over ``max_bytes`` (the line-by-line loop then
+        takes one line)."""
+        last = data.rfind(b"\n", pos, pos + (room + 1) * avg)
+        if last < 0:
+            return None
+        parts = data[pos:last].split(b"\n", room)
+        del parts[room:]  # past ``room`` lines: the rest of the window, read next time
+        if max(map(len, parts)) > self.cfg.max_bytes:
+            return None
+        offsets = list(accumulate([len(p) + 1 for p in parts], initial=start + pos))
+        enc = self.cfg.encoding
+        items.extend([{"id": f"{prefix}{o}", "line": p.decode(enc, "replace"), "path": path,
+                       "offset": o} for p, o in zip(parts, offsets)])
+        return len(parts), offsets[-1] - start
 
     def _cuts(self, data: bytes, pos: int, end: int) -> list[tuple[int, int]]:
         """The parts of the line ``data[pos:end]``: ``max_bytes`` each, for utf-8 moved back
