@@ -252,3 +252,28 @@ def test_registered_kind_from_a_config_file(tmp_path: Path) -> None:
     assert q.source.kind == "logfile" and q.source.settings.paths == (str(tmp_path / "app.log"),)
     app.check_key(q)
     assert lines(app.source(q).fetch(None, 10).items) == ["hello"]
+
+
+def test_sniffer_saves_the_position_and_status_reads_it(tmp_path: Path) -> None:
+    from lrqtest import load_app
+
+    log = tmp_path / "app.log"
+    log.write_bytes(b"".join(b"line %d\n" % i for i in range(250)) + b"partial")
+    path = tmp_path / "lrq.toml"
+    path.write_text('data_dir = "data"\ndb_url = "sqlite:///results.db"\n'
+                    '[queues.access]\nhandler = "workers.wordcount:handle"\nkey = "id"\n'
+                    '[queues.access.source]\nkind = "logfile"\npaths = ["app.log"]\n')
+    app = load_app(path)
+    q = app.queues()[0]
+    sniffer = app.sniffer(q)
+    with sniffer.spool.lock("sniff"):
+        assert sniffer.tick() == 3  # 100 + 100 + 50 lines
+    saved = sniffer.spool.read_position()
+    assert saved["files"][0]["offset"] == log.stat().st_size - len(b"partial")
+    published = [sniffer.spool.load(n).items for n in sniffer.spool.pending()]
+    assert [i["line"] for b in published for i in b] == [f"line {i}" for i in range(250)]
+    view = app.status().queues[0].source  # what `lrq status` shows: from the saved position
+    assert view["kind"] == "logfile" and view["behind_bytes"] == len(b"partial")
+    assert view["files"] == [{"path": str(log), "offset": saved["files"][0]["offset"],
+                              "size": log.stat().st_size}]
+    assert view["losses"] == 0 and view["lag"] == 1  # the partial line, ~ one mean line
