@@ -33,6 +33,10 @@ A fetch:
   the glob paths (older content first), and forgotten once read to its end and unchanged for
   ``GRACE`` seconds (a writer may still append until it reopens its log; a partial last line
   is then handed out as it is, since it will never complete);
+* when a file that was at its home in the position has been rotated away, also reads the
+  *generations* lrq never saw: unknown, uncompressed files beside the home, written no
+  earlier than it (the file that took the home and was rotated away again while lrq was
+  down, or before a crash saved the position);
 * reads each file from its offset with big reads (``CHUNK``), splits on ``b"\\n"`` and holds
   a partial last line back until its newline arrives;
 * detects truncation (copytruncate): the size below the offset, or the first line changed
@@ -42,9 +46,12 @@ Losses are reported, never skipped silently: a known file that can no longer be 
 its offset is below its last known size, or a truncation that cut bytes not yet read, logs a
 WARNING ``lost`` naming the file and the bytes, and is recorded in ``logfile-losses.json`` in
 the queue's folder (at once, not with the position), which :meth:`LogfileSource.status`
-shows. The window that cannot be closed: while lrq is down, a file rotated away *and* moved
+shows. The windows that cannot be closed: while lrq is down, a file rotated away *and* moved
 out of its home folder (or renamed to a name not starting with its home's name, or deleted)
-cannot be found after the restart; its unread tail is reported lost. A running lrq keeps a
+cannot be found after the restart; its unread tail is reported lost (a generation never seen
+and gone too is not known at all: nothing can report it). Before the first position is saved
+lrq has not started following: files rotated away by then are not read (``tail -F`` started
+after the rotation would not read them either). A running lrq keeps a
 descriptor on every file it follows, so it reads a rotated or even deleted file to its end.
 Lines written between logrotate's copy and its truncate are lost by copytruncate itself.
 
@@ -161,6 +168,21 @@ class Loss:
     bytes: int
     why: str  # "missing" (the file cannot be found) or "truncated" (cut before it was read)
     at: float
+
+
+#: The first bytes of gzip, bzip2, xz and zstd files: a rotated log compressed is not text.
+MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+
+
+def _compressed(path: str) -> bool:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return True  # unreadable: not a generation to follow
+    try:
+        return os.pread(fd, 6, 0).startswith(MAGIC)
+    finally:
+        os.close(fd)
 
 
 def _files(position: Any) -> list[_File]:
@@ -364,6 +386,7 @@ class LogfileSource:
                 self._final.discard(f.key)
                 kept.append(f)
                 continue
+            was_home = f.path == f.home
             st = self._find(f)
             if st is None:
                 if f.size > f.offset:
@@ -379,6 +402,14 @@ class LogfileSource:
             if quiet:
                 self._final.add(f.key)
             moved.append(f)
+            if was_home:  # it just left its home: did another generation come and go since?
+                for p, g in self._generations(f, st, seen | set(live)):
+                    key = (g.st_dev, g.st_ino)
+                    if self._open(key, p):
+                        seen.add(key)
+                        moved.append(_File(key[0], key[1], path=p, home=f.home))
+                        log.info("following path=%s: a generation rotated away before it was "
+                                 "seen", p)
         new = [(st.st_mtime, p, k) for k, (p, st) in live.items() if k not in seen]
         for _, p, k in sorted(new):
             if self._open(k, p):
@@ -386,6 +417,32 @@ class LogfileSource:
                 log.info("following path=%s", p)
         self._scan_at = self.clock()
         return moved + kept
+
+    def _generations(self, f: _File, st: os.stat_result,
+                     known: set[Key]) -> list[tuple[str, os.stat_result]]:
+        """Files beside ``f``'s home, unknown, last written no earlier than ``f`` (which was
+        at its home when the position was saved and has been rotated away since), and not
+        compressed: generations that were at the home and rotated away again before lrq saw
+        them (lrq down, or killed within ``POSITION_EVERY`` of first seeing one). Oldest
+        first; read from 0 before the file at the home."""
+        home = Path(f.home)
+        found = []
+        try:
+            with os.scandir(home.parent) as it:
+                entries = [e for e in it if e.name.startswith(home.name) and e.path != f.home
+                           and e.path != f.path]
+        except OSError:
+            return []
+        for e in entries:
+            try:
+                g = e.stat()
+            except OSError:
+                continue
+            if not stat.S_ISREG(g.st_mode) or (g.st_dev, g.st_ino) in known or \
+                    g.st_mtime < st.st_mtime or _compressed(e.path):
+                continue
+            found.append((g.st_mtime, e.path, g))
+        return [(p, g) for _, p, g in sorted(found)]
 
     def _open(self, key: Key, path: str) -> bool:
         """Keep a descriptor on the file ``key`` found at ``path``; False if it is no longer

@@ -199,3 +199,29 @@ def test_sigkill_mid_tail_loses_and_doubles_nothing(tmp_path: Path) -> None:
     got = stored_texts(tmp_path)
     assert +w.want == got, (sum((w.want - got).values()), sum((got - w.want).values()))
     assert count(tmp_path) == w.items == 21_000
+
+
+@pytest.mark.parametrize("point", ["sniff-mid-write", "sniff-after-rename",
+                                   "sniff-before-dir-sync", "sniff-before-position"])
+def test_a_crash_in_each_publish_window_loses_nothing_and_stores_nothing_twice(
+        tmp_path: Path, point: str) -> None:
+    """``lrq sniff`` killed at each point between the fetch and the saved position; the file
+    then rotates while lrq is down; the restart re-reads from the saved position. (Before
+    any position is saved lrq has not started following: a file rotated away then is not
+    read, as ``tail -F`` started after the rotation would not.)"""
+    cfg = setup(tmp_path)
+    w = Writer(tmp_path)
+    w.lines(1_000)
+    lrq("-c", str(cfg), "sniff", env=env(tmp_path), check=True)  # the file is known
+    w.lines(2_000)
+    r = lrq("-c", str(cfg), "sniff", env={**env(tmp_path), "LRQ_FAILPOINT": point})
+    assert r.returncode == -signal.SIGKILL, f"{point} not reached: {r.returncode}\n{r.stderr}"
+    w.lines(500)
+    w.rotate()
+    w.lines(1_500)
+    p = subprocess.run([sys.executable, "-m", "lrq", "-c", str(cfg), "run", "--until-idle"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env(tmp_path))
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert stored_texts(tmp_path) == +w.want
+    assert count(tmp_path) == w.items == 5_000
+    assert "lost path=" not in p.stderr

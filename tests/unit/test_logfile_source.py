@@ -277,3 +277,21 @@ def test_sniffer_saves_the_position_and_status_reads_it(tmp_path: Path) -> None:
     assert view["files"] == [{"path": str(log), "offset": saved["files"][0]["offset"],
                               "size": log.stat().st_size}]
     assert view["losses"] == 0 and view["lag"] == 1  # the partial line, ~ one mean line
+
+
+def test_a_generation_rotated_away_while_down_is_read_not_skipped(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(b"a1\na2\n")
+    src = source(tmp_path)
+    _, pos = drain(src, None)  # the saved position knows a (at app.log)
+    src.close()
+    append(log, b"a3\n")
+    os.rename(log, tmp_path / "app.log.1")  # while lrq is down: a -> .1, b is new ...
+    log.write_bytes(b"b1\nb2\n")
+    os.rename(tmp_path / "app.log.1", tmp_path / "app.log.2")  # ... and rotated again
+    os.rename(log, tmp_path / "app.log.1")
+    log.write_bytes(b"c1\n")
+    (tmp_path / "app.log.3.gz").write_bytes(b"\x1f\x8b\x08compressed\n")  # never read as text
+    items, pos = drain(source(tmp_path), pos)
+    assert lines(items) == ["a3", "b1", "b2", "c1"]
+    assert [Path(f["path"]).name for f in pos["files"]] == ["app.log.2", "app.log.1", "app.log"]
