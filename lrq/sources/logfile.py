@@ -92,6 +92,7 @@ SCAN_EVERY = 1.0  # seconds between glob scans while reading a backlog (always a
 LOSSES = "logfile-losses.json"
 KEEP_LOSSES = 100  # loss records kept in LOSSES (the totals count all)
 FIELDS = ("id", "line", "path", "offset")
+GUESS_LINE = 200  # bytes per line, for an estimate before any line was read
 
 Key = tuple[int, int]
 
@@ -183,6 +184,13 @@ def _compressed(path: str) -> bool:
         return os.pread(fd, 6, 0).startswith(MAGIC)
     finally:
         os.close(fd)
+
+
+def _estimate(behind: int, read: int, lines: int) -> int:
+    """Lines in ``behind`` bytes, at the mean length of the ``lines`` in ``read`` bytes."""
+    if behind <= 0:
+        return 0
+    return max(1, round(behind * lines / read) if lines and read else behind // GUESS_LINE)
 
 
 def _files(position: Any) -> list[_File]:
@@ -571,13 +579,12 @@ class LogfileSource:
 
         return Spool(self.context.data_dir, self.context.queue).read_position()
 
-    def remaining(self, position: Any) -> int | None:
-        """Lines behind, estimated: bytes behind over the mean line length read so far (None
-        before any line was read while bytes wait; 0 when none do)."""
+    def remaining(self, position: Any) -> int:
+        """Lines behind, estimated: bytes behind over the mean line length read so far
+        (``GUESS_LINE`` bytes before any was read); at least 1 while any byte waits, a partial
+        line included; 0 when none does."""
         _, behind, read, lines = self._behind(position)
-        if not behind:
-            return 0
-        return round(behind * lines / read) if lines and read else None
+        return _estimate(behind, read, lines)
 
     def status(self) -> dict[str, Any]:
         """Files with offsets and sizes, ``behind_bytes``, ``lag`` (lines behind, estimated),
@@ -588,7 +595,7 @@ class LogfileSource:
             {"count": 0, "bytes": 0, "recent": []}
         view: dict[str, Any] = {
             "files": rows, "behind_bytes": behind,
-            "lag": (round(behind * lines / read) if lines and read else None) if behind else 0,
+            "lag": _estimate(behind, read, lines),
             "losses": record["count"], "lost_bytes": record["bytes"]}
         if record["recent"]:
             last = record["recent"][-1]

@@ -295,3 +295,20 @@ def test_a_generation_rotated_away_while_down_is_read_not_skipped(tmp_path: Path
     items, pos = drain(source(tmp_path), pos)
     assert lines(items) == ["a3", "b1", "b2", "c1"]
     assert [Path(f["path"]).name for f in pos["files"]] == ["app.log.2", "app.log.1", "app.log"]
+
+
+def test_a_truncation_that_cut_unread_lines_reports_them(tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(b"r1\nr2\nu3\nu4\n")
+    src = source(tmp_path)
+    first = src.fetch(None, 2)  # r1, r2 read; u3, u4 seen (the size) but not read
+    assert lines(first.items) == ["r1", "r2"]
+    with open(log, "r+b") as fh:
+        fh.truncate(0)
+    append(log, b"n1\n")
+    with caplog.at_level(logging.WARNING, logger="lrq.sources.logfile"):
+        items, _ = drain(src, first.position)
+    assert lines(items) == ["n1"]
+    assert [(x.bytes, x.why) for x in src.losses()] == [(6, "truncated")]
+    assert any(r.message.startswith("lost") and "bytes=6" in r.message for r in caplog.records)
