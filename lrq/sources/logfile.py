@@ -56,8 +56,10 @@ descriptor on every file it follows, so it reads a rotated or even deleted file 
 Lines written between logrotate's copy and its truncate are lost by copytruncate itself.
 
 The encoding must write ``"\\n"`` as the byte ``0x0a`` (utf-8, latin-1, cp1252 ...; not
-utf-16). A line is held in memory whole until its newline, however long; its parts are cut
-at ``max_bytes`` (for utf-8, moved back to a character boundary so no character is split).
+utf-16). A line is held in memory whole until its newline, up to ``LONGEST`` (64 MiB: past
+that it is cut there, with a WARNING ``overlong``, and the rest is read as the next line);
+its parts are cut at ``max_bytes`` (for utf-8, moved back to a character boundary so no
+character is split). A carriage return before the newline is kept in the text.
 
 ``keys()`` is None: the ids of rotated-away files cannot be listed again, so ``lrq verify``
 reconciles the ledger against the ``lag`` of :meth:`LogfileSource.status` (lines behind,
@@ -92,6 +94,7 @@ SCAN_EVERY = 1.0  # seconds between glob scans while reading a backlog (always a
 LOSSES = "logfile-losses.json"
 KEEP_LOSSES = 100  # loss records kept in LOSSES (the totals count all)
 FIELDS = ("id", "line", "path", "offset")
+LONGEST = 64 << 20  # bytes: a "line" without a newline in this many is cut (memory bound)
 GUESS_LINE = 200  # bytes per line, for an estimate before any line was read
 
 Key = tuple[int, int]
@@ -208,6 +211,8 @@ class LogfileSource:
         self.clock = time.monotonic
         self.wall = time.time
         self._utf8 = cfg.encoding == "utf-8"
+        #: A line is held in memory until its newline, up to this; then it is cut there.
+        self._longest = max(LONGEST, cfg.max_bytes)
         self._fds: dict[Key, int] = {}
         #: Read-ahead per file: (offset of data[0], data), reused by the next fetch.
         self._buf: dict[Key, tuple[int, bytes]] = {}
@@ -265,15 +270,19 @@ class LogfileSource:
                 if block is not None:
                     n, pos = n + block[0], block[1]
                     continue
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                more = os.pread(fd, max(CHUNK, len(data) - pos), start + len(data))
+            nl = data.find(b"\n", pos, pos + self._longest + 1)
+            cut = False  # a line ended without its newline: the next one starts at ``nl``
+            if nl < 0 and len(data) - pos > self._longest:
+                nl, cut = pos + self._longest, True  # no newline in sight: cut here, go on
+            elif nl < 0:
+                more = os.pread(fd, max(CHUNK, min(len(data) - pos, self._longest)),
+                                start + len(data))
                 if more:
                     data, start, pos = data[pos:] + more, start + pos, 0
                     continue
                 eof = True
                 if f.key in self._final and pos < len(data):
-                    nl = len(data)  # a rotated file gone quiet: its last line will never end
+                    nl, cut = len(data), True  # rotated and quiet: its last line never ends
                 else:
                     break
             if f.tag is None:  # the first line (start == 0 here): it names the file
@@ -293,10 +302,12 @@ class LogfileSource:
                     append({"id": f"{prefix}{offset}:{part}", "line": data[a:b].decode(enc, "replace"),
                             "path": path, "offset": offset, "part": part, "of": of})
             n += 1
-            pos = nl + 1
+            pos = nl if cut else nl + 1
             if eof:
-                pos = nl
                 break
+            if cut:
+                log.warning("overlong path=%s offset=%d: no newline in %d bytes; cut there",
+                            path, offset, self._longest)
         else:
             eof = data.find(b"\n", pos) < 0 and start + len(data) >= size
         f.offset, f.n = start + pos, f.n + n

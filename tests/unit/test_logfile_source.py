@@ -312,3 +312,18 @@ def test_a_truncation_that_cut_unread_lines_reports_them(tmp_path: Path,
     assert lines(items) == ["n1"]
     assert [(x.bytes, x.why) for x in src.losses()] == [(6, "truncated")]
     assert any(r.message.startswith("lost") and "bytes=6" in r.message for r in caplog.records)
+
+
+def test_a_line_without_a_newline_past_the_memory_bound_is_cut_there(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(logfile, "LONGEST", 100)
+    monkeypatch.setattr(logfile, "CHUNK", 64)
+    data = b"z" * 250 + b"\nok\n"
+    (tmp_path / "app.log").write_bytes(data)
+    items, pos = drain(source(tmp_path, max_bytes=40), None, limit=3)
+    assert "".join(i["line"] for i in items) == data.decode().replace("\n", "")
+    assert [(i["offset"], i["part"], i["of"]) for i in items if "part" in i] == [
+        (0, 1, 3), (0, 2, 3), (0, 3, 3), (100, 1, 3), (100, 2, 3), (100, 3, 3),
+        (200, 1, 2), (200, 2, 2)]
+    assert items[-1]["line"] == "ok" and pos["files"][0]["offset"] == len(data)
+    assert len({i["id"] for i in items}) == len(items)
