@@ -1,7 +1,8 @@
 """``kind = "logfile"``: growing log files tailed with ``tail -F`` semantics, acknowledged at
 publish (the sniffer saves the position only once the batch file is durable, as for SQL).
 
-(Not :mod:`lrq.logfile`, which is lrq's own log handler.)
+(Not :mod:`lrq.logfile`, which is lrq's own log handler. The position's records, the losses
+journal and the lookups on disk are in :mod:`lrq.sources._logfiles`.)
 
 ```toml
 [queues.access.source]
@@ -68,15 +69,12 @@ estimated from the bytes behind and the mean line length read so far).
 from __future__ import annotations
 
 import codecs
-import glob as globlib
 import hashlib
-import json
 import logging
 import os
-import stat
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
@@ -84,6 +82,18 @@ from typing import Any
 from lrq.config import take
 from lrq.errors import ConfigError, SourceError
 from lrq.sources import AckAt, Context, Fetched
+from lrq.sources._logfiles import (
+    LOSSES,
+    Followed,
+    Key,
+    Loss,
+    LossJournal,
+    at_paths,
+    beside,
+    estimate,
+    followed,
+    generations,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +101,8 @@ CHUNK = 1 << 20  # bytes per read
 HEAD = 256  # at most this much of a file's first line makes its tag
 GRACE = 5.0  # seconds a rotated file read to its end stays watched for late appends
 SCAN_EVERY = 1.0  # seconds between glob scans while reading a backlog (always after an EOF)
-LOSSES = "logfile-losses.json"
-KEEP_LOSSES = 100  # loss records kept in LOSSES (the totals count all)
 FIELDS = ("id", "line", "path", "offset")
 LONGEST = 64 << 20  # bytes: a "line" without a newline in this many is cut (memory bound)
-GUESS_LINE = 200  # bytes per line, for an estimate before any line was read
-
-Key = tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -139,69 +144,6 @@ def open(settings: Settings, context: Context | None = None) -> LogfileSource:  
     return LogfileSource(settings, context)
 
 
-class _File:
-    """A followed file, as the position records it (mutable while one fetch works on it)."""
-
-    __slots__ = ("dev", "ino", "tag", "hl", "offset", "size", "path", "home", "n")
-
-    def __init__(self, dev: int, ino: int, path: str, home: str, offset: int = 0,
-                 size: int = 0, tag: str | None = None, hl: int = 0, n: int = 0) -> None:
-        self.dev, self.ino, self.path, self.home = dev, ino, path, home
-        self.offset, self.size, self.tag, self.hl, self.n = offset, size, tag, hl, n
-
-    @property
-    def key(self) -> Key:
-        return (self.dev, self.ino)
-
-    def to_json(self) -> dict[str, Any]:
-        return {s: getattr(self, s) for s in self.__slots__}
-
-    @classmethod
-    def from_json(cls, d: dict[str, Any]) -> _File:
-        return cls(**{s: d[s] for s in cls.__slots__ if s in d})
-
-
-@dataclass(frozen=True)
-class Loss:
-    """Bytes of a file that will never be read: a record of ``logfile-losses.json``."""
-
-    path: str
-    dev: int
-    ino: int
-    offset: int
-    bytes: int
-    why: str  # "missing" (the file cannot be found) or "truncated" (cut before it was read)
-    at: float
-
-
-#: The first bytes of gzip, bzip2, xz and zstd files: a rotated log compressed is not text.
-MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
-
-
-def _compressed(path: str) -> bool:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
-        return True  # unreadable: not a generation to follow
-    try:
-        return os.pread(fd, 6, 0).startswith(MAGIC)
-    finally:
-        os.close(fd)
-
-
-def _estimate(behind: int, read: int, lines: int) -> int:
-    """Lines in ``behind`` bytes, at the mean length of the ``lines`` in ``read`` bytes."""
-    if behind <= 0:
-        return 0
-    return max(1, round(behind * lines / read) if lines and read else behind // GUESS_LINE)
-
-
-def _files(position: Any) -> list[_File]:
-    if not isinstance(position, dict):
-        return []
-    return [_File.from_json(d) for d in position.get("files", [])]
-
-
 class LogfileSource:
     ack_at: AckAt = "publish"
 
@@ -221,12 +163,14 @@ class LogfileSource:
         self._scan_at = float("-inf")
         self._rescan = True
         self._reported: set[str] = set()  # warnings logged and losses recorded, by event id
+        self.journal = LossJournal(None if context is None else
+                                   Path(context.data_dir) / context.queue / LOSSES)
 
     # -- fetch ---------------------------------------------------------------------------
     def fetch(self, position: Any, limit: int) -> Fetched:
         """Up to ``limit`` complete lines past ``position`` (more only when one line's parts
         alone exceed it), rotated files first; the new position lists every file followed."""
-        before = _files(position)
+        before = followed(position)
         files = before
         if self._rescan or self.clock() - self._scan_at >= SCAN_EVERY or \
                 any(f.key not in self._fds for f in files):
@@ -247,7 +191,7 @@ class LogfileSource:
         self._close_unused({f.key for f in before} | {f.key for f in files})
         return Fetched(items, {"files": [f.to_json() for f in files]})
 
-    def _read(self, f: _File, items: list[dict[str, Any]], limit: int) -> bool:
+    def _read(self, f: Followed, items: list[dict[str, Any]], limit: int) -> bool:
         """Append ``f``'s complete lines past its offset to ``items`` (up to ``limit``) and
         move its offset; True when it was read to its end."""
         fd = self._fds[f.key]
@@ -354,11 +298,11 @@ class LogfileSource:
             a = b
         return out
 
-    def _same_head(self, fd: int, f: _File) -> bool:
+    def _same_head(self, fd: int, f: Followed) -> bool:
         head = os.pread(fd, f.hl, 0)
         return len(head) == f.hl and hashlib.blake2b(head, digest_size=4).hexdigest() == f.tag
 
-    def _truncated(self, f: _File, size: int) -> None:
+    def _truncated(self, f: Followed, size: int) -> None:
         """copytruncate (or the file rewritten under the same inode): read it again from 0.
         Bytes past the offset that were seen but not read are reported lost."""
         event = f"truncated:{f.dev}:{f.ino}:{f.tag}:{f.offset}"
@@ -373,27 +317,13 @@ class LogfileSource:
         self._final.discard(f.key)
 
     # -- finding files -------------------------------------------------------------------
-    def _glob(self) -> dict[Key, tuple[str, os.stat_result]]:
-        """The regular files at the configured paths now, by identity, in path order."""
-        found: dict[Key, tuple[str, os.stat_result]] = {}
-        for pattern in self.cfg.paths:
-            names = sorted(globlib.glob(pattern)) if globlib.has_magic(pattern) else [pattern]
-            for p in names:
-                try:
-                    st = os.stat(p)
-                except OSError:
-                    continue
-                if stat.S_ISREG(st.st_mode):
-                    found.setdefault((st.st_dev, st.st_ino), (p, st))
-        return found
-
-    def _locate(self, files: list[_File]) -> list[_File]:
+    def _locate(self, files: list[Followed]) -> list[Followed]:
         """The files to read, in order: rotated-away ones still to finish, the known ones at
         the glob paths, then new ones (oldest first). Opens each one's descriptor; reports
         known files that cannot be found any more."""
-        live = self._glob()
-        moved: list[_File] = []
-        kept: list[_File] = []
+        live = at_paths(self.cfg.paths)
+        moved: list[Followed] = []
+        kept: list[Followed] = []
         seen: set[Key] = set()
         for f in files:
             if f.key in seen:
@@ -422,46 +352,20 @@ class LogfileSource:
                 self._final.add(f.key)
             moved.append(f)
             if was_home:  # it just left its home: did another generation come and go since?
-                for p, g in self._generations(f, st, seen | set(live)):
+                for p, g in generations(f, st, seen | set(live)):
                     key = (g.st_dev, g.st_ino)
                     if self._open(key, p):
                         seen.add(key)
-                        moved.append(_File(key[0], key[1], path=p, home=f.home))
+                        moved.append(Followed(key[0], key[1], path=p, home=f.home))
                         log.info("following path=%s: a generation rotated away before it was "
                                  "seen", p)
         new = [(st.st_mtime, p, k) for k, (p, st) in live.items() if k not in seen]
         for _, p, k in sorted(new):
             if self._open(k, p):
-                kept.append(_File(k[0], k[1], path=p, home=p))
+                kept.append(Followed(k[0], k[1], path=p, home=p))
                 log.info("following path=%s", p)
         self._scan_at = self.clock()
         return moved + kept
-
-    def _generations(self, f: _File, st: os.stat_result,
-                     known: set[Key]) -> list[tuple[str, os.stat_result]]:
-        """Files beside ``f``'s home, unknown, last written no earlier than ``f`` (which was
-        at its home when the position was saved and has been rotated away since), and not
-        compressed: generations that were at the home and rotated away again before lrq saw
-        them (lrq down, or killed within ``POSITION_EVERY`` of first seeing one). Oldest
-        first; read from 0 before the file at the home."""
-        home = Path(f.home)
-        found = []
-        try:
-            with os.scandir(home.parent) as it:
-                entries = [e for e in it if e.name.startswith(home.name) and e.path != f.home
-                           and e.path != f.path]
-        except OSError:
-            return []
-        for e in entries:
-            try:
-                g = e.stat()
-            except OSError:
-                continue
-            if not stat.S_ISREG(g.st_mode) or (g.st_dev, g.st_ino) in known or \
-                    g.st_mtime < st.st_mtime or _compressed(e.path):
-                continue
-            found.append((g.st_mtime, e.path, g))
-        return [(p, g) for _, p, g in sorted(found)]
 
     def _open(self, key: Key, path: str) -> bool:
         """Keep a descriptor on the file ``key`` found at ``path``; False if it is no longer
@@ -481,18 +385,11 @@ class LogfileSource:
         self._fds[key] = fd
         return True
 
-    def _find(self, f: _File) -> os.stat_result | None:
+    def _find(self, f: Followed) -> os.stat_result | None:
         """A known file no longer at a glob path: at its last path or renamed beside its home
         (``access.log.1``), else by the descriptor this process keeps (moved elsewhere or
         deleted, still readable); None when it cannot be found."""
-        home = Path(f.home)
-        candidates = [f.path]
-        try:
-            with os.scandir(home.parent) as it:
-                candidates += [e.path for e in it if e.name.startswith(home.name)
-                               and e.inode() == f.ino and e.path != f.path]
-        except OSError:
-            pass
+        candidates = [f.path] + [e.path for e in beside(f.home, f.ino) if e.path != f.path]
         for p in candidates:
             try:
                 st = os.stat(p)
@@ -516,61 +413,27 @@ class LogfileSource:
             self._drop(key)
 
     # -- losses --------------------------------------------------------------------------
-    def _losses_path(self) -> Path | None:
-        if self.context is None:
-            return None
-        return Path(self.context.data_dir) / self.context.queue / LOSSES
-
-    def _lost(self, f: _File, nbytes: int, why: str) -> None:
+    def _lost(self, f: Followed, nbytes: int, why: str) -> None:
         """Report bytes that will never be read: once per event, logged and recorded."""
         event = f"lost:{f.dev}:{f.ino}:{f.tag}:{f.offset}"
         if event in self._reported:
             return
         self._reported.add(event)
-        loss = Loss(path=f.path, dev=f.dev, ino=f.ino, offset=f.offset, bytes=nbytes, why=why,
-                    at=self.wall())
         log.warning("lost path=%s bytes=%d offset=%d why=%s: not read, and can no longer be",
                     f.path, nbytes, f.offset, why)
-        path = self._losses_path()
-        if path is None:
-            return
-        record = self._read_losses(path)
-        if any(r.get("event") == event for r in record["recent"]):
-            return  # recorded before a restart
-        record["recent"] = [*record["recent"], {"event": event, **asdict(loss)}][-KEEP_LOSSES:]
-        record["count"] += 1
-        record["bytes"] += nbytes
-        from lrq.spool.files import write_atomic
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / "tmp"  # the spool's, swept by cleanup after a crash
-        try:
-            write_atomic(path, json.dumps(record).encode(), tmp if tmp.is_dir() else path.parent)
-        except OSError as e:  # the WARNING above still says it
-            log.error("lost-unrecorded path=%s: cannot write %s: %s", f.path, path, e)
-
-    @staticmethod
-    def _read_losses(path: Path) -> dict[str, Any]:
-        try:
-            data: dict[str, Any] = json.loads(path.read_bytes())
-            return data
-        except (FileNotFoundError, ValueError):
-            return {"count": 0, "bytes": 0, "recent": []}
+        self.journal.add(event, Loss(path=f.path, dev=f.dev, ino=f.ino, offset=f.offset,
+                                     bytes=nbytes, why=why, at=self.wall()))
 
     def losses(self) -> list[Loss]:
         """The recorded losses, oldest first (the last ``KEEP_LOSSES``)."""
-        path = self._losses_path()
-        if path is None:
-            return []
-        return [Loss(**{k: v for k, v in r.items() if k != "event"})
-                for r in self._read_losses(path)["recent"]]
+        return self.journal.losses()
 
     # -- reports -------------------------------------------------------------------------
     def _behind(self, position: Any) -> tuple[list[dict[str, Any]], int, int, int]:
         """Per file (known, or new at a glob path): path, offset, size now; and the totals of
         bytes behind, of bytes read and of lines read."""
-        files = _files(position)
-        live = self._glob()
+        files = followed(position)
+        live = at_paths(self.cfg.paths)
         rows, behind, read, lines = [], 0, 0, 0
         for f in files:
             hit = live.pop(f.key, None)
@@ -595,18 +458,16 @@ class LogfileSource:
         (``GUESS_LINE`` bytes before any was read); at least 1 while any byte waits, a partial
         line included; 0 when none does."""
         _, behind, read, lines = self._behind(position)
-        return _estimate(behind, read, lines)
+        return estimate(behind, read, lines)
 
     def status(self) -> dict[str, Any]:
         """Files with offsets and sizes, ``behind_bytes``, ``lag`` (lines behind, estimated),
         and the losses reported (``lost_bytes``, ``losses``, the last one's file)."""
         rows, behind, read, lines = self._behind(self._saved())
-        path = self._losses_path()
-        record: dict[str, Any] = self._read_losses(path) if path else \
-            {"count": 0, "bytes": 0, "recent": []}
+        record = self.journal.read()
         view: dict[str, Any] = {
             "files": rows, "behind_bytes": behind,
-            "lag": _estimate(behind, read, lines),
+            "lag": estimate(behind, read, lines),
             "losses": record["count"], "lost_bytes": record["bytes"]}
         if record["recent"]:
             last = record["recent"][-1]
