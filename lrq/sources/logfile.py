@@ -15,11 +15,12 @@ max_bytes = 65536        # a longer line is cut into parts, each marked (part, o
 Items: ``id`` (``dev:inode:tag:offset``, plus ``:part`` for the parts of a cut line), ``line``
 (the text without its newline), ``path`` (where the file was when read), ``offset`` (the byte
 offset of the line's start) and, for a cut line, ``part`` (1-based) and ``of``. ``tag`` is a
-short hash of the file's first line, so the ids stay unique when a file is truncated and
-written again (copytruncate) or a deleted file's inode is reused: ``dev:inode:offset`` alone
-would repeat an id the results already hold, and the new line would be dropped as a replay.
-It depends only on the file's content, so a crash before the position is saved re-reads the
-same lines under the same ids (the unique keys absorb them).
+short hash of the file's first line (``tag.N`` after the file's N-th truncation), so the ids
+stay unique when a file is truncated and written again (copytruncate) or a deleted file's
+inode is reused: ``dev:inode:offset`` alone would repeat an id the results already hold, and
+the new line would be dropped as a replay. It depends only on the file's content and the
+saved position, so a crash before the position is saved re-reads the same lines under the
+same ids (the unique keys absorb them).
 
 The position (``position.json``, a JSON value) lists each known file: its identity
 ``(dev, ino)``, ``tag``, ``offset`` (the end of the last complete line handed out), the last
@@ -40,8 +41,10 @@ A fetch:
   down, or before a crash saved the position);
 * reads each file from its offset with big reads (``CHUNK``), splits on ``b"\\n"`` and holds
   a partial last line back until its newline arrives;
-* detects truncation (copytruncate): the size below the offset, or the first line changed
-  under the same inode; the file is read again from 0, with a WARNING ``truncated``.
+* detects truncation (copytruncate): the size below the offset, or the first line or the
+  ``TAIL`` bytes before the offset changed under the same inode (a file truncated and
+  written past the old offset before lrq looked; a fixed header line alone would hide it);
+  the file is read again from 0, with a WARNING ``truncated``.
 
 Losses are reported, never skipped silently: a known file that can no longer be found while
 its offset is below its last known size, or a truncation that cut bytes not yet read, logs a
@@ -99,6 +102,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes per read
 HEAD = 256  # at most this much of a file's first line makes its tag
+TAIL = 64  # bytes before the offset whose hash tells a truncation regrown past the offset
 GRACE = 5.0  # seconds a rotated file read to its end stays watched for late appends
 SCAN_EVERY = 1.0  # seconds between glob scans while reading a backlog (always after an EOF)
 FIELDS = ("id", "line", "path", "offset")
@@ -137,6 +141,10 @@ class Settings:
                               f'byte 0x0a; use an ASCII-compatible one (e.g. "utf-8")')
         return cls(paths=tuple(str(base / p.strip()) for p in paths), max_bytes=max_bytes,
                    encoding=name)
+
+
+def _hash(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=4).hexdigest()
 
 
 def open(settings: Settings, context: Context | None = None) -> LogfileSource:  # noqa: A001
@@ -196,14 +204,15 @@ class LogfileSource:
         move its offset; True when it was read to its end."""
         fd = self._fds[f.key]
         size = os.fstat(fd).st_size
-        if size < f.offset or (f.tag is not None and not self._same_head(fd, f)):
+        if size < f.offset or (f.tag is not None and not self._same(fd, 0, f.hl, f.tag)) or \
+                (f.th is not None and not self._same(fd, f.offset - TAIL, TAIL, f.th)):
             self._truncated(f, size)
         f.size = size
         start, data = self._buf.get(f.key, (f.offset, b""))
         if not start <= f.offset <= start + len(data):
             start, data = f.offset, b""
         pos = f.offset - start
-        prefix = f"{f.dev}:{f.ino}:{f.tag}:"
+        prefix = f.prefix
         max_bytes, enc, path = self.cfg.max_bytes, self.cfg.encoding, f.path
         append, n = items.append, 0
         avg = max(16, f.offset // f.n) if f.n else 256  # bytes per line so far: the window
@@ -231,8 +240,8 @@ class LogfileSource:
                     break
             if f.tag is None:  # the first line (start == 0 here): it names the file
                 head = data[:min(nl + 1, HEAD)]
-                f.tag, f.hl = hashlib.blake2b(head, digest_size=4).hexdigest(), len(head)
-                prefix = f"{f.dev}:{f.ino}:{f.tag}:"
+                f.tag, f.hl = _hash(head), len(head)
+                prefix = f.prefix
             offset = start + pos
             if nl - pos <= max_bytes:
                 append({"id": prefix + str(offset), "line": data[pos:nl].decode(enc, "replace"),
@@ -254,7 +263,11 @@ class LogfileSource:
                             path, offset, self._longest)
         else:
             eof = data.find(b"\n", pos) < 0 and start + len(data) >= size
-        f.offset, f.n = start + pos, f.n + n
+        if n:
+            f.offset, f.n = start + pos, f.n + n
+            if f.offset >= TAIL:  # the bytes before the offset never change, but by truncation
+                f.th = _hash(data[pos - TAIL:pos] if pos >= TAIL
+                             else os.pread(fd, TAIL, f.offset - TAIL))
         f.size = max(f.size, start + len(data))
         if pos >= len(data):
             self._buf.pop(f.key, None)
@@ -298,9 +311,11 @@ class LogfileSource:
             a = b
         return out
 
-    def _same_head(self, fd: int, f: Followed) -> bool:
-        head = os.pread(fd, f.hl, 0)
-        return len(head) == f.hl and hashlib.blake2b(head, digest_size=4).hexdigest() == f.tag
+    @staticmethod
+    def _same(fd: int, at: int, n: int, digest: str) -> bool:
+        """Do the ``n`` bytes at ``at`` still hash to ``digest``?"""
+        data = os.pread(fd, n, at)
+        return len(data) == n and _hash(data) == digest
 
     def _truncated(self, f: Followed, size: int) -> None:
         """copytruncate (or the file rewritten under the same inode): read it again from 0.
@@ -312,7 +327,7 @@ class LogfileSource:
                         f.path, size, f.offset)
         if f.size > f.offset:
             self._lost(f, f.size - f.offset, "truncated")
-        f.offset, f.tag, f.hl, f.n = 0, None, 0, 0
+        f.offset, f.tag, f.hl, f.n, f.th, f.gen = 0, None, 0, 0, None, f.gen + 1
         self._buf.pop(f.key, None)
         self._final.discard(f.key)
 

@@ -327,3 +327,21 @@ def test_a_line_without_a_newline_past_the_memory_bound_is_cut_there(
         (200, 1, 2), (200, 2, 2)]
     assert items[-1]["line"] == "ok" and pos["files"][0]["offset"] == len(data)
     assert len({i["id"] for i in items}) == len(items)
+
+
+def test_truncated_and_regrown_with_the_same_header_is_caught_and_ids_stay_unique(
+        tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(b"#Version: 1.0\n" + b"".join(b"old %03d\n" % i for i in range(20)))
+    src = source(tmp_path)
+    before, saved = drain(src, None)
+    with open(log, "r+b") as fh:  # copytruncate, then more than before is written at once
+        fh.truncate(0)
+    append(log, b"#Version: 1.0\n" + b"".join(b"new %04d\n" % i for i in range(40)))
+    after, pos = drain(src, saved)
+    assert lines(after) == ["#Version: 1.0"] + [f"new {i:04d}" for i in range(40)]
+    assert not {i["id"] for i in before} & {i["id"] for i in after}
+    assert pos["files"][0]["gen"] == 1
+    # A restart from the position saved before the truncation decides the same: same ids.
+    replay, _ = drain(source(tmp_path), saved)
+    assert [i["id"] for i in replay] == [i["id"] for i in after]
