@@ -24,7 +24,9 @@ same ids (the unique keys absorb them).
 
 The position (``position.json``, a JSON value) lists each known file: its identity
 ``(dev, ino)``, ``tag``, ``offset`` (the end of the last complete line handed out), the last
-size seen, the path where it was last seen and ``home``, the configured path it lived at.
+size seen, the path where it was last seen and ``home``, the configured path it lived at;
+and ``gone``, the identities and tags of the last files no longer followed (a new file
+reusing one's inode with the same first line gets the next ``tag.N``).
 A fetch:
 
 * expands the globs (a file is identified by ``(dev, ino)``, never by its name);
@@ -102,6 +104,7 @@ log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20  # bytes per read
 HEAD = 256  # at most this much of a file's first line makes its tag
+GONE = 32  # files no longer followed kept in the position, for inodes reused
 TAIL = 64  # bytes before the offset whose hash tells a truncation regrown past the offset
 GRACE = 5.0  # seconds a rotated file read to its end stays watched for late appends
 SCAN_EVERY = 1.0  # seconds between glob scans while reading a backlog (always after an EOF)
@@ -171,6 +174,8 @@ class LogfileSource:
         self._scan_at = float("-inf")
         self._rescan = True
         self._reported: set[str] = set()  # warnings logged and losses recorded, by event id
+        #: The position's ``gone`` while a fetch works: [dev, ino, tag, gen] of retired files.
+        self._gone: list[list[Any]] = []
         self.journal = LossJournal(None if context is None else
                                    Path(context.data_dir) / context.queue / LOSSES)
 
@@ -179,6 +184,8 @@ class LogfileSource:
         """Up to ``limit`` complete lines past ``position`` (more only when one line's parts
         alone exceed it), rotated files first; the new position lists every file followed."""
         before = followed(position)
+        gone = position.get("gone", []) if isinstance(position, dict) else []
+        self._gone = [list(g) for g in gone]
         files = before
         if self._rescan or self.clock() - self._scan_at >= SCAN_EVERY or \
                 any(f.key not in self._fds for f in files):
@@ -197,7 +204,10 @@ class LogfileSource:
         if len(items) < limit:
             self._rescan = True
         self._close_unused({f.key for f in before} | {f.key for f in files})
-        return Fetched(items, {"files": [f.to_json() for f in files]})
+        out: dict[str, Any] = {"files": [f.to_json() for f in files]}
+        if self._gone:
+            out["gone"] = self._gone[-GONE:]
+        return Fetched(items, out)
 
     def _read(self, f: Followed, items: list[dict[str, Any]], limit: int) -> bool:
         """Append ``f``'s complete lines past its offset to ``items`` (up to ``limit``) and
@@ -241,6 +251,10 @@ class LogfileSource:
             if f.tag is None:  # the first line (start == 0 here): it names the file
                 head = data[:min(nl + 1, HEAD)]
                 f.tag, f.hl = _hash(head), len(head)
+                # A file gone from this (dev, inode) with the same first line: its ids are
+                # in the results already, so this one counts on from its generation.
+                f.gen = max([f.gen, *(g + 1 for d, i, t, g in self._gone
+                                      if (d, i, t) == (f.dev, f.ino, f.tag))])
                 prefix = f.prefix
             offset = start + pos
             if nl - pos <= max_bytes:
@@ -356,12 +370,14 @@ class LogfileSource:
                 if f.size > f.offset:
                     self._lost(f, f.size - f.offset, "missing")
                 log.info("forgotten path=%s offset=%d: no longer found", f.path, f.offset)
+                self._retire(f)
                 continue
             quiet = self.wall() - st.st_mtime > GRACE
             if quiet and f.offset >= st.st_size:
                 log.info("finished path=%s offset=%d: rotated away and read to its end",
                          f.path, f.offset)
                 self._drop(f.key)
+                self._retire(f)
                 continue
             if quiet:
                 self._final.add(f.key)
@@ -381,6 +397,13 @@ class LogfileSource:
                 log.info("following path=%s", p)
         self._scan_at = self.clock()
         return moved + kept
+
+    def _retire(self, f: Followed) -> None:
+        """Remember a file no longer followed in the position's ``gone`` (the last ``GONE``):
+        a new file that reuses its inode and starts with the same line (a fixed header) then
+        gets ids of its own (``tag.N``), not the old file's."""
+        if f.tag is not None:
+            self._gone = [*self._gone, [f.dev, f.ino, f.tag, f.gen]][-GONE:]
 
     def _open(self, key: Key, path: str) -> bool:
         """Keep a descriptor on the file ``key`` found at ``path``; False if it is no longer

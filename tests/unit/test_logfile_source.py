@@ -345,3 +345,34 @@ def test_truncated_and_regrown_with_the_same_header_is_caught_and_ids_stay_uniqu
     # A restart from the position saved before the truncation decides the same: same ids.
     replay, _ = drain(source(tmp_path), saved)
     assert [i["id"] for i in replay] == [i["id"] for i in after]
+
+
+def test_a_reused_inode_with_the_same_first_line_gets_ids_of_its_own(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(b"#header\nold\n")
+    src = source(tmp_path)
+    old, pos = drain(src, None)
+    src.close()
+    # As if this file were gone and a new one had taken its inode with the same header: the
+    # position remembers the gone file (``_retire``), not as followed.
+    gone = {"files": [], "gone": [[f["dev"], f["ino"], f["tag"], f["gen"]] for f in pos["files"]]}
+    new, after = drain(source(tmp_path), gone)
+    assert lines(new) == ["#header", "old"]
+    assert not {i["id"] for i in old} & {i["id"] for i in new}
+    assert after["files"][0]["gen"] == 1 and after["gone"] == gone["gone"]
+
+
+def test_a_finished_rotated_file_is_remembered_as_gone(tmp_path: Path) -> None:
+    log = tmp_path / "app.log"
+    log.write_bytes(b"a\n")
+    src = source(tmp_path)
+    _, pos = drain(src, None)
+    os.rename(log, tmp_path / "app.log.1")
+    log.write_bytes(b"b\n")
+    _, pos = drain(src, pos)
+    src.wall = lambda: time.time() + 2 * logfile.GRACE
+    src._rescan = True
+    _, pos = drain(src, pos)
+    (rotated,) = pos["gone"]
+    assert rotated[:2] == [(tmp_path / "app.log.1").stat().st_dev,
+                           (tmp_path / "app.log.1").stat().st_ino]
