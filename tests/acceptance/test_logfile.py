@@ -17,8 +17,6 @@ from typing import Any
 import pytest
 from lrqtest import ROOT, kill_tree, killed_on_exit, lrq, poll, toml_value
 
-pytestmark = pytest.mark.slow
-
 STORE = '''
 def handle(items):
     return [{"id": i["id"], "line": i["line"], "offset": i["offset"],
@@ -136,6 +134,7 @@ def stored_texts(folder: Path) -> Counter[str]:
     return whole
 
 
+@pytest.mark.slow  # ~10-15 s
 def test_rotations_copytruncate_and_odd_lines_are_stored_exactly_once(tmp_path: Path) -> None:
     cfg = setup(tmp_path)
     w = Writer(tmp_path)
@@ -175,6 +174,7 @@ def test_rotations_copytruncate_and_odd_lines_are_stored_exactly_once(tmp_path: 
     assert v.returncode == 0, v.stdout + v.stderr
 
 
+@pytest.mark.slow  # ~10-15 s
 def test_sigkill_mid_tail_loses_and_doubles_nothing(tmp_path: Path) -> None:
     cfg = setup(tmp_path)
     w = Writer(tmp_path)
@@ -201,8 +201,11 @@ def test_sigkill_mid_tail_loses_and_doubles_nothing(tmp_path: Path) -> None:
     assert count(tmp_path) == w.items == 21_000
 
 
-@pytest.mark.parametrize("point", ["sniff-mid-write", "sniff-after-rename",
-                                   "sniff-before-dir-sync", "sniff-before-position"])
+@pytest.mark.parametrize("point", [  # ~5 s each: one stays in the default run
+    pytest.param("sniff-mid-write", marks=pytest.mark.slow),
+    pytest.param("sniff-after-rename", marks=pytest.mark.slow),
+    pytest.param("sniff-before-dir-sync", marks=pytest.mark.slow),
+    "sniff-before-position"])
 def test_a_crash_in_each_publish_window_loses_nothing_and_stores_nothing_twice(
         tmp_path: Path, point: str) -> None:
     """``lrq sniff`` killed at each point between the fetch and the saved position; the file
