@@ -33,7 +33,7 @@ result_table = "doc_results"               # generic table (queue, key, value JS
 # pipeline = true                          # store a batch while the handler runs the next one
 
 [queues.docs.source]
-kind     = "sql"                  # or logfile, redis-stream, redis-list, kafka, http-agent (README, "Sources")
+kind     = "sql"                 # or logfile, redis-stream, redis-list, kafka, http-agent (README, "Sources")
 url      = "sqlite:///data/source.db"
 table    = "source_data"
 order_by = "id"                            # keyset paging column: must only grow

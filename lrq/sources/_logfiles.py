@@ -31,18 +31,21 @@ MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
 class Followed:
     """A followed file, as the position records it (mutable while one fetch works on it):
     its identity, ``tag`` (the hash of its first ``hl`` bytes), ``gen`` (truncations seen),
-    ``offset`` (past the last line handed out), ``th`` (the hash of the ``TAIL`` bytes before
-    it), the last ``size`` seen, ``path`` (where it was last seen), ``home`` (the configured
-    path it lived at) and ``n``, the lines handed out (for estimates)."""
+    ``offset`` (past the last line handed out), ``part`` (the parts of the cut line at
+    ``offset`` handed out already: a fetch full before its last part), ``th`` (the hash of the
+    ``TAIL`` bytes before ``offset``), the last ``size`` seen, ``path`` (where it was last
+    seen), ``home`` (the configured path it lived at) and ``n``, the lines handed out (for
+    estimates)."""
 
-    __slots__ = ("dev", "ino", "tag", "hl", "gen", "offset", "th", "size", "path", "home", "n")
+    __slots__ = ("dev", "ino", "tag", "hl", "gen", "offset", "part", "th", "size", "path",
+                 "home", "n")
 
     def __init__(self, dev: int, ino: int, path: str, home: str, offset: int = 0,
                  size: int = 0, tag: str | None = None, hl: int = 0, n: int = 0,
-                 gen: int = 0, th: str | None = None) -> None:
+                 gen: int = 0, th: str | None = None, part: int = 0) -> None:
         self.dev, self.ino, self.path, self.home = dev, ino, path, home
         self.offset, self.size, self.tag, self.hl, self.n = offset, size, tag, hl, n
-        self.gen, self.th = gen, th
+        self.gen, self.th, self.part = gen, th, part
 
     @property
     def key(self) -> Key:

@@ -181,8 +181,9 @@ class LogfileSource:
 
     # -- fetch ---------------------------------------------------------------------------
     def fetch(self, position: Any, limit: int) -> Fetched:
-        """Up to ``limit`` complete lines past ``position`` (more only when one line's parts
-        alone exceed it), rotated files first; the new position lists every file followed."""
+        """Up to ``limit`` items (complete lines, or parts of a cut line, which may straddle
+        two fetches) past ``position``, rotated files first; the new position lists every
+        file followed."""
         before = followed(position)
         gone = position.get("gone", []) if isinstance(position, dict) else []
         self._gone = [list(g) for g in gone]
@@ -226,7 +227,7 @@ class LogfileSource:
         max_bytes, enc, path = self.cfg.max_bytes, self.cfg.encoding, f.path
         append, n = items.append, 0
         avg = max(16, f.offset // f.n) if f.n else 256  # bytes per line so far: the window
-        eof = False
+        eof, split = False, 0
         while len(items) < limit:
             if f.tag is not None:
                 block = self._block(data, pos, start, limit - len(items), avg, prefix, path, items)
@@ -262,12 +263,15 @@ class LogfileSource:
                         "path": path, "offset": offset})
             else:
                 cuts = self._cuts(data, pos, nl)
-                if items and len(items) + len(cuts) > limit:
-                    break  # its parts go together, in the next fetch
-                of = len(cuts)
-                for part, (a, b) in enumerate(cuts, 1):
+                of, done = len(cuts), f.part if offset == f.offset else 0
+                upto = min(of, done + limit - len(items))
+                for part in range(done + 1, upto + 1):
+                    a, b = cuts[part - 1]
                     append({"id": f"{prefix}{offset}:{part}", "line": data[a:b].decode(enc, "replace"),
                             "path": path, "offset": offset, "part": part, "of": of})
+                if upto < of:  # the fetch is full: the next one hands out the rest
+                    split, eof = upto, False
+                    break
             n += 1
             pos = nl if cut else nl + 1
             if eof:
@@ -277,6 +281,8 @@ class LogfileSource:
                             path, offset, self._longest)
         else:
             eof = data.find(b"\n", pos) < 0 and start + len(data) >= size
+        if split or n:
+            f.part = split  # parts of the line at the new offset handed out already
         if n:
             f.offset, f.n = start + pos, f.n + n
             if f.offset >= TAIL:  # the bytes before the offset never change, but by truncation
@@ -341,7 +347,7 @@ class LogfileSource:
                         f.path, size, f.offset)
         if f.size > f.offset:
             self._lost(f, f.size - f.offset, "truncated")
-        f.offset, f.tag, f.hl, f.n, f.th, f.gen = 0, None, 0, 0, None, f.gen + 1
+        f.offset, f.tag, f.hl, f.n, f.th, f.gen, f.part = 0, None, 0, 0, None, f.gen + 1, 0
         self._buf.pop(f.key, None)
         self._final.discard(f.key)
 

@@ -70,14 +70,20 @@ def test_long_line_cut_into_parts_keeps_every_byte(tmp_path: Path) -> None:
     assert len({i["id"] for i in items}) == len(items)
 
 
-def test_parts_of_one_line_stay_in_one_fetch(tmp_path: Path) -> None:
+def test_a_cut_line_fills_a_fetch_and_goes_on_in_the_next(tmp_path: Path) -> None:
     (tmp_path / "app.log").write_bytes(b"a\nb\n" + b"z" * 50 + b"\nc\n")
     src = source(tmp_path, max_bytes=10)
-    first = src.fetch(None, 4)
-    assert lines(first.items) == ["a", "b"]  # the 5 parts do not fit after them
-    second = src.fetch(first.position, 4)  # alone, a line's parts may exceed the limit
-    assert [i["part"] for i in second.items] == [1, 2, 3, 4, 5]
-    assert lines(src.fetch(second.position, 4).items) == ["c"]
+    first = src.fetch(None, 4)  # full: a batch never comes back short (short means drained)
+    assert [(i["line"], i.get("part")) for i in first.items] == [
+        ("a", None), ("b", None), ("z" * 10, 1), ("z" * 10, 2)]
+    assert first.position["files"][0]["part"] == 2
+    again = source(tmp_path, max_bytes=10).fetch(first.position, 4)  # after a restart too
+    assert [(i["line"], i.get("part")) for i in again.items] == [
+        ("z" * 10, 3), ("z" * 10, 4), ("z" * 10, 5), ("c", None)]
+    assert {i["offset"] for i in first.items[2:] + again.items[:3]} == {4}
+    assert {i["of"] for i in first.items[2:] + again.items[:3]} == {5}
+    assert again.position["files"][0]["part"] == 0
+    assert src.fetch(again.position, 4).items == []
 
 
 def test_invalid_utf8_replaced_not_dropped(tmp_path: Path) -> None:
