@@ -22,12 +22,14 @@ the new line would be dropped as a replay. It depends only on the file's content
 saved position, so a crash before the position is saved re-reads the same lines under the
 same ids (the unique keys absorb them).
 
-The position (``position.json``, a JSON value) lists each known file: its identity
-``(dev, ino)``, ``tag``, ``offset`` (the end of the last complete line handed out), the last
+The position (``position.json``, a JSON value; the fields are
+:class:`~lrq.sources._logfiles.Followed`'s) lists each known file: its identity
+``(dev, ino)``, ``tag``, ``offset`` (the end of the last complete line handed out; with
+``part``, the parts of a cut line there handed out already, so a line's parts may straddle
+two fetches and no fetch comes back short, which would end the sniffer's tick), the last
 size seen, the path where it was last seen and ``home``, the configured path it lived at;
 and ``gone``, the identities and tags of the last files no longer followed (a new file
-reusing one's inode with the same first line gets the next ``tag.N``).
-A fetch:
+reusing one's inode with the same first line gets the next ``tag.N``). A fetch:
 
 * expands the globs (a file is identified by ``(dev, ino)``, never by its name);
 * finds each known file that is no longer at a glob path (rotated away): by the descriptor
@@ -57,9 +59,12 @@ out of its home folder (or renamed to a name not starting with its home's name, 
 cannot be found after the restart; its unread tail is reported lost (a generation never seen
 and gone too is not known at all: nothing can report it). Before the first position is saved
 lrq has not started following: files rotated away by then are not read (``tail -F`` started
-after the rotation would not read them either). A running lrq keeps a
-descriptor on every file it follows, so it reads a rotated or even deleted file to its end.
-Lines written between logrotate's copy and its truncate are lost by copytruncate itself.
+after the rotation would not read them either). A running lrq keeps a descriptor on every
+file it follows, so it reads a rotated or even deleted file to its end. Lines written
+between logrotate's copy and its truncate are lost by copytruncate itself, and so are lines
+not yet read when the truncate comes (reported, as above): prefer ``create`` rotation.
+Don't glob a copytruncate setup's copies (a copy is a new file: its lines would be stored
+twice, under other ids).
 
 The encoding must write ``"\\n"`` as the byte ``0x0a`` (utf-8, latin-1, cp1252 ...; not
 utf-16). A line is held in memory whole until its newline, up to ``LONGEST`` (64 MiB: past
