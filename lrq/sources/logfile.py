@@ -296,6 +296,8 @@ class LogfileSource:
         f.size = max(f.size, start + len(data))
         if pos >= len(data):
             self._buf.pop(f.key, None)
+        elif pos > len(data) // 2:  # keep what is left, not the whole read (many files)
+            self._buf[f.key] = (start + pos, data[pos:])
         else:
             self._buf[f.key] = (start, data)
         return eof
