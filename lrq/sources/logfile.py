@@ -130,7 +130,10 @@ class Settings:
         """Check the options; relative paths (and globs) are made absolute against ``base``."""
         take(table, {"paths": list, "max_bytes": int, "encoding": str}, where, kind="logfile")
         paths = table.get("paths")
-        if not paths or not all(isinstance(p, str) and p.strip() for p in paths):
+        if paths and not all(isinstance(p, str) for p in paths):
+            raise ConfigError(f"{where}.paths: expected a list of strings (files or globs), "
+                              f"got {paths!r}")
+        if not paths or not all(p.strip() for p in paths):
             raise ConfigError(f'{where}.paths: missing or empty; give a list of files or globs '
                               f'(e.g. paths = ["/var/log/apache2/access.log"])')
         max_bytes = table.get("max_bytes", cls.max_bytes)

@@ -234,6 +234,7 @@ def test_every_line_once_over_many_small_fetches(tmp_path: Path) -> None:
     ({"paths": []}, "queues.q.source.paths: missing"),
     ({"paths": [" "]}, "queues.q.source.paths: missing"),
     ({"paths": "app.log"}, "queues.q.source.paths: expected list"),
+    ({"paths": ["a", 1]}, "queues.q.source.paths: expected a list of strings"),
     ({"paths": ["a"], "max_bytes": 0}, "queues.q.source.max_bytes: 0 is below 1"),
     ({"paths": ["a"], "encoding": "klingon"}, "queues.q.source.encoding: unknown encoding"),
     ({"paths": ["a"], "encoding": "utf-16"}, "queues.q.source.encoding: 'utf-16' does not"),
