@@ -150,8 +150,8 @@ class Settings:
         if not ok:
             raise ConfigError(f"{where}.encoding: {encoding!r} does not write a newline as one "
                               f'byte 0x0a; use an ASCII-compatible one (e.g. "utf-8")')
-        return cls(paths=tuple(str(base / p.strip()) for p in paths), max_bytes=max_bytes,
-                   encoding=name)
+        return cls(paths=tuple(os.path.normpath(base / p.strip()) for p in paths),
+                   max_bytes=max_bytes, encoding=name)
 
 
 def _hash(data: bytes) -> str:
