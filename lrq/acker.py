@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from lrq import failpoints
@@ -100,10 +100,12 @@ class Acker:
         removing an acknowledged batch ("dictionary changed size during iteration")."""
         return sum(1 for name in list(self.held) if self.spool.ack_state(name) == "done")
 
-    def step(self, source: Source) -> int:
+    def step(self, source: Source, carried: Sequence[Any] = ()) -> int:
         """Acknowledge the held batches that are done, and keep the others when it is time;
         return how many batches were acknowledged. A source that cannot be reached is
-        logged (once until it recovers) and tried again next step."""
+        logged (once until it recovers) and tried again next step. ``carried``: receipts of
+        items the sniffer holds in memory, not yet in a batch file (a batch lingering for
+        more, or stopped by backpressure): kept alive too."""
         if self._rescan:
             self.scan()
         done: list[str] = []
@@ -126,8 +128,8 @@ class Acker:
                 self.last_ack = time.time()
                 log.debug("acked queue=%s batches=%d", self.spool.queue, len(done))
             now = self.clock()
-            if self.held and now >= self._keep_at:
-                source.keep(self.receipts())
+            if (self.held or carried) and now >= self._keep_at:
+                source.keep(self.receipts() + list(carried))
                 self._keep_at = now + min(KEEP_EVERY, float(getattr(source, "keep_every",
                                                                     KEEP_EVERY)))
         except SourceError as e:

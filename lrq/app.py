@@ -17,6 +17,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from lrq import control, rates, signing, sources
 from lrq.acker import Acker
+from lrq.batching import Rules
 from lrq.config import Config, QueueConfig, load_handler
 from lrq.db import make_engine
 from lrq.disk import Budget, Floor, Held
@@ -25,7 +26,14 @@ from lrq.redact import redact_options, redact_text
 from lrq.sink import Sink
 from lrq.sniffer import Sniffer
 from lrq.spool import Spool, State
-from lrq.status import BatchView, DiskStatus, QueueStatus, Status, Verification
+from lrq.status import (
+    BatchView,
+    DiskStatus,
+    OutputVerification,
+    QueueStatus,
+    Status,
+    Verification,
+)
 from lrq.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -112,8 +120,14 @@ class App:
         return self._watches[q.name]
 
     def worker(self, q: QueueConfig, stop: threading.Event | None = None) -> Worker:
-        return Worker(q, self.spool(q), self.sink(q), load_handler(q, self.base), stop=stop,
+        return Worker(q, self.spool(q), self.sink(q), self.handlers(q), stop=stop,
                       pause=self.watch(q))
+
+    def handlers(self, q: QueueConfig) -> Any:
+        """The queue's handler, or (a queue with ``outputs``) each output's by name."""
+        if not q.fanout:
+            return load_handler(q, self.base)
+        return {o.name: load_handler(q, self.base, o) for o in q.plan()}
 
     def budget(self) -> Budget:
         self.cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -128,15 +142,17 @@ class App:
         source = self.source(q)
         acker = self.acker(q) if source.ack_at == "commit" else None
         return Sniffer(q, self.spool(q), source, budget=self.budget(), acker=acker,
-                       pause=self.watch(q))
+                       pause=self.watch(q), rules=Rules.of(q, self.base))
 
     def check(self) -> None:
         """Build every queue's parts once, so a bad handler, model, URL or key fails up front."""
         for q in self.queues():
-            handler = load_handler(q, self.base)
-            close = getattr(handler, "close", None)
-            if callable(close):
-                close()  # built only to check it; workers build their own
+            for o in q.plan():
+                handler = load_handler(q, self.base, o)
+                close = getattr(handler, "close", None)
+                if callable(close):
+                    close()  # built only to check it; workers build their own
+            Rules.of(q, self.base)  # imports its `separate`, if any
             self.sink(q)
             self.source(q)
             self.check_key(q)
@@ -330,6 +346,8 @@ class App:
         every ``VERIFY_PROGRESS_EVERY`` keys (a progress bar over millions of keys)."""
         sink = self.sink(q)
         counts = self.spool(q).counts()
+        if q.fanout:
+            return self._verify_outputs(q, counts, sample, progress)
         stored = set(sink.keys())
         dead = set(sink.dead_keys())
         n_results = sink.count()
@@ -360,6 +378,60 @@ class App:
             duplicated=sink.duplicates() + both, extra=len(stored - seen),
             failed_batches=counts.failed, quarantined_batches=counts.quarantined,
             missing_sample=missing)
+
+    def _verify_outputs(self, q: QueueConfig, counts: Any, sample: int,
+                        progress: Callable[[int], None] | None) -> Verification:
+        """:meth:`verify` of a fan-out queue: each output on its own (every source item
+        stored or dead-lettered in each output that stores one row per item); the queue's
+        fields are the outputs' sums."""
+        from lrq.outputs import SEP
+
+        sink = self.sink(q)
+        dead_by: dict[str, set[str]] = {name: set() for name in sink.outputs}
+        n_dead = 0
+        for k in sink.dead_keys():
+            n_dead += 1
+            name, _, key = k.partition(SEP)
+            dead_by.setdefault(name, set()).add(key)
+        keys = self.source(q).keys(q.key)
+        seen: set[str] = set()
+        n_items = 0
+        for k in keys or ():
+            n_items += 1
+            if progress is not None and n_items % VERIFY_PROGRESS_EVERY == 0:
+                progress(n_items)
+            seen.add(k)
+        if progress is not None:
+            progress(n_items)
+        base = (self._reconcile(q, counts, sink.count(), n_dead, sink.duplicates())
+                if keys is None else None)
+        found = []
+        for name, output in sink.outputs.items():
+            dead = dead_by.get(name, set())
+            listed = None if output.aggregate or keys is None else output.keys()
+            rows = output.count() or 0
+            if listed is None:
+                found.append(OutputVerification(
+                    output=name, aggregate=output.aggregate, results=rows, dead=len(dead),
+                    duplicated=output.duplicates(), listed=False,
+                    missing=0 if base is None or output.aggregate else base.missing))
+                continue
+            stored = set(listed)
+            lost = sorted(seen - stored - dead)
+            found.append(OutputVerification(
+                output=name, aggregate=False, results=rows, dead=len(dead), missing=len(lost),
+                duplicated=output.duplicates() + len(stored & dead),
+                extra=len((stored | dead) - seen), missing_sample=lost[:sample]))
+        outs = tuple(found)
+        if base is not None:
+            return dataclasses.replace(base, outputs=outs)
+        return Verification(
+            queue=q.name, source=n_items, distinct=len(seen), results=sink.count(), dead=n_dead,
+            missing=sum(o.missing for o in outs), duplicated=sum(o.duplicated for o in outs),
+            extra=sum(o.extra for o in outs), failed_batches=counts.failed,
+            quarantined_batches=counts.quarantined,
+            missing_sample=sorted({k for o in outs for k in o.missing_sample})[:sample],
+            outputs=outs)
 
     def _reconcile(self, q: QueueConfig, counts: Any, results: int, dead: int,
                    duplicated: int) -> Verification:
@@ -392,6 +464,16 @@ class App:
         dead letters are read: a retry batch stored in between has replaced its rows by
         then. Items come back as the dead-letter table stored them (JSON)."""
         sp, sink = self.spool(q), self.sink(q)
+        # A fan-out queue's dead letters are keyed "output/item key" (lrq.outputs): an item
+        # dead in several outputs is published once; its batch runs each output only on the
+        # items dead in it (Worker.handle_outputs).
+        fanout = q.fanout
+        asked = keys
+        if fanout and keys is not None:
+            from lrq.outputs import dead_key
+
+            keys = {dead_key(o, k) for o in sink.outputs for k in keys}
+        queued: set[str] = set()
         names: list[str] = []
         skipped: dict[str, str] = {}
         found: set[str] = set()
@@ -406,6 +488,11 @@ class App:
         with sp.lock("retry-dead"):
             waiting = self._waiting_retries(sp, q.key)
             for key, item in sink.dead_items(keys):
+                if fanout:
+                    key = str(item.get(q.key))
+                    if key in queued:
+                        continue  # dead in another output too: published once
+                    queued.add(key)
                 found.add(key)
                 if key in waiting:
                     skipped[key] = waiting[key]
@@ -417,7 +504,7 @@ class App:
             if todo:
                 publish()
         return Retried(queue=q.name, batches=names, items=items, waiting=skipped,
-                       missing=sorted(set(keys or ()) - found))
+                       missing=sorted(set(asked or ()) - found))
 
     @staticmethod
     def _waiting_retries(sp: Spool, key: str) -> dict[str, str]:

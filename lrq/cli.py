@@ -139,7 +139,7 @@ def cmd_sniff(args: argparse.Namespace) -> int:
                 f"sniff {q.name}", functools.partial(published.__getitem__, 0),
                 None if left is None else -(-left // q.batch_size)):
             while True:
-                n = sniffer.tick(max_batches=1 if args.once else SNIFF_STEP)
+                n = sniffer.tick(max_batches=1 if args.once else SNIFF_STEP, flush=True)
                 published[0] += n
                 if args.once or n == 0 or sniffer.drained or sniffer.paused:
                     break
@@ -348,9 +348,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     app = _app(args)
     bad = False
+    found = []
     for q in app.queues(args.queue):
         v = _verify_one(app, q)
         ok = v.ok and not (args.strict and v.dead)
+        bad |= not ok
+        if args.json:
+            found.append({**v.to_json(), "ok": ok})
+            continue
         dead = f"{v.dead} dead letters" if v.dead else "no dead letters"
         if args.strict and v.dead:
             dead += " (--strict)"
@@ -365,7 +370,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
                   f"distinct; set `key` to a unique column (queues.{q.name}.key)")
         if v.missing_sample:
             print(f"  missing keys (first {len(v.missing_sample)}): {', '.join(v.missing_sample)}")
-        bad |= not ok
+        for o in v.outputs:
+            what = "aggregating, " if o.aggregate else "" if o.listed else "keys not listed, "
+            print(f"  output {o.output}: {'ok' if o.ok else 'NOT OK'} ({what}results {o.results}, "
+                  f"dead letters {o.dead}, missing {o.missing}, duplicated {o.duplicated}, "
+                  f"not in source {o.extra})")
+            if o.missing_sample:
+                print(f"    missing keys (first {len(o.missing_sample)}): "
+                      f"{', '.join(o.missing_sample)}")
+    if args.json:
+        print(json.dumps(found if args.queue is None else found[0], indent=2, default=str))
     return EXIT_PROBLEM if bad else EXIT_OK
 
 
@@ -514,6 +528,9 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("queue", nargs="?")
     v.add_argument("--strict", action="store_true",
                    help="also fail (exit 1) when any item was dead-lettered")
+    v.add_argument("--json", action="store_true",
+                   help="one JSON document (a list of them without QUEUE); a queue with "
+                        "outputs adds \"outputs\": {name: {...}}")
     c = add("cleanup", cmd_cleanup, "reap stale claims, sweep orphan tmp files; print what was done")
     c.add_argument("queue", nargs="?")
     c.add_argument("--dry-run", action="store_true", help="only say what would be done")

@@ -14,7 +14,7 @@ import sysconfig
 import tomllib
 import traceback
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,8 +38,36 @@ class SourceConfig:
 
 
 @dataclass(frozen=True)
+class OutputConfig:
+    """One output of a queue (``[queues.X.outputs.NAME]``): its own handler and where its
+    results go. A queue with a single ``handler`` has one output named ``""``, built from
+    the queue's own keys (:meth:`QueueConfig.plan`), so its tables, dead letters and ledger
+    rows are those of a queue without outputs. See :mod:`lrq.outputs`."""
+
+    name: str
+    handler: str
+    #: When set, ``handler`` names a factory called with these keyword arguments.
+    options: dict[str, Any] | None = None
+    #: "sql" (the results database) or another kind in :data:`lrq.outputs.KINDS`.
+    kind: str = "sql"
+    model: str | None = None
+    result_table: str | None = None
+    #: Items per handler call; None: the queue's ``chunk_size``.
+    chunk_size: int | None = None
+    #: The field that identifies a result row; None: the queue's ``key``. An aggregating
+    #: output's rows carry it (a window's key); other outputs' results carry the item's key.
+    key: str | None = None
+    #: The handler returns any rows, each with its own unique ``key``, upserted: numeric
+    #: fields are added to the stored row's, others take the newest value (lrq.outputs).
+    aggregate: bool = False
+    #: A kind other than "sql": its own keys, checked by that kind.
+    settings: Any = None
+
+
+@dataclass(frozen=True)
 class QueueConfig:
-    """One pipeline: a source, a handler, a sink and its own spool folders."""
+    """One pipeline: a source, a handler (or several ``outputs``), a sink and its own spool
+    folders."""
 
     name: str
     handler: str
@@ -78,6 +106,42 @@ class QueueConfig:
     #: A worker run commits a batch on a second thread while the handler starts on the next
     #: one, so a slow service and the database do not wait for each other.
     pipeline: bool = True
+    #: Fan-out (``[queues.X.outputs.NAME]`` tables): each output its own handler and table,
+    #: all of a batch's committed together. Empty: the queue's ``handler`` is its one output.
+    outputs: tuple[OutputConfig, ...] = ()
+
+    #: Batch rules (:mod:`lrq.batching`): a batch closes before its items' pickled size
+    #: passes ``batch_max_bytes``; ``separate`` ("module:function", ``(batch_so_far, item) ->
+    #: bool``) says an item starts a new batch; a batch that is not full waits up to
+    #: ``batch_linger`` seconds for more items (0: published at once).
+    batch_max_bytes: int | None = None
+    separate: str | None = None
+    batch_linger: float = 0.0
+
+    @property
+    def fanout(self) -> bool:
+        """Does the queue name its outputs (``outputs`` tables) instead of one ``handler``?"""
+        return bool(self.outputs)
+
+    def plan(self) -> tuple[OutputConfig, ...]:
+        """The queue's outputs: its ``outputs``, or the one its ``handler`` makes (named
+        ``""``, the queue's model, table, key and chunk size)."""
+        if self.outputs:
+            return self.outputs
+        return (OutputConfig(name="", handler=self.handler, options=self.handler_options,
+                             model=self.model, result_table=self.result_table,
+                             chunk_size=self.chunk_size, key=self.key),)
+
+    def for_output(self, output: OutputConfig) -> QueueConfig:
+        """This queue as one output sees it: the output's handler, options, chunk size,
+        model and table in the queue's places (the handler policy and the sink's table code
+        read those). ``key`` stays the queue's: it names the items' key; an aggregating
+        output's row key is its own (:class:`lrq.outputs.SqlOutput`)."""
+        if not self.outputs:
+            return self
+        return replace(self, handler=output.handler, handler_options=output.options,
+                       chunk_size=output.chunk_size or self.chunk_size, model=output.model,
+                       result_table=output.result_table, outputs=())
 
 
 @dataclass(frozen=True)
@@ -253,26 +317,106 @@ _QUEUE_KEYS: dict[str, type | tuple[type, ...]] = {
     "max_pending": (int, str), "run_seconds": (int, float, str), "source": dict,
     "retries": int, "backoff": (int, float), "handler_timeout": (int, float, str),
     "lease": (int, float, str), "max_attempts": int, "compress": str,
-    "pipeline": bool,
+    "pipeline": bool, "outputs": dict, "batch_max_bytes": (int, str), "separate": str,
+    "batch_linger": (int, float, str),
 }
+#: Keys of an ``[queues.X.outputs.NAME]`` table, any kind; "sql" adds ``model`` and
+#: ``result_table``, another kind's own keys go to its ``parse`` (lrq.outputs.KINDS).
+_OUTPUT_KEYS: dict[str, type | tuple[type, ...]] = {
+    "handler": str, "options": dict, "kind": str, "chunk_size": int, "key": str,
+    "aggregate": bool,
+}
+_SQL_OUTPUT_KEYS: dict[str, type | tuple[type, ...]] = {
+    **_OUTPUT_KEYS, "model": str, "result_table": str}
+
+
+def _output(name: str, table: dict[str, Any], where: str) -> OutputConfig:
+    """One ``[queues.X.outputs.NAME]`` table."""
+    from lrq import outputs  # here, not at import: lrq.outputs imports this module
+
+    if not QUEUE_NAME.match(name):
+        raise ConfigError(f"{where}: output name {name!r} must be letters, digits, _ . -")
+    kind = table.get("kind", "sql")
+    if not isinstance(kind, str) or kind not in outputs.KINDS:
+        raise ConfigError(f"{where}.kind: unknown output kind {kind!r} "
+                          f"(known: {', '.join(sorted(outputs.KINDS))})")
+    if kind == "sql":
+        take(table, _SQL_OUTPUT_KEYS, where)
+    else:
+        take({k: v for k, v in table.items() if k in _OUTPUT_KEYS}, _OUTPUT_KEYS, where)
+    handler = required(table, "handler", where, "workers.apache:parse")
+    if "result_table" in table and "model" in table:
+        raise ConfigError(f"{where}: set result_table or model, not both")
+    if "key" in table and not table.get("aggregate", False):
+        raise ConfigError(f"{where}.key: only an aggregating output (aggregate = true) has a key "
+                          "of its own; the others' results carry the queue's key")
+    if table.get("chunk_size", 1) < 1:
+        raise ConfigError(f"{where}.chunk_size: must be at least 1, got {table['chunk_size']}")
+    own = {k: v for k, v in table.items() if k not in _OUTPUT_KEYS}  # "sql": none left
+    settings = outputs.parse(kind, own, f"{where}") if kind != "sql" else None
+    return OutputConfig(name=name, handler=handler, options=table.get("options"), kind=kind,
+                        model=table.get("model"), result_table=table.get("result_table"),
+                        chunk_size=table.get("chunk_size"), key=table.get("key"),
+                        aggregate=table.get("aggregate", False), settings=settings)
+
+
+def _outputs(table: dict[str, Any], where: str) -> tuple[OutputConfig, ...]:
+    """The ``outputs`` tables of a queue; two SQL outputs may not write one table (their
+    rows would collide on its unique key)."""
+    if not table:
+        raise ConfigError(f"{where}: no outputs; add a [{where}.NAME] table with a handler")
+    found = tuple(_output(n, t, f"{where}.{n}") if isinstance(t, dict) else
+                  _bad(f"{where}.{n} must be a table") for n, t in table.items())
+    tables: dict[str, str] = {}
+    for o in found:
+        if o.kind != "sql":
+            continue
+        target = f"model {o.model}" if o.model else f"result_table {o.result_table or 'lrq_results'}"
+        if target in tables:
+            raise ConfigError(f"{where}.{o.name}: {target} is also output {tables[target]!r}'s; "
+                              "give each output its own result_table or model")
+        tables[target] = o.name
+    return found
 
 
 def _queue(name: str, table: dict[str, Any], base: Path, where: str) -> QueueConfig:
     if not QUEUE_NAME.match(name):
         raise ConfigError(f"{where}: queue name {name!r} must be letters, digits, _ . -")
     take(table, _QUEUE_KEYS, where)
-    required(table, "handler", where, "workers.wordcount:handle")
+    if "outputs" in table:
+        both = [k for k in ("handler", "handler_options", "model", "result_table") if k in table]
+        if both:
+            raise ConfigError(f"{where}: set {both[0]} in each [{where}.outputs.NAME] table, "
+                              "not beside outputs (a queue has a handler or outputs, not both)")
+    else:
+        required(table, "handler", where, "workers.wordcount:handle")
     if "source" not in table:
         raise ConfigError(f"{where}: missing [{where}.source] table")
     if "result_table" in table and "model" in table:
         raise ConfigError(f"{where}: set result_table or model, not both")
-    values = {k: v for k, v in table.items() if k != "source"}
+    values = {k: v for k, v in table.items() if k not in ("source", "outputs")}
+    if "outputs" in table:
+        values["handler"] = ""
+        values["outputs"] = _outputs(table["outputs"], f"{where}.outputs")
     if isinstance(values.get("max_pending"), str):
         values["max_pending_bytes"] = parse_bytes(values.pop("max_pending"), f"{where}.max_pending")
         values["max_pending"] = 2**62
     for k in ("run_seconds", "handler_timeout", "lease"):
         if k in values:
             values[k] = positive(parse_duration(values[k], f"{where}.{k}"), f"{where}.{k}")
+    if "batch_max_bytes" in values:
+        values["batch_max_bytes"] = parse_bytes(values["batch_max_bytes"], f"{where}.batch_max_bytes")
+        if values["batch_max_bytes"] < 1:
+            raise ConfigError(f"{where}.batch_max_bytes: must be more than 0 bytes, "
+                              f"got {table['batch_max_bytes']!r}")
+    if "batch_linger" in values:  # 0 is meant here: publish at once
+        linger = parse_duration(values["batch_linger"], f"{where}.batch_linger")
+        if not linger >= 0:  # also NaN
+            raise ConfigError(f"{where}.batch_linger: must be 0 (publish at once) or more "
+                              f"seconds, got {linger:g}")
+        values["batch_linger"] = 0.0 if linger == 0 else positive(linger, f"{where}.batch_linger")
+    if "separate" in values:
+        values["separate"] = required(table, "separate", where, "workers.rules:apart")
     if values.get("run_seconds", 1) < 1:
         raise ConfigError(f"{where}.run_seconds: must be at least 1 second (a worker process "
                           f"exits after it), got {values['run_seconds']:g}")
@@ -414,8 +558,13 @@ def _import_failure(module_name: str, e: BaseException, base: Path | None) -> st
     return f"importing module {module_name!r} failed: {what}{where}"
 
 
-def load_handler(queue: QueueConfig, base: Path | None = None) -> Callable[[list[dict]], list[dict]]:
+def load_handler(queue: QueueConfig, base: Path | None = None,
+                 output: OutputConfig | None = None) -> Callable[[list[dict]], list[dict]]:
+    """The queue's handler, or the handler of one of its ``outputs``."""
     where = f"queues.{queue.name}.handler"
+    if output is not None and queue.outputs:
+        where = f"queues.{queue.name}.outputs.{output.name}.handler"
+        queue = queue.for_output(output)
     target = load_object(queue.handler, where, base)
     if queue.handler_options is not None:
         try:

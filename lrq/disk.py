@@ -30,7 +30,9 @@ TRIM_AT = 0.8
 #: per worker process; a claim in ``right/`` is a hard link to one, counted once (by inode).
 #: ``spare/`` holds empty files (0 bytes; their inodes count against the inode floor, and
 #: cleanup unlinks them when free inodes run below it, see :meth:`Space.inodes_low`).
-QUEUE_FOLDERS = ("owners", "left", "right", "done", "tmp", "failed", "quarantine", "spare")
+#: ``ingest/`` is the journal of a ``kind = "ingest"`` queue (:mod:`lrq.journal`).
+QUEUE_FOLDERS = ("owners", "left", "right", "done", "tmp", "failed", "quarantine", "spare",
+                 "ingest")
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,9 @@ class Handled:
     inputs: list[dict[str, Any]] | None = None
     #: Seconds the handler calls took (retries and backoff included), for the ledger row.
     seconds: float | None = None
+    #: A fan-out queue's batch: output name -> (results, dead letters); ``results`` and
+    #: ``dead`` are then empty (lrq.outputs).
+    outputs: dict[str, tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]] | None = None
 
 
 class StoreBehind:

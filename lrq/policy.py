@@ -253,8 +253,14 @@ class HandlerPolicy:
     def __init__(self, queue: QueueConfig, handler: Handler, *,
                  sleep: Callable[[float], Any] = time.sleep,
                  clock: Callable[[], float] = time.monotonic,
-                 columns: frozenset[str] | None = None) -> None:
+                 columns: frozenset[str] | None = None,
+                 aggregate_key: str | None = None, output: str = "") -> None:
         self.queue = queue
+        #: An aggregating output's row key (lrq.outputs): its handler returns any rows, each
+        #: carrying this field, so the one-result-per-item check is skipped.
+        self.aggregate_key = aggregate_key
+        #: The output this policy runs the handler of ("": a queue without outputs).
+        self.output = output
         #: The fields a result may have (the model's columns), None: any.
         self.columns = columns
         self.handler = handler
@@ -283,8 +289,12 @@ class HandlerPolicy:
         for i in sorted(b.dead):
             f = b.dead[i]
             dead.append((items[i], f.error))
-            log.warning("dead-lettered queue=%s key=%s error=%s", self.queue.name, b.keys[i],
-                        f.signature)
+            if self.output:
+                log.warning("dead-lettered queue=%s output=%s key=%s error=%s", self.queue.name,
+                            self.output, b.keys[i], f.signature)
+            else:
+                log.warning("dead-lettered queue=%s key=%s error=%s", self.queue.name,
+                            b.keys[i], f.signature)
         return b.results, dead
 
     def _isolate(self, b: _Batch, lo: int, hi: int, failure: Failure) -> None:
@@ -385,6 +395,12 @@ class HandlerPolicy:
             if extra:
                 raise HandlerError(f"results have fields {sorted(extra)} that model "
                                    f"{self.queue.model} has no columns for")
+        if self.aggregate_key is not None:
+            if any(r.get(self.aggregate_key) is None for r in results):
+                raise HandlerError(f"handler {self.queue.handler} returned a row without its "
+                                   f"key {self.aggregate_key!r} (an aggregating output's rows "
+                                   "each carry their own key)")
+            return results
         if len(results) == len(keys) and list(map(dict.get, results, repeat(key))) == keys:
             return results  # one result per item, in item order: the common case, no sort
         want = sorted(str(k) for k in keys)

@@ -132,8 +132,13 @@ def _end_dying(app: App, q: QueueConfig, sp: Spool, reaped: Reaped) -> str:
                     q.name, held.name, len(batch.items), first, second, len(reaped.deaths), ends)
         return "split"
     error = killed_message(reaped.deaths)
-    sink.store(held.name, len(batch.items), [], held.attempt,
-               dead=[(item, error) for item in batch.items], replace_dead=batch.replace_dead)
+    dead = [(item, error) for item in batch.items]
+    if q.fanout:  # which output's handler killed it is unknown: dead in every output
+        sink.store_outputs(held.name, len(batch.items), {o: ([], dead) for o in sink.outputs},
+                           held.attempt, inputs=batch.items, replace_dead=batch.replace_dead)
+    else:
+        sink.store(held.name, len(batch.items), [], held.attempt, dead=dead,
+                   replace_dead=batch.replace_dead)
     sp.mark_done(held)
     for item in batch.items:
         log.warning("dead-lettered queue=%s batch=%s key=%s error=%s", q.name, held.name,

@@ -74,3 +74,24 @@ def dead_letter_table(metadata: MetaData) -> Table:
 def generic_table(metadata: MetaData, name: str) -> Table:
     """Results as JSON values, for queues without a model of their own."""
     return _keyed_table(metadata, name, Column("value", JSON, nullable=False), index_created=True)
+
+
+def values_form(sql: str) -> tuple[str, str, str] | None:
+    """``sql`` (a one-row ``INSERT ... VALUES (?, ...) ...``) cut around its row of
+    parameters: (head, row, tail), so one statement can carry many rows; None when it does
+    not have that shape (then executemany is used)."""
+    head, values, rest = sql.partition(" VALUES ")
+    group, close, tail = rest.partition(")")
+    if not values or not close or not group.startswith("(") or set(group[1:]) - set("?, "):
+        return None
+    return f"{head} VALUES ", f"{group})", tail
+
+
+def is_unique(table: Table, column: str) -> bool:
+    col = table.c[column]
+    if col.unique or (col.primary_key and len(table.primary_key.columns) == 1):
+        return True
+    for c in table.constraints:
+        if isinstance(c, UniqueConstraint) and [x.name for x in c.columns] == [column]:
+            return True
+    return any(ix.unique and [x.name for x in ix.columns] == [column] for ix in table.indexes)

@@ -67,7 +67,6 @@ from typing import Any
 from sqlalchemy import (
     MetaData,
     Table,
-    UniqueConstraint,
     case,
     delete,
     func,
@@ -95,7 +94,9 @@ from lrq.schema import (
     LEDGER_FIELDS,
     dead_letter_table,
     generic_table,
+    is_unique,
     ledger_table,
+    values_form,
 )
 
 log = logging.getLogger(__name__)
@@ -138,11 +139,26 @@ class DeadLetter:
 
 
 class Sink:
-    """Where one queue's results go."""
+    """Where one queue's results go. A queue with ``outputs`` (fan-out) stores each
+    output's rows through its :class:`lrq.outputs.Output` (:meth:`store_outputs`); this
+    class keeps the ledger and the dead letters. ``tables_only``: the sink of one such
+    output's table (made by :class:`lrq.outputs.SqlOutput`), whose :meth:`prepare` creates
+    that table only."""
 
-    def __init__(self, engine: Engine, queue: QueueConfig, base: Path | None = None) -> None:
+    #: What an insert raises when the database or its driver refuses it.
+    refused_errors = _REFUSED
+
+    def __init__(self, engine: Engine, queue: QueueConfig, base: Path | None = None, *,
+                 tables_only: bool = False) -> None:
         self.engine = engine
         self.queue = queue
+        self.tables_only = tables_only
+        #: A fan-out queue's outputs by name (lrq.outputs); empty for a queue with a handler.
+        self.outputs: dict[str, Any] = {}
+        if queue.fanout:
+            from lrq import outputs  # lrq.outputs imports this module
+
+            self.outputs = outputs.build(engine, queue, base)
         self.key = queue.key
         self.metadata = MetaData()
         self.ledger = ledger_table(self.metadata)
@@ -156,7 +172,7 @@ class Sink:
             if self.key not in table.c:
                 raise ConfigError(f"queues.{queue.name}.model: {queue.model} has no column "
                                   f"{self.key!r} (the queue's key)")
-            if not _is_unique(table, self.key):
+            if not is_unique(table, self.key):
                 raise ConfigError(f"queues.{queue.name}.model: column {table.name}.{self.key} "
                                   "must be unique (unique=True) so replays add nothing")
             self.table = table
@@ -181,7 +197,7 @@ class Sink:
             self._bulk_sql = compiled.string
             self._bulk_positional = compiled.positional
             #: SQLite: the statement's (head, row, tail), to send many rows in one statement.
-            self._values_sql = (_values_form(compiled.string)
+            self._values_sql = (values_form(compiled.string)
                                 if engine.dialect.name == "sqlite" else None)
             #: The driver's error root, to wrap its errors as SQLAlchemy does (SQLite's
             #: happy path, :meth:`_store_sqlite`, runs on the driver's connection).
@@ -202,7 +218,9 @@ class Sink:
     def prepare(self) -> Sink:
         """Create the ledger, dead-letter and results tables if they are missing. Safe when
         several processes start at once: losing the race to create a table is fine."""
-        for table in (self.ledger, self.dead, self.table):
+        tables = ((self.table,) if self.tables_only else
+                  (self.ledger, self.dead) if self.outputs else (self.ledger, self.dead, self.table))
+        for table in tables:
             try:
                 table.create(self.engine, checkfirst=True)
             except SQLAlchemyError as e:
@@ -215,7 +233,10 @@ class Sink:
                 raise self._error(f"cannot create table {table.name} in {shown_url(self.engine)}", e,
                                   "the database user needs the right to create it, or create "
                                   "it beforehand") from e
-        self._migrate()
+        if not self.tables_only:
+            self._migrate()
+        for output in self.outputs.values():
+            output.prepare()
         return self
 
     def _migrate(self) -> None:
@@ -334,6 +355,14 @@ class Sink:
                     f"server's max_allowed_packet? killed by a server limit?): {e.orig}") from e
             raise self._error(what, e) from e
         return Stored(recorded=True, results=n, dead=len(dead_rows))
+
+    def store_outputs(self, batch: str, items: int,
+                      handled: dict[str, tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]],
+                      attempt: int = 1, **kw: Any) -> Stored:
+        """A fan-out queue's :meth:`store` (:func:`lrq.outputs.store_batch`)."""
+        from lrq.outputs import store_batch
+
+        return store_batch(self, batch, items, handled, attempt, **kw)
 
     def _store_sqlite(self, batch: str, items: int, attempt: int, bulk: list[Any],
                       seconds: float | None = None) -> None:
@@ -558,6 +587,10 @@ class Sink:
         return q.where(self.table.c.queue == self.queue.name) if self.generic else q
 
     def keys(self) -> Iterator[str]:
+        if self.outputs:  # a fan-out queue: lrq.app verifies each output
+            for o in self.outputs.values():
+                yield from (o.keys() or ()) if not o.aggregate else ()
+            return
         with reader(self.engine) as conn:
             for (k,) in conn.execution_options(yield_per=10_000).execute(
                     self._scoped(select(self._key_column()))):
@@ -602,12 +635,16 @@ class Sink:
 
     def duplicates(self) -> int:
         """Keys stored more than once (non-zero only if the unique constraint was dropped)."""
+        if self.outputs:
+            return sum(o.duplicates() for o in self.outputs.values())
         col = self._key_column()
         q = self._scoped(select(col)).group_by(col).having(func.count() > 1)
         with reader(self.engine) as conn:
             return len(conn.execute(q).all())
 
     def count(self) -> int:
+        if self.outputs:  # a fan-out queue: its outputs' rows
+            return sum(o.count() or 0 for o in self.outputs.values())
         with reader(self.engine) as conn:
             return conn.execute(self._scoped(select(func.count()).select_from(self.table))).scalar_one()
 
@@ -657,26 +694,5 @@ def _same_fields(rows: list[dict[str, Any]], indexes: bool = False) -> list[list
     return list(groups.values())
 
 
-def _values_form(sql: str) -> tuple[str, str, str] | None:
-    """``sql`` (a one-row ``INSERT ... VALUES (?, ...) ...``) cut around its row of
-    parameters: (head, row, tail), so one statement can carry many rows; None when it does
-    not have that shape (then executemany is used)."""
-    head, values, rest = sql.partition(" VALUES ")
-    group, close, tail = rest.partition(")")
-    if not values or not close or not group.startswith("(") or set(group[1:]) - set("?, "):
-        return None
-    return f"{head} VALUES ", f"{group})", tail
-
-
 def _first_line(e: BaseException) -> str:
     return str(getattr(e, "orig", None) or e).splitlines()[0]
-
-
-def _is_unique(table: Table, column: str) -> bool:
-    col = table.c[column]
-    if col.unique or (col.primary_key and len(table.primary_key.columns) == 1):
-        return True
-    for c in table.constraints:
-        if isinstance(c, UniqueConstraint) and [x.name for x in c.columns] == [column]:
-            return True
-    return any(ix.unique and [x.name for x in ix.columns] == [column] for ix in table.indexes)

@@ -13,6 +13,13 @@ save, just before it (:meth:`lrq.spool.Spool.sync_published`): one directory fsy
 only after every batch up to it is durable; a crash (or power loss) before that fsync
 re-publishes the group, which the unique keys absorb.
 
+Batch rules (:mod:`lrq.batching`): what a fetch returns goes into a :class:`~lrq.batching.Batcher`
+that cuts it into batches by ``batch_size``, ``batch_max_bytes`` and ``separate``, and holds a
+batch that is not full for up to ``batch_linger`` while later fetches fill it. The position
+moves to a fetch's position only once its last piece is published (and is saved, as above,
+after ``left/`` is fsynced); a broker's receipts are sliced with their items. Without rules a
+fetch is one batch, as before, with no work per item.
+
 Backpressure: the sniffer stops prefetching while ``max_pending`` batches (or bytes; one
 batch may always wait, however large, or a byte limit below one batch would stall) wait,
 or while :meth:`lrq.disk.Budget.blocked` says the next batch does not fit (the data dir near
@@ -55,6 +62,7 @@ from typing import Any
 
 from lrq import failpoints
 from lrq.acker import Acker
+from lrq.batching import Batcher, Rules
 from lrq.config import QueueConfig
 from lrq.control import Watch
 from lrq.disk import TRIM_AT, Budget
@@ -78,7 +86,7 @@ class Sniffer:
     def __init__(self, queue: QueueConfig, spool: Spool, source: Source, *,
                  budget: Budget | None = None, acker: Acker | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 pause: Watch | None = None) -> None:
+                 pause: Watch | None = None, rules: Rules | None = None) -> None:
         self.queue = queue
         #: The operator's pause (:mod:`lrq.control`): nothing is published while it holds.
         self.pause = pause
@@ -94,8 +102,12 @@ class Sniffer:
             acker = Acker(spool, clock=clock)
         self.acker = acker
         #: Items fetched but not yet published (backpressure or a full disk stopped the tick
-        #: after the fetch): published first by the next tick, never fetched again or dropped.
-        self.carried: Fetched | None = None
+        #: after the fetch, or a batch lingering for more): published first by a later tick,
+        #: never fetched again or dropped; cut into batches by the queue's rules
+        #: (:mod:`lrq.batching`; ``rules`` default to the queue's, ``separate`` imported).
+        self.batcher = Batcher(rules if rules is not None else Rules.of(queue))
+        #: The last fetch came back short: fetch no more to fill a lingering batch this tick.
+        self._short = False
         #: Ask a commit-acked source's ``settled()`` at the end of a drained tick (``lrq run
         #: --until-idle`` sets it; a broker round trip, so not on every idle tick otherwise).
         #: Asked here, in the thread that uses the source, not by the supervisor.
@@ -124,12 +136,14 @@ class Sniffer:
         self.looks = 0
 
     def tick(self, max_batches: int | None = None, max_seconds: float = 10.0,
-             stop: threading.Event | None = None) -> int:
+             stop: threading.Event | None = None, flush: bool = False) -> int:
         """Publish batches until the source is drained, backpressure says stop, or a limit is
         hit; return how many were published. Hold :meth:`Spool.lock` around it.
 
         With ``stop``, a pause on ``max_pending`` waits (until ``max_seconds`` are up or
-        ``stop`` is set) for the backlog to fall to the low-water mark, then goes on."""
+        ``stop`` is set) for the backlog to fall to the low-water mark, then goes on.
+        ``flush``: publish a batch lingering for more items (``batch_linger``) now, as
+        ``lrq sniff`` does before it exits."""
         self._ack_step(force=True)  # a paused queue's done batches are acknowledged still
         if self._held():
             return 0
@@ -142,20 +156,26 @@ class Sniffer:
         # ``position != saved``: a source without a position, such as http-agent's, would
         # never have left/ fsynced.)
         unsaved = False
-        if self.drained and self.carried is None:
-            if self.acker is not None and not self.acker.held and self.check_settled:
+        held = self.batcher
+        if self.drained and not held.ready(now, flush):
+            if not len(held) and self.acker is not None and not self.acker.held \
+                    and self.check_settled:
                 # Everything acknowledged: ask the broker first, so the end of an until-idle
                 # run is not a blocking fetch (a stream's `block`) away.
                 self._ask_settled()
                 if self.source_settled:
                     return 0
             # An idle tick fetches a whole batch, never a probe it would throw away (a broker
-            # hands out what it returns); carried into the loop below when it has items.
-            fetched = self.source.fetch(position, self.queue.batch_size)
-            if not fetched.items:
-                self._ask_settled()
-                return 0  # still nothing new: skip the disk accounting, an idle tick stays cheap
-            self.carried, self.drained = fetched, False
+            # hands out what it returns), or what fills a batch lingering for more; held
+            # into the loop below.
+            self._fetch(position, held.room())
+            if not held.ready(self.clock(), flush):
+                if not len(held):
+                    self._ask_settled()
+                # Still nothing new, or a batch lingering: skip the disk accounting, an idle
+                # tick stays cheap.
+                return 0
+            self.drained = False
         watch = self._pending_sizes()  # the backlog by name, kept up to date while paused
         self.recounts += 1
         pending, pending_bytes = len(watch), sum(watch.values())
@@ -188,28 +208,34 @@ class Sniffer:
                 self._ack_step()  # a long tick (a backlog, refills) acknowledges as it goes
                 if self._held():
                     break  # paused during a long tick: nothing more (a stat per batch)
-                carried, self.carried = self.carried, None
-                fetched = carried or self.source.fetch(position, self.queue.batch_size)
-                if not fetched.items:
+                if not len(held) and not self._fetch(position, self.queue.batch_size):
                     self.drained = True
                     self._resume(pending)
                     break
+                if not held.ready(self.clock(), flush):
+                    if not self._short:
+                        self._fetch(position, held.room())  # a batch lingering for more: fill it
+                    if not held.ready(self.clock(), flush):
+                        self.drained = True  # it lingers, and the source has no more for now
+                        self._resume(pending)
+                        break
+                piece = held.piece(position)  # held until it is in left/
                 try:
-                    self.carried = fetched  # until it is in left/
-                    name = self.spool.publish(fetched.items, fetched.position, sync=False,
-                                              receipts=fetched.receipts)
-                    self.carried = None
+                    name = self.spool.publish(piece.items, piece.position, sync=False,
+                                              receipts=piece.receipts)
                 except OSError as e:
                     if e.errno not in DISK_FULL:
                         raise
                     self._disk_full(e)
                     break
-                if self.acker is not None and fetched.receipts is not None:
-                    self.acker.add(name, list(fetched.receipts))
+                moved, safe = held.drop()
+                if self.acker is not None and piece.receipts is not None:
+                    self.acker.add(name, list(piece.receipts))
                 self._full_backoff = 1.0
                 if not refilled:  # a refill is not a resume: one line per pause, not per refill
                     self._resume(pending)
-                position = fetched.position
+                if moved:  # a fetch's last piece is in left/: its position may be saved
+                    position = safe
                 published += 1
                 unsaved = True
                 size = self._size_of(name)
@@ -220,10 +246,10 @@ class Sniffer:
                     self.last_bytes = size
                 used += self.last_bytes
                 log.debug("published queue=%s batch=%s items=%d bytes=%d", self.queue.name, name,
-                          len(fetched.items), size)
+                          len(piece.items), size)
                 if self.on_publish is not None:
                     self.on_publish()
-                self.drained = len(fetched.items) < self.queue.batch_size
+                self.drained = self._short and not len(held)
                 if self.drained or self.clock() >= deadline:
                     break
                 if self.clock() >= save_at and self._save(position):
@@ -236,6 +262,19 @@ class Sniffer:
             if unsaved:
                 self._save(position)
         return published
+
+    @property
+    def carried(self) -> Fetched | None:
+        """The items fetched but not yet published, as one :class:`Fetched` (a copy); None
+        when there are none."""
+        return self.batcher.held()
+
+    def _fetch(self, position: Any, limit: int) -> int:
+        """Fetch up to ``limit`` items after what is held into the batcher; how many came."""
+        fetched = self.source.fetch(self.batcher.read_position(position), limit)
+        self._short = len(fetched.items) < limit
+        self.batcher.add(fetched, self.clock())
+        return len(fetched.items)
 
     def _held(self) -> bool:
         """Is the queue paused by the operator? (One ``faccessat``; :class:`~lrq.control.Watch`
@@ -260,7 +299,7 @@ class Sniffer:
         now = self.clock()
         if force or now >= self._ack_at:
             self._ack_at = now + ACK_EVERY
-            self.acker.step(self.source)
+            self.acker.step(self.source, self.batcher.receipts())
 
     def _ask_settled(self) -> None:
         if self.commit_acked and self.check_settled:

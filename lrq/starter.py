@@ -31,6 +31,9 @@ result_table = "doc_results"               # generic table (queue, key, value JS
 # max_attempts = 3                         # a batch that failed this often -> failed/
 #                                          # (one whose worker died twice is split instead)
 # pipeline = true                          # store a batch while the handler runs the next one
+# batch_max_bytes = "1MB"                  # batch rules (README): close a batch before this size,
+# separate = "workers.storage:apart"       # ... start a new batch where this function says True,
+# batch_linger = "2s"                      # ... let a batch that is not full wait this long for more
 
 [queues.docs.source]
 kind     = "sql"                 # or logfile, redis-stream, redis-list, kafka, http-agent (README, "Sources")

@@ -181,6 +181,31 @@ class BatchView:
 
 
 @dataclass(frozen=True)
+class OutputVerification:
+    """One output of a fan-out queue (lrq.outputs): every source item either stored or
+    dead-lettered in it. An aggregating output's rows are not one per item: only their
+    count, dead letters and duplicates are shown; so is an output that cannot list its keys
+    (``listed`` False)."""
+
+    output: str
+    aggregate: bool
+    results: int
+    dead: int
+    missing: int = 0
+    duplicated: int = 0
+    extra: int = 0
+    listed: bool = True
+    missing_sample: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.missing == 0 and self.duplicated == 0 and self.extra == 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "ok": self.ok}
+
+
+@dataclass(frozen=True)
 class Verification:
     """Source keys against result rows plus dead letters: every item exactly once."""
 
@@ -201,6 +226,9 @@ class Verification:
     #: against what the source still holds instead. ``source`` is then the ledger's item
     #: count and ``missing`` the entries the source still holds (pending or not yet read).
     reconciled: str | None = None
+    #: A fan-out queue's outputs, each verified on its own (the fields above are their sums;
+    #: ``dead`` counts dead letters of every output). Empty for a queue with one handler.
+    outputs: tuple[OutputVerification, ...] = ()
 
     @property
     def source_duplicates(self) -> int:
@@ -211,10 +239,15 @@ class Verification:
     @property
     def ok(self) -> bool:
         return self.missing == 0 and self.duplicated == 0 and self.extra == 0 \
-            and self.source_duplicates == 0
+            and self.source_duplicates == 0 and all(o.ok for o in self.outputs)
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "source_duplicates": self.source_duplicates, "ok": self.ok}
+        out = {**asdict(self), "source_duplicates": self.source_duplicates, "ok": self.ok}
+        if self.outputs:
+            out["outputs"] = {o.output: o.to_json() for o in self.outputs}
+        else:
+            del out["outputs"]  # a queue with one handler: the keys it always had
+        return out
 
 
 def _round(seconds: float | None) -> float | None:

@@ -16,6 +16,8 @@ Routes (GETs need no token):
 * ``GET /api/problems``: failed batches with their errors, and dead letters, per queue.
 * ``POST /api/queues/NAME/pause`` and ``/resume``, ``POST /api/batches/NAME/requeue``,
   ``POST /api/requeue-failed[?queue=NAME]``, ``POST /api/cleanup``.
+* ``POST /api/queues/NAME/items``: items for a ``kind = "ingest"`` queue (:mod:`lrq.webingest`;
+  its body is read up to the source's ``max_request_bytes``, and not under the routes' lock).
 
 Every POST needs ``Authorization: Bearer TOKEN``: without the header it answers 401, with
 another token 403 (compared in constant time). The token is config ``http_token``, else env
@@ -105,6 +107,9 @@ class Web:
         self.token = token.encode()
         self.lock = threading.Lock()
         self.registry = metrics.registry(app)
+        from lrq.webingest import Ingest
+
+        self.ingest = Ingest(app)
 
     def authorized(self, header: str | None) -> int:
         """200 for the right bearer token, 401 without one, 403 for another."""
@@ -192,6 +197,12 @@ def _handler(web: Web) -> type[BaseHTTPRequestHandler]:
             self._answer(lambda: web.get(url.path, parse_qs(url.query)))
 
         def do_POST(self) -> None:  # noqa: N802 (stdlib name)
+            from lrq import webingest
+
+            queue = webingest.queue_of(urlsplit(self.path).path)
+            if queue is not None:
+                self._answer_ingest(queue)
+                return
             length = min(int(self.headers.get("Content-Length") or 0), MAX_BODY)
             if length > 0:
                 self.rfile.read(length)
@@ -206,6 +217,63 @@ def _handler(web: Web) -> type[BaseHTTPRequestHandler]:
             url = urlsplit(self.path)
             by = f"web:{self.client_address[0]}"
             self._answer(lambda: web.post(url.path, parse_qs(url.query), by))
+
+        def _answer_ingest(self, queue: str) -> None:
+            """``POST /api/queues/NAME/items`` (:mod:`lrq.webingest`): the token, the queue
+            and the Content-Length are checked before the body is read; a refusal then
+            closes the connection rather than read what it refuses."""
+            from lrq.webingest import Answer
+
+            code = web.authorized(self.headers.get("Authorization"))
+            if code != 200:
+                self.close_connection = True
+                text = ("send Authorization: Bearer TOKEN (config http_token, env "
+                        "LRQ_HTTP_TOKEN or data_dir/http.token)" if code == 401
+                        else "wrong token")
+                self._send(*_json({"error": text}, code),
+                           extra={"WWW-Authenticate": "Bearer"} if code == 401 else {})
+                return
+            try:
+                answer = self._ingest(queue)
+            except Exception as e:  # noqa: BLE001 (answer 500, keep serving, log it)
+                log.exception("http-error path=%s", self.path)
+                answer = Answer(500, {"error": f"{type(e).__name__}: {e}"}, close=True)
+            if answer.close:
+                self.close_connection = True
+            try:
+                self._send(*_json(answer.body, answer.status), extra=dict(answer.headers))
+            except (BrokenPipeError, ConnectionResetError):  # the client left: nothing to tell
+                self.close_connection = True
+                log.debug("http-client-gone path=%s status=%d", self.path, answer.status)
+
+        def _ingest(self, queue: str) -> Any:
+            from lrq.webingest import Answer
+
+            front = web.ingest.front(queue)
+            if isinstance(front, Answer):
+                return front
+            text = self.headers.get("Content-Length")
+            if text is None:
+                return Answer(411, {"error": "send a Content-Length (chunked bodies are not "
+                                    "read)"}, close=True)
+            if not text.strip().isdigit():
+                return Answer(400, {"error": f"Content-Length {text!r} is not a number"},
+                              close=True)
+            length = int(text)
+            refused = front.too_large(length)
+            if refused is not None:
+                return refused
+            with web.ingest.slot() as busy:
+                if busy is not None:
+                    return busy
+                try:
+                    body = self.rfile.read(length)
+                except OSError as e:  # a client that stalls past the timeout
+                    return Answer(400, {"error": f"reading the body failed: {e}"}, close=True)
+                if len(body) < length:
+                    return Answer(400, {"error": f"the body ended after {len(body)} of "
+                                        f"{length} bytes (Content-Length)"}, close=True)
+                return front.post(body)
 
         def _answer(self, route: Callable[[], tuple[int, str, bytes]]) -> None:
             try:
@@ -266,6 +334,7 @@ class Server:
         self.httpd.shutdown()
         self.httpd.server_close()
         self.thread.join(timeout=10)
+        self.web.ingest.close()
 
 
 def serve(cfg: Config, address: str) -> Server:

@@ -67,7 +67,7 @@ import logging
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -169,24 +169,51 @@ class RunStats:
 
 
 class Worker:
-    def __init__(self, queue: QueueConfig, spool: Spool, sink: Sink, handler: Handler, *,
+    def __init__(self, queue: QueueConfig, spool: Spool, sink: Sink,
+                 handler: Handler | Mapping[str, Handler], *,
                  stop: threading.Event | None = None,
                  sleep: Callable[[float], Any] | None = None,
                  pause: Watch | None = None) -> None:
+        """``handler``: the queue's handler, or (a queue with ``outputs``) each output's by
+        name."""
         self.queue = queue
         #: The queue's pause (:mod:`lrq.control`): looked at before each claim attempt.
         self.pause = pause
         self.spool = spool
         self.sink = sink
         self.stop = stop or threading.Event()
-        #: Chunks, tries, splits, timeouts, result checks (see :mod:`lrq.policy`).
-        self.policy = HandlerPolicy(queue, handler, sleep=sleep or time.sleep,
-                                    columns=sink.columns)
+        #: Chunks, tries, splits, timeouts, result checks (see :mod:`lrq.policy`): one per
+        #: output of a fan-out queue (:mod:`lrq.outputs`), in the config's order.
+        self.policies: dict[str, HandlerPolicy] = {}
+        if queue.fanout:
+            handlers = handler if isinstance(handler, Mapping) else {}
+            for o in queue.plan():
+                if o.name not in handlers:
+                    raise ValueError(f"queue {queue.name}: no handler for output {o.name!r}")
+                out = sink.outputs[o.name]
+                self.policies[o.name] = HandlerPolicy(
+                    queue.for_output(o), handlers[o.name], sleep=sleep or time.sleep,
+                    columns=out.columns, output=o.name,
+                    aggregate_key=(o.key or queue.key) if o.aggregate else None)
+            self.policy = next(iter(self.policies.values()))
+        else:
+            assert callable(handler), "a queue without outputs has one handler"
+            self.policy = HandlerPolicy(queue, handler, sleep=sleep or time.sleep,
+                                        columns=sink.columns)
+            self.policies[""] = self.policy
         self.stats = RunStats()
         #: Holds every claim of a batch being handled or committed (see :meth:`abandon`), and
         #: ends the process if a handler call will not stop.
-        self.heartbeat = Heartbeat(spool, queue.lease / 4, watch=self.policy.overrun)
+        self.heartbeat = Heartbeat(spool, queue.lease / 4, watch=self._overrun)
         self._lock = threading.Lock()  # stats: the committer thread updates them too
+
+    def _overrun(self) -> str | None:
+        """The watchdog's question (:meth:`HandlerPolicy.overrun`), of every output's policy."""
+        for policy in self.policies.values():
+            why = policy.overrun()
+            if why is not None:
+                return why
+        return None
 
     # -- one batch -----------------------------------------------------------------------
     def run_once(self) -> bool:
@@ -334,13 +361,19 @@ class Worker:
             # waiting on a service leaves it free.
             behind.start()
         t_handle = time.monotonic()
+        per: dict[str, tuple[list[Item], list[tuple[Item, str]]]] | None = None
+        results: list[Item] = []
+        dead: list[tuple[Item, str]] = []
         try:
-            results, dead = self.handle(batch.items)
+            if self.queue.fanout:
+                per = self.handle_outputs(batch.items, retry=batch.replace_dead)
+            else:
+                results, dead = self.handle(batch.items)
         except HandlerBroken as e:
             self._broken(claim, e)
             raise
         return Handled(claim, lost, len(batch.items), results, dead, t0, batch.replace_dead,
-                       batch.items, seconds=time.monotonic() - t_handle)
+                       batch.items, seconds=time.monotonic() - t_handle, outputs=per)
 
     def _bad_keys(self, items: list[Item]) -> str | None:
         """Why the batch's keys cannot identify its items, or None. Keys are compared as the
@@ -372,9 +405,14 @@ class Worker:
         if h.lost.is_set() or not self.spool.owns(claim):
             raise ClaimLost(claim.name)
         try:
-            stored = self.sink.store(claim.name, h.items, h.results, claim.attempt, dead=h.dead,
-                                     inputs=h.inputs, replace_dead=h.replace_dead,
-                                     seconds=h.seconds)
+            if h.outputs is not None:
+                stored = self.sink.store_outputs(claim.name, h.items, h.outputs, claim.attempt,
+                                                 inputs=h.inputs, replace_dead=h.replace_dead,
+                                                 seconds=h.seconds)
+            else:
+                stored = self.sink.store(claim.name, h.items, h.results, claim.attempt,
+                                         dead=h.dead, inputs=h.inputs,
+                                         replace_dead=h.replace_dead, seconds=h.seconds)
         except HandlerBroken as e:  # the database refused every result alike
             self._broken(claim, e)
             raise
@@ -442,12 +480,28 @@ class Worker:
 
     @sleep.setter
     def sleep(self, sleep: Callable[[float], Any]) -> None:
-        self.policy.sleep = sleep
+        for policy in self.policies.values():
+            policy.sleep = sleep
 
     def handle(self, items: list[Item]) -> tuple[list[Item], list[tuple[Item, str]]]:
         """Run the handler over ``items`` (see :class:`~lrq.policy.HandlerPolicy`); return
         (results, dead letters)."""
         return self.policy.run(items)
+
+    def handle_outputs(self, items: list[Item], retry: bool = False
+                       ) -> dict[str, tuple[list[Item], list[tuple[Item, str]]]]:
+        """A fan-out queue's :meth:`handle`: each output's handler over ``items``, in the
+        config's order; output name -> (results, dead letters). An item one output fails on
+        is dead for that output only. ``retry`` (a ``lrq retry-dead`` batch): each output
+        gets only the items dead-lettered in it."""
+        if not retry:
+            return {name: policy.run(items) for name, policy in self.policies.items()}
+        from lrq.outputs import dead_in
+
+        key = self.queue.key
+        dead = dead_in(self.sink, [str(it[key]) for it in items])
+        return {name: policy.run([it for it in items if str(it[key]) in dead.get(name, ())])
+                for name, policy in self.policies.items()}
 
     # -- stopping ------------------------------------------------------------------------
     def abandon(self) -> bool:

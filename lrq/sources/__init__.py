@@ -48,6 +48,8 @@ Kinds: ``sql`` (:mod:`lrq.sources.sql`, at publish), ``logfile`` (:mod:`lrq.sour
 growing log files tailed like ``tail -F``, at publish) and ``sqlite-broker``
 (:mod:`lrq.sources.sqlite_broker`, at commit: a stand-in broker in one SQLite file for the
 contract suite, tests/contract). The config's ``kind`` defaults to ``"sql"``.
+``ingest`` (:mod:`lrq.sources.ingest`, at publish): items clients POST to the web server,
+kept in a fsynced journal (:mod:`lrq.journal`).
 """
 from __future__ import annotations
 
@@ -68,6 +70,7 @@ AckAt = Literal["publish", "commit"]
 KINDS: dict[str, str] = {
     "sql": "lrq.sources.sql",
     "http-agent": "lrq.sources.http_agent",
+    "ingest": "lrq.sources.ingest",  # items POSTed to the web server (lrq.webingest)
     "kafka": "lrq.sources.kafka",
     "logfile": "lrq.sources.logfile",
     "redis-list": "lrq.sources.redis_list",
