@@ -69,8 +69,19 @@ def table_rows(st: Status) -> list[tuple[Any, ...]]:
         rate = () if down else (_rate(q), human_seconds(q.eta_seconds))
         rows.append((q.name + (" (paused)" if q.paused else ""), c.pending, c.claimed, q.stale,
                      c.done, c.failed, c.quarantined, *db, *rate, human_bytes(c.bytes),
-                     "-" if q.position is None else q.position))  # a broker has none
+                     _position(q.position)))
     return rows
+
+
+def _position(position: Any) -> str:
+    """The position column: a broker has none; a structured one (the logfile source's list of
+    files) is cut short here, its source line and ``--json`` show it whole."""
+    if position is None:
+        return "-"
+    if isinstance(position, (dict, list)):
+        text = json.dumps(position, separators=(",", ":"))
+        return text if len(text) <= 40 else text[:39] + "…"
+    return str(position)
 
 
 def format_table(rows: list[tuple[Any, ...]]) -> list[str]:

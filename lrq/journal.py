@@ -72,6 +72,7 @@ from typing import Any
 
 from lrq import failpoints
 from lrq.errors import LrqError, SourceError
+from lrq.spool.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -148,14 +149,6 @@ def _write_all(fd: int, data: bytes, offset: int) -> None:
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- writing --------------------------------------------------------------------------
@@ -247,7 +240,7 @@ class Writer:
         n = max([*segments(self.folder), head[0] if head else 0, self._seg]) + 1
         fd = os.open(self.folder / segment_name(n), os.O_RDWR | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
-            _fsync_dir(self.folder)  # the segment's name is durable before anything in it
+            fsync_dir(self.folder)  # the segment's name is durable before anything in it
             self._write_head(n, 0)
         except BaseException:
             os.close(fd)

@@ -36,7 +36,7 @@ result_table = "doc_results"               # generic table (queue, key, value JS
 # batch_linger = "2s"                      # ... let a batch that is not full wait this long for more
 
 [queues.docs.source]
-kind     = "sql"                  # or redis-stream, redis-list, kafka, http-agent (README, "Sources")
+kind     = "sql"                 # or logfile, redis-stream, redis-list, kafka, http-agent (README, "Sources")
 url      = "sqlite:///data/source.db"
 table    = "source_data"
 order_by = "id"                            # keyset paging column: must only grow

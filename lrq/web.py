@@ -206,13 +206,7 @@ def _handler(web: Web) -> type[BaseHTTPRequestHandler]:
             length = min(int(self.headers.get("Content-Length") or 0), MAX_BODY)
             if length > 0:
                 self.rfile.read(length)
-            code = web.authorized(self.headers.get("Authorization"))
-            if code != 200:
-                text = ("send Authorization: Bearer TOKEN (config http_token, env "
-                        "LRQ_HTTP_TOKEN or data_dir/http.token)" if code == 401
-                        else "wrong token")
-                self._send(*_json({"error": text}, code),
-                           extra={"WWW-Authenticate": "Bearer"} if code == 401 else {})
+            if not self._authorized():
                 return
             url = urlsplit(self.path)
             by = f"web:{self.client_address[0]}"
@@ -224,14 +218,7 @@ def _handler(web: Web) -> type[BaseHTTPRequestHandler]:
             closes the connection rather than read what it refuses."""
             from lrq.webingest import Answer
 
-            code = web.authorized(self.headers.get("Authorization"))
-            if code != 200:
-                self.close_connection = True
-                text = ("send Authorization: Bearer TOKEN (config http_token, env "
-                        "LRQ_HTTP_TOKEN or data_dir/http.token)" if code == 401
-                        else "wrong token")
-                self._send(*_json({"error": text}, code),
-                           extra={"WWW-Authenticate": "Bearer"} if code == 401 else {})
+            if not self._authorized(close=True):
                 return
             try:
                 answer = self._ingest(queue)
@@ -286,6 +273,20 @@ def _handler(web: Web) -> type[BaseHTTPRequestHandler]:
                 log.exception("http-error path=%s", self.path)
                 status, kind, body = _json({"error": f"{type(e).__name__}: {e}"}, 500)
             self._send(status, kind, body)
+
+        def _authorized(self, close: bool = False) -> bool:
+            """Does the request carry the token? Else answer 401 (none) or 403 (a wrong
+            one), closing the connection when ``close`` (a body left unread)."""
+            code = web.authorized(self.headers.get("Authorization"))
+            if code == 200:
+                return True
+            if close:
+                self.close_connection = True
+            text = ("send Authorization: Bearer TOKEN (config http_token, env "
+                    "LRQ_HTTP_TOKEN or data_dir/http.token)" if code == 401 else "wrong token")
+            self._send(*_json({"error": text}, code),
+                       extra={"WWW-Authenticate": "Bearer"} if code == 401 else {})
+            return False
 
         def _send(self, status: int, kind: str, body: bytes,
                   extra: dict[str, str] | None = None) -> None:

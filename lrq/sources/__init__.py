@@ -44,7 +44,8 @@ What remains: a kind may add ``remaining(position) -> int | None``, the items pa
 ``position`` it has yet to hand out (``sql``: rows past the watermark). ``lrq status`` uses it
 for the ETA, else the ``lag`` of :meth:`Source.status` (a broker's entries not yet read).
 
-Kinds: ``sql`` (:mod:`lrq.sources.sql`, at publish) and ``sqlite-broker``
+Kinds: ``sql`` (:mod:`lrq.sources.sql`, at publish), ``logfile`` (:mod:`lrq.sources.logfile`,
+growing log files tailed like ``tail -F``, at publish) and ``sqlite-broker``
 (:mod:`lrq.sources.sqlite_broker`, at commit: a stand-in broker in one SQLite file for the
 contract suite, tests/contract). The config's ``kind`` defaults to ``"sql"``.
 ``ingest`` (:mod:`lrq.sources.ingest`, at publish): items clients POST to the web server,
@@ -71,6 +72,7 @@ KINDS: dict[str, str] = {
     "http-agent": "lrq.sources.http_agent",
     "ingest": "lrq.sources.ingest",  # items POSTed to the web server (lrq.webingest)
     "kafka": "lrq.sources.kafka",
+    "logfile": "lrq.sources.logfile",
     "redis-list": "lrq.sources.redis_list",
     "redis-stream": "lrq.sources.redis_stream",
     "sqlite-broker": "lrq.sources.sqlite_broker",  # a stand-in broker for the contract suite

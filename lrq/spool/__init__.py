@@ -35,6 +35,8 @@ Layout, per queue, under ``<data_dir>/<queue>/`` (folders are created 0700)::
     paused.json          present while the operator has paused the queue (``lrq pause``):
                          ``{"since", "by"}``, written and removed by :mod:`lrq.control`, not
                          by the spool; no listing, budget or foreign-entry scan looks at it
+    logfile-losses.json  a ``logfile`` source's reported losses (:mod:`lrq.sources.logfile`),
+                         written by the source, not by the spool; nothing else reads it
     wake                 a FIFO: whatever publishes a batch writes a byte to it, waking the
                          idle workers blocked on it (:mod:`lrq.spool.wake`); holds no state
     ../key-ids           ids of the keys this data dir has signed batches with, one per line

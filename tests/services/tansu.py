@@ -94,6 +94,36 @@ class Tansu:
         if left:
             raise servers.ServerError(f"tansu: {left} messages not delivered in 15 s")
 
+    def read(self, topic: str, partitions: int, n: int,
+             seconds: float = 15.0) -> list[tuple[int, bytes, bytes]]:
+        """Every message of ``topic`` as (partition, key, value), read from offset 0 by a
+        consumer in assign mode (no group to wedge) until ``n`` came and every partition
+        reached its end (bounded by ``seconds``)."""
+        import time
+
+        from confluent_kafka import Consumer, KafkaError, TopicPartition
+        c = Consumer({"bootstrap.servers": self.brokers, "group.id": fresh("reader"),
+                      "enable.auto.commit": False, "enable.partition.eof": True,
+                      "socket.timeout.ms": 5000})
+        try:
+            c.assign([TopicPartition(topic, p, 0) for p in range(partitions)])
+            got: list[tuple[int, bytes, bytes]] = []
+            ended: set[int] = set()
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline and not (len(got) >= n and
+                                                       len(ended) == partitions):
+                for m in c.consume(num_messages=500, timeout=0.2):
+                    if m.error() is None:
+                        got.append((m.partition(), m.key(), m.value()))
+                        ended.discard(m.partition())
+                    elif m.error().code() == KafkaError._PARTITION_EOF:
+                        ended.add(m.partition())
+                    else:
+                        raise servers.ServerError(f"tansu: reading {topic}: {m.error().str()}")
+            return got
+        finally:
+            c.close()
+
     def committed(self, group: str, topic: str, partitions: int) -> dict[int, int]:
         """The group's committed offsets per partition, read by the AdminClient (not by a
         member), -1 where nothing is committed."""

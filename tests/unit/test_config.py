@@ -226,7 +226,7 @@ def test_every_source_kind_checks_its_table_with_the_same_messages(kind: str) ->
         parse(kind, {"nonsense": 1}, Path("."), where)
     assert str(e.value).startswith(f"{where}: unknown key 'nonsense' for kind \"{kind}\" "
                                    "(known keys: kind, "), str(e.value)
-    option = next(o for o in ("url", "brokers", "path", "max_request_bytes")  # one of every kind
+    option = next(o for o in ("url", "brokers", "path", "max_request_bytes", "encoding")  # of every kind
                   if o in module(kind).Settings.__dataclass_fields__)
     with pytest.raises(ConfigError) as e:
         parse(kind, {option: ["redis://:pw@h/0"]}, Path("."), where)
