@@ -1,7 +1,7 @@
 """Apache access logs: a parser for the combined format and sliding-window statistics.
 
 Handlers for a queue whose items are log lines (``kind = "logfile"``: items
-``{"id": "dev:inode:offset", "line": ..., "path": ..., "offset": ...}``), one per output:
+``{"id": "dev:inode:tag:offset", "line": ..., "path": ..., "offset": ...}``), one per output:
 
 * :func:`parse`: one :class:`workers.models.AccessLine` row per line.
 * :func:`status_windows` and :func:`remote_windows`: factories (``options = { width = 60,

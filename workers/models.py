@@ -29,7 +29,7 @@ class DocEntMap(Base):
 class AccessLine(Base):
     """One Apache combined-format access line (:func:`workers.apache.parse`).
 
-    ``id`` is the log source's item key ("dev:inode:offset"), unique so a replayed batch adds
+    ``id`` is the log source's item key ("dev:inode:tag:offset"), unique so a replayed batch adds
     nothing. ``ts`` is the request time in epoch seconds (UTC), an integer rather than a
     DateTime: it is the same on SQLite, PostgreSQL and MariaDB (no time-zone or fractional
     second conversions) and the windows of :mod:`workers.apache` are computed on it. ``url``,
