@@ -241,11 +241,13 @@ class RemoteWindows:
         n = len(parsed)
         ts = np.fromiter((a.ts for a in parsed), np.int64, n)
         size = np.fromiter((a.size for a in parsed), np.int64, n)
-        names, which = np.unique(np.array([a.remote for a in parsed], dtype=object),
-                                 return_inverse=True)
+        # remotes -> codes in order of appearance (a dict; no sort of Python strings)
+        index: dict[str, int] = {}
+        which = np.fromiter((index.setdefault(a.remote, len(index)) for a in parsed), np.int64, n)
+        names = list(index)
         w, i = self.width, self.interval
         windows = window_starts(ts, w, i)
-        starts, codes, counts, inverse = _group(windows, which.reshape(-1).astype(np.int64), i)
+        starts, codes, counts, inverse = _group(windows, which, i)
         sizes = np.zeros(len(starts), dtype=np.int64)
         np.add.at(sizes, inverse, np.repeat(size, windows.shape[1]))
         return [{"id": f"remote:{w}:{i}:{s}:{names[c]}",
