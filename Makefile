@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 LRQ    := $(VENV)/bin/lrq
 DOCS   ?= 30000
 
-.PHONY: venv demo lint test test-slow test-all services bench bench-deps bench-quick clean
+.PHONY: venv demo demo-logs lint test test-slow test-all services bench bench-deps bench-quick clean
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +21,18 @@ demo: venv
 	$(LRQ) -c lrq.toml status
 	$(LRQ) -c lrq.toml verify
 	$(PY) -m lrq.sample --peek sqlite:///data/results.db doc_ent_map
+
+# The log job (demo-logs.toml): a day of sample access logs, rotated twice, tailed into parsed
+# lines and sliding-window counts in data/demo-logs/results.db; starts from nothing each time.
+LOG_LINES ?= 60000
+demo-logs: venv
+	rm -rf data/demo-logs
+	$(PY) -m workers.apache_sample --out data/demo-logs/logs --lines $(LOG_LINES)
+	$(LRQ) -c demo-logs.toml run --until-idle
+	$(LRQ) -c demo-logs.toml status
+	$(LRQ) -c demo-logs.toml verify
+	$(PY) -m workers.apache_sample --peek sqlite:///data/demo-logs/results.db \
+		access_status_windows access_remote_windows
 
 # Real PostgreSQL and MariaDB servers for the sink tests (Debian packages; needs root).
 services:
