@@ -1,8 +1,8 @@
 """Log source: lines/s from a growing log file into batch files (issue 15, target 100k/s).
 
 A generated file of apache-like access lines (``--lines``, default 1M, ~150 bytes each) is
-read by ``kind = "logfile"`` through lrq's real objects on the default settings
-(``batch_size`` 100, ``max_pending`` 50, the disk budget, group-committed fsyncs): the
+read by ``kind = "logfile"`` through lrq's real objects on the default settings (the log
+kind's ``batch_size`` 1000, ``max_pending`` 50, the disk budget, group-committed fsyncs): the
 ``Sniffer.tick`` as ``lrq sniff`` runs it, which returns when ``max_pending`` pauses it;
 between ticks the published batches are unlinked, untimed (workers would take them). Only
 the ticks are timed. Against it, in the same run: ``cat FILE > /dev/null`` (the cost of
@@ -81,7 +81,7 @@ def time_sniff(log: Path, n: int, tmp: str | None,
         cfg.write_text('data_dir = "data"\ndb_url = "sqlite:///results.db"\n'
                        '[queues.access]\nhandler = "workers.wordcount:handle"\nkey = "id"\n'
                        + (f"batch_size = {batch}\n" if batch else "")
-                       +                        f'[queues.access.source]\nkind = "logfile"\npaths = ["{log}"]\n')
+                       + f'[queues.access.source]\nkind = "logfile"\npaths = ["{log}"]\n')
         app = App(config.load(cfg))
         q = app.queues()[0]
         sniffer = app.sniffer(q)
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lines", type=int, default=1_000_000, help="lines in the file (default 1M)")
     p.add_argument("--repeat", type=int, default=3, help="runs; medians reported (default 3)")
-    p.add_argument("--batch", type=int, help="batch_size (default: lrq's, 100)")
+    p.add_argument("--batch", type=int, help="batch_size (default: the log kind's, 1000)")
     p.add_argument("--quick", action="store_true", help="200k lines, one run")
     p.add_argument("--tmp", help="folder for the log file and the data dir (default: system tmp)")
     args = p.parse_args(argv)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             log.read_bytes()  # in the page cache for every contender
         for i in range(args.repeat):
             samples["cat"].append(time_cat(log))
-            wall, cpu = time_fetch(log, args.lines, args.batch or 100)
+            wall, cpu = time_fetch(log, args.lines, args.batch or 1000)
             samples["fetch"].append(wall)
             samples["fetch_cpu"].append(cpu)
             wall, cpu, batches = time_sniff(log, args.lines, args.tmp, args.batch)
@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(v) for k, v in samples.items()}
     rows: list[dict[str, Any]] = []
     for k, what in (("cat", "cat FILE > /dev/null"),
-                    ("fetch", f"LogfileSource.fetch(limit={args.batch or 100})"),
-                    ("sniff", f"Sniffer.tick into left/ (batch_size {args.batch or 100})")):
+                    ("fetch", f"LogfileSource.fetch(limit={args.batch or 1000})"),
+                    ("sniff", f"Sniffer.tick into left/ (batch_size {args.batch or 1000})")):
         cpu = med.get(f"{k}_cpu")
         rows.append({"what": what, "seconds": med[k], "lines_per_s": args.lines / med[k],
                      "mb_per_s": size / med[k] / 1e6, "cpu_seconds": cpu,

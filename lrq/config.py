@@ -435,7 +435,20 @@ def _queue(name: str, table: dict[str, Any], base: Path, where: str) -> QueueCon
                           f"got {values['compress']!r}")
     if values.get("order", "random") not in ("random", "fifo"):
         raise ConfigError(f"{where}.order: must be \"random\" or \"fifo\", got {values['order']!r}")
-    return QueueConfig(name=name, source=_source(table["source"], base, f"{where}.source"), **values)
+    source = _source(table["source"], base, f"{where}.source")
+    if "batch_size" not in values:
+        values["batch_size"] = _kind_batch_size(source.kind)
+    return QueueConfig(name=name, source=source, **values)
+
+
+def _kind_batch_size(kind: str) -> int:
+    """The default ``batch_size`` of a queue reading ``kind``: the kind module's
+    ``BATCH_SIZE`` where it has one (small items, such as log lines, would otherwise make a
+    batch file per 17 KB, and the spool's cost per file bounds the rate), else 100."""
+    from lrq import sources
+
+    size = getattr(sources.module(kind), "BATCH_SIZE", None)
+    return size if isinstance(size, int) else QueueConfig.batch_size
 
 
 def load(path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None) -> Config:

@@ -114,6 +114,10 @@ TAIL = 64  # bytes before the offset whose hash tells a truncation regrown past 
 GRACE = 5.0  # seconds a rotated file read to its end stays watched for late appends
 SCAN_EVERY = 1.0  # seconds between glob scans while reading a backlog (always after an EOF)
 FIELDS = ("id", "line", "path", "offset")
+#: A log queue's default ``batch_size`` (lrq.config): lines are small, and at lrq's usual 100
+#: the spool's cost per batch file bounds the tail at 56k lines/s; at 1000, 176k lines/s
+#: (bench/logfile_source.py, bench/README.md). A ``batch_size`` in the config wins.
+BATCH_SIZE = 1000
 LONGEST = 64 << 20  # bytes: a "line" without a newline in this many is cut (memory bound)
 
 

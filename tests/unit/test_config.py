@@ -232,3 +232,16 @@ def test_every_source_kind_checks_its_table_with_the_same_messages(kind: str) ->
         parse(kind, {option: ["redis://:pw@h/0"]}, Path("."), where)
     assert str(e.value).startswith(f"{where}.{option}: expected ") and \
         str(e.value).endswith("got ['redis://:***@h/0']"), str(e.value)
+
+
+@pytest.mark.parametrize("given, expected", [(None, 1000), (50, 50)])
+def test_a_log_queue_batches_1000_lines_unless_told(tmp_path: Path, given: int | None,
+                                                   expected: int) -> None:
+    """Log lines are small: a log queue's default batch is the kind's BATCH_SIZE (1000), and a
+    ``batch_size`` in the file wins; other kinds keep 100 (test_starter_config_loads)."""
+    size = "" if given is None else f"batch_size = {given}\n"
+    path = tmp_path / "lrq.toml"
+    path.write_text('data_dir = "data"\ndb_url = "sqlite:///r.db"\n[queues.logs]\n'
+                    f'handler = "workers.wordcount:handle"\nkey = "id"\n{size}'
+                    '[queues.logs.source]\nkind = "logfile"\npaths = ["a.log"]\n')
+    assert config.load(path).queues["logs"].batch_size == expected

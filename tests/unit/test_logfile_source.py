@@ -253,6 +253,7 @@ def test_registered_kind_from_a_config_file(tmp_path: Path) -> None:
     path = tmp_path / "lrq.toml"
     path.write_text('data_dir = "data"\ndb_url = "sqlite:///results.db"\n'
                     '[queues.access]\nhandler = "workers.wordcount:handle"\nkey = "id"\n'
+                    'batch_size = 100\n'
                     '[queues.access.source]\nkind = "logfile"\npaths = ["app.log"]\n')
     app = load_app(path)
     q = app.queues()[0]
@@ -268,7 +269,7 @@ def test_sniffer_saves_the_position_and_status_reads_it(tmp_path: Path) -> None:
     log.write_bytes(b"".join(b"line %d\n" % i for i in range(250)) + b"partial")
     path = tmp_path / "lrq.toml"
     path.write_text('data_dir = "data"\ndb_url = "sqlite:///results.db"\n'
-                    '[queues.access]\nhandler = "workers.wordcount:handle"\nkey = "id"\n'
+                    '[queues.access]\nhandler = "workers.wordcount:handle"\nkey = "id"\nbatch_size = 100\n'
                     '[queues.access.source]\nkind = "logfile"\npaths = ["app.log"]\n')
     app = load_app(path)
     q = app.queues()[0]
