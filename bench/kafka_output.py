@@ -6,7 +6,7 @@ A Tansu broker (memory storage, the test fixture's, tests/services/tansu.py) get
 broker, a fresh topic each):
 
 ``lrq``
-    :meth:`lrq.kafka_output.KafkaProducer.send` per batch: encode, produce, flush, check every
+    :meth:`lrq.outputs.kafka.KafkaProducer.send` per batch: encode, produce, flush, check every
     delivery report (what a worker's commit waits for);
 ``raw-per-batch``
     confluent-kafka's Producer with the same properties (idempotent, acks=all), produce and
@@ -37,7 +37,7 @@ import run  # bench/run.py (first on sys.path): reports and machine info
 sys.path.insert(0, str(run.ROOT / "tests"))
 from services.tansu import find_tansu, fresh, start_tansu, stop_tansu  # noqa: E402
 
-from lrq import kafka_output  # noqa: E402
+from lrq.outputs import kafka as kafka_output  # noqa: E402
 
 MODES = ("lrq", "raw-per-batch", "raw-one-flush")
 

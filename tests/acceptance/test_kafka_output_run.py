@@ -1,4 +1,4 @@
-"""A fan-out queue with a table output and a ``kind = "kafka"`` output (lrq.kafka_output), run
+"""A fan-out queue with a table output and a ``kind = "kafka"`` output (lrq.outputs.kafka), run
 by the real ``lrq`` command against Tansu: every item's message reaches the topic at least
 once, the ledger and the table are exact, and a worker SIGKILLed between the produce and the
 commit (failpoint ``during-txn``: every output written, the transaction not committed) leads

@@ -1,5 +1,5 @@
 """kind = "kafka" output against a real broker (Tansu, tests/services/tansu.py): rows produced
-by :class:`lrq.kafka_output.KafkaProducer` and read back by a separate consumer (assign mode,
+by :class:`lrq.outputs.kafka.KafkaProducer` and read back by a separate consumer (assign mode,
 no group: nothing to wedge), dead letters for messages too large, bounded failures.
 
 Tansu enforces no message size of its own (a 3 MB message is stored), so a broker's
@@ -18,7 +18,7 @@ import servers
 from lrqtest import poll
 from services.tansu import Tansu, fresh
 
-from lrq import kafka_output as kafka
+from lrq.outputs import kafka
 from lrq.errors import ConfigError, Retryable
 
 

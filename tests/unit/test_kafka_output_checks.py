@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
-from lrq import kafka_output as kafka
+from lrq.outputs import kafka
 from lrq.errors import ConfigError, Retryable
 
 WHERE = "queues.access.outputs.to_kafka"

@@ -61,7 +61,7 @@ log = logging.getLogger(__name__)
 
 #: Output kinds: name -> "module:Class" implementing :class:`Output`.
 KINDS: dict[str, str] = {"sql": "lrq.outputs:SqlOutput",
-                         "kafka": "lrq.kafka_output:KafkaOutput"}
+                         "kafka": "lrq.outputs.kafka:KafkaOutput"}
 #: Separates an output's name from the item key in its dead letters' keys.
 SEP = "/"
 #: Keys per ``SELECT ... FOR UPDATE`` of an aggregating output's stored rows.
