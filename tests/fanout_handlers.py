@@ -76,3 +76,47 @@ class BucketTotal(Base):
     words: Mapped[int] = mapped_column(Integer, default=0)
     ratio: Mapped[float] = mapped_column(Float, default=0.0)
     last: Mapped[str] = mapped_column(String(64), nullable=True)
+
+
+class OutsideProbe:
+    """An output kind outside the database (as ``kind = "kafka"``): its ``write`` looks
+    whether the results database's write lock is free while it "sends", and records what
+    it saw in ``SEEN`` (the test registers it in ``lrq.outputs.KINDS``)."""
+
+    SEEN: list[tuple[bool, bool]] = []  # (conn was None, the write lock was free), per send
+    outside = True
+    aggregate = False
+    columns = None
+    refusal = "the probe cannot send the result"
+
+    def __init__(self, engine: Any, queue: Any, output: Any, base: Any = None) -> None:
+        self.name = output.name
+        self.path = engine.url.database
+
+    def prepare(self) -> None:
+        pass
+
+    def write(self, conn: Any, batch: str, results: list[dict[str, Any]],
+              final: bool) -> list[Any]:
+        import sqlite3
+
+        other = sqlite3.connect(self.path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")  # fails at once while a writer holds the lock
+            other.execute("ROLLBACK")
+            free = True
+        except sqlite3.OperationalError:
+            free = False
+        finally:
+            other.close()
+        self.SEEN.append((conn is None, free))
+        return []
+
+    def keys(self) -> None:
+        return None
+
+    def count(self) -> None:
+        return None
+
+    def duplicates(self) -> int:
+        return 0

@@ -7,7 +7,9 @@ handler policy (chunks, retries, splits: :mod:`lrq.policy`) and place for its re
 
 1. the ledger row (its key makes a replayed or concurrently stored batch fail here, before
    anything is written or added: see :mod:`lrq.sink`);
-2. each output's :meth:`Output.write`, in the config's order;
+2. each output's :meth:`Output.write`, in the config's order (an output outside the
+   database, ``Output.outside``: a Kafka topic, was written before the transaction opened,
+   so the transaction never waits on a broker);
 3. the dead letters of every output, then the ledger's counts; commit.
 
 So all of a batch's outputs are stored or none (a crash between two outputs' writes rolls
@@ -82,13 +84,21 @@ class Output(Protocol):
     columns: frozenset[str] | None
     #: How a refused row's dead letter begins ("the database refused the result").
     refusal: str
+    #: True: :meth:`write` sends to something outside the results database (a broker). It is
+    #: then called BEFORE the batch's transaction opens, with ``conn`` None, so the
+    #: transaction (on SQLite, the database's write lock) is not held while it waits; its
+    #: refused rows join the dead letters, and a failure raises before anything is written.
+    #: A batch whose transaction then fails, or that the ledger already holds, was sent
+    #: anyway: such an output is at least once (:mod:`lrq.outputs.kafka`).
+    outside: bool
 
     def prepare(self) -> None:
         """Create what the output needs (its table), as :meth:`lrq.sink.Sink.prepare`."""
 
-    def write(self, conn: Connection, batch: str, results: list[dict[str, Any]],
+    def write(self, conn: Connection | None, batch: str, results: list[dict[str, Any]],
               final: bool) -> list[tuple[dict[str, Any], str, Exception]]:
-        """Store ``results`` inside ``conn``'s transaction (the batch's); return the rows
+        """Store ``results`` inside ``conn``'s transaction (the batch's; None for an output
+        :attr:`outside` the database, called before it opens); return the rows
         refused, as (row, its key, the error). ``final``: the last try of the transaction
         (an aggregating output then treats a unique violation as a refused row instead of
         raising :class:`Race`)."""
@@ -168,6 +178,7 @@ class SqlOutput:
 
         self.name = output.name
         self.aggregate = output.aggregate
+        self.outside = False
         self.refusal = "the database refused the result"
         self.key = output.key or queue.key
         self.table_sink: Sink = Sink(engine, replace(queue.for_output(output), key=self.key),
@@ -178,8 +189,9 @@ class SqlOutput:
     def prepare(self) -> None:
         self.table_sink.prepare()
 
-    def write(self, conn: Connection, batch: str, results: list[dict[str, Any]],
+    def write(self, conn: Connection | None, batch: str, results: list[dict[str, Any]],
               final: bool) -> list[tuple[dict[str, Any], str, Exception]]:
+        assert conn is not None  # in the batch's transaction: not outside
         if not results:
             return []
         s = self.table_sink
@@ -214,8 +226,9 @@ class AggregateSqlOutput(SqlOutput):
     """``aggregate = true`` of kind "sql": rows upserted by :func:`merge` (see the module
     docstring)."""
 
-    def write(self, conn: Connection, batch: str, results: list[dict[str, Any]],
+    def write(self, conn: Connection | None, batch: str, results: list[dict[str, Any]],
               final: bool) -> list[tuple[dict[str, Any], str, Exception]]:
+        assert conn is not None  # in the batch's transaction: not outside
         merged: dict[str, dict[str, Any]] = {}
         for r in results:
             if r.get(self.key) is None:
@@ -381,6 +394,10 @@ def store_batch(sink: Sink, batch: str, items: int,
                if replace_dead else None)
     by_key = {str(it.get(key)): it for it in inputs or ()}
     last = list(sink.outputs)[-1]
+    # Outputs outside the database send first, once: no transaction waits on a broker, and
+    # a race's retry below does not send again.
+    sent = {name: output.write(None, batch, handled.get(name, ([], []))[0], True)
+            for name, output in sink.outputs.items() if output.outside}
     for n in range(1, RACE_TRIES + 1):
         final = n == RACE_TRIES
         try:
@@ -393,7 +410,8 @@ def store_batch(sink: Sink, batch: str, items: int,
                 stored = 0
                 for name, output in sink.outputs.items():
                     results = handled.get(name, ([], []))[0]
-                    refused = output.write(conn, batch, results, final)
+                    refused = (sent[name] if name in sent
+                               else output.write(conn, batch, results, final))
                     stored += len(results) - len(refused)
                     for value, k, e in refused:
                         error = str(getattr(e, "orig", None) or e)[:MESSAGE_CHARS]
@@ -454,3 +472,8 @@ def dead_in(sink: Sink, keys: list[str]) -> dict[str, set[str]]:
                 name, _, key = str(k).partition(SEP)
                 out.setdefault(name, set()).add(key)
     return out
+
+
+if TYPE_CHECKING:  # mypy checks the kinds against the interface
+    _sql: type[Output] = SqlOutput
+    _aggregate: type[Output] = AggregateSqlOutput

@@ -33,14 +33,15 @@ dead letters, ledger row) commits only after that. So:
   dedupe by key** (the key is the item's key; the value is the same on a replay when the
   handler is deterministic).
 
-Where it runs: :class:`KafkaOutput.write` is called by :func:`lrq.outputs.store_batch` inside
-the batch's transaction, after the ledger row's insert (a batch already committed returns
-there, so a replay of a done batch produces nothing) and before the commit. The transaction
-stays open while the send waits: milliseconds on a healthy broker (``bench/kafka_output.py``:
-~2 ms per 100 rows on loopback), up to ``timeout`` when the broker hangs. On SQLite that
-holds the database's write lock, so other workers wait for it: keep ``timeout`` short there.
-A refused connection (every broker down) fails at once instead. A transaction tried again
-(an aggregating output's race) produces the batch again: at least once still.
+Where it runs: :class:`KafkaOutput.write` is called by :func:`lrq.outputs.store_batch`
+before the batch's transaction opens (``outside = True``), once per store (an aggregating
+table output's race retries the transaction, not the send). No transaction is held while
+the send waits, so on SQLite other workers' commits do not queue behind a slow broker
+(milliseconds on a healthy one, ``bench/kafka_output.py``: ~2 ms per 100 rows on loopback;
+up to ``timeout`` when it hangs). A batch whose transaction then fails, or that another
+worker already committed, was sent anyway: at least once still. A done batch retried
+(its second attempt) is caught by the worker's ledger check before its handler runs, so it
+is not sent again.
 
 Exactly-once would need Kafka transactions spanning the database commit, which no broker
 offers; the idempotent producer (``enable.idempotence = true``, ``acks = all``, set by lrq
@@ -427,9 +428,9 @@ class Undeliverable(LrqError):
 
 class KafkaOutput:
     """``kind = "kafka"`` in a queue's ``outputs`` (the :class:`lrq.outputs.Output`
-    interface): :meth:`write`, called inside the batch's transaction before the ledger row
-    commits, sends the output's results and returns the rows that cannot be messages. A
-    send that fails raises :class:`ProduceFailed`, which rolls the transaction back.
+    interface): :meth:`write`, called before the batch's transaction opens
+    (:attr:`outside`), sends the output's results and returns the rows that cannot be
+    messages. A send that fails raises :class:`ProduceFailed`: nothing of the batch commits.
 
     The message key is the output's ``key`` for an aggregating output (rows are produced as
     the handler returns them, not merged: a topic has no stored row to add to), else the
@@ -439,6 +440,8 @@ class KafkaOutput:
     columns: frozenset[str] | None = None  # any fields: a message is the row as JSON
     #: How a dead letter of this output starts ("the database refused the result" for a table).
     refusal = "the kafka output cannot send the result"
+    #: Sent before the batch's transaction opens, not inside it (lrq.outputs.store_batch).
+    outside = True
 
     def __init__(self, engine: Engine, queue: QueueConfig, output: OutputConfig,
                  base: Path | None = None) -> None:
@@ -455,10 +458,10 @@ class KafkaOutput:
     def prepare(self) -> None:
         """Nothing to create: the topic is the operator's (a missing one fails the send)."""
 
-    def write(self, conn: Connection, batch: str, results: list[dict[str, Any]],
+    def write(self, conn: Connection | None, batch: str, results: list[dict[str, Any]],
               final: bool) -> list[tuple[dict[str, Any], str, Exception]]:
-        """Send ``results`` (the batch's transaction waits); the rows that cannot be
-        messages. Raises :class:`ProduceFailed`: the transaction rolls back."""
+        """Send ``results`` (before the batch's transaction: ``conn`` is None); the rows that
+        cannot be messages. Raises :class:`ProduceFailed`: nothing of the batch commits."""
         if not results:
             return []
         dead = self.producer.send(results, self.key)

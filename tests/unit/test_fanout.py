@@ -219,3 +219,21 @@ def test_an_item_that_kills_its_worker_is_dead_in_every_output(tmp_path: Path) -
     assert sorted(k for (k,) in rows(app, "SELECT key FROM lrq_dead_letters")) == [
         "picky/m000000042", "totals/m000000042", "words/m000000042"]
     assert app.sink(q).ledger_stats() == (1, 1)
+
+
+def test_an_output_outside_the_database_sends_before_the_transaction_opens(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker output (``outside``, as kind "kafka") is written before the batch's
+    transaction: a slow broker must not hold SQLite's write lock, which every other worker's
+    commit waits for. It used to be written inside it, after the ledger row's insert."""
+    from lrq import outputs
+
+    monkeypatch.setitem(outputs.KINDS, "probe", "fanout_handlers:OutsideProbe")
+    monkeypatch.setattr(fh.OutsideProbe, "SEEN", [])
+    app = fanout_app(tmp_path, {"words": OUTPUTS["words"],
+                                "sent": {"handler": "fanout_handlers:words", "kind": "probe"}})
+    sniff_all(app)
+    stats = app.worker(app.queues("docs")[0]).run(burst=True)
+    assert stats.batches == 3 and stats.failed == 0
+    assert rows(app, "SELECT COUNT(*) FROM doc_words")[0][0] == DOCS
+    assert fh.OutsideProbe.SEEN == [(True, True)] * 3
