@@ -40,7 +40,7 @@ services:
 
 # ruff and mypy first: lint findings fail the run before the servers start.
 lint: venv
-	$(VENV)/bin/ruff check lrq workers
+	$(VENV)/bin/ruff check lrq workers tests bench
 	$(VENV)/bin/mypy
 
 test: venv lint services

@@ -26,6 +26,7 @@ path go to ``bench/results/<timestamp>-all.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import operator
@@ -36,9 +37,10 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from typing import IO, Any, Callable
+from datetime import UTC, datetime
+from typing import IO, Any
 
 import run  # bench/run.py (first on sys.path): timestamps, machine info, tables
 from run import BENCH, RESULTS, ROOT
@@ -289,10 +291,8 @@ def _signal_group(proc: subprocess.Popen[str], sig: int, grace: float) -> None:
     except ProcessLookupError:
         return
     except subprocess.TimeoutExpired:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         proc.wait(timeout=30)
 
 
@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"\n== [{i}/{len(parts)}] {part.key}: {part.title}: skipped: {why}")
                 rows.append(Row(part.label, part.title, None, "", 0.0, why, skipped=True))
                 continue
-            clock = datetime.now(timezone.utc).strftime("%H:%M:%S")
+            clock = datetime.now(UTC).strftime("%H:%M:%S")
             say(f"\n== [{i}/{len(parts)}] {part.key}: {part.title}: "
                 f"python bench/{part.script} {' '.join(argv_)}".rstrip()
                 + f"  (started {clock} UTC, limit {timeout:.0f} s)")

@@ -40,9 +40,10 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from lrq.spool import Spool
@@ -67,7 +68,7 @@ class Backlog:
     """A growing queue folder and how its files were made."""
 
     data: Path
-    spool: "Spool"
+    spool: Spool
     published: int = 0
     publish_seconds: float = 0.0
     copied: int = 0
@@ -147,7 +148,7 @@ def timed(fn: Callable[[], Any], reps: int, budget: float) -> list[float]:
     return out
 
 
-def release_all(spool: "Spool") -> int:
+def release_all(spool: Spool) -> int:
     """Remove every claim in ``right/`` (they are ours): the backlog is whole again."""
     n = 0
     for e in os.scandir(spool.right):

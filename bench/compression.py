@@ -13,7 +13,7 @@ import pickle
 import statistics
 import time
 import zlib
-from typing import Callable
+from collections.abc import Callable
 
 from lrq.sample import documents
 

@@ -34,12 +34,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import run  # bench/run.py (first on sys.path): source cache, lrq command, machine info, tables
 from run import BenchError
+
 NAME = "idle-cpu"
 TARGET_PCT = 1.0  # % of one core an idle scheduler should stay under
 

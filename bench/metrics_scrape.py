@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import random
-from datetime import UTC, datetime, timedelta
 import re
 import shutil
 import statistics
@@ -37,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 

@@ -46,10 +46,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from lrq.db import dumps_json  # the baselines serialize results as lrq does
 
@@ -553,7 +554,7 @@ def _commit() -> str | None:
 
 
 def _stamp() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def new_report(kind: str, name: str, settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:

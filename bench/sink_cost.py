@@ -46,9 +46,9 @@ def results(batch: int, n: int) -> list[dict[str, Any]]:
 def one_run(size: int, stores: int, warm: int, tmp: str | None) -> tuple[float, float]:
     """(CPU ms per store, statements per store) over ``stores`` batches of ``size``."""
     from lrq.config import QueueConfig, SourceConfig
-    from lrq.sources import sql
     from lrq.db import make_engine
     from lrq.sink import Sink
+    from lrq.sources import sql
 
     with tempfile.TemporaryDirectory(prefix="lrq-bench-sink-", dir=tmp) as d:
         engine = make_engine(f"sqlite:///{d}/results.db")

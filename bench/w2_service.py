@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 
 import run  # bench/run.py (first on sys.path): source cache, lrq command, machine info, tables
 from run import BenchError
+
 NAME = "w2-service"
 WORKLOAD = "W2 model service"
 QUEUE = "ents"
@@ -143,7 +144,7 @@ class Service:
     def url(self) -> str:
         return str(self.server.url)
 
-    def __enter__(self) -> "Service":
+    def __enter__(self) -> Service:
         self.thread.start()
         return self
 
@@ -185,7 +186,7 @@ def run_plain(url: str, items: list[dict[str, Any]], workers: int, batch: int, c
                 rows = client(part)
                 with lock:
                     out.extend(rows)
-        except BaseException as e:  # reported by the caller
+        except BaseException as e:  # noqa: BLE001 - reported by the caller
             with lock:
                 errors.append(e)
 

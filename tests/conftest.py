@@ -13,10 +13,10 @@ own, so no test sees another's rows.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
-
 import servers
 from services.http_agent import http_agent  # noqa: F401 - the fixture, for every tier
 from services.tansu import tansu  # noqa: F401  (the fixture)

@@ -11,6 +11,7 @@ The binaries come from the Debian packages ``postgresql-15`` and ``mariadb-serve
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import pwd
@@ -21,9 +22,10 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 HOST = "127.0.0.1"
 USER = "lrq"
@@ -256,10 +258,8 @@ def _stop_postgres_in(root: Path, bindir: Path, timeout: float = STOP_TIMEOUT) -
         pass
     if pid is not None and _pid_alive(pid):  # the graceful stop hung: kill our postmaster
         os.kill(pid, signal.SIGKILL)
-        try:
+        with contextlib.suppress(ServerError):
             wait_for(lambda: None if _pid_alive(pid) else True, 10, f"postgres pid {pid} exit")
-        except ServerError:
-            pass
 
 
 def halt_postgres(server: PostgresServer, timeout: float = STOP_TIMEOUT) -> None:

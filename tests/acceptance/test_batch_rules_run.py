@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lrqtest import ROOT, kill_tree, killed_on_exit, load_app, lrq, poll, write_config
 
 from lrq.batching import item_size
 from lrq.sources import sqlite_broker
 from lrq.spool import SUFFIX
-from lrqtest import ROOT, kill_tree, killed_on_exit, load_app, lrq, poll, write_config
 
 #: The storage service's rule on the sample documents: kind = id % 3; kinds 1 and 2 apart.
 RULES = '''

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from lrqtest import ROOT, lrq, poll, write_config
 
 DOCS = 20_000
@@ -69,7 +68,7 @@ def diagnose(cfg: Path, missing: str) -> str:
         for path in folder.glob("*.pkl"):
             try:
                 keys = [i["doc_id"] for i in sp.load(path.stem).items]
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - any unreadable file is reported
                 out.append(f"{path}: unreadable {e}")
                 continue
             if missing in keys:

@@ -11,8 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from lrq.spool import Spool, State
 from lrqtest import ROOT, lrq, write_config
+
+from lrq.spool import Spool, State
 
 OWNERS = "owners"  # not imported: the old code has no such folder, and these tests must run on it
 

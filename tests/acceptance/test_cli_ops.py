@@ -8,12 +8,11 @@ import os
 import socket
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
 import pytest
-
 from lrqtest import ROOT, lrq, write_config
 
 
@@ -86,7 +85,7 @@ def test_cleanup_json_prints_only_json(tmp_path: Path) -> None:
 
 def test_show_gives_iso_times_and_a_dead_owners_exit(tmp_path: Path) -> None:
     cfg, name = _sniffed(tmp_path)
-    t = datetime(2026, 11, 23, 6, 45, 12, 123000, tzinfo=timezone.utc).timestamp()
+    t = datetime(2026, 11, 23, 6, 45, 12, 123000, tzinfo=UTC).timestamp()
     history = [
         {"attempt": 1, "host": "h", "pid": 11, "claimed_at": t - 60, "ended_at": t,
          "reason": "owner pid 11 is dead", "exit": {"code": None, "signal": "SIGKILL"}},
@@ -106,7 +105,7 @@ def test_show_gives_iso_times_and_a_dead_owners_exit(tmp_path: Path) -> None:
                                                           "2026-11-23T06:45:12.123Z")
     assert got[0]["exit"] == {"code": None, "signal": "SIGKILL"}
     created = datetime.fromisoformat(shown["created"].replace("Z", "+00:00"))
-    assert abs(created - datetime.now(timezone.utc)).total_seconds() < 3600
+    assert abs(created - datetime.now(UTC)).total_seconds() < 3600
 
 
 @pytest.mark.parametrize("source, error, line", [

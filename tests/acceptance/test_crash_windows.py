@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from lrqtest import ROOT, killed_on_exit, lrq, poll, write_config
 
 

@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lrqtest import ROOT, killed_on_exit, lrq, poll, write_config
+
 from lrq import process
 from lrq.spool import Spool
-from lrqtest import ROOT, killed_on_exit, lrq, poll, write_config
 
 SLOW = '''
 import time

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from lrqtest import ROOT, killed_on_exit, load_app, lrq, poll, write_config
 
 SLOW = '''

@@ -7,9 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-
 from lrqtest import ROOT, killed_on_exit, lrq, poll, write_config
+from sqlalchemy import create_engine, text
 
 SLOW = '''
 import time

@@ -8,15 +8,15 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
+from lrqtest import ROOT, load_app, lrq, write_config
 
 from lrq import cleanup
 from lrq.disk import space, usage
 from lrq.sample import documents
-from lrqtest import ROOT, load_app, lrq, write_config
 
 
 @pytest.fixture

@@ -10,13 +10,13 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-from lrqtest import ROOT, killed_on_exit, lrq, poll
-
 from integration.test_web import DOCS, TOKEN, make_config
+from lrqtest import ROOT, killed_on_exit, lrq, poll
 
 CHROMIUM = "/usr/bin/chromium"
 pytestmark = pytest.mark.slow

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from lrqtest import ROOT, lrq, write_config
 from sqlalchemy import create_engine, text
 
 from lrq.spool import Spool, State
-from lrqtest import ROOT, lrq, write_config
 
 KILLER = "m000000137"
 HANDLER = '''

@@ -11,12 +11,11 @@ after publish, in the worker, after commit; a clean run until idle) must hold as
 """
 from __future__ import annotations
 
-import pytest
-
 import os
 from pathlib import Path
 from typing import Any
 
+import pytest
 from services.http_agent import HOST, LoopbackAgent
 
 #: Contract cases that may lose items for this kind, and why (see the module docstring).

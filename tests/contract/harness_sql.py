@@ -1,12 +1,12 @@
 """Contract harness: ``kind = "sql"``, a SQLite table (acknowledged at publish)."""
 from __future__ import annotations
 
-import pytest
-
 import json
 import sqlite3
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 
 class SqlHarness:

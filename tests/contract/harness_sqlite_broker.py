@@ -3,11 +3,11 @@
 processes, before and beside the real brokers' harnesses."""
 from __future__ import annotations
 
-import pytest
-
 import sqlite3
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from lrq.sources import sqlite_broker
 

@@ -17,12 +17,11 @@ from pathlib import Path
 import pytest
 import servers
 from harness import Harness
+from lrqtest import ROOT, killed_on_exit, lrq, poll
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import SQLAlchemyError
 from test_multi_node import stored
 from test_sources import config, h, items  # noqa: F401 - h is the harness fixture
-
-from lrqtest import ROOT, killed_on_exit, lrq, poll
 
 pytestmark = [pytest.mark.services, pytest.mark.slow]
 
@@ -66,7 +65,7 @@ def committed_items(url: str) -> int:
 
 
 def test_postgres_restart_mid_run_loses_nothing_and_the_run_resumes(
-        h: Harness, tmp_path: Path, own_pg: servers.PostgresServer) -> None:
+        h: Harness, tmp_path: Path, own_pg: servers.PostgresServer) -> None:  # noqa: F811
     if h.name == "http-agent":
         pytest.skip("http-agent: the database's side is the same as sql's")
     hold = tmp_path / "hold"

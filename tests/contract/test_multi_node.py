@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import SQLAlchemyError
-
 import servers
 from harness import Harness
 from lrqtest import ROOT, kill_tree, killed_on_exit, poll
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import SQLAlchemyError
 from test_sources import config, consumer, h, items  # noqa: F401 - h is the harness fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
@@ -59,7 +58,7 @@ def start(cfg: Path, handlers: Path) -> subprocess.Popen[bytes]:
 
 
 def test_three_nodes_lose_one_and_the_survivors_finish_exactly_once(
-        h: Harness, tmp_path: Path, pg_server: servers.PostgresServer) -> None:
+        h: Harness, tmp_path: Path, pg_server: servers.PostgresServer) -> None:  # noqa: F811
     if h.takeover is None:
         pytest.skip(f"{h.name} has no takeover: no consumer group to scale out in")
     (tmp_path / "slow.py").write_text(SLOW)

@@ -17,11 +17,11 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
-
 from harness import Harness
 from lrqtest import ROOT, kill_tree, killed_on_exit, lrq, poll, toml_value
 

@@ -8,9 +8,8 @@ from pathlib import Path
 
 import pytest
 from harness_redis_list import RedisListHarness
-from test_sources import config, stored
-
 from lrqtest import lrq
+from test_sources import config, stored
 
 N = 1000
 

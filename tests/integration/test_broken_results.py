@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from lrqtest import load_app, lrq, write_config
 
 MODEL = """\

@@ -81,7 +81,7 @@ class TestServer(ThreadingHTTPServer):
     __test__ = False
     daemon_threads = True
 
-    def __init__(self, answer: Callable[["ScriptedHandler", list[dict[str, Any]]], None]) -> None:
+    def __init__(self, answer: Callable[[ScriptedHandler, list[dict[str, Any]]], None]) -> None:
         self.answer = answer
         self.hits = 0
         #: (request target, headers) of every POST, in arrival order

@@ -5,7 +5,8 @@ concurrent writers to the same new key end with the exact sum (lrq.outputs)."""
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 from sqlalchemy import select, text

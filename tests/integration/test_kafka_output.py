@@ -18,8 +18,8 @@ import servers
 from lrqtest import poll
 from services.tansu import Tansu, fresh
 
-from lrq.outputs import kafka
 from lrq.errors import ConfigError, Retryable
+from lrq.outputs import kafka
 
 
 def output(brokers: str, topic: str, **table: Any) -> kafka.KafkaProducer:

@@ -8,9 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lrqtest import ROOT, lrq, write_config
+
 from lrq import signing
 from lrq.spool.batchfile import MAGIC
-from lrqtest import ROOT, lrq, write_config
 
 
 def status(cfg: Path) -> dict:

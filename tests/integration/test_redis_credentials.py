@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 from lrqtest import open_source
-from services.redis_server import running_redis
 from servers import free_port
+from services.redis_server import running_redis
 
 from lrq.errors import SourceError
 

@@ -7,8 +7,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from lrq.sniffer import Sniffer
 from lrqtest import load_app, lrq, poll, write_config
+
+from lrq.sniffer import Sniffer
 
 
 class CountingStop(threading.Event):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from lrqtest import statements_sent
@@ -18,11 +19,11 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from lrq.config import QueueConfig, SourceConfig
-from lrq.sources import sql
 from lrq.db import make_engine
 from lrq.errors import ConfigError, DatabaseUnreachable, HandlerError, SinkError
 from lrq.schema import DEAD, LEDGER, LEDGER_RECENT
 from lrq.sink import SQLITE_ROWS, Sink
+from lrq.sources import sql
 from lrq.worker import is_infrastructure
 
 MODEL = "workers.models:DocEntMap"
@@ -35,7 +36,8 @@ JOIN_TIMEOUT = 60.0  # bound on any thread a test starts; the engines' own timeo
 def queue(name: str = "docs", **kw: Any) -> QueueConfig:
     kw.setdefault("key", "doc_id")
     return QueueConfig(name=name, handler="workers.wordcount:handle",
-                       source=SourceConfig("sql", sql.Settings(url="sqlite:///unused.db", table="source_data")), **kw)
+                       source=SourceConfig("sql", sql.Settings(url="sqlite:///unused.db",
+                                                               table="source_data")), **kw)
 
 
 def results(*ids: int, tag: str = "") -> list[dict[str, Any]]:
@@ -158,7 +160,8 @@ def test_concurrent_writers_of_one_batch_record_it_once(db_url: str,
         rounds, size = 5, 200
         for r in range(rounds):
             batch = results(*range(r * size, (r + 1) * size))
-            outcomes = run_threads([lambda s=s: s.store(f"b{r}", size, batch) for s in sinks])
+            outcomes = run_threads([lambda s=s, r=r, batch=batch: s.store(f"b{r}", size, batch)
+                                    for s in sinks])
             errors = [o for o in outcomes if isinstance(o, BaseException)]
             assert not errors, errors
             assert sorted(o.recorded for o in outcomes) == [False, True], outcomes

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import CheckConstraint, ForeignKey, Integer, String, event, select, text
@@ -15,10 +16,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from lrq.config import QueueConfig, SourceConfig
-from lrq.sources import sql
 from lrq.db import make_engine
 from lrq.errors import HandlerBroken, StatementRefused
 from lrq.sink import Sink
+from lrq.sources import sql
 
 
 class _Base(DeclarativeBase):
@@ -48,7 +49,8 @@ MODEL = f"{__name__}:Refusing"
 def queue() -> QueueConfig:
     return QueueConfig(name="docs", handler="workers.wordcount:handle", key="doc_id",
                        model=MODEL,
-                       source=SourceConfig("sql", sql.Settings(url="sqlite:///unused.db", table="source_data")))
+                       source=SourceConfig("sql", sql.Settings(url="sqlite:///unused.db",
+                                                               table="source_data")))
 
 
 @pytest.fixture
@@ -267,7 +269,8 @@ def test_a_batch_over_max_allowed_packet_is_refused_not_waited_for(mariadb_url: 
         sink = Sink(engine, QueueConfig(
             name="docs", handler="workers.wordcount:handle", key="doc_id",
             result_table="doc_results",
-            source=SourceConfig("sql", sql.Settings(url="sqlite:///unused.db", table="source_data")))).prepare()
+            source=SourceConfig("sql", sql.Settings(url="sqlite:///unused.db",
+                                                    table="source_data")))).prepare()
         big = [{"doc_id": f"d{i}", "text": "x" * 1000} for i in range(200)]  # ~200 KB
         with pytest.raises(StatementRefused, match=r"max_allowed_packet"):
             sink.store("big", 200, big)

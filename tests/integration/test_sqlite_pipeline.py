@@ -4,9 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sqlalchemy import create_engine, text
-
 from lrqtest import lrq, write_config
+from sqlalchemy import create_engine, text
 
 MAPPER = '''
 def handle(items):

@@ -7,8 +7,9 @@ import os
 import stat
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from lrqtest import load_app, lrq, write_config

@@ -4,9 +4,10 @@
 Like the real agent it commits when it answers: a message served with ``is_commit`` true is
 never served again, whether or not the answer reached the caller. It can be told to fail:
 ``fail = "500"`` (an HTTP 500), ``"garbage"`` (200 with a body that is not JSON),
-``"object"`` (a JSON object, not a list), ``"nohttp"`` (not HTTP at all), ``"slow"`` (answers only after ``slow_seconds``,
-or when stopped), ``"hangup"`` (commits, then closes the connection without answering: the
-at-most-once loss), ``"reset"`` (closes the connection before reading, committing nothing).
+``"object"`` (a JSON object, not a list), ``"nohttp"`` (not HTTP at all), ``"slow"``
+(answers only after ``slow_seconds``, or when stopped), ``"hangup"`` (commits, then closes
+the connection without answering: the at-most-once loss), ``"reset"`` (closes the
+connection before reading, committing nothing).
 ``fail_times`` limits a failure to the next N calls (None: every call).
 
 The fixture ``http_agent`` starts one per test and stops it after (threads joined, socket

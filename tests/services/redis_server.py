@@ -22,9 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from servers import (HOST, PORT_ATTEMPTS, START_TIMEOUT, ServerError, _stop_process, _tail,
-                     free_port, wait_for)
+from servers import HOST, PORT_ATTEMPTS, START_TIMEOUT, ServerError, _stop_process, _tail, free_port, wait_for
 
 MISSING = "redis-server not found; run `make services` (root, Debian)"
 

@@ -7,13 +7,14 @@ import os
 import stat
 from pathlib import Path
 
+from lrqtest import load_app, write_config
+
 from lrq.acker import Acker
 from lrq.sniffer import Sniffer
 from lrq.sources import Context
 from lrq.spool import SUFFIX, Spool
 from lrq.spool.files import AWAITING_ACK_MODE, FILE_MODE
 from lrq.testing import MemoryBroker
-from lrqtest import load_app, write_config
 
 
 def make(tmp_path: Path, n: int, batch_size: int = 10, max_pending: int = 1000,

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lrqtest import load_app, write_config
 
 from lrq import batching
 from lrq.batching import Rules, item_size
@@ -18,7 +19,6 @@ from lrq.sniffer import Sniffer
 from lrq.sources import Fetched
 from lrq.spool import SUFFIX, Spool, files
 from lrq.testing import MemoryBroker, MemorySource
-from lrqtest import load_app, write_config
 from workers.storage import apart
 
 

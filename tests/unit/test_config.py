@@ -5,11 +5,11 @@ import re
 from pathlib import Path
 
 import pytest
+from lrqtest import lrq, write_config
 
 from lrq import config
 from lrq.errors import ConfigError
 from lrq.sources import KINDS, module, parse
-from lrqtest import lrq, write_config
 
 
 def test_starter_config_loads(tmp_path: Path) -> None:

@@ -8,13 +8,13 @@ import os
 from pathlib import Path
 
 import pytest
+from lrqtest import load_app, write_config
 
 from lrq import control
 from lrq.errors import ConfigError, LrqError, NoSuchBatch
 from lrq.sniffer import Sniffer
-from lrq.spool import Spool, State
+from lrq.spool import State
 from lrq.testing import MemoryBroker, MemorySource
-from lrqtest import load_app, write_config
 
 
 @pytest.fixture

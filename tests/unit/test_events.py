@@ -7,10 +7,11 @@ import json
 import logging
 from pathlib import Path
 
-from lrq import control, reaper
-from lrq.logjson import JsonFormatter
 from lrqtest import load_app, write_config
 from test_reaper import die
+
+from lrq import control, reaper
+from lrq.logjson import JsonFormatter
 
 
 class Collect(logging.Handler):

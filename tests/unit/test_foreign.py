@@ -7,10 +7,10 @@ import os
 from pathlib import Path
 
 import pytest
+from lrqtest import load_app, lrq, write_config
 
 from lrq import cleanup
 from lrq.spool import Spool, State
-from lrqtest import load_app, lrq, write_config
 
 
 def plant(sp) -> list[Path]:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError
 
-from lrq.outputs import kafka
 from lrq.errors import ConfigError, Retryable
+from lrq.outputs import kafka
 
 WHERE = "queues.access.outputs.to_kafka"
 

@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lrqtest import poll, write_config
+
 from lrq import process
 from lrq.launcher import Launcher
 from lrq.spool import start_of
-from lrqtest import poll, write_config
 
 
 def test_a_forked_worker_relays_its_log_and_exits_as_lrq_work(tmp_path: Path) -> None:

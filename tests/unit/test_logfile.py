@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from lrqtest import ROOT, write_config
 
 from lrq import logfile
 from lrq.launcher import Launcher
-from lrqtest import ROOT, write_config
 
 WRITER = """\
 import logging, sys

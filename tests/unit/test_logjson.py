@@ -92,8 +92,9 @@ def test_non_ascii_and_newlines_stay_one_line() -> None:
 
 def test_cli_log_format_json_and_config_log_format(tmp_path, capfd) -> None:
     """`--log-format json` on the command line, and `log_format = "json"` in the config."""
-    from lrq import cli
     from lrqtest import write_config
+
+    from lrq import cli
 
     cfg = write_config(tmp_path, docs=None, top={"log_format": "json"})
     root = logging.getLogger()
@@ -113,9 +114,10 @@ def test_cli_log_format_json_and_config_log_format(tmp_path, capfd) -> None:
 
 
 def test_a_bad_log_format_in_the_config_is_one_line(tmp_path) -> None:
+    from lrqtest import write_config
+
     from lrq import config
     from lrq.errors import ConfigError
-    from lrqtest import write_config
 
     with pytest.raises(ConfigError, match="log_format 'xml'"):
         config.load(write_config(tmp_path, docs=None, top={"log_format": "xml"}))

@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from lrq.spool import OWNERS, Claim, Spool, State
-from lrq.spool import owners
-from lrq.spool.owners import RECORD, parse_record
 from lrqtest import ROOT
+
+from lrq.spool import OWNERS, Claim, Spool, State, owners
+from lrq.spool.owners import RECORD, parse_record
 
 
 @pytest.fixture

@@ -6,9 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lrqtest import load_app, write_config
+
 from lrq import cleanup, process
 from lrq.spool import process_start
-from lrqtest import load_app, write_config
 
 
 def test_live_workers_counts_running_processes_and_removes_the_rest(tmp_path: Path) -> None:

@@ -10,11 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from lrqtest import load_app, write_config
 
 from lrq import cleanup, reaper
 from lrq.spool import OWNERS, Exit, Spool, Stale, State, half_name
 from lrq.spool.owners import RECORD, parse_record
-from lrqtest import load_app, write_config
 
 
 @pytest.fixture
@@ -72,7 +72,7 @@ def test_a_reused_pid_is_not_mistaken_for_the_owner(spool: Spool) -> None:
 
 def test_old_heartbeat_expires_the_lease(spool: Spool) -> None:
     name = spool.publish([{"k": 1}])
-    claim = spool.claim(name)
+    spool.claim(name)
     forge_owner(spool, name, host="another-host")  # cannot check the pid: the lease decides
     now = time.time()
     assert spool.stale_claims(lease=60, now=now + 30) == []

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from lrq.errors import ConfigError
-from lrq.sources import KINDS, module
 from lrq.redact import redact, scrub, url_secrets
+from lrq.sources import KINDS, module
 from lrq.sources._redis import default_consumer
 
 STREAM = {"url": "redis://127.0.0.1:6379/0", "stream": "events"}

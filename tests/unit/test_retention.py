@@ -7,12 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
+from lrqtest import load_app, write_config
 
 from lrq import cleanup
 from lrq.disk import Budget, Floor, Space
 from lrq.spool import State
 from lrq.testing import MemorySource
-from lrqtest import load_app, write_config
 
 DAY = 86400.0
 

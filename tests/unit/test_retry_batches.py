@@ -6,8 +6,8 @@ import pickle
 from pathlib import Path
 
 from lrq import signing
-from lrq.spool.batchfile import MAGIC_V2
 from lrq.spool import MAGIC, Spool
+from lrq.spool.batchfile import MAGIC_V2
 
 
 def _spool(tmp_path: Path) -> Spool:

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lrqtest import load_app, poll, write_config
 
 from lrq import schedule
 from lrq.schedule import child_line, sniff_seconds
-from lrqtest import load_app, poll, write_config
 
 
 @pytest.mark.parametrize("line, expected", [

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lrqtest import load_app, lrq, write_config
+
 from lrq import schedule
 from lrq.errors import HandlerBroken
-from lrqtest import load_app, lrq, write_config
 
 
 def runner(tmp_path: Path, until_idle: bool) -> schedule.Runner:

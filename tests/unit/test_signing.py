@@ -8,12 +8,12 @@ import pickle
 from pathlib import Path
 
 import pytest
+from lrqtest import load_app, write_config
 
 from lrq import signing
 from lrq.errors import BatchUnsigned, KeyMismatch
-from lrq.spool.batchfile import MAGIC, MAGIC_V2
 from lrq.spool import Spool, State
-from lrqtest import load_app, write_config
+from lrq.spool.batchfile import MAGIC, MAGIC_V2
 
 
 def items(n: int) -> list[dict]:

@@ -7,6 +7,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import pytest
+from lrqtest import load_app, write_config
 from sqlalchemy import MetaData, insert
 
 from lrq.errors import ConfigError, SourceError
@@ -15,7 +16,6 @@ from lrq.sniffer import Sniffer
 from lrq.sources.sql import Settings, SqlSource
 from lrq.spool import Spool
 from lrq.testing import MemorySource
-from lrqtest import load_app, write_config
 
 
 def sql_source(tmp_path: Path, n: int, **kw) -> SqlSource:

@@ -8,11 +8,11 @@ import time
 from pathlib import Path
 
 import pytest
+from lrqtest import load_app, write_config
 
 from lrq import cleanup
 from lrq.disk import Space
 from lrq.spool import State, listing
-from lrqtest import load_app, write_config
 
 DAY = 86400.0
 

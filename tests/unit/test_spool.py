@@ -12,10 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
+from lrqtest import poll
 
 from lrq.errors import AlreadyRunning, BatchCorrupt
 from lrq.spool import MAGIC, Spool, State, flock
-from lrqtest import poll
 
 
 @pytest.fixture
@@ -207,9 +207,8 @@ def test_flock_is_exclusive_across_processes(tmp_path: Path) -> None:
                 sys.stdin.readline()
         """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
-    with pytest.raises(AlreadyRunning, match=f"pid {holder.pid}"):
-        with flock(lock, "x"):
-            pass
+    with pytest.raises(AlreadyRunning, match=f"pid {holder.pid}"), flock(lock, "x"):
+        pass
     holder.kill()  # the kernel releases a dead holder's lock
     holder.wait(timeout=10)
     with flock(lock, "x"):

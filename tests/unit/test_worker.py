@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 import requests
+from lrqtest import load_app, poll, write_config
 from sqlalchemy import func, select
 from urllib3.exceptions import MaxRetryError, NewConnectionError, ReadTimeoutError
 
 from lrq.errors import Retryable
 from lrq.spool import MAGIC, State
-from lrqtest import load_app, poll, write_config
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from lrqtest import load_app, write_config
 from test_worker import echo, publish, queue, rows
 
 from lrq.errors import HandlerBroken, HandlerTimeout
 from lrq.spool import State
-from lrqtest import load_app, write_config
 
 
 @pytest.fixture
