@@ -34,9 +34,14 @@ result_table = "doc_results"               # generic table (queue, key, value JS
 # batch_max_bytes = "1MB"                  # batch rules (README): close a batch before this size,
 # separate = "workers.storage:apart"       # ... start a new batch where this function says True,
 # batch_linger = "2s"                      # ... let a batch that is not full wait this long for more
+# Several outputs instead of one handler (README, "Several outputs per queue"): drop handler,
+# result_table and model above and give each output its own table:
+# [queues.docs.outputs.words]
+# handler = "workers.wordcount:handle"
+# result_table = "doc_words"
 
 [queues.docs.source]
-kind     = "sql"                 # or logfile, redis-stream, redis-list, kafka, http-agent (README, "Sources")
+kind     = "sql"                 # or logfile, ingest, redis-stream, redis-list, kafka, http-agent
 url      = "sqlite:///data/source.db"
 table    = "source_data"
 order_by = "id"                            # keyset paging column: must only grow
