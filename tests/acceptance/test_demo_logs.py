@@ -120,3 +120,24 @@ def test_a_running_tail_sees_the_day_written_and_rotated(tmp_path: Path) -> None
     good, bad = split(read_day(tmp_path / "logs"))
     assert len(bad) == 3
     check_stored(tmp_path, good, bad)
+
+
+def test_windows_stay_exact_when_batches_are_replayed(tmp_path: Path) -> None:
+    """Batches stored twice by a crash's retry add nothing to the windows: a worker killed
+    after its commit and before the batch is marked done (the batch is handled again after
+    the reaper takes it back: its ledger row stops the replay), and one killed between two
+    outputs' inserts (nothing of it committed). The windows then equal the direct
+    computation, as after a clean run."""
+    write_day(tmp_path / "logs", lines=3000, seed=7, bad=2)
+    good, bad = split(read_day(tmp_path / "logs"))
+    cfg = demo_config(tmp_path)
+    cfg.write_text(cfg.read_text().replace("batch_size = 2000", "batch_size = 500"))
+    c = ["-c", str(cfg)]
+    lrq(*c, "sniff", check=True)
+    for point in ("after-commit", "between-outputs"):
+        r = lrq(*c, "work", "--once", env={"LRQ_FAILPOINT": point})
+        assert r.returncode == -signal.SIGKILL, f"{point} was not reached:\n{r.stderr[-2000:]}"
+    assert "reclaim 2 stale claims" in lrq(*c, "cleanup", check=True).stdout
+    run = lrq(*c, "run", "--until-idle", timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    check_stored(tmp_path, good, bad)
