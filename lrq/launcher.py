@@ -40,12 +40,14 @@ from setproctitle import setproctitle
 
 from lrq import logfile
 
-#: Imported once by the server; what a worker needs before its first claim. Besides lrq: the
-#: ORM (user models) and urllib3 (HTTP handlers), ~0.1 s of a worker's start when a handler
-#: needs them. Users' own modules are not preloaded: one that opens a connection or starts a
-#: thread at import would hand every worker a copy of it.
+#: Imported once by the server; what every worker needs before its first claim. No worker
+#: can start before the server has imported these, while the scheduler imports its own on the
+#: other core: the ORM and urllib3 (~0.1 s, a handler's or a model's needs, not lrq's) kept
+#: the first worker 0.1-0.5 s behind the first published batch, so a worker whose handler
+#: needs them imports them itself. Users' own modules are not preloaded: one that opens a
+#: connection or starts a thread at import would hand every worker a copy of it.
 PRELOAD = ["lrq.cli", "lrq.app", "lrq.worker", "lrq.sink", "lrq.spool", "lrq.process",
-           "lrq.db", "lrq.sources.sql", "sqlalchemy.dialects.sqlite", "sqlalchemy.orm", "urllib3"]
+           "lrq.db", "lrq.sources.sql", "sqlalchemy.dialects.sqlite"]
 
 
 class Launcher:
