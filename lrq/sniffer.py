@@ -388,8 +388,8 @@ class Sniffer:
                 step = min(step * 2, SOURCE_POLL_MAX)
                 continue
             seen, step = now, SOURCE_POLL
-            if self._fetch(position, self.batcher.room()):
-                return
+            if self._held() or self._fetch(position, self.batcher.room()):
+                return  # paused by the operator since: it fetches nothing either
 
     def _wait_for_room(self, watch: dict[str, int], deadline: float,
                        stop: threading.Event) -> bool:
