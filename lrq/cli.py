@@ -77,7 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # leaves SQLAlchemy and the rest to the commands, so the server starts within ~50 ms.
     from lrq.launcher import Launcher
 
-    launcher = Launcher()
+    launcher = Launcher(models=_names_models(args.config))
     launcher.warm()
     from lrq import schedule
 
@@ -94,6 +94,24 @@ def cmd_run(args: argparse.Namespace) -> int:
         return schedule.run(app, until_idle=args.until_idle, launcher=launcher)
     finally:
         server.close()
+
+
+def _names_models(path: str | None) -> bool:
+    """Does the config name a ``model`` anywhere under ``[queues]`` (a queue's or an
+    output's)? Read with tomllib alone, before :mod:`lrq.config` (which imports SQLAlchemy),
+    so the worker fork server starts at once and preloads the ORM only when a worker will
+    need it. True when the file cannot be read: its load says why, right after."""
+    import tomllib
+
+    try:
+        raw = tomllib.loads(Path(path or os.environ.get("LRQ_CONFIG") or "lrq.toml").read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return True
+
+    def names(table: Any) -> bool:
+        return isinstance(table, dict) and ("model" in table or any(map(names, table.values())))
+
+    return names(raw.get("queues"))
 
 
 def cmd_web(args: argparse.Namespace) -> int:

@@ -40,18 +40,24 @@ from setproctitle import setproctitle
 
 from lrq import logfile
 
-#: Imported once by the server; what a worker needs before its first claim. Besides lrq: the
-#: ORM (user models) and urllib3 (HTTP handlers), ~0.1 s of a worker's start when a handler
-#: needs them. Users' own modules are not preloaded: one that opens a connection or starts a
+#: Imported once by the server; what every worker needs before its first claim. No worker
+#: can start before the server has imported these, while the scheduler imports its own on the
+#: other core: the ORM and urllib3 (~0.1 s, a handler's or a model's needs, not lrq's) kept
+#: the first worker 0.1-0.5 s behind the first published batch, so a worker whose handler
+#: needs urllib3 imports it itself (~20-40 ms), and the ORM is preloaded only for a config
+#: that names a ``model`` (:data:`MODELS`), where the worker would import it before its first
+#: claim. Users' own modules are not preloaded: one that opens a connection or starts a
 #: thread at import would hand every worker a copy of it.
 PRELOAD = ["lrq.cli", "lrq.app", "lrq.worker", "lrq.sink", "lrq.spool", "lrq.process",
-           "lrq.db", "lrq.sources.sql", "sqlalchemy.dialects.sqlite", "sqlalchemy.orm", "urllib3"]
+           "lrq.db", "lrq.sources.sql", "sqlalchemy.dialects.sqlite"]
+#: Preloaded too when the config names a model (a queue's or an output's ``model``).
+MODELS = ["sqlalchemy.orm"]
 
 
 class Launcher:
-    def __init__(self) -> None:
+    def __init__(self, models: bool = True) -> None:
         self._ctx = multiprocessing.get_context("forkserver")
-        self._ctx.set_forkserver_preload(PRELOAD)
+        self._ctx.set_forkserver_preload(PRELOAD + MODELS if models else PRELOAD)
 
     def warm(self) -> None:
         """Start the server now (it returns at once; the server imports in the background),

@@ -7,7 +7,9 @@ grows for new rows (an auto-increment id or an insertion timestamp with a unique
 """
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,9 @@ from lrq.redact import redact
 from lrq.sources import AckAt, Context, Fetched
 
 _POS = "_lrq_position"
+#: How long after a SQLite file's last write its stats may still miss a write (the mtime's
+#: clock tick): :meth:`SqlSource.changed` answers "maybe changed" until then.
+SETTLE_NS = 20_000_000
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,32 @@ class SqlSource:
         self._select = select(*(c.label(f) for f, c in self.fields.items()), self.order.label(_POS))
         self._names = [*self.fields, _POS]
         self._raw = self._raw_queries()
+        database = self.engine.url.database if self.engine.dialect.name == "sqlite" else None
+        #: A SQLite source's file and its WAL, whose stats :meth:`changed` reads.
+        self._files = ((database, f"{database}-wal")
+                       if database and database != ":memory:" and not database.startswith("file:")
+                       else None)
+
+    def changed(self) -> tuple[int, ...] | None:
+        """A token for a sniffer waiting on a drained table (:mod:`lrq.sniffer`): equal to an
+        earlier one only if no row can have been written in between. For a SQLite file, the
+        mtime, size and inode of the file and its WAL (two stats; a commit grows or rewrites
+        the WAL); while the last write is under ``SETTLE_NS`` old, a write in the same
+        clock tick would leave the mtime as it was, so the token is then new at every look.
+        None for other databases: the sniffer fetches at its interval."""
+        if self._files is None:
+            return None
+        token: list[int] = []
+        for path in self._files:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                token += (0, 0, 0)
+                continue
+            token += (st.st_mtime_ns, st.st_size, st.st_ino)
+        if time.time_ns() - max(token[0::3]) < SETTLE_NS:
+            token.append(time.monotonic_ns())
+        return tuple(token)
 
     def _raw_queries(self) -> tuple[str, str] | None:
         """For SQLite, the two page queries as SQL text for the driver's own cursor, when no

@@ -82,3 +82,17 @@ def test_a_forked_worker_stops_once_its_scheduler_is_gone(tmp_path: Path) -> Non
                           {**os.environ, "LRQ_CHILD": "1", process.SCHEDULER_ENV: named})
     assert any("orphaned" in line for line in late.lines())
     assert late.wait(timeout=60) == 0  # gone before it started: it does not start work
+
+
+def test_the_orm_is_preloaded_only_for_a_config_naming_a_model(tmp_path: Path) -> None:
+    from lrq.cli import _names_models
+
+    plain = tmp_path / "plain.toml"
+    plain.write_text('[queues.docs]\nhandler = "x:y"\n[queues.docs.source]\nkind = "sql"\n')
+    queue = tmp_path / "queue.toml"
+    queue.write_text('[queues.docs]\nhandler = "x:y"\nmodel = "m:M"\n')
+    output = tmp_path / "output.toml"
+    output.write_text('[queues.docs]\nhandler = "x:y"\n[queues.docs.outputs.t]\nmodel = "m:M"\n')
+    assert not _names_models(str(plain))
+    assert _names_models(str(queue)) and _names_models(str(output))
+    assert _names_models(str(tmp_path / "absent.toml"))  # unsure: preload it

@@ -234,3 +234,48 @@ def test_a_broken_source_is_a_source_error_on_the_raw_path(tmp_path: Path) -> No
         conn.exec_driver_sql("DROP TABLE source_data")
     with pytest.raises(SourceError, match="cannot read source table source_data"):
         src.fetch(None, 10)
+
+
+def test_a_sqlite_source_tells_a_write_by_its_token(tmp_path: Path) -> None:
+    src = sql_source(tmp_path, 3)
+    before = src.changed()
+    assert before is not None
+    t = source_table(MetaData())
+    with src.engine.begin() as conn:
+        conn.execute(insert(t), documents(1, start=4))
+    assert src.changed() != before
+
+
+def test_a_drained_tick_with_stop_publishes_rows_inserted_while_it_waits(tmp_path: Path) -> None:
+    import threading
+
+    src = sql_source(tmp_path, 100)
+    sn = make_sniffer(tmp_path, src)
+    stop = threading.Event()
+    assert sn.tick(stop=stop, max_seconds=60) == 1 and sn.drained
+    published: list[int] = []
+
+    def run() -> None:
+        published.append(sn.tick(stop=stop, max_seconds=60))
+
+    waiting = threading.Thread(target=run)
+    waiting.start()
+    t = source_table(MetaData())
+    with src.engine.begin() as conn:  # the tick above is watching (or about to): no sleep
+        conn.execute(insert(t), documents(100, start=101))
+    waiting.join(timeout=60)
+    stop.set()
+    assert not waiting.is_alive()
+    assert published == [1]
+    assert len(sn.spool.pending()) == 2
+
+
+def test_a_drained_tick_with_stop_returns_when_stop_is_set(tmp_path: Path) -> None:
+    import threading
+
+    src = sql_source(tmp_path, 100)
+    sn = make_sniffer(tmp_path, src)
+    stop = threading.Event()
+    sn.tick(stop=stop, max_seconds=60)
+    stop.set()
+    assert sn.tick(stop=stop, max_seconds=60) == 0
