@@ -149,7 +149,9 @@ def test_a_silent_broker_fails_at_the_timeout() -> None:
             out.send([{"id": 1}], "id")
         took = time.monotonic() - start
         out.close(timeout=0)
-    assert 1.5 < took < 2 + kafka.FLUSH_GRACE + 1
+    # It waited for the timeout (a lower bound: load only makes it later), and its wait is
+    # bounded (the upper bound is generous: this is no speed claim, a hang would blow it).
+    assert 1.5 < took < 2 + kafka.FLUSH_GRACE + 30
 
 
 def test_the_idempotent_producer_is_in_effect(tansu: Tansu) -> None:
