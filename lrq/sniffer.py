@@ -378,6 +378,10 @@ class Sniffer:
         seen = changed()
         if seen is None:
             return
+        # A write between the fetch that found the source drained and this first token is
+        # in the token already: one more fetch sees it, or it would wait for the next change.
+        if self._fetch(position, self.batcher.room()):
+            return
         step = SOURCE_POLL
         while True:
             left = deadline - self.clock()

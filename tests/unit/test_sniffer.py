@@ -279,3 +279,34 @@ def test_a_drained_tick_with_stop_returns_when_stop_is_set(tmp_path: Path) -> No
     sn.tick(stop=stop, max_seconds=60)
     stop.set()
     assert sn.tick(stop=stop, max_seconds=60) == 0
+
+
+def test_a_row_written_just_before_the_first_token_is_not_left_for_the_deadline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit landing between the fetch that finds the table drained and the watch's first
+    look at its stats is already in that first token: the watch must fetch once more, not
+    wait for a further write that may never come (until the tick's deadline, a latency of
+    ``max_seconds`` instead of a few ms)."""
+    import threading
+
+    src = sql_source(tmp_path, 100)
+    sn = make_sniffer(tmp_path, src)
+    stop = threading.Event()
+    assert sn.tick(stop=stop, max_seconds=60) == 1 and sn.drained
+    look = src.changed
+    t = source_table(MetaData())
+    looks: list[int] = []
+
+    def write_then_look() -> object:
+        if not looks:  # only the first look writes
+            with src.engine.begin() as conn:
+                conn.execute(insert(t), documents(1, start=101))
+        looks.append(1)
+        return look()
+
+    src.changed = write_then_look  # type: ignore[method-assign]
+    # The look comes after the write's settle time (a thread descheduled for 20 ms between
+    # the fetch and the look, on a loaded machine): the token is the file's stats alone.
+    monkeypatch.setattr("lrq.sources.sql.SETTLE_NS", 0)
+    assert sn.tick(stop=stop, max_seconds=1.5) == 1  # the old code published 0 at the deadline
+    assert len(sn.spool.pending()) == 2
