@@ -62,7 +62,6 @@ FLUSH_GRACE`` in all. The producer is made at the first send, in the process tha
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -83,6 +82,7 @@ from lrq.config import (
 )
 from lrq.errors import ConfigError, LrqError, Retryable
 from lrq.redact import is_secret, scrub
+from lrq.sources.kafka import check_brokers, client_options
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
@@ -103,8 +103,6 @@ DEFAULT_TIMEOUT = 30.0
 FLUSH_GRACE = 2.0
 #: Seconds per flush wait: between them the send looks for every broker down or a fatal error.
 FLUSH_SLICE = 0.1
-_BROKER = re.compile(r"[A-Za-z0-9_.\-]+:\d{1,5}|\[[0-9A-Fa-f:.]+\]:\d{1,5}")
-_OPTION_TYPES = (str, int, float, bool)
 _KNOWN: dict[str, type | tuple[type, ...]] = {
     "bootstrap": str, "topic": str, "max_message_bytes": (int, str),
     "timeout": (int, float, str), "producer": dict}
@@ -132,12 +130,8 @@ class Settings:
     def parse(cls, table: dict[str, Any], base: Path, where: str) -> Settings:
         """Check a kafka output's table (``kind`` and the outputs' own keys removed)."""
         take(table, _KNOWN, where, kind="kafka")
-        bootstrap = required(table, "bootstrap", where, "10.0.0.1:9092,10.0.0.2:9092")
+        bootstrap = check_brokers(table, "bootstrap", where)
         topic = required(table, "topic", where, "access-lines")
-        for b in bootstrap.split(","):
-            if not _BROKER.fullmatch(b.strip()):
-                raise ConfigError(f"{where}.bootstrap: {b.strip()!r} is not host:port; write "
-                                  "e.g. bootstrap = \"10.0.0.1:9092,10.0.0.2:9092\"")
         size = parse_bytes(table.get("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES),
                            f"{where}.max_message_bytes")
         if not 0 < size <= MOST_MESSAGE_BYTES:
@@ -147,16 +141,10 @@ class Settings:
                                           f"{where}.timeout"), f"{where}.timeout", most=3600)
         if timeout < 1:  # librdkafka's socket.connection.setup.timeout.ms is 1000 at least
             raise ConfigError(f"{where}.timeout: must be at least 1s, got {timeout:g}s")
-        producer = []
-        for k, v in table.get("producer", {}).items():
-            if k in RESERVED:
-                raise ConfigError(f"{where}.producer: {k!r} is set by lrq (idempotent, acks=all, "
-                                  "delivery bounded by `timeout`); remove it")
-            if not isinstance(v, _OPTION_TYPES):
-                raise ConfigError(f"{where}.producer.{k}: expected a string, number or boolean")
-            producer.append((str(k), v))
+        producer = client_options(table, "producer", where, RESERVED,
+                                  "idempotent, acks=all, delivery bounded by `timeout`")
         return cls(bootstrap=bootstrap, topic=topic, max_message_bytes=size, timeout=timeout,
-                   producer=tuple(producer))
+                   producer=producer)
 
 
 def open(settings: Settings, name: str = "kafka") -> KafkaProducer:  # noqa: A001 - as sources'

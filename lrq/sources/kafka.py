@@ -115,25 +115,41 @@ class Settings:
     def parse(cls, table: dict[str, Any], base: Path, where: str) -> Settings:
         """Check the ``[queues.X.source]`` table of a kafka source (``kind`` removed)."""
         take(table, _KNOWN, where, kind="kafka")
-        brokers = required(table, "brokers", where, "10.0.0.1:9092,10.0.0.2:9092")
+        brokers = check_brokers(table, "brokers", where)
         topic = required(table, "topic", where, "events")
-        for b in brokers.split(","):
-            if not _BROKER.fullmatch(b.strip()):
-                raise ConfigError(f"{where}.brokers: {b.strip()!r} is not host:port; write e.g. "
-                                  "brokers = \"10.0.0.1:9092,10.0.0.2:9092\"")
         fmt = table.get("format", "json")
         if fmt not in FORMATS:
             raise ConfigError(f"{where}.format: {fmt!r} is not one of {', '.join(FORMATS)}")
-        options = []
-        for k, v in table.get("options", {}).items():
-            if k in RESERVED:
-                raise ConfigError(f"{where}.options: {k!r} is set by lrq (brokers, group, manual "
-                                  "commits after the results are stored); remove it")
-            if not isinstance(v, _OPTION_TYPES):
-                raise ConfigError(f"{where}.options.{k}: expected a string, number or boolean")
-            options.append((str(k), v))
+        options = client_options(table, "options", where, RESERVED,
+                                 "brokers, group, manual commits after the results are stored")
         return cls(brokers=brokers, topic=topic, group=table.get("group", "lrq"),
-                   format=fmt, options=tuple(options))
+                   format=fmt, options=options)
+
+
+def check_brokers(table: dict[str, Any], key: str, where: str) -> str:
+    """``table[key]``, a comma-separated list of host:port (a kafka source's ``brokers``, a
+    kafka output's ``bootstrap``); a one-line :class:`ConfigError` naming a bad one."""
+    brokers = required(table, key, where, "10.0.0.1:9092,10.0.0.2:9092")
+    for b in brokers.split(","):
+        if not _BROKER.fullmatch(b.strip()):
+            raise ConfigError(f"{where}.{key}: {b.strip()!r} is not host:port; write e.g. "
+                              f"{key} = \"10.0.0.1:9092,10.0.0.2:9092\"")
+    return brokers
+
+
+def client_options(table: dict[str, Any], key: str, where: str, reserved: Sequence[str],
+                   why: str) -> tuple[tuple[str, str | int | float | bool], ...]:
+    """The librdkafka properties of ``table[key]`` as pairs; a property lrq sets itself
+    (``reserved``, for ``why``) or a value that is not a string, number or boolean is a
+    one-line :class:`ConfigError`."""
+    options = []
+    for k, v in table.get(key, {}).items():
+        if k in reserved:
+            raise ConfigError(f"{where}.{key}: {k!r} is set by lrq ({why}); remove it")
+        if not isinstance(v, _OPTION_TYPES):
+            raise ConfigError(f"{where}.{key}.{k}: expected a string, number or boolean")
+        options.append((str(k), v))
+    return tuple(options)
 
 
 def open(settings: Settings, context: Context) -> KafkaSource:  # noqa: A001 - the kind API
