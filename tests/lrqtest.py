@@ -175,3 +175,27 @@ def statements_sent(engine: Any) -> Iterator[list[str]]:
         yield sent
     finally:
         event.remove(engine, "before_cursor_execute", before)
+
+
+def run_threads(targets: list[Callable[[], Any]], timeout: float = 60.0) -> list[Any]:
+    """Run each callable in its own thread, released together (a barrier); their results or
+    exceptions, in order. Each thread is bounded by ``timeout``."""
+    import threading
+
+    barrier = threading.Barrier(len(targets), timeout=timeout)
+    out: list[Any] = [None] * len(targets)
+
+    def run(i: int) -> None:
+        try:
+            barrier.wait()
+            out[i] = targets[i]()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(targets))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), f"a thread did not finish in {timeout} s"
+    return out

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from lrqtest import run_threads
 from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 
@@ -137,26 +138,6 @@ def test_a_failing_output_rolls_back_every_output_and_the_ledger_row(
     assert stored_totals(sink)["b0"]["docs"] == 2
 
 
-def run_threads(targets: list[Callable[[], Any]]) -> list[Any]:
-    barrier = threading.Barrier(len(targets), timeout=JOIN_TIMEOUT)
-    out: list[Any] = [None] * len(targets)
-
-    def run(i: int) -> None:
-        try:
-            barrier.wait()
-            out[i] = targets[i]()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            out[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(targets))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(JOIN_TIMEOUT)
-    assert not any(t.is_alive() for t in threads), f"a thread did not finish in {JOIN_TIMEOUT} s"
-    return out
-
-
 def test_concurrent_writers_to_the_same_new_keys_get_the_exact_sum(
         engine: Engine, agg_target: dict[str, Any]) -> None:
     Sink(engine, fanout(agg_target)).prepare()
@@ -176,7 +157,7 @@ def test_concurrent_writers_to_the_same_new_keys_get_the_exact_sum(
             return done
         return go
 
-    out = run_threads([writer(w) for w in range(writers)])
+    out = run_threads(timeout=JOIN_TIMEOUT, targets=[writer(w) for w in range(writers)])
     assert all(isinstance(x, list) and all(s.recorded for s in x) for x in out), out
     totals = stored_totals(sinks[0])
     assert len(totals) == rounds * 5
@@ -224,7 +205,7 @@ def test_two_writers_racing_on_a_new_key_retry_and_sum_exactly(
             "words": ([], []), "picky": ([], []),
             "totals": ([totals_row("new", 1, 10 * (w + 1), f"w{w}")], [])})
 
-    out = run_threads([writer(0), writer(1)])
+    out = run_threads(timeout=JOIN_TIMEOUT, targets=[writer(0), writer(1)])
     assert all(getattr(x, "recorded", False) for x in out), out
     totals = stored_totals(sinks[0])
     assert (totals["new"]["docs"], totals["new"]["words"]) == (2, 30)

@@ -9,11 +9,11 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from lrqtest import statements_sent
+from lrqtest import run_threads, statements_sent
 from sqlalchemy import Integer, String, Text, func, inspect, select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -63,27 +63,6 @@ def stored_value(sink: Sink, key: str) -> Any:
         row = conn.execute(select(sink.table).where(sink.table.c.doc_id == key)).one()
         return {"doc_id": row.doc_id, "ent_list_str": row.ent_list_str,
                 "mapped_list_str": row.mapped_list_str}
-
-
-def run_threads(targets: list[Callable[[], Any]]) -> list[Any]:
-    """Run each callable in its own thread, released together; their results or exceptions."""
-    barrier = threading.Barrier(len(targets), timeout=JOIN_TIMEOUT)
-    out: list[Any] = [None] * len(targets)
-
-    def run(i: int) -> None:
-        try:
-            barrier.wait()
-            out[i] = targets[i]()
-        except BaseException as e:  # noqa: BLE001 - handed to the test
-            out[i] = e
-
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(targets))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(JOIN_TIMEOUT)
-    assert not any(t.is_alive() for t in threads), f"a thread did not finish in {JOIN_TIMEOUT} s"
-    return out
 
 
 # ---------------------------------------------------------------- replay, overlap, reading
