@@ -376,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU ledger: W1, batch {a.batch}, {a.batches} batches each, nproc "
           f"{report['machine']['nproc']}; a wrapped call costs ~{overhead * 1e6:.2f} µs",
           flush=True)
+    print(f"  {run.probe_line(a.tmp, report)}", flush=True)
     tables = []
     try:
         for b in a.batch:

@@ -412,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     report["ratios"] = []
     print(f"W1 lrq vs Huey (SQLite): docs {a.docs}, batch {a.batch}, repeat {a.repeat}, "
           f"systems {','.join(a.systems)}", flush=True)
+    print(f"  {run.probe_line(a.tmp, report)}", flush=True)
     source = run.cached_source(a.docs)
     reference: str | None = None
     folders: list[str] = []  # removed once every run is over (see measure)

@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import sqlite3
@@ -535,6 +536,38 @@ def machine() -> dict[str, Any]:
             "PYTHONDONTWRITEBYTECODE": os.environ.get("PYTHONDONTWRITEBYTECODE")}
 
 
+#: Files :func:`create_cost` creates (and removes) to probe a folder.
+PROBE_FILES = 100
+
+
+def create_cost(tmp: str | None) -> float:
+    """µs of CPU to create one empty file in a new folder under ``tmp`` (the system tmp for
+    None): what each lrq batch file costs the kernel before a byte is written. On ext4
+    without a journal a new inode is checked against the ones deleted recently in its block
+    group (``recently_deleted``), so a folder near many deleted files (a test suite's tmp)
+    costs 20-25x a quiet one (bench/README.md, "Where a new file's CPU goes"). Printed by the
+    benchmarks so that a figure can be read with it; :data:`PROBE_FILES` files, then removed."""
+    d = tempfile.mkdtemp(prefix="lrq-bench-probe-", dir=tmp)
+    try:
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        for i in range(PROBE_FILES):
+            os.close(os.open(f"{d}/{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    return round(cpu / PROBE_FILES * 1e6, 1)
+
+
+def probe_line(tmp: str | None, report: dict[str, Any]) -> str:
+    """Probe ``tmp`` (:func:`create_cost`), record it in ``report``'s machine facts, and
+    return the line the benchmarks print."""
+    us = report["machine"]["create_us"] = create_cost(tmp)
+    where = tmp or tempfile.gettempdir()
+    return (f"a new file in {where}: {us:.0f} µs of CPU (a quiet folder: ~20-25 µs; "
+            "bench/README.md, \"Where a new file's CPU goes\")")
+
+
 def _commit() -> str | None:
     """The checked-out commit, read from .git's files (no git command is run)."""
     try:
@@ -617,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     report["ratios"] = []
     print(f"{WORKLOAD}: docs {a.docs}, batch {a.batch}, repeat {a.repeat}, "
           f"nproc {report['machine']['nproc']}, python {report['machine']['python']}", flush=True)
+    print(f"  {probe_line(a.tmp, report)}", flush=True)
     try:
         for n in a.docs:
             source = cached_source(n)
