@@ -545,7 +545,7 @@ def create_cost(tmp: str | None) -> float:
     None): what each lrq batch file costs the kernel before a byte is written. On ext4
     without a journal a new inode is checked against the ones deleted recently in its block
     group (``recently_deleted``), so a folder near many deleted files (a test suite's tmp)
-    costs 20-25x a quiet one (bench/README.md, "Where a new file's CPU goes"). Printed by the
+    costs up to 25x a quiet one (bench/README.md, "Where a new file's CPU goes"). Printed by the
     benchmarks so that a figure can be read with it; :data:`PROBE_FILES` files, then removed."""
     d = tempfile.mkdtemp(prefix="lrq-bench-probe-", dir=tmp)
     try:
@@ -564,7 +564,7 @@ def probe_line(tmp: str | None, report: dict[str, Any]) -> str:
     return the line the benchmarks print."""
     us = report["machine"]["create_us"] = create_cost(tmp)
     where = tmp or tempfile.gettempdir()
-    return (f"a new file in {where}: {us:.0f} µs of CPU (a quiet folder: ~20-25 µs; "
+    return (f"a new file in {where}: {us:.0f} µs of CPU (a quiet folder: ~20-35 µs; "
             "bench/README.md, \"Where a new file's CPU goes\")")
 
 
