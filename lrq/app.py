@@ -132,7 +132,8 @@ class App:
     def budget(self) -> Budget:
         self.cfg.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         return Budget(self.cfg.data_dir, list(self.cfg.queues), self.cfg.log_file,
-                      self.cfg.cleanup.max_bytes, Floor.parse(self.cfg.cleanup.min_free, "min_free"))
+                      self.cfg.cleanup.max_bytes, Floor.parse(self.cfg.cleanup.min_free, "min_free"),
+                      done_bytes=lambda name: self.spool(self.cfg.queues[name]).done_bytes())
 
     def held(self) -> Held:
         """What holds the data dir's filesystem (for "no room" messages)."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -144,12 +145,18 @@ def _queue_pass(app: App, q: Any, report: Report, t: float, dry_run: bool) -> No
                 os.unlink(entry.path)
     budget = app.budget()
     keep_spares = not budget.space().inodes_low(budget.floor)
-    for done_at, name in sp.done_batches():
-        if t - done_at <= c.keep_done:
-            break  # oldest first: the rest are younger
-        report.done_removed += 1
-        report.bytes_freed += (_size(sp, name) if dry_run
-                               else sp.remove_done(name, spare=keep_spares))
+    token = sp.retention_due(t)  # None: nothing can be due, skip stating every done batch
+    if token is not None:
+        due = math.inf
+        for done_at, name in sp.done_batches():
+            if t - done_at <= c.keep_done:
+                due = done_at + c.keep_done
+                break  # oldest first: the rest are younger
+            report.done_removed += 1
+            report.bytes_freed += (_size(sp, name) if dry_run
+                                   else sp.remove_done(name, spare=keep_spares))
+        if not dry_run:
+            sp.note_retention(token, due)
     for failed_at, path in sp.failed_batches():
         if t - failed_at <= c.keep_failed:
             break

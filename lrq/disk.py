@@ -121,12 +121,21 @@ def log_bytes(log_file: Path | None) -> int:
     return total
 
 
-def usage(data_dir: Path, queues: list[str], log_file: Path | None) -> int:
+def usage(data_dir: Path, queues: list[str], log_file: Path | None,
+          done_bytes: Callable[[str], int] | None = None) -> int:
     """Bytes lrq holds in the data dir: the queue folders (a file's links counted once)
-    and its log files."""
+    and its log files. ``done_bytes(queue)``, when given, counts ``done/`` instead of a
+    walk: :meth:`lrq.spool.Spool.done_bytes`, cached while the folder is unchanged (done
+    batches are most of the files, and their files are never linked elsewhere)."""
     seen: set[int] = set()
-    return (sum(tree_bytes(data_dir / q / f, seen) for q in queues for f in QUEUE_FOLDERS)
-            + log_bytes(log_file))
+    total = log_bytes(log_file)
+    for q in queues:
+        for f in QUEUE_FOLDERS:
+            if f == "done" and done_bytes is not None:
+                total += done_bytes(q)
+            else:
+                total += tree_bytes(data_dir / q / f, seen)
+    return total
 
 
 def mb(n: int) -> str:
@@ -167,15 +176,17 @@ class Budget:
     """The data dir's byte budget and free-space floor, as the sniffer and cleanup see them."""
 
     def __init__(self, data_dir: Path, queues: list[str], log_file: Path | None,
-                 max_bytes: int, floor: Floor) -> None:
+                 max_bytes: int, floor: Floor,
+                 done_bytes: Callable[[str], int] | None = None) -> None:
         self.data_dir = data_dir
         self.queues = queues
         self.log_file = log_file
         self.max_bytes = max_bytes
         self.floor = floor
+        self.done_bytes = done_bytes
 
     def used(self) -> int:
-        return usage(self.data_dir, self.queues, self.log_file)
+        return usage(self.data_dir, self.queues, self.log_file, self.done_bytes)
 
     def space(self) -> Space:
         return space(self.data_dir)

@@ -310,6 +310,11 @@ class Spool(Reaping):
         self._owner_lock = threading.Lock()
         #: Entries lrq did not write, seen by this process: path -> what it is.
         self._foreign: dict[str, str] = {}
+        #: ``done/``'s byte count: (its mtime and inode, ns when counted, bytes).
+        self._done_bytes: tuple[tuple[int, int], int, int] | None = None
+        #: ``done/``'s mtime and inode at retention's last full look, when that look began
+        #: (ns), and when the oldest done batch it kept expires (:meth:`retention_due`).
+        self._retention: tuple[tuple[int, int], int, float] | None = None
 
     def ensure(self) -> Spool:
         for d in (self.root.parent, self.root, self.left, self.right, self.done, self.tmp, self.failed,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from lrq.disk import tree_bytes
 from lrq.errors import ForeignEntry, LrqError
 from lrq.spool.files import (
     ATTEMPT,
@@ -47,6 +48,9 @@ SPARE_MAX = 4096
 #: Seconds a count of ``spare/`` is trusted by retention (only cleanup adds spares, one
 #: process at a time, so a stale count is high, never low: the cap holds).
 SPARE_RECOUNT = 1.0
+#: A folder's mtime is trusted to show every change only for looks that began this long
+#: after it: longer than the coarsest mtime granularity lrq meets (1 s on some filesystems).
+DIR_SETTLE_NS = 2_000_000_000
 #: Foreign entries already logged by this process (each is logged once, however often seen).
 _WARNED: set[str] = set()
 
@@ -103,6 +107,8 @@ class Listing:
     _none_pending_at: tuple[int, int] | None
     #: Entries lrq did not write, seen by this process: path -> what it is.
     _foreign: dict[str, str]
+    _done_bytes: tuple[tuple[int, int], int, int] | None
+    _retention: tuple[tuple[int, int], int, float] | None
 
     def files(self, folder: Path) -> list[os.DirEntry[str]]:
         """The regular files in ``folder``. Anything else (a directory, FIFO, socket, symlink)
@@ -316,6 +322,69 @@ class Listing:
                 or os.path.exists(f"{self.right}/{name}{DONE}"))
 
     # -- retention -----------------------------------------------------------------------
+    def _done_key(self) -> tuple[tuple[int, int], int] | None:
+        """``done/``'s (mtime, inode) and its mtime in ns, or None when it is missing."""
+        try:
+            st = os.stat(self.done)
+        except FileNotFoundError:
+            return None
+        return (st.st_mtime_ns, st.st_ino), st.st_mtime_ns
+
+    def done_bytes(self) -> int:
+        """Bytes of the files in ``done/``, for the disk budget (:func:`lrq.disk.usage`).
+
+        Done files never change in place (a retired one is emptied, then renamed out), so
+        the count stays right while the folder's mtime does: it is cached against it and
+        counted again only after a change. The cache is trusted only once the count began
+        :data:`DIR_SETTLE_NS` after that mtime, longer than any mtime granularity, so a
+        change in the same clock tick is never missed. An idle data dir then costs one stat
+        here however many done batches it keeps (a count is ~6 µs a file)."""
+        look = self._done_key()
+        if look is None:
+            return 0
+        key, mtime = look
+        cached = self._done_bytes
+        if cached is not None and cached[0] == key and cached[1] - mtime > DIR_SETTLE_NS:
+            return cached[2]
+        counted_at = time.time_ns()  # before the listing: a change during it moves the mtime
+        total, cacheable = 0, True
+        try:
+            with os.scandir(self.done) as it:
+                entries = list(it)
+        except FileNotFoundError:
+            return 0
+        for e in entries:
+            with contextlib.suppress(FileNotFoundError):
+                if e.is_dir(follow_symlinks=False):
+                    # Not lrq's, and what it holds changes without done/'s mtime: counted as
+                    # the budget always did, and never cached.
+                    cacheable = False
+                    total += tree_bytes(Path(e.path))
+                else:
+                    total += e.stat(follow_symlinks=False).st_size
+        self._done_bytes = (key, counted_at, total) if cacheable else None
+        return total
+
+    def retention_due(self, now: float) -> tuple[tuple[int, int], int] | None:
+        """May a done batch have passed its retention since cleanup last looked? None only
+        when ``done/`` is unchanged since a full look that began :data:`DIR_SETTLE_NS` after
+        its mtime (as in :meth:`done_bytes`) and the oldest done batch that look kept is not
+        yet due at ``now``: cleanup then skips listing and stating every done batch. Else a
+        token for :meth:`note_retention`, taken before the look."""
+        look = self._done_key()
+        if look is None:
+            return (0, 0), 0
+        kept = self._retention
+        if kept is not None and kept[0] == look[0] and kept[1] - look[1] > DIR_SETTLE_NS \
+                and now < kept[2]:
+            return None
+        return look[0], time.time_ns()
+
+    def note_retention(self, token: tuple[tuple[int, int], int], due: float) -> None:
+        """Retention looked at every done batch (``token``: :meth:`retention_due`'s, from
+        before the look); the oldest it kept expires at ``due`` (``inf`` if none is left)."""
+        self._retention = (token[0], token[1], due)
+
     def done_batches(self) -> list[tuple[float, str]]:
         """``(done time, name)`` of every done batch, oldest first.
 

@@ -209,3 +209,58 @@ def test_a_drained_sniffer_tick_does_no_disk_accounting(tmp_path: Path) -> None:
     assert sn.tick() == 1 and CountingBudget.calls == 2
     ids = [i["doc_id"] for n in sn.spool.pending() for i in sn.spool.load(n).items]
     assert ids == list(range(30))
+
+
+def settle(folder: Path) -> None:
+    """Date ``folder``'s mtime back past DIR_SETTLE_NS, as an idle data dir's is."""
+    old = time.time() - 60
+    os.utime(folder, (old, old))
+
+
+def test_done_bytes_counted_again_only_after_done_changes(tmp_path: Path) -> None:
+    """The budget's count of done/ is cached while done/ is unchanged and settled (an idle
+    data dir keeps its done batches for days), and counted again once a batch moves in."""
+    app = make_app(tmp_path)
+    sp = app.spool(app.queues("docs")[0])
+    first = batch(sp, "done", 1)
+    budget = app.budget()
+    size = (sp.done / f"{first}.pkl").stat().st_size
+    assert sp.done_bytes() == size
+    with (sp.done / f"{first}.pkl").open("ab") as f:  # in place: done/'s mtime stays
+        f.write(b"x" * 1000)
+    assert sp.done_bytes() == size + 1000, "an mtime under DIR_SETTLE_NS old is not trusted"
+    settle(sp.done)
+    used = budget.used()
+    assert sp.done_bytes() == size + 1000
+    with (sp.done / f"{first}.pkl").open("ab") as f:
+        f.write(b"y" * 500)
+    assert sp.done_bytes() == size + 1000, "cached: done/ unchanged since a settled count"
+    assert budget.used() == used
+    second = batch(sp, "done", 0)  # renamed into done/: its mtime moves
+    both = size + 1500 + (sp.done / f"{second}.pkl").stat().st_size
+    assert sp.done_bytes() == both
+    assert budget.used() >= used + (sp.done / f"{second}.pkl").stat().st_size + 500
+
+
+def test_retention_skips_the_done_batches_until_one_can_be_due(tmp_path: Path,
+                                                                monkeypatch) -> None:
+    """An idle cleanup pass does not list and stat every done batch: done/ unchanged since a
+    full look, and the oldest batch that look kept not yet due."""
+    app = make_app(tmp_path)
+    sp = app.spool(app.queues("docs")[0])
+    old, young = batch(sp, "done", 8), batch(sp, "done", 5)
+    settle(sp.done)
+    looks = []
+    real = sp.done_batches
+    monkeypatch.setattr(sp, "done_batches", lambda: looks.append(1) or real())
+    now = time.time()
+    (report,) = cleanup.run(app, now=now)
+    assert report.done_removed == 1 and sp.state(old) is State.MISSING and len(looks) == 1
+    settle(sp.done)  # the removal changed done/: the next pass looks once more
+    (report,) = cleanup.run(app, now=now + 1)
+    assert report.done_removed == 0 and len(looks) == 2
+    for i in range(3):  # unchanged, and the young batch is due only in 2 days
+        (report,) = cleanup.run(app, now=now + 2 + i)
+    assert len(looks) == 2 and sp.state(young) is State.DONE
+    (report,) = cleanup.run(app, now=now + 2.5 * DAY)  # past its keep_done
+    assert report.done_removed == 1 and sp.state(young) is State.MISSING and len(looks) == 3
