@@ -322,13 +322,13 @@ class Listing:
                 or os.path.exists(f"{self.right}/{name}{DONE}"))
 
     # -- retention -----------------------------------------------------------------------
-    def _done_key(self) -> tuple[tuple[int, int], int] | None:
-        """``done/``'s (mtime, inode) and its mtime in ns, or None when it is missing."""
+    def _done_key(self) -> tuple[int, int] | None:
+        """``done/``'s (mtime in ns, inode), or None when it is missing."""
         try:
             st = os.stat(self.done)
         except FileNotFoundError:
             return None
-        return (st.st_mtime_ns, st.st_ino), st.st_mtime_ns
+        return st.st_mtime_ns, st.st_ino
 
     def done_bytes(self) -> int:
         """Bytes of the files in ``done/``, for the disk budget (:func:`lrq.disk.usage`).
@@ -339,12 +339,11 @@ class Listing:
         :data:`DIR_SETTLE_NS` after that mtime, longer than any mtime granularity, so a
         change in the same clock tick is never missed. An idle data dir then costs one stat
         here however many done batches it keeps (a count is ~6 µs a file)."""
-        look = self._done_key()
-        if look is None:
+        key = self._done_key()
+        if key is None:
             return 0
-        key, mtime = look
         cached = self._done_bytes
-        if cached is not None and cached[0] == key and cached[1] - mtime > DIR_SETTLE_NS:
+        if cached is not None and cached[0] == key and cached[1] - key[0] > DIR_SETTLE_NS:
             return cached[2]
         counted_at = time.time_ns()  # before the listing: a change during it moves the mtime
         total, cacheable = 0, True
@@ -371,14 +370,12 @@ class Listing:
         its mtime (as in :meth:`done_bytes`) and the oldest done batch that look kept is not
         yet due at ``now``: cleanup then skips listing and stating every done batch. Else a
         token for :meth:`note_retention`, taken before the look."""
-        look = self._done_key()
-        if look is None:
-            return (0, 0), 0
+        key = self._done_key() or (0, 0)
         kept = self._retention
-        if kept is not None and kept[0] == look[0] and kept[1] - look[1] > DIR_SETTLE_NS \
+        if kept is not None and kept[0] == key and kept[1] - key[0] > DIR_SETTLE_NS \
                 and now < kept[2]:
             return None
-        return look[0], time.time_ns()
+        return key, time.time_ns()
 
     def note_retention(self, token: tuple[tuple[int, int], int], due: float) -> None:
         """Retention looked at every done batch (``token``: :meth:`retention_due`'s, from
